@@ -1,0 +1,27 @@
+# The two commands of the README: `make demo` (the main job on an embedded
+# default) and `make test` (the test suite). Each creates .venv on first use
+# and installs what it needs, with torch pinned through constraints.txt.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test venv clean
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --constraint constraints.txt --editable '.[test]'
+	# The official BSConv package, only to check state_dict compatibility in tests.
+	$(BIN)/pip install --quiet --constraint constraints.txt --no-deps bsconv==0.4.0
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/leanconv profile
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

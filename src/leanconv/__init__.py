@@ -1,0 +1,39 @@
+"""leanconv: exact, fast HetConv, depthwise-separable and blueprint-separable
+convolutions for PyTorch, with model conversion and honest cost accounting.
+
+Papers:
+* HetConv, Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120
+* MobileNets (DSC), Howard et al., 2017, https://arxiv.org/abs/1704.04861
+* BSConv, Haase & Amthor, CVPR 2020, https://arxiv.org/abs/2003.13549
+"""
+
+from . import functional
+from .layers import (
+    CONV_KINDS,
+    BSConvS2d,
+    BSConvU2d,
+    DSConv2d,
+    GWPWConv2d,
+    HetConv2d,
+    make_conv,
+    orthonormal_penalty,
+)
+from .ops.backends import ENV_VAR, backend_names, use_backend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BSConvS2d",
+    "BSConvU2d",
+    "CONV_KINDS",
+    "DSConv2d",
+    "ENV_VAR",
+    "GWPWConv2d",
+    "HetConv2d",
+    "__version__",
+    "backend_names",
+    "functional",
+    "make_conv",
+    "orthonormal_penalty",
+    "use_backend",
+]

@@ -1,0 +1,21 @@
+"""leanconv's nn.Modules: HetConv2d and the separable family, and the factory
+that builds any of them from nn.Conv2d-style arguments."""
+
+from .blueprint import BSConvS2d, BSConvU2d, bsconv_s_mid_channels, orthonormal_penalty
+from .factory import CONV_KINDS, KIND_OPTIONS, check_kind_options, make_conv
+from .hetconv import HetConv2d
+from .separable import DSConv2d, GWPWConv2d
+
+__all__ = [
+    "BSConvS2d",
+    "BSConvU2d",
+    "CONV_KINDS",
+    "DSConv2d",
+    "GWPWConv2d",
+    "HetConv2d",
+    "KIND_OPTIONS",
+    "bsconv_s_mid_channels",
+    "check_kind_options",
+    "make_conv",
+    "orthonormal_penalty",
+]

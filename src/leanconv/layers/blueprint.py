@@ -1,0 +1,195 @@
+"""Blueprint separable convolutions, BSConv-U and BSConv-S.
+
+Haase & Amthor, "Rethinking Depthwise Separable Convolutions: How Intra-Kernel
+Correlations Lead to Improved MobileNets", CVPR 2020,
+https://arxiv.org/abs/2003.13549.
+
+Submodule names, defaults and state_dict keys are those of the official
+``bsconv.pytorch.BSConvU`` / ``BSConvS`` (bsconv 0.4.0), so their checkpoints
+load unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from ..ops.conv_geometry import check_conv_input
+from ._common import check_conv_arguments, describe_spatial
+
+__all__ = ["BSConvU2d", "BSConvS2d", "orthonormal_penalty", "bsconv_s_mid_channels"]
+
+
+def _run_unbatched_safe(layer: nn.Module, input: torch.Tensor) -> torch.Tensor:
+    """Run the submodules in order, accepting (C, H, W) input like nn.Conv2d."""
+    x = input.unsqueeze(0) if input.dim() == 3 else input
+    for module in layer.children():
+        x = module(x)
+    return x.squeeze(0) if input.dim() == 3 else x
+
+
+def _describe(layer, extra: str) -> str:
+    return describe_spatial(layer, layer.dw, layer.dw.bias is not None, extra + (", with_bn=True" if layer.with_bn else ""))
+
+
+class BSConvU2d(nn.Module):
+    r"""Unconstrained blueprint separable convolution: pointwise 1x1 then depthwise KxK.
+
+    Submodules (as the official ``BSConvU``): ``pw`` = Conv2d(M, N, 1, bias=False),
+    ``bn`` = BatchNorm2d(N, **bn_kwargs) only when ``with_bn``, ``dw`` =
+    Conv2d(N, N, K, stride, padding, dilation, groups=N, bias, padding_mode),
+    which carries the only bias. No activation inside.
+
+    Shapes: (B, M, H, W) or (M, H, W) -> (B, N, Ho, Wo) or (N, Ho, Wo).
+    Cost: H*W*M*N + Ho*Wo*N*K*K MACs per image (the 1x1 runs at input
+    resolution, so with stride it costs more than DSC); parameters M*N + N*K*K
+    (+ N), e.g. 10 -> 32, K=3: 640.
+
+    Example::
+
+        layer = leanconv.BSConvU2d(10, 32, 3, padding=1)
+        y = layer(torch.randn(2, 10, 16, 16))            # (2, 32, 16, 16)
+        assert sum(t.numel() for t in layer.parameters()) == 640
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size=3,
+        stride=1,
+        padding=0,
+        dilation=1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        with_bn: bool = False,
+        bn_kwargs: dict | None = None,
+        *,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        check_conv_arguments(in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode, "BSConvU2d")
+        factory = {"device": device, "dtype": dtype}
+        self.in_channels, self.out_channels, self.with_bn = in_channels, out_channels, with_bn
+        self.pw = nn.Conv2d(in_channels, out_channels, 1, bias=False, **factory)
+        if with_bn:
+            self.bn = nn.BatchNorm2d(out_channels, **(bn_kwargs or {}), **factory)
+        self.dw = nn.Conv2d(
+            out_channels, out_channels, kernel_size, stride, padding, dilation, groups=out_channels,
+            bias=bias, padding_mode=padding_mode, **factory,
+        )
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        check_conv_input(input, self.in_channels, "BSConvU2d")
+        return _run_unbatched_safe(self, input)
+
+    def extra_repr(self) -> str:
+        return _describe(self, "")
+
+
+def bsconv_s_mid_channels(in_channels: int, p: float = 0.25, min_mid_channels: int = 4) -> int:
+    """M' = min(M, max(min_mid_channels, ceil(p * M))), the official rule."""
+    return min(in_channels, max(min_mid_channels, math.ceil(p * in_channels)))
+
+
+class BSConvS2d(nn.Module):
+    r"""Subspace blueprint separable convolution: two pointwise 1x1 through a
+    bottleneck of M' channels, then depthwise KxK.
+
+    Submodules (as the official ``BSConvS``): ``pw1`` = Conv2d(M, M', 1, bias=False),
+    ``bn1`` (with_bn), ``pw2`` = Conv2d(M', N, 1, bias=False), ``bn2`` (with_bn),
+    ``dw`` = Conv2d(N, N, K, ..., groups=N, bias). M' = min(M, max(min_mid_channels,
+    ceil(p*M))). Train with :meth:`orthonormal_penalty` (or
+    :func:`orthonormal_penalty` over a model) added to the loss.
+
+    Shapes: (B, M, H, W) or (M, H, W) -> (B, N, Ho, Wo) or (N, Ho, Wo).
+    Cost: H*W*M'*(M + N) + Ho*Wo*N*K*K MACs per image; parameters
+    M*M' + M'*N + N*K*K (+ N).
+
+    Example::
+
+        layer = leanconv.BSConvS2d(64, 128, 3, padding=1)
+        y = layer(torch.randn(2, 64, 8, 8))              # (2, 128, 8, 8)
+        assert layer.pw1.out_channels == 16
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size=3,
+        stride=1,
+        padding=0,
+        dilation=1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        p: float = 0.25,
+        min_mid_channels: int = 4,
+        with_bn: bool = False,
+        bn_kwargs: dict | None = None,
+        *,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        check_conv_arguments(in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode, "BSConvS2d")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+            raise ValueError(f"BSConvS2d: p must be a number in [0, 1] (the bottleneck fraction), got {p!r}")
+        if isinstance(min_mid_channels, bool) or not isinstance(min_mid_channels, int) or min_mid_channels < 1:
+            raise ValueError(f"BSConvS2d: min_mid_channels must be a positive int, got {min_mid_channels!r}")
+        factory = {"device": device, "dtype": dtype}
+        mid = bsconv_s_mid_channels(in_channels, p, min_mid_channels)
+        self.in_channels, self.out_channels, self.mid_channels = in_channels, out_channels, mid
+        self.p, self.min_mid_channels, self.with_bn = p, min_mid_channels, with_bn
+        self.pw1 = nn.Conv2d(in_channels, mid, 1, bias=False, **factory)
+        if with_bn:
+            self.bn1 = nn.BatchNorm2d(mid, **(bn_kwargs or {}), **factory)
+        self.pw2 = nn.Conv2d(mid, out_channels, 1, bias=False, **factory)
+        if with_bn:
+            self.bn2 = nn.BatchNorm2d(out_channels, **(bn_kwargs or {}), **factory)
+        self.dw = nn.Conv2d(
+            out_channels, out_channels, kernel_size, stride, padding, dilation, groups=out_channels,
+            bias=bias, padding_mode=padding_mode, **factory,
+        )
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        check_conv_input(input, self.in_channels, "BSConvS2d")
+        return _run_unbatched_safe(self, input)
+
+    def orthonormal_penalty(self) -> torch.Tensor:
+        """||W W^T - I||_F for the (M', M) pw1 weight W (unscaled)."""
+        w = self.pw1.weight[:, :, 0, 0]
+        gram = w @ w.t()
+        return torch.linalg.matrix_norm(gram - torch.eye(gram.shape[0], device=w.device, dtype=w.dtype))
+
+    # The official package's model mixin looks for this name.
+    _reg_loss = orthonormal_penalty
+
+    def extra_repr(self) -> str:
+        extra = f", p={self.p}" if self.p != 0.25 else ""
+        extra += f", min_mid_channels={self.min_mid_channels}" if self.min_mid_channels != 4 else ""
+        return _describe(self, extra + f", mid_channels={self.mid_channels}")
+
+
+def orthonormal_penalty(model: nn.Module, alpha: float = 0.1) -> torch.Tensor:
+    """alpha * sum over every BSConvS2d in ``model`` of ||W W^T - I||_F.
+
+    The value the official ``BSConvS_ModelRegLossMixin.reg_loss(alpha)`` returns;
+    a zero tensor when the model has no BSConvS2d.
+
+    Example::
+
+        model = torch.nn.Sequential(leanconv.BSConvS2d(16, 32, 3))
+        loss = task_loss + leanconv.orthonormal_penalty(model, alpha=0.1)
+    """
+    terms = [m.orthonormal_penalty() for m in model.modules() if isinstance(m, BSConvS2d)]
+    if not terms:
+        try:
+            reference = next(model.parameters())
+            return reference.new_zeros(())
+        except StopIteration:
+            return torch.zeros(())
+    return alpha * torch.stack(terms).sum()

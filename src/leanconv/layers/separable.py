@@ -1,0 +1,146 @@
+"""Depthwise-separable and group-wise + pointwise convolutions.
+
+DSC: Howard et al., "MobileNets: Efficient Convolutional Neural Networks for
+Mobile Vision Applications", 2017, https://arxiv.org/abs/1704.04861.
+GWC + PWC: the group-wise + pointwise baseline of the HetConv paper,
+https://arxiv.org/abs/1903.04120.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..ops.conv_geometry import check_conv_input
+from ._common import check_conv_arguments, describe_spatial
+
+__all__ = ["DSConv2d", "GWPWConv2d"]
+
+
+class DSConv2d(nn.Module):
+    r"""Depthwise-separable convolution: depthwise KxK, optional BN, pointwise 1x1.
+
+    Submodules: ``dw`` = Conv2d(M, M*D, K, stride, padding, dilation, groups=M)
+    (D the depth multiplier), ``bn`` = BatchNorm2d(M*D) when ``with_bn`` else
+    None, ``pw`` = Conv2d(M*D, N, 1). No activation inside. With ``bias``, both
+    convolutions have a bias, except ``dw`` when a BN follows it (the BN's shift
+    replaces it).
+
+    Shapes: (B, M, H, W) or (M, H, W) -> (B, N, Ho, Wo) or (N, Ho, Wo).
+    Cost: Ho*Wo*M*D*(K*K + N) MACs per image; parameters M*D*K*K + M*D*N
+    (+ M*D + N biases), e.g. 10 -> 32, K=3: 452 against nn.Conv2d's 2,912.
+
+    Example::
+
+        layer = leanconv.DSConv2d(10, 32, 3, padding=1)
+        y = layer(torch.randn(2, 10, 16, 16))            # (2, 32, 16, 16)
+        assert sum(t.numel() for t in layer.parameters()) == 452
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size=3,
+        stride=1,
+        padding=0,
+        dilation=1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        depth_multiplier: int = 1,
+        with_bn: bool = False,
+        bn_kwargs: dict | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        check_conv_arguments(in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode, "DSConv2d")
+        if isinstance(depth_multiplier, bool) or not isinstance(depth_multiplier, int) or depth_multiplier < 1:
+            raise ValueError(f"DSConv2d: depth_multiplier must be a positive int, got {depth_multiplier!r}")
+        factory = {"device": device, "dtype": dtype}
+        mid = in_channels * depth_multiplier
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.depth_multiplier, self.with_bn, self.has_bias = depth_multiplier, with_bn, bias
+        self.dw = nn.Conv2d(
+            in_channels, mid, kernel_size, stride, padding, dilation, groups=in_channels,
+            bias=bias and not with_bn, padding_mode=padding_mode, **factory,
+        )
+        self.bn = nn.BatchNorm2d(mid, **(bn_kwargs or {}), **factory) if with_bn else None
+        self.pw = nn.Conv2d(mid, out_channels, 1, bias=bias, **factory)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        check_conv_input(input, self.in_channels, "DSConv2d")
+        x = self.dw(input)
+        if self.bn is not None:
+            x = self.bn(x) if input.dim() == 4 else self.bn(x.unsqueeze(0)).squeeze(0)
+        return self.pw(x)
+
+    def extra_repr(self) -> str:
+        extra = f", depth_multiplier={self.depth_multiplier}" if self.depth_multiplier != 1 else ""
+        return describe_spatial(self, self.dw, self.has_bias, extra + (", with_bn=True" if self.with_bn else ""))
+
+
+class GWPWConv2d(nn.Module):
+    r"""Group-wise KxK convolution (G groups) followed by a pointwise 1x1: the
+    GWC + PWC baseline of the HetConv paper.
+
+    Submodules: ``gw`` = Conv2d(M, M, K, stride, padding, dilation, groups=G),
+    ``bn`` = BatchNorm2d(M) when ``with_bn`` else None, ``pw`` = Conv2d(M, N, 1).
+    No activation inside; biases as in :class:`DSConv2d`. ``groups=M`` is DSC.
+
+    Shapes: (B, M, H, W) or (M, H, W) -> (B, N, Ho, Wo) or (N, Ho, Wo).
+    Cost: Ho*Wo*M*(M/G*K*K + N) MACs per image, i.e. 1/G + 1/K^2 of the standard
+    convolution when M = N; parameters M*M/G*K*K + M*N (+ biases).
+
+    Example::
+
+        layer = leanconv.GWPWConv2d(64, 64, 3, padding=1, groups=4)
+        y = layer(torch.randn(2, 64, 8, 8))              # (2, 64, 8, 8)
+        assert layer.gw.groups == 4
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size=3,
+        stride=1,
+        padding=0,
+        dilation=1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        groups: int,
+        with_bn: bool = False,
+        bn_kwargs: dict | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        check_conv_arguments(in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode, "GWPWConv2d")
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"GWPWConv2d: groups must be a positive int, got {groups!r}")
+        if in_channels % groups:
+            raise ValueError(
+                f"GWPWConv2d: groups must divide in_channels: in_channels={in_channels} is not divisible by groups={groups}"
+            )
+        factory = {"device": device, "dtype": dtype}
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.with_bn, self.has_bias = with_bn, bias
+        self.gw = nn.Conv2d(
+            in_channels, in_channels, kernel_size, stride, padding, dilation, groups=groups,
+            bias=bias and not with_bn, padding_mode=padding_mode, **factory,
+        )
+        self.bn = nn.BatchNorm2d(in_channels, **(bn_kwargs or {}), **factory) if with_bn else None
+        self.pw = nn.Conv2d(in_channels, out_channels, 1, bias=bias, **factory)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        check_conv_input(input, self.in_channels, "GWPWConv2d")
+        x = self.gw(input)
+        if self.bn is not None:
+            x = self.bn(x) if input.dim() == 4 else self.bn(x.unsqueeze(0)).squeeze(0)
+        return self.pw(x)
+
+    def extra_repr(self) -> str:
+        return describe_spatial(self, self.gw, self.has_bias, f", groups={self.groups}" + (", with_bn=True" if self.with_bn else ""))

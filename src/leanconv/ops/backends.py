@@ -1,0 +1,159 @@
+"""Which HetConv implementation runs: the backend registry and its selection.
+
+Every backend computes the same function (HetConv, to rounding); they differ
+only in speed. The choice is made, in this order of precedence, by
+
+1. the ``backend=`` argument of a layer or of ``leanconv.functional.het_conv2d``,
+2. the innermost ``with leanconv.use_backend(name):`` block,
+3. the environment variable ``LEANCONV_BACKEND``,
+4. ``"auto"``, which picks among the exact backends by device and shape.
+
+``auto`` never picks anything that computes a different function: it only
+chooses among registered backends, all of which are exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from .hetconv_loop import hetconv_loop
+from .hetconv_reference import hetconv_reference
+from .hetconv_split import hetconv_split
+
+__all__ = [
+    "ENV_VAR",
+    "HetConvBackend",
+    "register_backend",
+    "backend_names",
+    "get_backend",
+    "use_backend",
+    "requested_backend",
+    "choose_backend",
+    "check_backend_name",
+]
+
+ENV_VAR = "LEANCONV_BACKEND"
+
+
+@dataclass(frozen=True)
+class HetConvBackend:
+    """One exact implementation of HetConv.
+
+    ``forward(x, weight, pointwise_weight, bias, stride, padding, dilation, p, layout)``
+    takes an already padded-for-mode (B, M, H, W) input and zero padding.
+    ``unsupported(x)`` returns None when the backend can run on ``x``, else a
+    sentence saying why not.
+    """
+
+    name: str
+    forward: Callable[..., torch.Tensor]
+    unsupported: Callable[[torch.Tensor], str | None] = lambda x: None
+    description: str = ""
+
+
+_REGISTRY: dict[str, HetConvBackend] = {}
+
+
+def register_backend(backend: HetConvBackend) -> None:
+    """Add (or replace) a backend. Only exact implementations may be registered."""
+    if backend.name == "auto":
+        raise ValueError("'auto' is reserved for the automatic choice")
+    _REGISTRY[backend.name] = backend
+
+
+register_backend(HetConvBackend("reference", hetconv_reference, description="one dense conv with the materialised weight"))
+register_backend(HetConvBackend("split", hetconv_split, description="grouped KxK conv + 1x1 conv on the other channels"))
+register_backend(HetConvBackend("loop", hetconv_loop, description="P branches of KxK + 1x1 convs (baseline)"))
+
+
+def backend_names() -> tuple[str, ...]:
+    """All names accepted by ``backend=``: ``"auto"`` and the registered backends."""
+    return ("auto", *_REGISTRY)
+
+
+def check_backend_name(name: str | None, source: str = "backend") -> str | None:
+    if name is None:
+        return None
+    if not isinstance(name, str) or (name != "auto" and name not in _REGISTRY):
+        raise ValueError(f"{source} must be one of {backend_names()}, got {name!r}")
+    return name
+
+
+def get_backend(name: str) -> HetConvBackend:
+    check_backend_name(name)
+    if name == "auto":
+        raise ValueError("'auto' is resolved by choose_backend(), it has no implementation of its own")
+    return _REGISTRY[name]
+
+
+_state = threading.local()
+
+
+def _stack() -> list[str]:
+    if not hasattr(_state, "stack"):
+        _state.stack = []
+    return _state.stack
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Use backend ``name`` for every HetConv layer without an explicit ``backend=``
+    inside the ``with`` block (thread-local, nestable)::
+
+        with leanconv.use_backend("reference"):
+            y = model(x)
+    """
+    check_backend_name(name)
+    _stack().append(name)
+    try:
+        yield
+    finally:
+        _stack().pop()
+
+
+def requested_backend(argument: str | None = None) -> str:
+    """The backend name in force for a call: argument, context, environment, "auto"."""
+    if argument is not None:
+        return check_backend_name(argument)
+    stack = _stack()
+    if stack:
+        return stack[-1]
+    from_env = os.environ.get(ENV_VAR)
+    if from_env:
+        return check_backend_name(from_env.strip(), source=f"environment variable {ENV_VAR}")
+    return "auto"
+
+
+def _auto_choice(x: torch.Tensor, weight: torch.Tensor, p: int) -> str:
+    """Deterministic choice by shape and device among the exact backends.
+
+    The split form does M/P*K*K + M MACs per output element against the dense
+    form's M*K*K; it is chosen when it does at most 80% of the dense work (the
+    two library calls cost a second pass over memory, which a smaller saving
+    does not pay for).
+    """
+    if p == 1:
+        return "split"  # a plain convolution with the layer's own weight
+    for name in ("triton",):
+        backend = _REGISTRY.get(name)
+        if backend is not None and x.device.type == "cuda" and backend.unsupported(x) is None:
+            return name
+    taps = weight.shape[2] * weight.shape[3]
+    split_fraction = 1.0 / p + 1.0 / taps
+    return "split" if split_fraction <= 0.8 else "reference"
+
+
+def choose_backend(requested: str, x: torch.Tensor, weight: torch.Tensor, p: int) -> str:
+    """Resolve ``requested`` ("auto" or a name) to the backend that will run."""
+    if requested == "auto":
+        return _auto_choice(x, weight, p)
+    reason = get_backend(requested).unsupported(x)
+    if reason is not None:
+        raise ValueError(f"backend {requested!r} cannot run this input: {reason}")
+    return requested

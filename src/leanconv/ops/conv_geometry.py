@@ -1,0 +1,148 @@
+"""Convolution geometry shared by every layer: argument normalisation, output
+sizes, padding modes and the "centre tap" view that a 1x1 kernel inside a KxK
+window reads.
+
+Nothing here knows about HetConv; these are the rules of ``nn.Conv2d``,
+written once so that every layer validates its arguments the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "PADDING_MODES",
+    "normalize_pair",
+    "normalize_kernel_size",
+    "normalize_padding",
+    "conv_output_size",
+    "pad_for_mode",
+    "centre_taps",
+    "check_conv_input",
+]
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def normalize_pair(value: int | Sequence[int], name: str, *, minimum: int = 1) -> tuple[int, int]:
+    """Return ``value`` as a pair of ints (like ``torch.nn.modules.utils._pair``),
+    raising a ValueError/TypeError that names ``name`` when it is not valid."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, int):
+        pair = (value, value)
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        pair = (int(value[0]), int(value[1]))
+    else:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum} in each dimension, got {value!r}")
+    return pair
+
+
+def normalize_kernel_size(kernel_size: int | Sequence[int], *, require_odd: bool = True) -> tuple[int, int]:
+    """Kernel size as a pair; odd sizes only when ``require_odd`` (a 1x1 kernel
+    sits at the centre tap of the KxK window, which exists only for odd K)."""
+    pair = normalize_pair(kernel_size, "kernel_size")
+    if require_odd and (pair[0] % 2 == 0 or pair[1] % 2 == 0):
+        raise ValueError(
+            f"kernel_size must be odd in each dimension (the 1x1 kernels sit at the centre tap "
+            f"of the KxK window), got {kernel_size!r}"
+        )
+    return pair
+
+
+def normalize_padding(
+    padding: str | int | Sequence[int],
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+) -> tuple[int, int]:
+    """Padding as a symmetric pair of ints, resolving ``"same"`` and ``"valid"``
+    exactly as ``nn.Conv2d`` does (``"same"`` is refused for stride > 1)."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0)
+        if padding == "same":
+            if stride != (1, 1):
+                raise ValueError(f"padding='same' is not supported for strided convolutions, got stride={stride}")
+            totals = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
+            if any(t % 2 for t in totals):
+                raise ValueError(
+                    f"padding='same' needs an even total padding dilation*(kernel_size-1), got {totals}"
+                )
+            return (totals[0] // 2, totals[1] // 2)
+        raise ValueError(f"padding must be 'same', 'valid', an int or a pair of ints, got {padding!r}")
+    return normalize_pair(padding, "padding", minimum=0)
+
+
+def conv_output_size(
+    size: int, kernel_size: int, stride: int, padding: int, dilation: int
+) -> int:
+    """Output length of a convolution along one dimension (PyTorch's formula)."""
+    return (size + 2 * padding - dilation * (kernel_size - 1) - 1) // stride + 1
+
+
+def pad_for_mode(x: torch.Tensor, padding: tuple[int, int], padding_mode: str) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Apply a non-zero padding mode explicitly, as ``nn.Conv2d`` does.
+
+    Returns the (possibly padded) input and the padding that remains for the
+    convolution itself: ``padding`` for ``"zeros"``, ``(0, 0)`` otherwise.
+    """
+    if padding_mode == "zeros" or padding == (0, 0):
+        return x, padding
+    ph, pw = padding
+    return F.pad(x, (pw, pw, ph, ph), mode=padding_mode), (0, 0)
+
+
+def centre_taps(
+    x: torch.Tensor,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> torch.Tensor:
+    """The input value under the centre tap of every KxK window.
+
+    For a (B, C, H, W) input and a convolution with these arguments (zero
+    padding), returns a (B, C, Ho, Wo) tensor ``t`` with
+    ``t[..., i, j] = x_padded[..., i*sh + dh*(kh-1)/2, j*sw + dw*(kw-1)/2]``,
+    so a 1x1 convolution of ``t`` is exactly a KxK convolution whose kernels
+    are zero except at the centre tap.
+    """
+    out_h = conv_output_size(x.shape[-2], kernel_size[0], stride[0], padding[0], dilation[0])
+    out_w = conv_output_size(x.shape[-1], kernel_size[1], stride[1], padding[1], dilation[1])
+    # Offset of the first window's centre in unpadded input coordinates.
+    offset_h = dilation[0] * (kernel_size[0] - 1) // 2 - padding[0]
+    offset_w = dilation[1] * (kernel_size[1] - 1) // 2 - padding[1]
+    before_h, before_w = max(0, -offset_h), max(0, -offset_w)
+    after_h = max(0, offset_h + (out_h - 1) * stride[0] - (x.shape[-2] - 1))
+    after_w = max(0, offset_w + (out_w - 1) * stride[1] - (x.shape[-1] - 1))
+    if before_h or before_w or after_h or after_w:
+        x = F.pad(x, (before_w, after_w, before_h, after_h))
+    start_h, start_w = offset_h + before_h, offset_w + before_w
+    rows = slice(start_h, start_h + (out_h - 1) * stride[0] + 1, stride[0]) if out_h > 0 else slice(0, 0)
+    cols = slice(start_w, start_w + (out_w - 1) * stride[1] + 1, stride[1]) if out_w > 0 else slice(0, 0)
+    return x[..., rows, cols]
+
+
+def check_conv_input(x: torch.Tensor, in_channels: int, layer: str) -> None:
+    """Refuse inputs that are not (C, H, W) or (N, C, H, W) with ``in_channels``
+    channels, with a message that says what was expected and what came."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{layer}: input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() not in (3, 4):
+        raise ValueError(
+            f"{layer}: expected a 3-D (C, H, W) or 4-D (N, C, H, W) input, got {x.dim()}-D input of shape {tuple(x.shape)}"
+        )
+    channels = x.shape[-3]
+    if channels != in_channels:
+        raise ValueError(
+            f"{layer}: expected input with {in_channels} channels (dimension -3), got {channels} "
+            f"(input shape {tuple(x.shape)})"
+        )
