@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --constraint constraints.txt --editable '.[test]'
+	$(BIN)/pip install --quiet --constraint constraints.txt --editable '.[test,triton,onnx,plot,train]'
 	# The official BSConv package, only to check state_dict compatibility in tests.
 	$(BIN)/pip install --quiet --constraint constraints.txt --no-deps bsconv==0.4.0
 	touch $(STAMP)
