@@ -1,41 +1,11 @@
-"""Shared test helpers: the tolerance policy (../shared/STYLE.md habit 8),
-device parametrisation and seeding."""
+"""Shared test configuration: deterministic seeding, no backend override leaking
+in from the environment. Helpers live in tests/helpers.py."""
 
 from __future__ import annotations
 
 import os
 
-import pytest
 import torch
 
-# Tests compare numbers, not speed: keep them deterministic and quiet.
 torch.manual_seed(0)
 os.environ.pop("LEANCONV_BACKEND", None)
-
-ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
-
-
-def assert_matches_reference(fast: torch.Tensor, reference: torch.Tensor, *, rtol: float = 1e-5, atol: float = 1e-5, what: str = "output"):
-    """Reference-precision paths: float32 within 1e-5 (relative to scale), float64 tighter."""
-    assert fast.shape == reference.shape, f"{what}: shape {tuple(fast.shape)} != {tuple(reference.shape)}"
-    assert torch.isfinite(fast).all() or not torch.isfinite(reference).all(), f"{what}: non-finite values"
-    scale = max(1.0, reference.abs().max().item()) if reference.numel() else 1.0
-    worst = (fast - reference).abs().max().item() if reference.numel() else 0.0
-    assert worst <= atol * scale + rtol * scale, f"{what}: max |fast - ref| = {worst:.3g} (scale {scale:.3g})"
-
-
-def assert_lowp_policy(fast: torch.Tensor, torch_lowp: torch.Tensor, ref64: torch.Tensor, *, what: str = "output"):
-    """Low-precision rule: max|fast - ref64| <= 2 * max|torch_lowp - ref64| + atol(dtype)."""
-    atol = ATOL[fast.dtype]
-    fast_err = (fast.double() - ref64).abs().max().item() if ref64.numel() else 0.0
-    base_err = (torch_lowp.double() - ref64).abs().max().item() if ref64.numel() else 0.0
-    assert fast_err <= 2 * base_err + atol, (
-        f"{what}: {fast.dtype} error {fast_err:.3g} > 2 x torch's {base_err:.3g} + {atol:g}"
-    )
-
-
-def cuda_available() -> bool:
-    return torch.cuda.is_available()
-
-
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
