@@ -110,6 +110,8 @@ def _index_tables_on(in_channels: int, out_channels: int, p: int, layout: str, d
     return tuple(t.to(device) for t in _index_tables(in_channels, out_channels, p, layout))
 
 
+# A pure function of Python ints: torch.compile runs it once and keeps the result.
+@torch.compiler.assume_constant_result
 def _tables(in_channels, out_channels, p, layout, device):
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "cpu":
