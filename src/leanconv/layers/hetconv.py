@@ -10,13 +10,11 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..functional import het_conv2d
 from ..ops.backends import check_backend_name, choose_backend, requested_backend
 from ..ops.conv_geometry import (
     PADDING_MODES,
-    centre_taps,
     check_conv_input,
     normalize_kernel_size,
     normalize_pair,
@@ -24,6 +22,7 @@ from ..ops.conv_geometry import (
     pad_for_mode,
 )
 from ..ops.hetconv_layout import (
+    channel_permutation,
     check_hetconv_channels,
     check_layout,
     convert_layout,
@@ -230,8 +229,7 @@ class HetConv2d(nn.Module):
             converted.weight.copy_(weight)
             converted.pointwise_weight.copy_(pointwise)
             if self.bias is not None:
-                sigma = torch.arange(self.out_channels, device=self.bias.device)
-                sigma = (sigma % self.p) * (self.out_channels // self.p) + sigma // self.p
+                sigma = channel_permutation(self.out_channels, self.p, self.bias.device)
                 if self.layout == "shifted":
                     converted.bias[sigma] = self.bias
                 else:
