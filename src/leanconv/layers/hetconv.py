@@ -10,8 +10,10 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..functional import het_conv2d
+from ..ops.autotune import dense_macs, measured_choice, measuring_enabled, rounds_for, tuning_key
 from ..ops.backends import check_backend_name, choose_backend, requested_backend
 from ..ops.conv_geometry import (
     PADDING_MODES,
@@ -29,6 +31,7 @@ from ..ops.hetconv_layout import (
     extract_hetconv_weights,
     materialize_dense_weight,
 )
+from ..ops.hetconv_fused import hetconv_fused_prepared, packing_supported, prepare_fused
 
 __all__ = ["HetConv2d"]
 
@@ -176,13 +179,93 @@ class HetConv2d(nn.Module):
         unbatched = input.dim() == 3
         x = input.unsqueeze(0) if unbatched else input
         x, padding = pad_for_mode(x, self._padding_pair, self.padding_mode)
-        name = choose_backend(requested_backend(self._backend), x, self.weight, self.p)
+        requested = requested_backend(self._backend)
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in self.parameters()))
+        if requested == "auto" and measuring_enabled(x, self.weight, self.p, self.stride, padding, self.dilation):
+            name = self._measured_backend(x, padding, needs_grad)
+        else:
+            name = choose_backend(requested, x, self.weight, self.p)
         self.last_backend = name
-        out = het_conv2d(
+        out = self._run(name, x, padding, needs_grad)
+        return out.squeeze(0) if unbatched else out
+
+    def _run(self, name: str, x: torch.Tensor, padding: tuple[int, int], needs_grad: bool) -> torch.Tensor:
+        """Run backend ``name``; without autograd, from weights prepared once (see
+        :meth:`prepared_weights`) where the backend has any to prepare."""
+        if not needs_grad and self.p > 1:
+            if name in ("fused", "packed"):
+                packed = name == "packed" and packing_supported(x) and x.dtype == self.weight.dtype
+                prepared = self.prepared_weights("packed" if packed else "fused", x, padding)
+                return hetconv_fused_prepared(x, prepared, self.bias, self.kernel_size, self.stride, padding, self.dilation)
+            if name == "reference":
+                return F.conv2d(x, self.prepared_weights("reference", x, padding), self.bias, self.stride, padding, self.dilation)
+        return het_conv2d(
             x, self.weight, self.pointwise_weight, self.bias, self.stride, padding, self.dilation,
             p=self.p, layout=self.layout, backend=name,
         )
-        return out.squeeze(0) if unbatched else out
+
+    def _measured_backend(self, x: torch.Tensor, padding: tuple[int, int], needs_grad: bool) -> str:
+        """The measuring ``auto`` (:mod:`leanconv.ops.autotune`): time the exact CPU
+        candidates on this input once per setting; with autograd, forward and
+        backward on detached copies (the caller's tensors and gradients are untouched)."""
+        key = tuning_key(
+            x, self.weight, self.p, self.layout, self.stride, padding, self.dilation, self.bias is not None, needs_grad
+        )
+        names = ("reference", "split", "fused") + (() if needs_grad else ("packed",))
+        if needs_grad:
+            leaves = [t.detach().requires_grad_() for t in (x, self.weight, self.pointwise_weight)]
+            bias = None if self.bias is None else self.bias.detach().requires_grad_()
+            inputs = leaves + ([bias] if bias is not None else [])
+
+            def candidate(name):
+                def run():
+                    with torch.enable_grad():
+                        out = het_conv2d(
+                            leaves[0], leaves[1], leaves[2], bias, self.stride, padding, self.dilation,
+                            p=self.p, layout=self.layout, backend=name,
+                        )
+                        torch.autograd.grad(out, inputs, torch.ones_like(out))
+                return run
+        else:
+            def candidate(name):
+                def run():
+                    with torch.no_grad():
+                        self._run(name, x, padding, needs_grad=False)
+                return run
+
+        macs = dense_macs(x, self.weight, self.p, self.stride, padding, self.dilation)
+        return measured_choice(key, {name: candidate(name) for name in names}, rounds=rounds_for(macs))
+
+    def prepared_weights(self, kind: str, x: torch.Tensor, padding: tuple[int, int]):
+        """Weight-derived tensors for inference, built once and reused until the
+        parameters change (their ``_version`` counters, storage, device or dtype;
+        an optimizer step, ``load_state_dict`` or ``.to()`` all rebuild them).
+
+        ``kind``: ``"reference"`` (the dense (N, M, kh, kw) weight), ``"fused"``
+        or ``"packed"`` (:class:`leanconv.ops.hetconv_fused.FusedWeights`; packed
+        weights are also keyed on the input's shape, which oneDNN packs for).
+        Only for calls without autograd: under autograd backends rebuild these
+        from the parameters on every call, so gradients flow to them.
+        """
+        key = (
+            self.weight._version, self.weight.data_ptr(), self.pointwise_weight._version,
+            self.pointwise_weight.data_ptr(), self.weight.device, self.weight.dtype,
+            torch.is_inference_mode_enabled(), tuple(x.shape) if kind == "packed" else None,
+        )
+        cache = self.__dict__.setdefault("_prepared", {})
+        hit = cache.get(kind)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        with torch.no_grad():
+            if kind == "reference":
+                value = materialize_dense_weight(self.weight, self.pointwise_weight, self.p, self.layout)
+            else:
+                value = prepare_fused(
+                    self.weight, self.pointwise_weight, self.p, self.layout, packed=kind == "packed",
+                    padding=padding, stride=self.stride, dilation=self.dilation, input_size=tuple(x.shape),
+                )
+        cache[kind] = (key, value)
+        return value
 
     # ------------------------------------------------------- weight utilities
     def dense_weight(self) -> torch.Tensor:

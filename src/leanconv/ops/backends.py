@@ -22,6 +22,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from .autotune import heuristic_choice
+from .hetconv_fused import hetconv_fused, hetconv_packed
 from .hetconv_loop import hetconv_loop
 from .hetconv_reference import hetconv_reference
 from .hetconv_split import hetconv_split
@@ -70,6 +72,13 @@ def register_backend(backend: HetConvBackend) -> None:
 register_backend(HetConvBackend("reference", hetconv_reference, description="one dense conv with the materialised weight"))
 register_backend(HetConvBackend("split", hetconv_split, description="grouped KxK conv + 1x1 conv on the other channels"))
 register_backend(HetConvBackend("loop", hetconv_loop, description="P branches of KxK + 1x1 convs (baseline)"))
+register_backend(HetConvBackend(
+    "fused", hetconv_fused, description="channels-last grouped KxK conv, 1x1 part added in place by one GEMM (addmm_)"
+))
+register_backend(HetConvBackend(
+    "packed", hetconv_packed,
+    description="fused, with oneDNN-packed grouped weights and the add as a conv post-op (CPU inference; else fused)",
+))
 
 
 def backend_names() -> tuple[str, ...]:
@@ -136,7 +145,8 @@ def _auto_choice(x: torch.Tensor, weight: torch.Tensor, p: int) -> str:
     The split form does M/P*K*K + M MACs per output element against the dense
     form's M*K*K; it is chosen when it does at most 80% of the dense work (the
     two library calls cost a second pass over memory, which a smaller saving
-    does not pay for).
+    does not pay for). On the CPU the rule is :func:`.autotune.heuristic_choice`;
+    ``HetConv2d`` layers measure instead where :func:`.autotune.measuring_enabled`.
     """
     if p == 1:
         return "split"  # a plain convolution with the layer's own weight
@@ -144,6 +154,8 @@ def _auto_choice(x: torch.Tensor, weight: torch.Tensor, p: int) -> str:
         backend = _REGISTRY.get(name)
         if backend is not None and x.device.type == "cuda" and backend.unsupported(x) is None:
             return name
+    if x.device.type == "cpu":
+        return heuristic_choice(x, weight, p)
     taps = weight.shape[2] * weight.shape[3]
     split_fraction = 1.0 / p + 1.0 / taps
     return "split" if split_fraction <= 0.8 else "reference"

@@ -1,0 +1,222 @@
+"""The measuring ``auto``: time the exact backends on the real input once per
+setting, then keep using the fastest.
+
+Every candidate computes HetConv exactly (they are registered backends), so the
+choice only affects speed. A setting is the key
+
+    (device, dtype, memory format, input shape, weight shape, P, layout,
+     stride, padding, dilation, bias?, training?)
+
+where *training* means autograd will run a backward pass through the layer
+(then forward + backward is timed on detached copies; nothing of the caller's
+is touched). Results live in memory for the process, and in a JSON file when
+``LEANCONV_AUTOTUNE_CACHE`` names one (its entries also record torch's version
+and thread count, which are part of the key).
+
+Measuring is off, and the deterministic :func:`heuristic_choice` decides, when
+
+* ``LEANCONV_AUTOTUNE=0`` (``1``, the default, measures),
+* the input is not on the CPU (the GPU choice is made in ``backends``),
+* the call is traced, scripted, compiled or exported (the choice must not depend
+  on timing there),
+* the layer is small: fewer than ``MIN_MEASURED_MACS`` dense multiply-accumulates
+  per call, where timing noise is larger than the differences and measuring would
+  cost more than it saves,
+* the dtype is not float32 or bfloat16 (oneDNN runs only those; float64 and
+  float16 take ATen's generic paths, where the split form is the known best).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+from typing import Callable, Mapping
+
+import torch
+
+__all__ = [
+    "AUTOTUNE_ENV",
+    "CACHE_ENV",
+    "MIN_MEASURED_MACS",
+    "clear_cache",
+    "heuristic_choice",
+    "measuring_enabled",
+    "measured_choice",
+    "tuning_key",
+    "cache_entries",
+]
+
+AUTOTUNE_ENV = "LEANCONV_AUTOTUNE"
+CACHE_ENV = "LEANCONV_AUTOTUNE_CACHE"
+MIN_MEASURED_MACS = 20_000_000
+_FAST_DTYPES = (torch.float32, torch.bfloat16)
+
+_lock = threading.Lock()
+_memory: dict[str, str] = {}
+_disk_loaded: str | None = None
+
+
+def _memory_format(x: torch.Tensor) -> str:
+    if x.is_contiguous():
+        return "contiguous"
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    return "strided"
+
+
+def dense_macs(x: torch.Tensor, weight: torch.Tensor, p: int, stride, padding, dilation) -> int:
+    """MACs of the equivalent dense convolution for this call (B*Ho*Wo*N*M*kh*kw)."""
+    from .conv_geometry import conv_output_size
+
+    kh, kw = weight.shape[2], weight.shape[3]
+    out_h = conv_output_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
+    out_w = conv_output_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
+    return x.shape[0] * max(out_h, 0) * max(out_w, 0) * weight.shape[0] * weight.shape[1] * p * kh * kw
+
+
+def _tracing() -> bool:
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and compiler.is_compiling():
+        return True
+    onnx = getattr(torch, "onnx", None)
+    return bool(onnx is not None and getattr(onnx, "is_in_onnx_export", lambda: False)())
+
+
+def measuring_enabled(x: torch.Tensor, weight: torch.Tensor, p: int, stride, padding, dilation) -> bool:
+    """The deterministic rule deciding whether ``auto`` measures this call (see module docstring)."""
+    if os.environ.get(AUTOTUNE_ENV, "1").strip() in ("0", "off", "false", "no"):
+        return False
+    if x.device.type != "cpu" or x.dtype not in _FAST_DTYPES or p == 1:
+        return False
+    if _tracing():
+        return False
+    return dense_macs(x, weight, p, stride, padding, dilation) >= MIN_MEASURED_MACS
+
+
+def heuristic_choice(x: torch.Tensor, weight: torch.Tensor, p: int) -> str:
+    """The CPU choice without measuring, from the work fraction and the dtype.
+
+    The decomposed forms do (M/P*K*K + M) MACs per output element against the
+    dense form's M*K*K; above 80% of the dense work the dense convolution wins
+    (one library call, one pass over memory). Otherwise the fused form where
+    oneDNN runs the dtype, else split (ATen's generic convolution paths).
+    """
+    if p == 1:
+        return "split"  # a plain convolution with the layer's own weight
+    taps = weight.shape[2] * weight.shape[3]
+    if 1.0 / p + 1.0 / taps > 0.8:
+        return "reference"
+    return "fused" if x.dtype in _FAST_DTYPES else "split"
+
+
+def tuning_key(x, weight, p, layout, stride, padding, dilation, has_bias, needs_grad) -> str:
+    return "|".join(
+        str(v)
+        for v in (
+            x.device.type, str(x.dtype).replace("torch.", ""), _memory_format(x), tuple(x.shape),
+            tuple(weight.shape), p, layout, tuple(stride), tuple(padding), tuple(dilation),
+            "bias" if has_bias else "nobias", "train" if needs_grad else "infer",
+            f"torch{torch.__version__}", f"threads{torch.get_num_threads()}",
+        )
+    )
+
+
+def _disk_path() -> str | None:
+    path = os.environ.get(CACHE_ENV, "").strip()
+    return path or None
+
+
+def _load_disk(path: str) -> None:
+    global _disk_loaded
+    if _disk_loaded == path:
+        return
+    _disk_loaded = path
+    try:
+        with open(path) as handle:
+            stored = json.load(handle)
+    except (OSError, ValueError):
+        return
+    if isinstance(stored, dict):
+        for key, entry in stored.items():
+            if isinstance(entry, dict) and isinstance(entry.get("choice"), str):
+                _memory.setdefault(key, entry["choice"])
+
+
+def _save_disk(path: str, key: str, choice: str, timings: Mapping[str, float]) -> None:
+    """Merge one entry into the JSON file, atomically (write a temporary file, rename)."""
+    try:
+        with open(path) as handle:
+            stored = json.load(handle)
+        if not isinstance(stored, dict):
+            stored = {}
+    except (OSError, ValueError):
+        stored = {}
+    stored[key] = {"choice": choice, "median_seconds": {k: round(v, 9) for k, v in timings.items()}}
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".autotune-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(stored, handle, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def cache_entries() -> dict[str, str]:
+    """A copy of the in-memory cache: key -> chosen backend."""
+    with _lock:
+        return dict(_memory)
+
+
+def clear_cache() -> None:
+    """Forget every measured choice (the file named by LEANCONV_AUTOTUNE_CACHE is kept)."""
+    global _disk_loaded
+    with _lock:
+        _memory.clear()
+        _disk_loaded = None
+
+
+def _time_candidates(candidates: Mapping[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median seconds per candidate over ``rounds`` interleaved rounds after one warm-up each."""
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for run in candidates.values():
+        run()
+    for _ in range(rounds):
+        for name, run in candidates.items():
+            start = time.perf_counter()
+            run()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def measured_choice(key: str, candidates: Mapping[str, Callable[[], object]], *, rounds: int = 3) -> str:
+    """The fastest of ``candidates`` (name -> zero-argument callable running it
+    once) for ``key``: measured on first sight, then remembered."""
+    path = _disk_path()
+    with _lock:
+        if path is not None:
+            _load_disk(path)
+        known = _memory.get(key)
+    if known is not None and known in candidates:
+        return known
+    timings = _time_candidates(candidates, rounds)
+    choice = min(timings, key=lambda name: (timings[name], name))
+    with _lock:
+        _memory[key] = choice
+        if path is not None:
+            _save_disk(path, key, choice, timings)
+    return choice
+
+
+def rounds_for(macs: int) -> int:
+    """Fewer timing rounds for heavy layers: about 3 to 5."""
+    return 5 if macs < 200_000_000 else 3 if macs < 2_000_000_000 else 2
+
