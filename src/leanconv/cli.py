@@ -15,6 +15,8 @@ __all__ = ["main", "build_parser"]
 
 # Module names under leanconv.commands, in the order --help lists them.
 COMMANDS = [
+    "convert",
+    "export",
 ]
 
 

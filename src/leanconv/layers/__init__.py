@@ -1,6 +1,7 @@
 """leanconv's nn.Modules: HetConv2d and the separable family, and the factory
 that builds any of them from nn.Conv2d-style arguments."""
 
+from .approximate import SeedHetConv2d
 from .blueprint import BSConvS2d, BSConvU2d, bsconv_s_mid_channels, orthonormal_penalty
 from .factory import CONV_KINDS, KIND_OPTIONS, check_kind_options, make_conv
 from .hetconv import HetConv2d
@@ -14,6 +15,7 @@ __all__ = [
     "GWPWConv2d",
     "HetConv2d",
     "KIND_OPTIONS",
+    "SeedHetConv2d",
     "bsconv_s_mid_channels",
     "check_kind_options",
     "make_conv",

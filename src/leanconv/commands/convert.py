@@ -1,0 +1,150 @@
+"""``leanconv convert``: load a model (zoo name or module:function), convert its
+convolutions, print the report, optionally save a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+NAME = "convert"
+HELP = "convert a model's convolutions to HetConv/DSC/BSConv/GWPW, print what it saves, save a checkpoint"
+
+KINDS = ("standard", "hetconv", "dsc", "bsconv_u", "bsconv_s", "gwpw")
+
+
+def _number(text: str):
+    """'4' -> 4, '0.25' -> 0.25 (HetConv's p is an int, BSConv-S's a fraction)."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from error
+
+
+def _size(text: str) -> tuple[int, ...]:
+    parts = text.replace("x", ",").split(",")
+    try:
+        size = tuple(int(p) for p in parts if p.strip())
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected C,H,W (e.g. 3,32,32), got {text!r}") from error
+    if len(size) not in (3, 4):
+        raise argparse.ArgumentTypeError(f"expected C,H,W or B,C,H,W, got {text!r}")
+    return size
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, model_required: bool = True) -> None:
+    """Model source and conversion options, shared with ``leanconv export``."""
+    parser.add_argument(
+        "model", nargs=None if model_required else "?",
+        help="a zoo name (see leanconv.models.names()) or 'package.module:function' returning an nn.Module",
+    )
+    parser.add_argument("--conv", required=model_required, choices=KINDS, help="the convolution kind to convert to")
+    parser.add_argument("--width", type=float, default=None, help="zoo models: channel width multiplier")
+    parser.add_argument("--num-classes", type=int, default=None, help="zoo models: number of classes")
+    parser.add_argument("--input-size", type=_size, default=None,
+                        help="C,H,W for the shape pass that gives MACs (zoo models default to their own size)")
+    layer = parser.add_argument_group("layer options (each belongs to one kind; another kind's option is an error)")
+    layer.add_argument("--p", type=_number, default=None, help="hetconv: the part P (int); bsconv_s: bottleneck fraction")
+    layer.add_argument("--layout", choices=("blocked", "shifted"), default=None, help="hetconv: kernel placement")
+    layer.add_argument("--groups", "--g", type=int, default=None, dest="groups", help="gwpw: groups of the KxK conv")
+    layer.add_argument("--with-bn", action="store_true", default=None, help="dsc/bsconv/gwpw: BN inside the layer")
+    layer.add_argument("--min-mid-channels", type=int, default=None, help="bsconv_s: lower bound of M'")
+    layer.add_argument("--depth-multiplier", type=int, default=None, help="dsc: depth multiplier")
+    conversion = parser.add_argument_group("which layers")
+    conversion.add_argument("--include", action="append", default=None, metavar="PATTERN",
+                            help="fnmatch pattern on module names; only matches are converted (repeatable)")
+    conversion.add_argument("--exclude", action="append", default=None, metavar="PATTERN",
+                            help="fnmatch pattern on module names to leave alone (repeatable)")
+    conversion.add_argument("--no-skip-stem", action="store_true", help="also convert the first convolution")
+    conversion.add_argument("--p-policy", choices=("skip", "largest"), default="skip",
+                            help="layers whose channels p (or groups) does not divide: skip, or use the largest divisor")
+    conversion.add_argument("--convert-subclasses", action="store_true", help="also replace subclasses of nn.Conv2d")
+
+
+def layer_options(args) -> dict:
+    options = {}
+    for key in ("p", "layout", "groups", "with_bn", "min_mid_channels", "depth_multiplier"):
+        value = getattr(args, key, None)
+        if value is not None:
+            options[key] = value
+    return options
+
+
+def convert_options(args) -> dict:
+    options = {"skip_stem": not args.no_skip_stem, "p_policy": args.p_policy}
+    if args.include:
+        options["include"] = list(args.include)
+    if args.exclude:
+        options["exclude"] = list(args.exclude)
+    if args.convert_subclasses:
+        options["convert_subclasses"] = True
+    return options
+
+
+def _zoo_input_size(models, name: str) -> tuple[int, ...]:
+    for attribute in ("default_input_size", "input_size"):
+        function = getattr(models, attribute, None)
+        if callable(function):
+            try:
+                return tuple(function(name))
+            except Exception:  # noqa: BLE001 - fall back to the naming rule
+                break
+    return (3, 32, 32) if "cifar" in name else (3, 224, 224)
+
+
+def load_source(args) -> tuple[object, dict, tuple[int, ...] | None]:
+    """(unconverted model, checkpoint source record, default input size)."""
+    from ..convert import load_callable
+
+    spec = args.model
+    if ":" in spec:
+        model = load_callable(spec)()
+        import torch.nn as nn
+
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"{spec} returned {type(model).__name__}, not an nn.Module")
+        return model, {"callable": spec}, None
+    from .. import models
+
+    names = tuple(models.names()) if hasattr(models, "names") else ()
+    if names and spec not in names:
+        raise ValueError(f"unknown model {spec!r}; zoo models: {', '.join(names)} (or give module:function)")
+    kwargs = {}
+    if args.width is not None:
+        kwargs["width"] = args.width
+    if args.num_classes is not None:
+        kwargs["num_classes"] = args.num_classes
+    model = models.create(spec, **kwargs)
+    return model, {"zoo": spec, "create_kwargs": kwargs}, _zoo_input_size(models, spec)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--transfer-weights", action="store_true",
+                        help="initialise the new layers from the dense weights (an initialisation, not an equivalence)")
+    parser.add_argument("--out", default=None, metavar="CKPT", help="save state_dict + rebuild recipe here (atomically)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run(args) -> int:
+    from ..convert import convert, save_converted
+
+    model, source, default_size = load_source(args)
+    input_size = args.input_size or default_size
+    options = convert_options(args)
+    if args.transfer_weights:
+        options["transfer_weights"] = True
+    kind_options = layer_options(args)
+    converted, report = convert(
+        model, args.conv, input_size=input_size, return_report=True, **options, **kind_options,
+    )
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+    if args.out:
+        saved = dict(options, **kind_options)
+        saved.pop("transfer_weights", None)
+        save_converted(args.out, converted, source, args.conv, saved, report)
+        if not args.json:
+            print(f"\nsaved {args.out} (rebuild: from leanconv.convert import load_converted)")
+    return 0

@@ -1,0 +1,332 @@
+"""Deployment: ONNX (checked with onnxruntime), TorchScript and torch.export.
+
+HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120.
+
+Before export a model is *prepared* (:func:`prepare_for_export`): an eval-mode
+copy, BatchNorm folded by :func:`leanconv.fuse` when it can be, and every
+``HetConv2d`` replaced by a form made only of standard operators:
+
+* ``"split"`` (default): a grouped KxK convolution (groups = P) plus a 1x1
+  convolution whose weight is zero on each filter's own KxK channels, summed:
+  three ONNX nodes (Conv, Conv, Add) for the blocked layout, plus two Gathers
+  for the shifted layout. Ho*Wo*N*(M/P*K*K + M) MACs: HetConv's count plus the
+  N*M/P zero products, against N*M*K*K for the dense form;
+* ``"dense"``: one Conv with the materialised (N, M, K, K) weight (what ``p=1``
+  always uses, since it *is* a standard convolution).
+
+No loop over filters or channels is ever exported.
+
+Which torch.onnx path: torch 2.13's ``torch.onnx.export`` defaults to
+``dynamo=True`` (the torch.export-based exporter, needs ``onnxscript``); that is
+the path used here. The legacy TorchScript-based exporter (``dynamo=False``)
+still works in 2.13 but is deprecated and warns; pass ``dynamo=False`` to use it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from .layers import HetConv2d
+from .ops.hetconv_layout import group_channel_order, group_filter_order, materialize_pointwise_matrix
+
+__all__ = [
+    "HetConvExportForm",
+    "OnnxExport",
+    "export_onnx",
+    "export_program",
+    "export_torchscript",
+    "prepare_for_export",
+    "run_onnx",
+]
+
+HETCONV_FORMS = ("split", "dense")
+DEFAULT_OPSET = 18
+
+
+class HetConvExportForm(nn.Module):
+    """HetConv2d as standard operators: grouped KxK conv + masked 1x1 conv + add.
+
+    Computes exactly the HetConv2d it was built from (both layouts, any
+    stride/padding/dilation/padding_mode); weights are copied, so it is a
+    frozen inference snapshot. Cost Ho*Wo*N*(M/P*K*K + M) MACs per image.
+
+    Example::
+
+        form = HetConvExportForm(leanconv.HetConv2d(64, 64, 3, padding=1, p=4))
+        torch.onnx.export(form, (torch.randn(1, 64, 8, 8),), "het.onnx")   # Conv, Conv, Add
+    """
+
+    def __init__(self, layer: HetConv2d) -> None:
+        super().__init__()
+        m, n, p = layer.in_channels, layer.out_channels, layer.p
+        (kh, kw), (dh, dw) = layer.kernel_size, layer.dilation
+        padding = layer._padding_pair
+        centre = (dh * (kh - 1) // 2, dw * (kw - 1) // 2)
+        factory = {"device": layer.weight.device, "dtype": layer.weight.dtype}
+        layout = layer.layout
+        self.in_channels, self.out_channels, self.p, self.layout = m, n, p, layout
+        self.kxk = nn.Conv2d(
+            m, n, layer.kernel_size, layer.stride, padding, layer.dilation, groups=p,
+            bias=layer.bias is not None, padding_mode=layer.padding_mode, **factory,
+        )
+        # 1x1 branch: reads the input under each window's centre tap.
+        self.crop = (max(centre[0] - padding[0], 0), max(centre[1] - padding[1], 0))
+        pointwise_padding = (max(padding[0] - centre[0], 0), max(padding[1] - centre[1], 0))
+        self.pointwise = nn.Conv2d(
+            m, n, 1, layer.stride, pointwise_padding, bias=False,
+            padding_mode=layer.padding_mode if pointwise_padding != (0, 0) else "zeros", **factory,
+        )
+        with torch.no_grad():
+            if layout == "blocked":
+                self.register_buffer("channel_order", None)
+                self.register_buffer("filter_inverse", None)
+                self.kxk.weight.copy_(layer.weight)
+            else:
+                channel_order = group_channel_order(m, n, p, layout, layer.weight.device)
+                filter_order = group_filter_order(m, n, p, layout, layer.weight.device)
+                self.register_buffer("channel_order", channel_order.clone(), persistent=False)
+                self.register_buffer("filter_inverse", torch.argsort(filter_order), persistent=False)
+                self.kxk.weight.copy_(layer.weight.index_select(0, filter_order))
+            if layer.bias is not None:
+                bias = layer.bias if layout == "blocked" else layer.bias.index_select(0, filter_order)
+                self.kxk.bias.copy_(bias)
+            matrix = materialize_pointwise_matrix(layer.pointwise_weight, m, p, layout)
+            self.pointwise.weight.copy_(matrix[:, :, None, None])
+        self.train(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grouped_input = x if self.channel_order is None else x.index_select(-3, self.channel_order)
+        out = self.kxk(grouped_input)
+        if self.filter_inverse is not None:
+            out = out.index_select(-3, self.filter_inverse)
+        if self.crop != (0, 0):
+            taps = self.pointwise(x[..., self.crop[0]:, self.crop[1]:])
+            return out + taps[..., : out.shape[-2], : out.shape[-1]]
+        return out + self.pointwise(x)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, layout={self.layout!r}"
+
+
+def _replace_hetconv(model: nn.Module, hetconv_form: str) -> nn.Module:
+    def build(layer: HetConv2d) -> nn.Module:
+        if layer.p == 1 or hetconv_form == "dense":
+            return layer.to_conv2d().eval()
+        return HetConvExportForm(layer)
+
+    if isinstance(model, HetConv2d):
+        return build(model)
+    built: dict[int, nn.Module] = {}
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if isinstance(child, HetConv2d):
+                if id(child) not in built:
+                    built[id(child)] = build(child)
+                parent._modules[name] = built[id(child)]
+    return model
+
+
+def prepare_for_export(model: nn.Module, *, hetconv_form: str = "split", fuse: bool = True) -> nn.Module:
+    """An eval-mode copy of ``model`` made of exportable standard operators:
+    BatchNorm folded (``fuse=True``, via :func:`leanconv.fuse`) and each
+    HetConv2d in ``hetconv_form`` ("split" or "dense"; see the module docstring).
+    Outputs equal ``model.eval()``'s within float32 rounding."""
+    if hetconv_form not in HETCONV_FORMS:
+        raise ValueError(f"hetconv_form must be one of {HETCONV_FORMS}, got {hetconv_form!r}")
+    prepared = copy.deepcopy(model).eval()
+    if fuse:
+        from .fuse import fuse as fuse_model
+
+        prepared = fuse_model(prepared, inplace=True)
+    return _replace_hetconv(prepared, hetconv_form).eval()
+
+
+def _example(model: nn.Module, example_input, input_size) -> torch.Tensor:
+    if example_input is not None:
+        return example_input
+    if input_size is None:
+        raise ValueError("give example_input (a tensor) or input_size=(C, H, W) / (B, C, H, W)")
+    size = tuple(int(v) for v in input_size)
+    size = (1, *size) if len(size) == 3 else size
+    if len(size) != 4:
+        raise ValueError(f"input_size must be (C, H, W) or (B, C, H, W), got {tuple(input_size)!r}")
+    reference = next(iter(model.parameters()), None)
+    factory = {} if reference is None else {"device": reference.device, "dtype": reference.dtype}
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(size, generator=generator).to(**factory)
+
+
+@dataclass
+class OnnxExport:
+    """Result of :func:`export_onnx`: the file, its opset, the operator
+    histogram of its graph, and (with ``check``) the largest absolute
+    difference between onnxruntime's and PyTorch's outputs."""
+
+    path: str
+    opset: int
+    node_counts: dict[str, int] = field(default_factory=dict)
+    max_abs_diff: float | None = None
+    tolerance: float | None = None
+
+    @property
+    def num_nodes(self) -> int:
+        return sum(self.node_counts.values())
+
+    def __str__(self) -> str:
+        ops = ", ".join(f"{k} x{v}" for k, v in sorted(self.node_counts.items()))
+        text = f"{self.path}: ONNX opset {self.opset}, {self.num_nodes} nodes ({ops})"
+        if self.max_abs_diff is not None:
+            text += f"\nonnxruntime vs PyTorch: max |diff| = {self.max_abs_diff:.3g} (tolerance {self.tolerance:.3g}): OK"
+        return text
+
+
+def _require(module: str, extra: str = "onnx"):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise RuntimeError(
+            f"{module} is not installed; install the extra: pip install 'leanconv[{extra}]' ({error})"
+        ) from error
+
+
+def run_onnx(path: str, input: torch.Tensor) -> torch.Tensor:
+    """Run an ONNX file on ``input`` with onnxruntime's CPU provider."""
+    ort = _require("onnxruntime")
+    session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    (output,) = session.run(None, {name: input.detach().cpu().numpy()})[:1]
+    return torch.from_numpy(output)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    example_input: torch.Tensor | None = None,
+    *,
+    input_size: Sequence[int] | None = None,
+    opset: int = DEFAULT_OPSET,
+    hetconv_form: str = "split",
+    fuse: bool = True,
+    dynamic_batch: bool = True,
+    check: bool = True,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+    dynamo: bool = True,
+) -> OnnxExport:
+    """Export ``model`` (prepared by :func:`prepare_for_export`) to ONNX.
+
+    ``check`` runs the file in onnxruntime on ``example_input`` and compares
+    with ``model.eval()`` in PyTorch: a RuntimeError when
+    max|ort - torch| > atol + rtol * max|torch|. ``dynamic_batch`` makes the
+    batch dimension symbolic. Needs ``onnx``, ``onnxruntime`` and ``onnxscript``
+    (``pip install 'leanconv[onnx]'``).
+
+    Example::
+
+        result = leanconv.export.export_onnx(model, "model.onnx", input_size=(3, 32, 32))
+        print(result)            # nodes by type and the onnxruntime check
+    """
+    if opset < 17:
+        raise ValueError(f"opset must be >= 17, got {opset}")
+    onnx = _require("onnx")
+    if dynamo:
+        _require("onnxscript")
+    x = _example(model, example_input, input_size)
+    prepared = prepare_for_export(model, hetconv_form=hetconv_form, fuse=fuse)
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    kwargs: dict = dict(opset_version=opset, input_names=["input"], output_names=["output"])
+    if dynamo:
+        kwargs.update(dynamo=True, external_data=False, verbose=False)
+        if dynamic_batch:
+            kwargs["dynamic_shapes"] = ({0: torch.export.Dim.DYNAMIC},)
+    else:
+        kwargs.update(dynamo=False)
+        if dynamic_batch:
+            kwargs["dynamic_axes"] = {"input": {0: "batch"}, "output": {0: "batch"}}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(prepared, (x,), path, **kwargs)
+    except Exception as error:  # noqa: BLE001 - one clear error
+        raise RuntimeError(f"ONNX export failed ({'dynamo' if dynamo else 'TorchScript'} exporter): {error}") from error
+    graph = onnx.load(path)
+    counts: dict[str, int] = {}
+    for node in graph.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    opset_used = max((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), default=opset)
+    result = OnnxExport(path, opset_used, counts)
+    if check:
+        with torch.no_grad():
+            reference = copy.deepcopy(model).eval()(x)
+        output = run_onnx(path, x).to(reference.dtype)
+        difference = (output - reference.detach().cpu()).abs().max().item() if output.numel() else 0.0
+        tolerance = atol + rtol * (reference.abs().max().item() if reference.numel() else 0.0)
+        result.max_abs_diff, result.tolerance = difference, tolerance
+        if tuple(output.shape) != tuple(reference.shape) or not difference <= tolerance:
+            raise RuntimeError(
+                f"onnxruntime output differs from PyTorch: shape {tuple(output.shape)} vs {tuple(reference.shape)}, "
+                f"max |diff| = {difference:.3g} > tolerance {tolerance:.3g}"
+            )
+    return result
+
+
+def export_torchscript(
+    model: nn.Module,
+    example_input: torch.Tensor | None = None,
+    path: str | os.PathLike | None = None,
+    *,
+    input_size: Sequence[int] | None = None,
+    hetconv_form: str = "split",
+    fuse: bool = True,
+):
+    """``torch.jit.trace`` of the prepared model (saved to ``path`` if given).
+
+    Tracing records one input shape's graph: Python control flow on shapes is
+    frozen. TorchScript is deprecated in recent torch; prefer
+    :func:`export_program`. A RuntimeError says why when tracing fails."""
+    x = _example(model, example_input, input_size)
+    prepared = prepare_for_export(model, hetconv_form=hetconv_form, fuse=fuse)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(prepared, (x,), check_trace=False)
+    except Exception as error:  # noqa: BLE001
+        raise RuntimeError(f"torch.jit.trace failed on the prepared model: {error}") from error
+    if path is not None:
+        traced.save(os.fspath(path))
+    return traced
+
+
+def export_program(
+    model: nn.Module,
+    example_input: torch.Tensor | None = None,
+    path: str | os.PathLike | None = None,
+    *,
+    input_size: Sequence[int] | None = None,
+    hetconv_form: str = "split",
+    fuse: bool = True,
+    dynamic_batch: bool = False,
+):
+    """``torch.export.export`` of the prepared model (an ExportedProgram,
+    saved with ``torch.export.save`` if ``path`` is given). A RuntimeError says
+    why when export fails."""
+    x = _example(model, example_input, input_size)
+    prepared = prepare_for_export(model, hetconv_form=hetconv_form, fuse=fuse)
+    dynamic_shapes = ({0: torch.export.Dim.DYNAMIC},) if dynamic_batch else None
+    try:
+        program = torch.export.export(prepared, (x,), dynamic_shapes=dynamic_shapes)
+    except Exception as error:  # noqa: BLE001
+        raise RuntimeError(f"torch.export.export failed on the prepared model: {error}") from error
+    if path is not None:
+        torch.export.save(program, os.fspath(path))
+    return program

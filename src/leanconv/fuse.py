@@ -1,0 +1,333 @@
+"""Inference fusion: fold BatchNorm into convolutions, merge BSConv-S's two
+pointwise convolutions, and turn the approximate HetConv form into the exact one.
+
+HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120.
+BSConv: Haase & Amthor, CVPR 2020, https://arxiv.org/abs/2003.13549.
+
+A BatchNorm2d in eval mode is the per-channel affine map
+``y = s * x + t`` with ``s = gamma / sqrt(running_var + eps)`` and
+``t = beta - running_mean * s``. After a convolution whose output channel n is
+linear in its weights plus a bias, it folds exactly into that convolution:
+filter n's weights times ``s[n]``, bias ``s[n] * b[n] + t[n]``. For HetConv2d
+both ``weight`` and ``pointwise_weight`` of filter n are scaled, so the layer
+stays an exact HetConv with the same P and layout.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .layers import BSConvS2d, BSConvU2d, DSConv2d, GWPWConv2d, HetConv2d, SeedHetConv2d
+
+__all__ = ["FuseReport", "fuse", "fold_batchnorm"]
+
+_LEAF_LAYERS = (HetConv2d, DSConv2d, GWPWConv2d, BSConvU2d, BSConvS2d, SeedHetConv2d)
+
+
+@dataclass
+class FuseReport:
+    """What :func:`fuse` did: the BN layers folded (``"bn -> conv"``), the
+    BSConv-S layers merged, the approximate HetConv layers made exact, the BN
+    layers left and why, and how conv -> BN pairs were found."""
+
+    folded: list[str] = field(default_factory=list)
+    merged: list[str] = field(default_factory=list)
+    exact_hetconv: list[str] = field(default_factory=list)
+    left: list[tuple[str, str]] = field(default_factory=list)
+    pair_search: str = ""
+
+    def __str__(self) -> str:
+        lines = [f"leanconv.fuse: conv -> BN pairs found by {self.pair_search}"]
+        lines.append(f"  folded {len(self.folded)} BatchNorm layer(s)" + (": " + ", ".join(self.folded) if self.folded else ""))
+        if self.merged:
+            lines.append(f"  merged BSConv-S pw1+pw2: {', '.join(self.merged)}")
+        if self.exact_hetconv:
+            lines.append(f"  approximate -> exact HetConv: {', '.join(self.exact_hetconv)}")
+        for name, reason in self.left:
+            lines.append(f"  left {name}: {reason}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- folding maths
+def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) in float64 of an eval-mode BN."""
+    mean = bn.running_mean.detach().to(torch.float64)
+    var = bn.running_var.detach().to(torch.float64)
+    scale = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.detach().to(torch.float64)
+    shift = -mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.detach().to(torch.float64)
+    return scale, shift
+
+
+def _why_not_foldable(bn: nn.Module) -> str | None:
+    if not isinstance(bn, nn.BatchNorm2d):
+        return f"{type(bn).__name__} is not a BatchNorm2d"
+    if bn.training:
+        return "in training mode (uses batch statistics)"
+    if not bn.track_running_stats or bn.running_mean is None:
+        return "track_running_stats=False: normalises with batch statistics even in eval mode"
+    return None
+
+
+def _set_bias(module: nn.Module, value: torch.Tensor, reference: torch.Tensor) -> None:
+    value = value.to(device=reference.device, dtype=reference.dtype)
+    if getattr(module, "bias", None) is None:
+        module.bias = nn.Parameter(value.clone())
+    else:
+        with torch.no_grad():
+            module.bias.copy_(value)
+
+
+@torch.no_grad()
+def _fold_into(conv: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
+    """Apply ``y -> scale * y + shift`` per output channel inside ``conv``."""
+    weight = conv.weight
+    bias = conv.bias.detach().to(torch.float64) if conv.bias is not None else torch.zeros_like(scale)
+    weight.copy_((weight.to(torch.float64) * scale.view(-1, *([1] * (weight.dim() - 1)))).to(weight.dtype))
+    if isinstance(conv, HetConv2d):
+        pointwise = conv.pointwise_weight
+        pointwise.copy_((pointwise.to(torch.float64) * scale.view(-1, 1)).to(pointwise.dtype))
+    _set_bias(conv, bias * scale + shift, weight)
+
+
+def fold_batchnorm(conv: nn.Module, bn: nn.BatchNorm2d) -> None:
+    """Fold the eval-mode ``bn`` that follows ``conv`` into ``conv`` in place
+    (nn.Conv2d of any groups, or HetConv2d). ValueError if it cannot be folded.
+
+    Example::
+
+        fold_batchnorm(model.conv1, model.bn1); model.bn1 = torch.nn.Identity()
+    """
+    reason = _why_not_foldable(bn)
+    if reason:
+        raise ValueError(f"cannot fold this BatchNorm: {reason}")
+    if conv.out_channels != bn.num_features:
+        raise ValueError(f"BatchNorm has {bn.num_features} features, the convolution {conv.out_channels} outputs")
+    _fold_into(conv, *_bn_affine(bn))
+
+
+# ------------------------------------------------------------------------------ absorbers
+def _is_official_bsconv(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("bsconv.") and type(module).__name__ in ("BSConvU", "BSConvS")
+
+
+def _absorber(module: nn.Module) -> nn.Module | None:
+    """The convolution inside ``module`` whose outputs are ``module``'s outputs
+    channel by channel (so a following BN folds into it), or None."""
+    if type(module) is nn.Conv2d or isinstance(module, HetConv2d):
+        return module
+    if isinstance(module, (DSConv2d, GWPWConv2d)):
+        return module.pw
+    if isinstance(module, (BSConvU2d, BSConvS2d)) or _is_official_bsconv(module):
+        return module.dw
+    return None
+
+
+# ------------------------------------------------------------------------- layer-internal
+def _replace_everywhere(model: nn.Module, old: nn.Module, new: nn.Module) -> list[str]:
+    names = []
+    for parent_name, parent in list(model.named_modules(remove_duplicate=False)):
+        for child_name, child in list(parent._modules.items()):
+            if child is old:
+                parent._modules[child_name] = new
+                names.append(f"{parent_name}.{child_name}" if parent_name else child_name)
+    return names
+
+
+@torch.no_grad()
+def _merge_bsconv_s(layer: BSConvS2d) -> BSConvU2d:
+    """BSConv-S (pw1, [bn1], pw2, [bn2], dw) as BSConv-U with one pointwise conv:
+    W = S2 W2 S1 W1, b = S2 W2 t1 + t2 (BN folded, S the BN scales)."""
+    w1 = layer.pw1.weight[:, :, 0, 0].to(torch.float64)
+    b1 = torch.zeros(w1.shape[0], dtype=torch.float64, device=w1.device)
+    if layer.with_bn:
+        scale, shift = _bn_affine(layer.bn1)
+        w1, b1 = w1 * scale[:, None], shift
+    w2 = layer.pw2.weight[:, :, 0, 0].to(torch.float64)
+    weight, bias = w2 @ w1, w2 @ b1
+    if layer.with_bn:
+        scale, shift = _bn_affine(layer.bn2)
+        weight, bias = weight * scale[:, None], bias * scale + shift
+    dw = layer.dw
+    merged = BSConvU2d(
+        layer.in_channels, layer.out_channels, dw.kernel_size, dw.stride, dw.padding, dw.dilation,
+        bias=dw.bias is not None, padding_mode=dw.padding_mode, device=dw.weight.device, dtype=dw.weight.dtype,
+    )
+    factory = {"device": dw.weight.device, "dtype": dw.weight.dtype}
+    merged.pw = nn.Conv2d(layer.in_channels, layer.out_channels, 1, bias=True, **factory)
+    merged.pw.weight.copy_(weight[:, :, None, None])
+    merged.pw.bias.copy_(bias)
+    merged.dw = dw
+    return merged.eval()
+
+
+@torch.no_grad()
+def _fold_internal(layer: nn.Module, merge_bsconv_s: bool) -> nn.Module | None:
+    """Fold a leanconv layer's own BN layers; a replacement module or None."""
+    if isinstance(layer, (DSConv2d, GWPWConv2d)) and layer.bn is not None:
+        spatial = layer.dw if isinstance(layer, DSConv2d) else layer.gw
+        fold_batchnorm(spatial, layer.bn)
+        layer.bn, layer.with_bn = None, False
+    elif isinstance(layer, BSConvU2d) and layer.with_bn:
+        fold_batchnorm(layer.pw, layer.bn)
+        del layer.bn
+        layer.with_bn = False
+    elif isinstance(layer, BSConvS2d):
+        if merge_bsconv_s:
+            return _merge_bsconv_s(layer)
+        if layer.with_bn:
+            fold_batchnorm(layer.pw1, layer.bn1)
+            fold_batchnorm(layer.pw2, layer.bn2)
+            del layer.bn1, layer.bn2
+            layer.with_bn = False
+    return None
+
+
+# --------------------------------------------------------------------------- pair search
+def _pairs_by_fx(model: nn.Module) -> list[tuple[str, str]]:
+    """(conv path, bn path) for each BN whose input is the output of a module
+    call used by nothing else, with both modules called once (torch.fx)."""
+    import torch.fx
+
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+            if isinstance(module, _LEAF_LAYERS):
+                return True
+            return super().is_leaf_module(module, qualified_name)
+
+    graph = Tracer().trace(model)
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(model.get_submodule(node.target), nn.BatchNorm2d):
+            continue
+        source = node.args[0] if node.args else None
+        if not isinstance(source, torch.fx.Node) or source.op != "call_module" or len(source.users) != 1:
+            continue
+        if calls[source.target] == 1 and calls[node.target] == 1 and len(node.args) == 1 and not node.kwargs:
+            pairs.append((source.target, node.target))
+    return pairs
+
+
+def _pairs_by_sequential(model: nn.Module) -> list[tuple[str, str]]:
+    """(conv path, bn path) for consecutive children of plain nn.Sequential containers."""
+    pairs = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Sequential) or type(module).forward is not nn.Sequential.forward:
+            continue
+        children = list(module.named_children())
+        for (first_name, first), (second_name, second) in zip(children, children[1:]):
+            if isinstance(second, nn.BatchNorm2d):
+                prefix = f"{name}." if name else ""
+                pairs.append((prefix + first_name, prefix + second_name))
+    return pairs
+
+
+def fuse(model: nn.Module, *, inplace: bool = False, merge_bsconv_s: bool = True, return_report: bool = False):
+    """An inference copy of ``model`` with BatchNorm folded and layers simplified.
+
+    ``model`` must be in eval mode (``fuse(model.eval())``): folding uses the
+    BN running statistics, which is what eval mode computes; a model (or any
+    BatchNorm in it) in training mode raises a ValueError.
+
+    What is done, in this order:
+
+    1. every :class:`SeedHetConv2d` (approximate HetConv) becomes the exact
+       :class:`HetConv2d` computing the same function (N*M/P fewer weights);
+    2. the BN inside leanconv layers is folded: DSC/GWC+PWC into the KxK conv,
+       BSConv-U into ``pw``; BSConv-S's ``pw1``, ``bn1``, ``pw2``, ``bn2``
+       become one pointwise conv (a ``BSConvU2d`` with a biased ``pw``) when
+       ``merge_bsconv_s`` (M*N weights instead of M'*(M+N): fewer passes over
+       memory, but more MACs when M' < M*N/(M+N), e.g. the default p=0.25),
+       else bn1/bn2 fold into pw1/pw2;
+    3. every BatchNorm2d that directly follows a convolution is folded into it
+       and replaced by ``nn.Identity``. Convolutions that absorb a BN: exact
+       ``nn.Conv2d`` (any groups), ``HetConv2d`` (weight and pointwise_weight of
+       each filter scaled, so it stays exact HetConv in every backend), and the
+       last conv of DSC/GWC+PWC (``pw``) and BSConv (``dw``), also the official
+       bsconv package's modules. Pairs are found by tracing the model with
+       torch.fx (leanconv layers as leaves): the BN's only input is a module
+       call whose output nothing else uses, and both modules are called once.
+       When the model cannot be traced, only consecutive children of plain
+       ``nn.Sequential`` containers are recognised. BN applied through
+       ``F.batch_norm``, BN before a convolution, and BN after an activation
+       are left as they are (listed in the report).
+
+    Returns the fused model (or ``(model, FuseReport)``), in eval mode, whose
+    outputs equal ``model``'s within float32 rounding.
+
+    Example::
+
+        fused = leanconv.fuse(model.eval())
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fuse() needs an nn.Module, got {type(model).__name__}")
+    training = [name or "(model)" for name, m in model.named_modules() if m.training and (m is model or isinstance(m, nn.modules.batchnorm._BatchNorm))]
+    if training:
+        raise ValueError(
+            "fuse() is for inference and folds BatchNorm running statistics: call model.eval() first "
+            f"(in training mode: {', '.join(training[:5])})"
+        )
+    target = model if inplace else copy.deepcopy(model)
+    report = FuseReport()
+
+    # 1. approximate -> exact HetConv.  2. leanconv layers' own BN.
+    done: set[int] = set()
+    for name, module in list(target.named_modules()):
+        if id(module) in done:
+            continue
+        done.add(id(module))
+        new = None
+        if isinstance(module, SeedHetConv2d):
+            new = module.to_hetconv().eval()
+            report.exact_hetconv.append(name or "(model)")
+        elif isinstance(module, (DSConv2d, GWPWConv2d, BSConvU2d, BSConvS2d)):
+            new = _fold_internal(module, merge_bsconv_s)
+            if new is not None:
+                report.merged.append(name or "(model)")
+        if new is not None:
+            if module is target:
+                target = new
+            else:
+                _replace_everywhere(target, module, new)
+
+    # 3. conv -> BN pairs in the model.
+    try:
+        pairs = _pairs_by_fx(target)
+        report.pair_search = "torch.fx tracing"
+    except Exception as error:  # noqa: BLE001 - any tracing failure falls back
+        pairs = _pairs_by_sequential(target)
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        report.pair_search = f"nn.Sequential order (torch.fx could not trace the model: {first_line[:160]})"
+    occurrences: dict[int, int] = {}
+    for _, m in target.named_modules(remove_duplicate=False):
+        occurrences[id(m)] = occurrences.get(id(m), 0) + 1
+    folded_bns: set[int] = set()
+    for conv_name, bn_name in pairs:
+        conv_module, bn = target.get_submodule(conv_name), target.get_submodule(bn_name)
+        absorber = _absorber(conv_module)
+        if absorber is None or _why_not_foldable(bn) or absorber.out_channels != bn.num_features:
+            continue
+        if occurrences[id(conv_module)] > 1 or occurrences[id(bn)] > 1:
+            continue  # a shared module may be used elsewhere without this BN
+        fold_batchnorm(absorber, bn)
+        _replace_everywhere(target, bn, nn.Identity())
+        folded_bns.add(id(bn))
+        report.folded.append(f"{bn_name} -> {conv_name}")
+    for name, m in target.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in folded_bns:
+            reason = _why_not_foldable(m) or "not directly after a convolution that can absorb it"
+            report.left.append((name, reason))
+    target.eval()
+    return (target, report) if return_report else target
