@@ -15,6 +15,7 @@ __all__ = ["main", "build_parser"]
 
 # Module names under leanconv.commands, in the order --help lists them.
 COMMANDS = [
+    "bench",
     "convert",
     "export",
 ]

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import tempfile
 import threading
 import time
@@ -100,17 +99,21 @@ def measuring_enabled(x: torch.Tensor, weight: torch.Tensor, p: int, stride, pad
 
 
 def heuristic_choice(x: torch.Tensor, weight: torch.Tensor, p: int) -> str:
-    """The CPU choice without measuring, from the work fraction and the dtype.
+    """The CPU choice without measuring, from the size, work fraction and dtype.
 
-    The decomposed forms do (M/P*K*K + M) MACs per output element against the
-    dense form's M*K*K; above 80% of the dense work the dense convolution wins
-    (one library call, one pass over memory). Otherwise the fused form where
-    oneDNN runs the dtype, else split (ATen's generic convolution paths).
+    * Small calls (under ``MIN_MEASURED_MACS`` dense MACs, taking the output as
+      large as the input): one dense convolution; fixed per-call costs (a second
+      library call, layout changes) outweigh the saved MACs there.
+    * The decomposed forms do (M/P*K*K + M) MACs per output element against the
+      dense form's M*K*K; above 80% of the dense work the dense convolution wins.
+    * Otherwise the fused form where oneDNN runs the dtype, else split (ATen's
+      generic convolution paths).
     """
     if p == 1:
         return "split"  # a plain convolution with the layer's own weight
     taps = weight.shape[2] * weight.shape[3]
-    if 1.0 / p + 1.0 / taps > 0.8:
+    upper_macs = x.shape[0] * x.shape[2] * x.shape[3] * weight.shape[0] * weight.shape[1] * p * taps
+    if upper_macs < MIN_MEASURED_MACS or 1.0 / p + 1.0 / taps > 0.8:
         return "reference"
     return "fused" if x.dtype in _FAST_DTYPES else "split"
 
@@ -185,7 +188,8 @@ def clear_cache() -> None:
 
 
 def _time_candidates(candidates: Mapping[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median seconds per candidate over ``rounds`` interleaved rounds after one warm-up each."""
+    """Fastest seconds per candidate over ``rounds`` interleaved rounds after one warm-up each
+    (the minimum: other processes only ever add time, so it is the least noisy estimate)."""
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     for run in candidates.values():
         run()
@@ -194,7 +198,7 @@ def _time_candidates(candidates: Mapping[str, Callable[[], object]], rounds: int
             start = time.perf_counter()
             run()
             samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(times) for name, times in samples.items()}
+    return {name: min(times) for name, times in samples.items()}
 
 
 def measured_choice(key: str, candidates: Mapping[str, Callable[[], object]], *, rounds: int = 3) -> str:

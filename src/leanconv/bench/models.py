@@ -1,0 +1,186 @@
+"""Whole-model benchmark: inference and one training step of a model from the
+zoo built with standard convolutions, exact HetConv (``auto``) and the public
+"seed" form, in both memory formats, with peak training memory.
+
+Gate: before timing, the HetConv model's output with its chosen backends is
+compared with the same model whose HetConv layers are replaced by the
+equivalent ``nn.Conv2d`` (eval mode, same weights); a model that differs by
+more than the tolerance is not timed.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..layers import HetConv2d, SeedHetConv2d
+from .memory import peak_allocated_bytes
+from .timing import time_interleaved
+
+__all__ = ["build_variants", "bench_models", "to_seed_form", "to_dense_form", "count_conv_macs"]
+
+
+def to_seed_form(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every (blocked) HetConv2d replaced by the public
+    grouped-conv + dense-1x1 form computing the same function."""
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, HetConv2d) and child.layout == "blocked":
+                setattr(parent, name, SeedHetConv2d.from_hetconv(child))
+    return model
+
+
+def count_conv_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
+    """MACs per call of the model's convolutions and linear layers (hooks on
+    nn.Conv2d, HetConv2d, nn.Linear; exact HetConv count)."""
+    from .layers import hetconv_macs
+
+    total = 0
+
+    def conv_hook(module, inputs, output):
+        nonlocal total
+        b, n, h, w = output.shape
+        if isinstance(module, HetConv2d):
+            total += hetconv_macs(module.in_channels, n, h, w, module.kernel_size[0] * module.kernel_size[1], module.p, b)
+        else:
+            total += b * h * w * n * module.weight.shape[1] * module.weight.shape[2] * module.weight.shape[3]
+
+    def linear_hook(module, inputs, output):
+        nonlocal total
+        total += output.numel() * module.in_features
+
+    handles = []
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, HetConv2d)):
+            handles.append(module.register_forward_hook(conv_hook))
+        elif isinstance(module, nn.Linear):
+            handles.append(module.register_forward_hook(linear_hook))
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(*input_shape))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
+
+
+def build_variants(create: Callable[..., nn.Module], name: str, ps: Sequence[int], seed_ps: Sequence[int] = ()) -> dict[str, nn.Module]:
+    """{"standard": ..., "hetconv_p4": ..., "seed_p4": ...} with the zoo's ``create``."""
+    torch.manual_seed(0)
+    variants = {"standard": create(name, conv="standard")}
+    for p in ps:
+        torch.manual_seed(0)
+        variants[f"hetconv_p{p}"] = create(name, conv="hetconv", p=p)
+        if p in seed_ps:
+            variants[f"seed_p{p}"] = to_seed_form(variants[f"hetconv_p{p}"])
+    return variants
+
+
+def to_dense_form(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every HetConv2d replaced by the equivalent
+    ``nn.Conv2d`` (materialised weight): the reference for the gate, whatever
+    backend the layers are set to."""
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, HetConv2d):
+                setattr(parent, name, child.to_conv2d())
+    return model
+
+
+def _gate(model: nn.Module, x: torch.Tensor) -> float:
+    """Relative max difference between ``model`` and its dense form (eval mode)."""
+    model.eval()
+    reference_model = to_dense_form(model).eval()
+    with torch.no_grad():
+        fast = model(x)
+        reference = reference_model(x)
+    return (fast - reference).abs().max().item() / max(1.0, reference.abs().max().item())
+
+
+def bench_models(
+    variants: dict[str, nn.Module],
+    *,
+    input_shape: Sequence[int] = (64, 3, 32, 32),
+    num_classes: int = 10,
+    modes: Sequence[str] = ("infer", "train"),
+    formats: Sequence[str] = ("contiguous", "channels_last"),
+    warmup: int = 2,
+    repeats: int = 7,
+    tolerance: float = 1e-4,
+    memory: bool = True,
+) -> list[dict]:
+    """Rows: variant x mode x format with median/min/max/spread ms, speed-up over
+    the standard model in the same format and over its fastest format, MACs,
+    GMAC/s, peak training-step memory."""
+    torch.manual_seed(0)
+    x0 = torch.randn(*input_shape)
+    target = torch.randint(0, num_classes, (input_shape[0],))
+    macs = {name: count_conv_macs(model, input_shape) for name, model in variants.items()}
+    rows = []
+    for mode in modes:
+        runners, memory_runs, gates, built = {}, {}, {}, {}
+        for fmt in formats:
+            memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+            x = x0.contiguous(memory_format=memory_format)
+            for name, base in variants.items():
+                model = copy.deepcopy(base).to(memory_format=memory_format)
+                built[(name, fmt)] = model
+                gates[(name, fmt)] = _gate(model, x) if any(isinstance(m, HetConv2d) for m in model.modules()) else None
+                if mode == "infer":
+                    model.eval()
+
+                    def run(model=model, x=x):
+                        with torch.no_grad():
+                            return model(x)
+                else:
+                    model.train()
+                    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+                    def run(model=model, x=x, optimizer=optimizer):
+                        optimizer.zero_grad(set_to_none=True)
+                        F.cross_entropy(model(x), target).backward()
+                        optimizer.step()
+                gate = gates[(name, fmt)]
+                if gate is None or gate <= tolerance:
+                    runners[(name, fmt)] = run
+        timings = time_interleaved({f"{n}|{f}": r for (n, f), r in runners.items()}, warmup=warmup, repeats=repeats)
+        for (name, fmt), run in runners.items():
+            if memory and mode == "train":
+                memory_runs[(name, fmt)] = peak_allocated_bytes(run)
+        best_standard = min(
+            (t.median for key, t in timings.items() if key.startswith("standard|")), default=None
+        )
+        for fmt in formats:
+            for name in variants:
+                timing = timings.get(f"{name}|{fmt}")
+                gate = gates.get((name, fmt))
+                row = {
+                    "model_variant": name, "mode": mode, "format": fmt, "batch": input_shape[0],
+                    "gate_error": gate, "gate": "n/a" if gate is None else ("pass" if timing else "FAIL"),
+                    "macs": macs[name],
+                }
+                if timing is not None:
+                    standard = timings.get(f"standard|{fmt}")
+                    row.update(
+                        median_ms=timing.median * 1e3, min_ms=timing.minimum * 1e3, max_ms=timing.maximum * 1e3,
+                        spread=timing.spread,
+                        speedup_vs_standard_same_format=standard.median / timing.median if standard else None,
+                        speedup_vs_best_standard=best_standard / timing.median if best_standard else None,
+                        mac_speedup=macs["standard"] / macs[name],
+                        # a training step counted as 3 x the forward MACs (forward, input and weight gradients)
+                        gmacs=macs[name] * (3 if mode == "train" else 1) / timing.median / 1e9,
+                    )
+                if (name, fmt) in memory_runs:
+                    row["peak_step_mib"] = memory_runs[(name, fmt)] / 2**20
+                if any(isinstance(m, HetConv2d) for m in variants[name].modules()):
+                    row["backends"] = ",".join(
+                        str(m.last_backend) for m in built[(name, fmt)].modules() if isinstance(m, HetConv2d)
+                    )
+                rows.append(row)
+    return rows

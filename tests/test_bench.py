@@ -1,0 +1,137 @@
+"""The benchmark harness on tiny inputs: it runs end to end, gates on
+correctness and writes complete files. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import leanconv
+from leanconv import bench
+from leanconv.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_time_interleaved_runs_in_rounds_and_summarises():
+    order = []
+    ticks = iter(range(1000))
+    timings = bench.time_interleaved(
+        {"a": lambda: order.append("a"), "b": lambda: order.append("b")},
+        warmup=1, repeats=3, clock=lambda: float(next(ticks)),
+    )
+    assert order == ["a", "b"] + ["a", "b"] * 3
+    assert set(timings) == {"a", "b"}
+    assert timings["a"].repeats == 3 and timings["a"].median == 1.0 and timings["a"].spread == 0.0
+
+
+def test_timing_statistics():
+    t = bench.Timing.from_samples([4.0, 1.0, 3.0, 2.0, 100.0])
+    assert (t.minimum, t.median, t.maximum) == (1.0, 3.0, 100.0)
+    assert t.q1 == 2.0 and t.q3 == 4.0 and t.spread == pytest.approx(2 / 3)
+
+
+def test_peak_memory_sees_a_temporary_allocation():
+    def step():
+        a = torch.ones(1 << 20)  # 4 MiB
+        del a
+        return torch.ones(16)
+
+    assert bench.peak_allocated_bytes(step) >= 4 << 20
+
+
+def test_layer_grid_gates_every_candidate_and_fills_rows():
+    rows = bench.bench_layer_grid([bench.LayerConfig(8, 8, 6, 4, 2)], warmup=0, repeats=1)
+    candidates = {r["candidate"] for r in rows}
+    assert {"conv2d", "hetconv:auto", "hetconv:fused", "hetconv:packed", "seed", "public_loop"} <= candidates
+    assert {(r["mode"], r["format"]) for r in rows} == {
+        (m, f) for m in ("infer", "train") for f in ("channels_last", "contiguous")
+    }
+    for row in rows:
+        assert row["gate"] == "pass", row
+        assert row["median_ms"] > 0 and row["macs"] > 0
+    het = next(r for r in rows if r["candidate"] == "hetconv:fused")
+    assert het["macs"] == 2 * 6 * 6 * 8 * (2 * 9 + 6)  # B*Ho*Wo*N*(M/P*K*K + M - M/P)
+
+
+def test_separable_rows():
+    rows = bench.bench_separable_config(8, 8, 6, 2, warmup=0, repeats=1, modes=("infer",), formats=("contiguous",))
+    assert [r["candidate"] for r in rows] == ["conv2d", "dsc", "bsconv_u", "bsconv_s"]
+    assert rows[1]["macs"] == 2 * 36 * 8 * (9 + 8)
+
+
+def tiny_zoo(name, conv="standard", p=None):
+    """A two-conv stand-in for leanconv.models.create."""
+    options = {} if conv == "standard" else {"p": p}
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+        leanconv.make_conv(conv, 8, 8, 3, padding=1, **options), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
+    )
+
+
+def test_model_bench_gates_times_and_measures_memory():
+    variants = bench.build_variants(tiny_zoo, "tiny", [4], seed_ps=[4])
+    assert set(variants) == {"standard", "hetconv_p4", "seed_p4"}
+    rows = bench.bench_models(variants, input_shape=(2, 3, 8, 8), warmup=0, repeats=1)
+    assert len(rows) == 3 * 2 * 2
+    for row in rows:
+        assert row["gate"] in ("pass", "n/a") and row["median_ms"] > 0
+        if row["mode"] == "train":
+            assert row["peak_step_mib"] > 0
+    het = next(r for r in rows if r["model_variant"] == "hetconv_p4")
+    assert het["macs"] < next(r for r in rows if r["model_variant"] == "standard")["macs"]
+    assert het["backends"]
+
+
+def test_model_gate_refuses_a_wrong_fast_path(monkeypatch):
+    variants = bench.build_variants(tiny_zoo, "tiny", [4])
+    het = variants["hetconv_p4"]
+    conv = next(m for m in het.modules() if isinstance(m, leanconv.HetConv2d))
+    conv.backend = "fused"
+    original = conv._run
+    monkeypatch.setattr(conv, "_run", lambda name, x, padding, needs_grad: original(name, x, padding, needs_grad) + 1)
+    rows = bench.bench_models(variants, input_shape=(2, 3, 8, 8), warmup=0, repeats=1, modes=("infer",), formats=("contiguous",))
+    row = next(r for r in rows if r["model_variant"] == "hetconv_p4")
+    assert row["gate"] == "FAIL" and "median_ms" not in row
+
+
+def test_write_results_writes_all_files(tmp_path):
+    stem = str(tmp_path / "out" / "machine-setting")
+    rows = [{"a": 1, "b": 2.5}, {"a": 2, "b": None}]
+    paths = bench.write_results(stem, header={"cpu": "x"}, config={"k": 1}, rows=rows, columns=["a", "b"], title="t")
+    assert paths == [stem + ".json", stem + ".csv", stem + ".md"]
+    payload = json.loads(open(stem + ".json").read())
+    assert payload["rows"] == rows and payload["environment"] == {"cpu": "x"}
+    assert open(stem + ".csv").read().splitlines() == ["a,b", "1,2.5", "2,"]
+    assert not [p for p in os.listdir(tmp_path / "out") if p.startswith(".tmp-")]
+
+
+def test_environment_header_names_machine_torch_threads():
+    info = bench.describe_environment()
+    for key in ("cpu", "torch", "torch_threads", "load_average_1_5_15min", "date_utc"):
+        assert key in info
+    assert bench.machine_slug(info).endswith(f"-{info['torch_threads']}t")
+
+
+def test_cli_bench_tiny_grid_and_render(tmp_path, capsys):
+    stem = str(tmp_path / "layers")
+    assert main(["bench", "layers", "--grid", "tiny", "--batch", "1", "--repeats", "1", "--warmup", "0",
+                 "--modes", "infer", "--formats", "contiguous", "--out", stem]) == 0
+    assert stem + ".json" in capsys.readouterr().out
+    assert json.load(open(stem + ".json"))["rows"]
+    script = os.path.join(ROOT, "scripts", "render_perf_section.py")
+    out = tmp_path / "performance.md"
+    subprocess.run([sys.executable, script, "--results", str(tmp_path), "--out", str(out)], check=True)
+    assert "HetConv" in out.read_text()
+
+
+def test_cli_rejects_bad_mode(capsys):
+    assert main(["bench", "layers", "--grid", "tiny", "--modes", "fly"]) == 2
+    assert "--modes" in capsys.readouterr().err
