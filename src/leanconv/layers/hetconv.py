@@ -13,7 +13,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..functional import het_conv2d
-from ..ops.autotune import dense_macs, measured_choice, measuring_enabled, rounds_for, tuning_key
+from ..ops.autotune import (
+    autotune_generation,
+    autotune_tracing,
+    dense_macs,
+    measured_choice,
+    measuring_enabled,
+    rounds_for,
+    tuning_key,
+)
 from ..ops.backends import check_backend_name, choose_backend, requested_backend
 from ..ops.conv_geometry import (
     PADDING_MODES,
@@ -181,13 +189,30 @@ class HetConv2d(nn.Module):
         x, padding = pad_for_mode(x, self._padding_pair, self.padding_mode)
         requested = requested_backend(self._backend)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in self.parameters()))
-        if requested == "auto" and measuring_enabled(x, self.weight, self.p, self.stride, padding, self.dilation):
-            name = self._measured_backend(x, padding, needs_grad)
+        if requested == "auto" and x.device.type == "cpu":
+            name = self._auto_on_cpu(x, padding, needs_grad)
         else:
             name = choose_backend(requested, x, self.weight, self.p)
-        self.last_backend = name
+        self.__dict__["last_backend"] = name  # a plain attribute; skips nn.Module.__setattr__ on the hot path
         out = self._run(name, x, padding, needs_grad)
         return out.squeeze(0) if unbatched else out
+
+    def _auto_on_cpu(self, x: torch.Tensor, padding: tuple[int, int], needs_grad: bool) -> str:
+        """``auto`` on the CPU: measured or heuristic (:mod:`leanconv.ops.autotune`),
+        remembered on the layer per input setting so that a repeated setting costs
+        one dictionary lookup (never while tracing or compiling)."""
+        if autotune_tracing():
+            return choose_backend("auto", x, self.weight, self.p)
+        memo_key = (tuple(x.shape), x.dtype, x.is_contiguous(), needs_grad, padding, autotune_generation())
+        memo = self.__dict__.setdefault("_auto_memo", {})
+        name = memo.get(memo_key)
+        if name is None:
+            if measuring_enabled(x, self.weight, self.p, self.stride, padding, self.dilation):
+                name = self._measured_backend(x, padding, needs_grad)
+            else:
+                name = choose_backend("auto", x, self.weight, self.p)
+            memo[memo_key] = name
+        return name
 
     def _run(self, name: str, x: torch.Tensor, padding: tuple[int, int], needs_grad: bool) -> torch.Tensor:
         """Run backend ``name``; without autograd, from weights prepared once (see
@@ -247,10 +272,10 @@ class HetConv2d(nn.Module):
         Only for calls without autograd: under autograd backends rebuild these
         from the parameters on every call, so gradients flow to them.
         """
+        weight, pointwise = self._parameters["weight"], self._parameters["pointwise_weight"]
         key = (
-            self.weight._version, self.weight.data_ptr(), self.pointwise_weight._version,
-            self.pointwise_weight.data_ptr(), self.weight.device, self.weight.dtype,
-            torch.is_inference_mode_enabled(), tuple(x.shape) if kind == "packed" else None,
+            weight._version, weight.data_ptr(), pointwise._version, pointwise.data_ptr(), weight.dtype,
+            weight.is_cpu, torch.is_inference_mode_enabled(), tuple(x.shape) if kind == "packed" else None,
         )
         cache = self.__dict__.setdefault("_prepared", {})
         hit = cache.get(kind)

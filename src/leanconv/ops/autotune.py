@@ -39,6 +39,8 @@ import torch
 
 __all__ = [
     "AUTOTUNE_ENV",
+    "autotune_generation",
+    "autotune_tracing",
     "CACHE_ENV",
     "MIN_MEASURED_MACS",
     "clear_cache",
@@ -57,6 +59,7 @@ _FAST_DTYPES = (torch.float32, torch.bfloat16)
 _lock = threading.Lock()
 _memory: dict[str, str] = {}
 _disk_loaded: str | None = None
+_generation = [0]
 
 
 def _memory_format(x: torch.Tensor) -> str:
@@ -77,14 +80,17 @@ def dense_macs(x: torch.Tensor, weight: torch.Tensor, p: int, stride, padding, d
     return x.shape[0] * max(out_h, 0) * max(out_w, 0) * weight.shape[0] * weight.shape[1] * p * kh * kw
 
 
-def _tracing() -> bool:
-    if torch.jit.is_tracing() or torch.jit.is_scripting():
-        return True
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and compiler.is_compiling():
-        return True
-    onnx = getattr(torch, "onnx", None)
-    return bool(onnx is not None and getattr(onnx, "is_in_onnx_export", lambda: False)())
+def autotune_tracing() -> bool:
+    """True while TorchScript traces/scripts or torch.compile / torch.export
+    (and so both ONNX exporters) capture a graph: no measuring then."""
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+
+
+def autotune_generation() -> tuple:
+    """Everything besides the input that a remembered choice depends on: the
+    environment switches, the thread count and how often the cache was cleared.
+    Layers put it in the key of their per-layer memo."""
+    return (os.environ.get(AUTOTUNE_ENV), os.environ.get(CACHE_ENV), torch.get_num_threads(), _generation[0])
 
 
 def measuring_enabled(x: torch.Tensor, weight: torch.Tensor, p: int, stride, padding, dilation) -> bool:
@@ -93,7 +99,7 @@ def measuring_enabled(x: torch.Tensor, weight: torch.Tensor, p: int, stride, pad
         return False
     if x.device.type != "cpu" or x.dtype not in _FAST_DTYPES or p == 1:
         return False
-    if _tracing():
+    if autotune_tracing():
         return False
     return dense_macs(x, weight, p, stride, padding, dilation) >= MIN_MEASURED_MACS
 
@@ -185,6 +191,7 @@ def clear_cache() -> None:
     with _lock:
         _memory.clear()
         _disk_loaded = None
+        _generation[0] += 1
 
 
 def _time_candidates(candidates: Mapping[str, Callable[[], object]], rounds: int) -> dict[str, float]:

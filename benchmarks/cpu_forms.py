@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""Every CPU form of one HetConv layer we tried, exact or not kept, timed side
+by side against the dense convolution (inference, float32 unless named).
+
+Forms (all exact unless said otherwise; each is gated against the dense
+convolution with the materialised weight before timing):
+
+* ``dense``: nn.Conv2d's path with the materialised weight (what ``reference`` runs);
+* ``split``: grouped KxK conv + 1x1 conv + add (three passes);
+* ``fused``: grouped KxK conv, then ``addmm_`` of the 1x1 GEMM into its output;
+* ``packed``: oneDNN-packed grouped weight, the conv adding itself onto the GEMM
+  result as a post-op;
+* ``fused_groupwise_gemm``: the 1x1 part as 2P-1 GEMMs over each group's other
+  channels (no block-diagonal zeros computed);
+* ``coarse_groups``: the grouped conv run with P/2 groups, the 1x1 weights inside
+  each coarse group folded into its centre taps, the GEMM over the rest;
+* ``sparse_pointwise``: the 1x1 part as a CSR sparse matrix product;
+* ``fused_bfloat16`` / ``dense_bfloat16``: the same in bfloat16 (the gate uses the
+  bfloat16 tolerance);
+
+    python benchmarks/cpu_forms.py --out results/cpu/<machine>-forms-b64
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from leanconv.bench import describe_environment, machine_slug, time_interleaved, write_results
+from leanconv.ops.hetconv_fused import hetconv_fused, hetconv_fused_prepared, prepare_fused
+from leanconv.ops.hetconv_layout import materialize_dense_weight, materialize_pointwise_matrix
+
+
+def rows_view(t):
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def forms(x, weight, pointwise, p):
+    n, per_group = weight.shape[:2]
+    m = per_group * p
+    dense = materialize_dense_weight(weight, pointwise, p, "blocked")
+    matrix = materialize_pointwise_matrix(pointwise, m, p, "blocked")
+    matrix_t = matrix.t().contiguous()
+    prepared = prepare_fused(weight, pointwise, p, "blocked")
+    packed = prepare_fused(weight, pointwise, p, "blocked", packed=True, padding=(1, 1), input_size=tuple(x.shape))
+    geometry = ((3, 3), (1, 1), (1, 1), (1, 1))
+    out = {
+        "dense": lambda: F.conv2d(x, dense, None, 1, 1),
+        "split": lambda: F.conv2d(x, weight, None, 1, 1, 1, p) + F.conv2d(x, matrix[:, :, None, None]),
+        "fused": lambda: hetconv_fused_prepared(x, prepared, None, *geometry),
+        "packed": lambda: hetconv_fused_prepared(x, packed, None, *geometry),
+    }
+    ng = n // p
+    pieces = []
+    for g in range(p):
+        columns = slice(g * ng, (g + 1) * ng)
+        for rows in (slice(0, g * per_group), slice((g + 1) * per_group, m)):
+            if rows.stop > rows.start:
+                pieces.append((rows, columns, matrix_t[rows, columns].contiguous()))
+
+    def groupwise():
+        y = F.conv2d(x, weight, None, 1, 1, 1, p)
+        y_rows, x_rows = rows_view(y), rows_view(x)
+        for rows, columns, w in pieces:
+            y_rows[:, columns].addmm_(x_rows[:, rows], w)
+        return y
+
+    out["fused_groupwise_gemm"] = groupwise
+    if p % 2 == 0 and p > 2:
+        coarse = p // 2
+        mc, nc = m // coarse, n // coarse
+        inside = torch.zeros(n, m, dtype=torch.bool)
+        for f in range(n):
+            inside[f, (f // nc) * mc:(f // nc + 1) * mc] = True
+        folded = dense.clone()
+        coarse_weight = torch.stack([folded[f, (f // nc) * mc:(f // nc + 1) * mc] for f in range(n)])
+        rest_t = (matrix * ~inside).t().contiguous()
+
+        def coarse_groups():
+            y = F.conv2d(x, coarse_weight, None, 1, 1, 1, coarse)
+            rows_view(y).addmm_(rows_view(x), rest_t)
+            return y
+
+        out["coarse_groups"] = coarse_groups
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sparse = matrix.to_sparse_csr()
+
+    def sparse_pointwise():
+        y = F.conv2d(x, weight, None, 1, 1, 1, p)
+        rows_view(y).add_(torch.sparse.mm(sparse, rows_view(x).t()).t())
+        return y
+
+    out["sparse_pointwise"] = sparse_pointwise
+    xb, wb, pb, db = x.bfloat16(), weight.bfloat16(), pointwise.bfloat16(), dense.bfloat16()
+    out["dense_bfloat16"] = lambda: F.conv2d(xb, db, None, 1, 1)
+    out["fused_bfloat16"] = lambda: hetconv_fused(xb, wb, pb, None, (1, 1), (1, 1), (1, 1), p, "blocked")
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--shapes", default="64x32,128x16,256x8,512x4,512x2", help="CHANNELSxSIZE,...")
+    parser.add_argument("--p", default="4,8")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    header = describe_environment()
+    rows = []
+    torch.manual_seed(0)
+    for shape in args.shapes.split(","):
+        channels, size = (int(v) for v in shape.split("x"))
+        for p in (int(v) for v in args.p.split(",")):
+            print(f"  M=N={channels} {size}x{size} P={p}", file=sys.stderr, flush=True)
+            x = torch.randn(args.batch, channels, size, size).contiguous(memory_format=torch.channels_last)
+            weight = torch.randn(channels, channels // p, 3, 3) / (channels ** 0.5)
+            pointwise = torch.randn(channels, channels - channels // p) / (channels ** 0.5)
+            candidates = forms(x, weight, pointwise, p)
+            with torch.no_grad():
+                reference = candidates["dense"]()
+                gates = {}
+                for name, run in candidates.items():
+                    tolerance = 2e-2 if "bfloat16" in name else 1e-4
+                    error = (run().float() - reference).abs().max().item() / max(1.0, reference.abs().max().item())
+                    gates[name] = (error, error <= tolerance)
+                timings = time_interleaved({k: v for k, v in candidates.items() if gates[k][1]}, repeats=args.repeats)
+            dense_macs = args.batch * size * size * channels * channels * 9
+            for name in candidates:
+                timing = timings.get(name)
+                row = {"config": f"M{channels}-N{channels}-{size}x{size}-P{p}-B{args.batch}", "form": name,
+                       "gate_error": gates[name][0], "gate": "pass" if gates[name][1] else "FAIL"}
+                if timing:
+                    row.update(median_ms=timing.median * 1e3, min_ms=timing.minimum * 1e3, spread=timing.spread,
+                               speedup_vs_dense=timings["dense"].median / timing.median)
+                rows.append(row)
+    stem = args.out or os.path.join("results", "cpu", f"{machine_slug(header)}-forms-b{args.batch}")
+    columns = ["config", "form", "gate", "median_ms", "min_ms", "spread", "speedup_vs_dense"]
+    for path in write_results(stem, header=header, config={**vars(args), "what": "forms"}, rows=rows, columns=columns,
+                              title=f"CPU forms of one HetConv layer (inference, batch {args.batch})",
+                              notes=["times in ms per call, medians of interleaved rounds; all forms gated against dense"]):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
