@@ -104,6 +104,24 @@ def render_separable(payload: dict, name: str) -> list[str]:
     return out
 
 
+def render_forms(payload: dict, name: str) -> list[str]:
+    rows = payload["rows"]
+    forms = list(dict.fromkeys(r["form"] for r in rows))
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    table = {(r["config"], r["form"]): r for r in rows}
+    out = [f"### {payload['title']}", "", f"`{name}` -- {header_line(payload['environment'])}", "",
+           "Speed-up over the dense convolution (same weights, gated):", "",
+           "| layer | " + " | ".join(forms) + " |", "|---|" + "---|" * len(forms)]
+    for config in configs:
+        cells = []
+        for form in forms:
+            r = table.get((config, form), {})
+            cells.append(f"{fmt(r.get('speedup_vs_dense'))}x" if "speedup_vs_dense" in r else r.get("gate", "-"))
+        out.append(f"| {config} | " + " | ".join(cells) + " |")
+    out.append("")
+    return out
+
+
 def render(results: str) -> str:
     files = sorted(glob.glob(os.path.join(results, "*.json")))
     lines = [
@@ -115,7 +133,7 @@ def render(results: str) -> str:
         "candidate first passed the correctness gate against the reference.",
         "",
     ]
-    sections = {"models": [], "layers": [], "separable": []}
+    sections = {"models": [], "layers": [], "separable": [], "forms": []}
     for path in files:
         with open(path) as handle:
             payload = json.load(handle)
@@ -127,7 +145,9 @@ def render(results: str) -> str:
             sections["layers"] += render_layers(payload, name)
         elif what == "separable":
             sections["separable"] += render_separable(payload, name)
-    for part in ("models", "layers", "separable"):
+        elif what == "forms":
+            sections["forms"] += render_forms(payload, name)
+    for part in ("models", "layers", "forms", "separable"):
         lines += sections[part]
     if not files:
         lines.append("(no result files found)")
