@@ -231,3 +231,16 @@ def test_training_forward_never_uses_the_cache():
     layer(x).sum().backward()
     assert layer.weight.grad is not None and layer.pointwise_weight.grad is not None
     assert layer.pointwise_weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("layout", ["blocked", "shifted"])
+def test_fast_pointwise_matrix_equals_the_indexed_one(layout):
+    from leanconv.ops.hetconv_fused import pointwise_matrix
+    from leanconv.ops.hetconv_layout import materialize_pointwise_matrix
+
+    for m, n, p in [(8, 8, 2), (12, 8, 4), (6, 9, 3), (16, 32, 16), (4, 4, 4)]:
+        pw = torch.randn(n, m - m // p, requires_grad=True)
+        fast, slow = pointwise_matrix(pw, m, p, layout), materialize_pointwise_matrix(pw, m, p, layout)
+        assert torch.equal(fast, slow)
+        grad = torch.randn_like(slow)
+        assert torch.equal(torch.autograd.grad(fast, pw, grad)[0], torch.autograd.grad(slow, pw, grad)[0])

@@ -259,7 +259,12 @@ class HetConv2d(nn.Module):
                 return run
 
         macs = dense_macs(x, self.weight, self.p, self.stride, padding, self.dilation)
-        return measured_choice(key, {name: candidate(name) for name in names}, rounds=rounds_for(macs))
+        choice = measured_choice(key, {name: candidate(name) for name in names}, rounds=rounds_for(macs))
+        # Keep only the prepared weights of the winner (the losers' were built to be timed).
+        prepared = self.__dict__.get("_prepared", {})
+        for kind in [k for k in prepared if k != choice]:
+            del prepared[kind]
+        return choice
 
     def prepared_weights(self, kind: str, x: torch.Tensor, padding: tuple[int, int]):
         """Weight-derived tensors for inference, built once and reused until the

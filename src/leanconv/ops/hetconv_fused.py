@@ -51,6 +51,7 @@ __all__ = [
     "hetconv_packed",
     "prepare_fused",
     "packing_supported",
+    "pointwise_matrix",
 ]
 
 _CL = torch.channels_last
@@ -92,6 +93,26 @@ class FusedWeights:
     packed: bool = False
 
 
+def pointwise_matrix(pointwise_weight: torch.Tensor, in_channels: int, p: int, layout: str) -> torch.Tensor:
+    """(N, M) pointwise matrix, zero on each filter's own KxK channels.
+
+    Same values as :func:`.hetconv_layout.materialize_pointwise_matrix`; for the
+    blocked layout built by padding and reshaping instead of an indexed write,
+    which is 2-3x faster forward + backward at 256+ channels (it is rebuilt on
+    every training step). The (P, P-1) grid of Mg-wide column blocks becomes a
+    (P, P) grid with zero diagonal: flatten, view as (P-1, P), append a zero
+    block to each row, flatten, prepend one zero block, view as (P, P).
+    """
+    if layout != "blocked" or p == 1:
+        return materialize_pointwise_matrix(pointwise_weight, in_channels, p, layout)
+    out_channels = pointwise_weight.shape[0]
+    per_group, filters_per_group = in_channels // p, out_channels // p
+    blocks = pointwise_weight.reshape(p, filters_per_group, p - 1, per_group).transpose(0, 1)
+    blocks = F.pad(blocks.reshape(filters_per_group, p - 1, p, per_group), (0, 0, 0, 1))
+    blocks = F.pad(blocks.reshape(filters_per_group, (p - 1) * (p + 1), per_group), (0, 0, 1, 0))
+    return blocks.reshape(filters_per_group, p, p, per_group).transpose(0, 1).reshape(out_channels, in_channels)
+
+
 def packing_supported(x: torch.Tensor) -> bool:
     """oneDNN weight packing and post-op fusion: CPU, float32/bfloat16, no autograd."""
     return (
@@ -122,7 +143,7 @@ def prepare_fused(
     """
     out_channels, per_group = weight.shape[:2]
     in_channels = per_group * p
-    matrix = materialize_pointwise_matrix(pointwise_weight, in_channels, p, layout)
+    matrix = pointwise_matrix(pointwise_weight, in_channels, p, layout)
     channel_order = filter_order = filter_inverse = None
     grouped = weight
     if layout == "shifted" and p > 1:

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from .conv_geometry import centre_taps
-from .hetconv_layout import group_channel_order, group_filter_order, materialize_pointwise_matrix
+from .hetconv_fused import pointwise_matrix
+from .hetconv_layout import group_channel_order, group_filter_order
 
 __all__ = ["hetconv_split"]
 
@@ -47,6 +48,6 @@ def hetconv_split(
         out = grouped.index_select(1, torch.argsort(filter_order))
     if p == 1:
         return out if bias is None else out + bias.view(1, -1, 1, 1)
-    matrix = materialize_pointwise_matrix(pointwise_weight, in_channels, p, layout)
+    matrix = pointwise_matrix(pointwise_weight, in_channels, p, layout)
     taps = centre_taps(x, kernel_size, stride, padding, dilation)
     return out + F.conv2d(taps, matrix[:, :, None, None], bias)
