@@ -1,6 +1,8 @@
 """Whole-model benchmark: inference and one training step of a model from the
 zoo built with standard convolutions, exact HetConv (``auto``) and the public
-"seed" form, in both memory formats, with peak training memory.
+"seed" form, in both memory formats, with peak training memory. Mode
+``infer_folded`` is inference after :func:`leanconv.fuse` (BatchNorm folded into
+the convolutions) for every variant alike.
 
 Gate: before timing, the HetConv model's output with its chosen backends is
 compared with the same model whose HetConv layers are replaced by the
@@ -130,9 +132,13 @@ def bench_models(
             x = x0.contiguous(memory_format=memory_format)
             for name, base in variants.items():
                 model = copy.deepcopy(base).to(memory_format=memory_format)
+                if mode == "infer_folded":
+                    from ..fuse import fuse
+
+                    model = fuse(model.eval())
                 built[(name, fmt)] = model
                 gates[(name, fmt)] = _gate(model, x) if any(isinstance(m, HetConv2d) for m in model.modules()) else None
-                if mode == "infer":
+                if mode in ("infer", "infer_folded"):
                     model.eval()
 
                     def run(model=model, x=x):

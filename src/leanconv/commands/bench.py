@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="vgg16_cifar", help="models: zoo name (default vgg16_cifar)")
     parser.add_argument("--p", type=_ints, default=[4, 8], help="models: HetConv parts, e.g. 4,8")
     parser.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
-    parser.add_argument("--modes", default="infer,train", help="infer, train or both (default infer,train)")
+    parser.add_argument("--modes", default="infer,train",
+                        help="infer, train, and for models infer_folded (BN folded by leanconv.fuse); default infer,train")
     parser.add_argument("--formats", default="channels_last,contiguous", help="memory formats to run")
     parser.add_argument("--backends", default="auto,reference,split,fused,packed", help="layers: HetConv backends")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved timed rounds (default 7)")
@@ -57,8 +58,10 @@ def run(args: argparse.Namespace) -> int:
     modes = [m for m in args.modes.split(",") if m]
     formats = [f for f in args.formats.split(",") if f]
     for mode in modes:
-        if mode not in ("infer", "train"):
-            raise ValueError(f"--modes takes infer and/or train, got {mode!r}")
+        if mode not in ("infer", "train", "infer_folded"):
+            raise ValueError(f"--modes takes infer, train (and, for models, infer_folded), got {mode!r}")
+        if mode == "infer_folded" and args.what != "models":
+            raise ValueError("--modes infer_folded (BatchNorm folded by leanconv.fuse) applies to models only")
     for fmt in formats:
         if fmt not in ("channels_last", "contiguous"):
             raise ValueError(f"--formats takes channels_last and/or contiguous, got {fmt!r}")

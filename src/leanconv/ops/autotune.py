@@ -113,7 +113,9 @@ def heuristic_choice(x: torch.Tensor, weight: torch.Tensor, p: int) -> str:
     * The decomposed forms do (M/P*K*K + M) MACs per output element against the
       dense form's M*K*K; above 80% of the dense work the dense convolution wins.
     * Otherwise the fused form where oneDNN runs the dtype, else split (ATen's
-      generic convolution paths).
+      generic convolution paths). While a graph is traced or compiled
+      (TorchScript, torch.compile, torch.export, ONNX export) also split: plain
+      grouped conv + 1x1 conv + add, without in-place writes into views.
     """
     if p == 1:
         return "split"  # a plain convolution with the layer's own weight
@@ -121,7 +123,7 @@ def heuristic_choice(x: torch.Tensor, weight: torch.Tensor, p: int) -> str:
     upper_macs = x.shape[0] * x.shape[2] * x.shape[3] * weight.shape[0] * weight.shape[1] * p * taps
     if upper_macs < MIN_MEASURED_MACS or 1.0 / p + 1.0 / taps > 0.8:
         return "reference"
-    return "fused" if x.dtype in _FAST_DTYPES else "split"
+    return "fused" if x.dtype in _FAST_DTYPES and not autotune_tracing() else "split"
 
 
 def tuning_key(x, weight, p, layout, stride, padding, dilation, has_bias, needs_grad) -> str:
