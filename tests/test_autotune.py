@@ -246,10 +246,13 @@ def test_fast_pointwise_matrix_equals_the_indexed_one(layout):
         assert torch.equal(torch.autograd.grad(fast, pw, grad)[0], torch.autograd.grad(slow, pw, grad)[0])
 
 
-def test_tracing_takes_the_plain_decomposition():
+def test_tracing_takes_the_plain_decomposition(monkeypatch):
+    calls = _force_measuring(monkeypatch)
+    monkeypatch.setattr(autotune, "autotune_tracing", lambda: True)
+    monkeypatch.setattr(leanconv.layers.hetconv, "autotune_tracing", lambda: True)
     layer = leanconv.HetConv2d(64, 64, 3, padding=1, p=4).eval()
     x = torch.randn(2, 64, 16, 16)
-    traced = torch.jit.trace(layer, x, check_trace=False)
-    assert layer.last_backend == "split"
     with torch.no_grad():
-        assert_matches_reference(traced(x), F.conv2d(x, layer.dense_weight(), layer.bias, padding=1))
+        out = layer(x)
+        assert_matches_reference(out, F.conv2d(x, layer.dense_weight(), layer.bias, padding=1))
+    assert layer.last_backend == "split" and calls == []
