@@ -256,3 +256,13 @@ def test_tracing_takes_the_plain_decomposition(monkeypatch):
         out = layer(x)
         assert_matches_reference(out, F.conv2d(x, layer.dense_weight(), layer.bias, padding=1))
     assert layer.last_backend == "split" and calls == []
+
+
+def test_measured_choice_keeps_the_preferred_backend_within_the_margin(monkeypatch):
+    fake = {"fused": 1.00, "split": 0.97, "reference": 2.0}
+    monkeypatch.setattr(autotune, "_time_candidates", lambda candidates, rounds: dict(fake))
+    names = {name: (lambda: None) for name in fake}
+    assert autotune.measured_choice("k1", names, prefer="fused") == "fused"
+    fake["split"] = 0.90
+    assert autotune.measured_choice("k2", names, prefer="fused") == "split"
+    assert autotune.measured_choice("k1", names, prefer="fused") == "fused", "remembered"

@@ -259,7 +259,10 @@ class HetConv2d(nn.Module):
                 return run
 
         macs = dense_macs(x, self.weight, self.p, self.stride, padding, self.dilation)
-        choice = measured_choice(key, {name: candidate(name) for name in names}, rounds=rounds_for(macs))
+        choice = measured_choice(
+            key, {name: candidate(name) for name in names}, rounds=rounds_for(macs),
+            prefer=choose_backend("auto", x, self.weight, self.p),
+        )
         # Keep only the prepared weights of the winner (the losers' were built to be timed).
         prepared = self.__dict__.get("_prepared", {})
         for kind in [k for k in prepared if k != choice]:

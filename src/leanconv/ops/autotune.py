@@ -210,9 +210,20 @@ def _time_candidates(candidates: Mapping[str, Callable[[], object]], rounds: int
     return {name: min(times) for name, times in samples.items()}
 
 
-def measured_choice(key: str, candidates: Mapping[str, Callable[[], object]], *, rounds: int = 3) -> str:
+def measured_choice(
+    key: str,
+    candidates: Mapping[str, Callable[[], object]],
+    *,
+    rounds: int = 3,
+    prefer: str | None = None,
+    margin: float = 0.05,
+) -> str:
     """The fastest of ``candidates`` (name -> zero-argument callable running it
-    once) for ``key``: measured on first sight, then remembered."""
+    once) for ``key``: measured on first sight, then remembered.
+
+    ``prefer`` (the heuristic's choice) is kept unless another candidate is
+    faster by more than ``margin`` (5%): on a busy machine a lucky sample of a
+    worse candidate must not win."""
     path = _disk_path()
     with _lock:
         if path is not None:
@@ -222,6 +233,8 @@ def measured_choice(key: str, candidates: Mapping[str, Callable[[], object]], *,
         return known
     timings = _time_candidates(candidates, rounds)
     choice = min(timings, key=lambda name: (timings[name], name))
+    if prefer in timings and timings[choice] > timings[prefer] * (1.0 - margin):
+        choice = prefer
     with _lock:
         _memory[key] = choice
         if path is not None:
@@ -230,6 +243,6 @@ def measured_choice(key: str, candidates: Mapping[str, Callable[[], object]], *,
 
 
 def rounds_for(macs: int) -> int:
-    """Fewer timing rounds for heavy layers: about 3 to 5."""
-    return 5 if macs < 200_000_000 else 3 if macs < 2_000_000_000 else 2
+    """Timed rounds per candidate: 5 for light layers, 3 for heavy ones."""
+    return 5 if macs < 200_000_000 else 3
 
