@@ -17,6 +17,8 @@ convolution with the materialised weight before timing):
 * ``sparse_pointwise``: the 1x1 part as a CSR sparse matrix product;
 * ``fused_bfloat16`` / ``dense_bfloat16``: the same in bfloat16 (the gate uses the
   bfloat16 tolerance);
+* ``part_grouped_conv`` / ``part_pointwise_gemm``: the fused form's two library
+  calls alone (not HetConv, not gated), to read each primitive's GMAC/s.
 
     python benchmarks/cpu_forms.py --out results/cpu/<machine>-forms-b64
 """
@@ -103,6 +105,28 @@ def forms(x, weight, pointwise, p):
     return out
 
 
+def parts(x, weight, pointwise, p):
+    """The two halves of the fused form alone (not HetConv; not gated): how fast
+    each library primitive runs."""
+    m = weight.shape[1] * p
+    matrix_t = materialize_pointwise_matrix(pointwise, m, p, "blocked").t().contiguous()
+    return {
+        "part_grouped_conv": lambda: F.conv2d(x, weight, None, 1, 1, 1, p),
+        "part_pointwise_gemm": lambda: rows_view(x).mm(matrix_t),
+    }
+
+
+def form_macs(name, batch, size, channels, p):
+    """MACs each form computes per call (its own count)."""
+    per_output = {
+        "dense": channels * 9, "dense_bfloat16": channels * 9,
+        "part_grouped_conv": channels // p * 9, "part_pointwise_gemm": channels,
+        "fused_groupwise_gemm": channels // p * 9 + channels - channels // p,
+        "coarse_groups": channels // (p // 2) * 9 + channels - channels // (p // 2) if p > 2 else None,
+    }.get(name, channels // p * 9 + channels)
+    return None if per_output is None else batch * size * size * channels * per_output
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64)
@@ -129,18 +153,26 @@ def main(argv=None) -> int:
                     tolerance = 2e-2 if "bfloat16" in name else 1e-4
                     error = (run().float() - reference).abs().max().item() / max(1.0, reference.abs().max().item())
                     gates[name] = (error, error <= tolerance)
-                timings = time_interleaved({k: v for k, v in candidates.items() if gates[k][1]}, repeats=args.repeats)
+                timed = {k: v for k, v in candidates.items() if gates[k][1]}
+                extra = parts(x, weight, pointwise, p)
+                timings = time_interleaved({**timed, **extra}, repeats=args.repeats)
+                for name in extra:
+                    gates[name] = (None, True)
+                candidates = {**candidates, **extra}
             dense_macs = args.batch * size * size * channels * channels * 9
             for name in candidates:
                 timing = timings.get(name)
+                gate_error, passed = gates[name]
                 row = {"config": f"M{channels}-N{channels}-{size}x{size}-P{p}-B{args.batch}", "form": name,
-                       "gate_error": gates[name][0], "gate": "pass" if gates[name][1] else "FAIL"}
+                       "gate_error": gate_error, "gate": "n/a" if gate_error is None else "pass" if passed else "FAIL",
+                       "macs": form_macs(name, args.batch, size, channels, p)}
                 if timing:
                     row.update(median_ms=timing.median * 1e3, min_ms=timing.minimum * 1e3, spread=timing.spread,
-                               speedup_vs_dense=timings["dense"].median / timing.median)
+                               speedup_vs_dense=timings["dense"].median / timing.median,
+                               gmacs=row["macs"] / timing.median / 1e9 if row["macs"] else None)
                 rows.append(row)
     stem = args.out or os.path.join("results", "cpu", f"{machine_slug(header)}-forms-b{args.batch}")
-    columns = ["config", "form", "gate", "median_ms", "min_ms", "spread", "speedup_vs_dense"]
+    columns = ["config", "form", "gate", "median_ms", "min_ms", "spread", "speedup_vs_dense", "macs", "gmacs"]
     for path in write_results(stem, header=header, config={**vars(args), "what": "forms"}, rows=rows, columns=columns,
                               title=f"CPU forms of one HetConv layer (inference, batch {args.batch})",
                               notes=["times in ms per call, medians of interleaved rounds; all forms gated against dense"]):
