@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .conv_geometry import centre_taps
 from .hetconv_layout import group_channel_order, group_filter_order, materialize_pointwise_matrix
@@ -166,6 +167,8 @@ class _GroupedPlusPointwise(torch.autograd.Function):
     """out = conv2d(x, grouped, bias, groups=P) + taps @ matrix_t, in place.
 
     ``x``, ``taps`` channels-last; ``taps`` is None when it is ``x`` itself.
+    First derivatives only (double backward raises): use ``split`` or
+    ``reference`` for higher-order gradients.
     """
 
     @staticmethod
@@ -180,6 +183,7 @@ class _GroupedPlusPointwise(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         x, taps, grouped, matrix_t = ctx.saved_tensors
         stride, padding, dilation, groups, has_bias = ctx.geometry
