@@ -7,7 +7,15 @@ JSON, CSV, Markdown (and a plot with matplotlib).
 """
 
 from .environment import describe_environment, machine_slug
-from .layers import GRIDS, LayerConfig, bench_hetconv_config, bench_layer_grid, bench_separable_config, hetconv_macs
+from .layers import (
+    GRIDS,
+    LayerConfig,
+    bench_hetconv_config,
+    bench_layer_grid,
+    bench_separable_config,
+    hetconv_macs,
+    layer_grid,
+)
 from .memory import peak_allocated_bytes
 from .models import bench_models, build_variants, count_conv_macs, to_seed_form
 from .report import markdown_table, read_results, write_atomic, write_results
@@ -25,6 +33,7 @@ __all__ = [
     "count_conv_macs",
     "describe_environment",
     "hetconv_macs",
+    "layer_grid",
     "machine_slug",
     "markdown_table",
     "peak_allocated_bytes",

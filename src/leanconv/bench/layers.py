@@ -35,7 +35,7 @@ from ..layers import BSConvS2d, BSConvU2d, DSConv2d, HetConv2d, SeedHetConv2d
 from ..ops.hetconv_layout import kxk_channel_index, pointwise_channel_index
 from .timing import Timing, time_interleaved
 
-__all__ = ["LayerConfig", "GRIDS", "hetconv_macs", "bench_layer_grid", "PublicLoopHetConv"]
+__all__ = ["LayerConfig", "GRIDS", "hetconv_macs", "layer_grid", "bench_layer_grid", "bench_hetconv_config", "bench_separable_config", "PublicLoopHetConv"]
 
 
 @dataclass(frozen=True)
@@ -73,15 +73,16 @@ def _vgg_cifar_shapes() -> list[tuple[int, int, int]]:
     return [(64, 64, 32), (64, 128, 16), (128, 128, 16), (128, 256, 8), (256, 256, 8), (256, 512, 4), (512, 512, 4), (512, 512, 2)]
 
 
-def _grid(name: str, batch: int) -> list[LayerConfig]:
+def layer_grid(name: str, batch: int, ps: Sequence[int] | None = None) -> list[LayerConfig]:
+    """The configurations of a named grid (``ps`` overrides its parts P)."""
     if name == "tiny":
-        return [LayerConfig(8, 8, 6, p, batch) for p in (2, 4)]
+        return [LayerConfig(8, 8, 6, p, batch) for p in ps or (2, 4) if 8 % p == 0]
     if name == "vgg":
-        return [LayerConfig(m, n, s, p, batch) for m, n, s in _vgg_cifar_shapes() for p in (2, 4, 8, 16)]
+        return [LayerConfig(m, n, s, p, batch) for m, n, s in _vgg_cifar_shapes() for p in ps or (2, 4, 8, 16)]
     if name == "wide":
-        return [LayerConfig(c, c, s, p, batch) for c, s in ((256, 14), (512, 7), (1024, 7)) for p in (4, 8, 32)]
+        return [LayerConfig(c, c, s, p, batch) for c, s in ((256, 14), (512, 7), (1024, 7)) for p in ps or (4, 8, 32)]
     if name == "small":
-        return [LayerConfig(c, c, s, p, batch) for c, s in ((8, 32), (16, 32), (32, 16)) for p in (2, 4, 8) if c % p == 0]
+        return [LayerConfig(c, c, s, p, batch) for c, s in ((8, 32), (16, 32), (32, 16)) for p in ps or (2, 4, 8) if c % p == 0]
     raise ValueError(f"unknown grid {name!r}; choose from {sorted(GRIDS)}")
 
 

@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="layers: HetConv layer grid; models: whole zoo models; separable: DSC/BSConv layers")
     parser.add_argument("--grid", default="vgg", help="layers: tiny, vgg, wide or small (default vgg)")
     parser.add_argument("--model", default="vgg16_cifar", help="models: zoo name (default vgg16_cifar)")
-    parser.add_argument("--p", type=_ints, default=[4, 8], help="models: HetConv parts, e.g. 4,8")
+    parser.add_argument("--p", type=_ints, default=None,
+                        help="HetConv parts, e.g. 4,8 (models default 4,8; layers default: the grid's own)")
     parser.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
     parser.add_argument("--modes", default="infer,train",
                         help="infer, train, and for models infer_folded (BN folded by leanconv.fuse); default infer,train")
@@ -51,10 +52,13 @@ def run(args: argparse.Namespace) -> int:
         GRIDS, bench_layer_grid, bench_models, bench_separable_config, build_variants, describe_environment,
         machine_slug, write_results,
     )
-    from ..bench.layers import _grid
+    from ..bench.layers import layer_grid
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.p_given = args.p is not None
+    if args.p is None:
+        args.p = [4, 8]
     modes = [m for m in args.modes.split(",") if m]
     formats = [f for f in args.formats.split(",") if f]
     for mode in modes:
@@ -72,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     if args.what == "layers":
         if args.grid not in GRIDS:
             raise ValueError(f"--grid must be one of {GRIDS}, got {args.grid!r}")
-        configs = _grid(args.grid, args.batch)
+        configs = layer_grid(args.grid, args.batch, args.p if args.p_given else None)
         rows = bench_layer_grid(
             configs, progress=progress, modes=modes, formats=formats,
             backends=[b for b in args.backends.split(",") if b], warmup=args.warmup, repeats=args.repeats,
