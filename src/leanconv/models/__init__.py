@@ -1,0 +1,101 @@
+"""The model zoo: CIFAR and ImageNet architectures written in the project (no
+torchvision), each buildable with every leanconv conv kind.
+
+    model = leanconv.models.create("vgg16_cifar", conv="hetconv", p=4)
+    leanconv.models.names()
+
+Which convolutions a kind replaces: every 3x3 (odd kernel > 1) convolution with
+groups == 1 except the stem (the first convolution, on the image channels).
+1x1 convolutions (shortcuts, bottleneck and MobileNet pointwise convs), the
+depthwise convolutions of MobileNets, and linear layers stay standard.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.nn as nn
+
+from ..layers.factory import CONV_KINDS
+from ._builder import ConvBuilder
+from .vgg import vgg16_cifar
+
+__all__ = ["create", "names", "model_info", "ConvBuilder"]
+
+# name -> (constructor(num_classes, builder), default number of classes, input size (C, H, W))
+_REGISTRY: dict[str, tuple[Callable[..., nn.Module], int, tuple[int, int, int]]] = {
+    "vgg16_cifar": (vgg16_cifar, 10, (3, 32, 32)),
+}
+
+
+def register(name: str, constructor: Callable[..., nn.Module], num_classes: int, input_size: tuple[int, int, int]) -> None:
+    _REGISTRY[name] = (constructor, num_classes, input_size)
+
+
+def names() -> list[str]:
+    """Every model name ``create`` accepts, sorted."""
+    return sorted(_REGISTRY)
+
+
+def model_info(name: str) -> dict:
+    """``{"num_classes": ..., "input_size": (C, H, W)}`` of a zoo model."""
+    _check_name(name)
+    _, num_classes, input_size = _REGISTRY[name]
+    return {"num_classes": num_classes, "input_size": input_size}
+
+
+def _check_name(name: str) -> None:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(names())}")
+
+
+def create(
+    name: str,
+    conv: str = "standard",
+    p: int | float | None = None,
+    num_classes: int | None = None,
+    width: float = 1.0,
+    **layer_options,
+) -> nn.Module:
+    """Build zoo model ``name`` with every replaceable convolution of kind ``conv``.
+
+    Args:
+        conv: one of ``standard, hetconv, dsc, bsconv_u, bsconv_s, gwpw``.
+        p: the layer option ``p``: HetConv's part P (required for ``hetconv``)
+            or BSConv-S's bottleneck fraction (default 0.25); refused for the
+            other kinds.
+        num_classes: classifier outputs (default: the data set's, 10 or 1000).
+        width: multiplies every channel count; counts are rounded to the
+            nearest multiple of P (hetconv) or of the groups (gwpw).
+        layer_options: the kind's other options, e.g. ``layout="shifted"``,
+            ``with_bn=True``, ``groups=4`` (gwpw, also ``g``), ``min_mid_channels``.
+
+    The model carries ``default_input_size`` (C, H, W) and ``zoo_config`` (the
+    arguments it was built with) so it can be rebuilt.
+
+    Example::
+
+        model = leanconv.models.create("resnet20_cifar", conv="bsconv_u")
+        logits = model(torch.randn(2, 3, 32, 32))     # (2, 10)
+    """
+    _check_name(name)
+    if conv not in CONV_KINDS:
+        raise ValueError(f"conv must be one of {CONV_KINDS}, got {conv!r}")
+    options = dict(layer_options)
+    if p is not None:
+        if conv not in ("hetconv", "bsconv_s"):
+            raise ValueError(f"p applies to conv='hetconv' (the part P) or 'bsconv_s' (the bottleneck fraction), not to conv={conv!r}")
+        options["p"] = p
+    elif conv == "hetconv":
+        raise ValueError("conv='hetconv' needs p (the HetConv part P, e.g. p=4)")
+    constructor, default_classes, input_size = _REGISTRY[name]
+    num_classes = default_classes if num_classes is None else num_classes
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    builder = ConvBuilder(conv, width, options)
+    model = constructor(num_classes=num_classes, builder=builder)
+    model.default_input_size = input_size
+    model.zoo_config = {"name": name, "conv": conv, "p": p, "num_classes": num_classes, "width": width,
+                        **layer_options}
+    return model
+
