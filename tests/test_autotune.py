@@ -266,3 +266,23 @@ def test_measured_choice_keeps_the_preferred_backend_within_the_margin(monkeypat
     fake["split"] = 0.90
     assert autotune.measured_choice("k2", names, prefer="fused") == "split"
     assert autotune.measured_choice("k1", names, prefer="fused") == "fused", "remembered"
+
+
+def test_layers_with_cached_packed_weights_copy_and_pickle():
+    import copy
+    import io
+
+    layer = leanconv.HetConv2d(8, 16, 3, padding=1, p=4, backend="packed").eval()
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        expected = layer(x)
+    assert "packed" in layer.__dict__["_prepared"]
+    clone = copy.deepcopy(layer)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        for other in (clone, loaded):
+            assert "_prepared" not in other.__dict__ or not other.__dict__["_prepared"]
+            assert torch.equal(other(x), expected)

@@ -269,6 +269,14 @@ class HetConv2d(nn.Module):
             del prepared[kind]
         return choice
 
+    def __getstate__(self):
+        # Copies and pickles leave the caches behind (oneDNN's packed weights
+        # cannot be copied; a copy rebuilds what it needs on its first call).
+        state = self.__dict__.copy()
+        state.pop("_prepared", None)
+        state.pop("_auto_memo", None)
+        return state
+
     def prepared_weights(self, kind: str, x: torch.Tensor, padding: tuple[int, int]):
         """Weight-derived tensors for inference, built once and reused until the
         parameters change (their ``_version`` counters, storage, device or dtype;
