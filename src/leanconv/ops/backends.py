@@ -15,6 +15,7 @@ chooses among registered backends, all of which are exact.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import threading
 from dataclasses import dataclass
@@ -81,6 +82,46 @@ register_backend(HetConvBackend(
 ))
 
 
+TRITON_MISSING = (
+    "backend 'triton' needs the Triton package, which is not installed here "
+    "(pip install 'leanconv[triton]'; it runs on CUDA GPUs, or on the CPU under TRITON_INTERPRET=1)"
+)
+
+
+def _register_triton_lazily() -> None:
+    """List ``triton`` where the package is installed, without importing it.
+
+    ``ops/hetconv_triton.py`` (and Triton) are imported on the backend's first
+    use; a broken Triton install then shows as the backend's ``unsupported`` reason.
+    """
+    try:
+        found = importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        return
+
+    def forward(*args):
+        from .hetconv_triton import hetconv_triton
+
+        return hetconv_triton(*args)
+
+    def unsupported(x: torch.Tensor) -> str | None:
+        try:
+            from .hetconv_triton import unsupported as kernel_unsupported
+        except Exception as error:  # a broken install must not break auto
+            return f"Triton is installed but could not be imported ({type(error).__name__}: {error})"
+        return kernel_unsupported(x)
+
+    register_backend(HetConvBackend(
+        "triton", forward, unsupported,
+        description="direct HetConv: Triton implicit-GEMM forward, input- and weight-gradient kernels (CUDA)",
+    ))
+
+
+_register_triton_lazily()
+
+
 def backend_names() -> tuple[str, ...]:
     """All names accepted by ``backend=``: ``"auto"`` and the registered backends."""
     return ("auto", *_REGISTRY)
@@ -89,6 +130,8 @@ def backend_names() -> tuple[str, ...]:
 def check_backend_name(name: str | None, source: str = "backend") -> str | None:
     if name is None:
         return None
+    if name == "triton" and name not in _REGISTRY:
+        raise ValueError(f"{source}: {TRITON_MISSING}")
     if not isinstance(name, str) or (name != "auto" and name not in _REGISTRY):
         raise ValueError(f"{source} must be one of {backend_names()}, got {name!r}")
     return name

@@ -1,0 +1,297 @@
+"""The Triton HetConv kernels on a GPU: correctness, then speed against cuDNN.
+
+HetConv (Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120). One run:
+
+1. correctness: small random configurations (both layouts, stride, padding,
+   dilation, K = 1/3/5, bias, NCHW and NHWC, float32/TF32, bfloat16, float16):
+   output and every gradient of the ``triton`` backend against a float64
+   reference on the GPU, under the tolerance policy of tests/helpers.py;
+   torch.compile and autocast (AMP) smoke checks;
+2. speed: VGG-16 and ResNet layer shapes at batch 128, channels_last, bf16 and
+   TF32, forward and forward+backward (input and both weight gradients), for
+   cuDNN's dense KxK convolution, the grouped+1x1 decomposition (grouped KxK conv
+   + dense 1x1 conv, two cuDNN calls), leanconv's ``split`` backend and the
+   ``triton`` backend. Each candidate is gated: its forward output at the timed
+   shape must match ``split``'s to 2e-2 relative (Frobenius) before it is timed.
+
+Times are medians of ``triton.testing.do_bench`` (CUDA events). TFLOP/s are
+*useful* FLOPs: 2 x HetConv's MACs, B*Ho*Wo*N*(M/P*K*K + M - M/P), over the
+time (x3 for forward+backward); the dense convolution's own rate (2 x its
+B*Ho*Wo*N*M*K*K MACs) is printed beside it.
+
+    python benchmarks/gpu_hetconv.py --out results/gpu   # writes <gpu>-hetconv-p4-b128.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+from leanconv.ops.hetconv_reference import hetconv_reference  # noqa: E402
+from leanconv.ops.hetconv_split import hetconv_split  # noqa: E402
+from leanconv.ops.hetconv_triton import hetconv_triton  # noqa: E402
+
+# (name, M, N, H=W, stride) at K=3, padding=1
+SHAPES = {
+    "vgg16": [
+        ("conv2_2", 128, 128, 112, 1),
+        ("conv3_2", 256, 256, 56, 1),
+        ("conv4_2", 512, 512, 28, 1),
+        ("conv5_2", 512, 512, 14, 1),
+    ],
+    "resnet": [
+        ("layer1", 64, 64, 56, 1),
+        ("layer2", 128, 128, 28, 1),
+        ("layer2_s2", 64, 128, 56, 2),
+        ("layer3", 256, 256, 14, 1),
+        ("layer4", 512, 512, 7, 1),
+    ],
+}
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
+
+
+# ----------------------------------------------------------------------------- correctness
+def check_correctness(log) -> bool:
+    torch.manual_seed(0)
+    configs = [
+        # B, M, N, H, W, K, p, layout, stride, padding, dilation, bias, channels_last
+        (3, 16, 16, 9, 11, 3, 4, "blocked", (1, 1), (1, 1), (1, 1), True, True),
+        (2, 12, 24, 10, 7, 3, 4, "shifted", (2, 1), (1, 0), (1, 2), True, True),
+        (2, 32, 64, 8, 8, 5, 2, "blocked", (2, 2), (2, 2), (1, 1), False, False),
+        (1, 96, 48, 6, 9, 3, 8, "shifted", (1, 1), (2, 1), (2, 1), True, True),
+        (2, 8, 8, 5, 5, 1, 2, "blocked", (1, 1), (0, 0), (1, 1), True, True),
+        (4, 128, 128, 14, 14, 3, 4, "blocked", (1, 1), (1, 1), (1, 1), True, True),
+        (2, 64, 128, 15, 15, 3, 4, "blocked", (2, 2), (1, 1), (1, 1), False, True),
+    ]
+    ok_all = True
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for cfg in configs:
+            b, m, n, h, w, k, p, layout, stride, padding, dilation, with_bias, cl = cfg
+            x64 = torch.randn(b, m, h, w, device="cuda", dtype=torch.float64)
+            w64 = torch.randn(n, m // p, k, k, device="cuda", dtype=torch.float64) / (m // p * k * k) ** 0.5
+            pw64 = torch.randn(n, m - m // p, device="cuda", dtype=torch.float64) / m**0.5
+            b64 = torch.randn(n, device="cuda", dtype=torch.float64) if with_bias else None
+            args = (stride, padding, dilation, p, layout)
+
+            def run(fn, dt):
+                leaves = [t.to(dt).detach().requires_grad_() if t is not None else None for t in (x64, w64, pw64, b64)]
+                xin = leaves[0]
+                if cl:
+                    xin = xin.to(memory_format=torch.channels_last)
+                y = fn(xin, leaves[1], leaves[2], leaves[3], *args)
+                torch.manual_seed(1)
+                gy = torch.randn(y.shape, device="cuda", dtype=torch.float64)
+                grads = torch.autograd.grad(y, [t for t in leaves if t is not None], gy.to(dt))
+                return [y, *grads]
+
+            ref = run(hetconv_reference, torch.float64)
+            base = run(hetconv_reference, dtype)  # torch's own dense conv in this dtype
+            fast = run(hetconv_triton, dtype)
+            names = ["y", "dx", "dw", "dpw", "dbias"]
+            for name, f, t, r in zip(names, fast, base, ref):
+                fast_err = (f.double() - r).abs().max().item()
+                base_err = (t.double() - r).abs().max().item()
+                bound = 2 * base_err + ATOL[dtype] * max(1.0, r.abs().max().item())
+                good = bool(torch.isfinite(f).all()) and fast_err <= bound
+                ok_all &= good
+                if not good:
+                    log(f"FAIL {dtype} {cfg} {name}: err {fast_err:.3g} > bound {bound:.3g}")
+    log(f"correctness (output and all gradients, 7 configs x 3 dtypes): {'PASS' if ok_all else 'FAIL'}")
+
+    # autocast (AMP): float32 leaves, bf16 compute, gradients flow back to float32 parameters
+    x = torch.randn(4, 64, 16, 16, device="cuda").to(memory_format=torch.channels_last).requires_grad_()
+    wt = torch.randn(64, 16, 3, 3, device="cuda", requires_grad=True)
+    pw = torch.randn(64, 48, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = hetconv_triton(x, wt, pw, None, (1, 1), (1, 1), (1, 1), 4, "blocked")
+        r = hetconv_reference(x, wt, pw, None, (1, 1), (1, 1), (1, 1), 4, "blocked")
+    y.float().sum().backward()
+    amp_ok = y.dtype == torch.bfloat16 and wt.grad.dtype == torch.float32
+    amp_err = ((y.float() - r.float()).norm() / r.float().norm()).item()
+    log(f"autocast bf16: output {y.dtype}, weight grad {wt.grad.dtype}, rel err vs autocast reference {amp_err:.2e}: "
+        f"{'PASS' if amp_ok and amp_err < 2e-2 else 'FAIL'}")
+
+    # torch.compile around the backend (graph breaks allowed; the result must match)
+    try:
+        def f(x, wt, pw):
+            return torch.relu(hetconv_triton(x, wt, pw, None, (1, 1), (1, 1), (1, 1), 4, "blocked")) * 2
+
+        compiled = torch.compile(f)
+        xc = x.detach().requires_grad_()
+        yc = compiled(xc, wt, pw)
+        yc.sum().backward()
+        ye = f(x.detach(), wt, pw)
+        err = ((yc - ye).norm() / ye.norm()).item()
+        log(f"torch.compile: rel err {err:.2e}, input grad {'present' if xc.grad is not None else 'MISSING'}: "
+            f"{'PASS' if err < 1e-3 and xc.grad is not None else 'FAIL'}")
+        try:
+            explained = torch._dynamo.explain(f)(x.detach(), wt, pw)
+            log(f"torch.compile: {explained.graph_count} graph(s), {explained.graph_break_count} graph break(s)")
+        except Exception as error:  # explain is best-effort
+            log(f"torch._dynamo.explain failed: {type(error).__name__}: {error}")
+    except Exception as error:
+        log(f"torch.compile: FAIL ({type(error).__name__}: {str(error)[:300]})")
+    return ok_all
+
+
+# ----------------------------------------------------------------------------- speed
+def hetconv_macs(b, m, n, ho, wo, k, p):
+    return b * ho * wo * n * (m // p * k * k + m - m // p)
+
+
+def bench_shape(name, m, n, hw, stride, dtype, p, batch, k, log):
+    torch.manual_seed(0)
+    pad = k // 2
+    x = torch.randn(batch, m, hw, hw, device="cuda", dtype=dtype).to(memory_format=torch.channels_last)
+    ho = (hw + 2 * pad - k) // stride + 1
+    mg = m // p
+    w_het = (torch.randn(n, mg, k, k, device="cuda", dtype=dtype) / (mg * k * k) ** 0.5).requires_grad_()
+    pw = (torch.randn(n, m - mg, device="cuda", dtype=dtype) / m**0.5).requires_grad_()
+    w_dense = (torch.randn(n, m, k, k, device="cuda", dtype=dtype) / (m * k * k) ** 0.5).requires_grad_()
+    w_group = (torch.randn(n, mg, k, k, device="cuda", dtype=dtype) / (mg * k * k) ** 0.5).requires_grad_()
+    w_1x1 = (torch.randn(n, m, 1, 1, device="cuda", dtype=dtype) / m**0.5).requires_grad_()
+    x.requires_grad_()
+    geometry = ((stride, stride), (pad, pad), (1, 1), p, "blocked")
+
+    candidates = {
+        "dense": (lambda: F.conv2d(x, w_dense, None, stride, pad), [x, w_dense]),
+        "decomp": (lambda: F.conv2d(x, w_group, None, stride, pad, groups=p) + F.conv2d(x, w_1x1, None, stride),
+                   [x, w_group, w_1x1]),
+        "split": (lambda: hetconv_split(x, w_het, pw, None, *geometry), [x, w_het, pw]),
+        "triton": (lambda: hetconv_triton(x, w_het, pw, None, *geometry), [x, w_het, pw]),
+    }
+    with torch.no_grad():
+        y_split = candidates["split"][0]().float()
+        y_triton = candidates["triton"][0]().float()
+    rel = ((y_triton - y_split).norm() / y_split.norm()).item()
+    gated = rel < 2e-2
+    row = {"layer": name, "M": m, "N": n, "H": hw, "stride": stride, "dtype": str(dtype).replace("torch.", ""),
+           "triton_vs_split_rel_err": rel, "gate": gated}
+    if not gated:
+        log(f"GATE FAILED {name} {dtype}: triton vs split rel err {rel:.3g}; triton not timed")
+    gy = torch.randn(batch, n, ho, ho, device="cuda", dtype=dtype).to(memory_format=torch.channels_last)
+    for cand, (fn, leaves) in candidates.items():
+        if cand == "triton" and not gated:
+            continue
+        with torch.no_grad():
+            row[f"{cand}_fwd_ms"] = do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+        def train(fn=fn, leaves=leaves):
+            torch.autograd.grad(fn(), leaves, gy)
+
+        row[f"{cand}_fwdbwd_ms"] = do_bench(train, warmup=25, rep=100, return_mode="median")
+    macs = hetconv_macs(batch, m, n, ho, ho, k, p)
+    dense_macs = batch * ho * ho * n * m * k * k
+    row["hetconv_gflop_fwd"] = 2 * macs / 1e9
+    row["dense_gflop_fwd"] = 2 * dense_macs / 1e9
+    for mode, factor in (("fwd", 1), ("fwdbwd", 3)):
+        for cand in candidates:
+            t = row.get(f"{cand}_{mode}_ms")
+            if t is None:
+                continue
+            flops = (2 * dense_macs if cand == "dense" else 2 * macs) * factor
+            row[f"{cand}_{mode}_tflops"] = flops / (t * 1e-3) / 1e12
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="results/gpu")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--p", type=int, default=4)
+    parser.add_argument("--dtypes", default="bfloat16,tf32")
+    parser.add_argument("--grids", default="vgg16,resnet")
+    parser.add_argument("--skip-correctness", action="store_true")
+    parser.add_argument("--correctness-only", action="store_true")
+    args = parser.parse_args()
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    lines = []
+
+    def log(text):
+        print(text, flush=True)
+        lines.append(text)
+
+    gpu = torch.cuda.get_device_name()
+    try:
+        commit = os.environ.get("LEANCONV_COMMIT") or subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        commit = "unknown"
+    header = {
+        "gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(), "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
+        "batch": args.batch, "p": args.p, "kernel_size": 3, "layout": "blocked", "memory_format": "channels_last",
+        "cudnn.benchmark": True, "allow_tf32": True, "timer": "triton.testing.do_bench median (warmup 25 ms, rep 100 ms)",
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+    }
+    log(json.dumps(header))
+    correct = True
+    if not args.skip_correctness:
+        t0 = time.time()
+        correct = check_correctness(log)
+        log(f"correctness section: {time.time() - t0:.1f} s")
+        if args.correctness_only:
+            return
+    rows = []
+    for dtype_name in args.dtypes.split(","):
+        dtype = torch.float32 if dtype_name == "tf32" else getattr(torch, dtype_name)
+        for grid in args.grids.split(","):
+            for name, m, n, hw, stride in SHAPES[grid]:
+                t0 = time.time()
+                row = bench_shape(f"{grid}.{name}", m, n, hw, stride, dtype, args.p, args.batch, 3, log)
+                row["dtype"] = dtype_name
+                rows.append(row)
+                log(json.dumps(row) + f"  [{time.time() - t0:.1f} s]")
+                os.makedirs(args.out, exist_ok=True)
+                with open(os.path.join(args.out, "partial.json"), "w") as fh:
+                    json.dump({"header": header, "rows": rows}, fh, indent=1)
+
+    table = ["| layer | M→N @HxW s | dtype | dense fwd ms | decomp fwd | split fwd | triton fwd | dense/triton fwd | decomp/triton fwd "
+             "| dense fwd+bwd ms | decomp | split | triton | dense/triton f+b | triton TFLOP/s fwd (useful) | dense TFLOP/s fwd |",
+             "|" + "---|" * 16]
+    for r in rows:
+        def ms(key):
+            v = r.get(key)
+            return f"{v:.3f}" if v is not None else "—"
+
+        def ratio(a, b):
+            return f"{r[a] / r[b]:.2f}x" if r.get(a) and r.get(b) else "—"
+
+        table.append(
+            f"| {r['layer']} | {r['M']}→{r['N']} @{r['H']} s{r['stride']} | {r['dtype']} | {ms('dense_fwd_ms')} | "
+            f"{ms('decomp_fwd_ms')} | {ms('split_fwd_ms')} | {ms('triton_fwd_ms')} | {ratio('dense_fwd_ms', 'triton_fwd_ms')} | "
+            f"{ratio('decomp_fwd_ms', 'triton_fwd_ms')} | {ms('dense_fwdbwd_ms')} | {ms('decomp_fwdbwd_ms')} | "
+            f"{ms('split_fwdbwd_ms')} | {ms('triton_fwdbwd_ms')} | {ratio('dense_fwdbwd_ms', 'triton_fwdbwd_ms')} | "
+            f"{r.get('triton_fwd_tflops', 0):.0f} | {r.get('dense_fwd_tflops', 0):.0f} |"
+        )
+    log("\n".join(table))
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower()
+    stem = os.path.join(args.out, f"{slug}-hetconv-p{args.p}-b{args.batch}")
+    os.makedirs(args.out, exist_ok=True)
+    with open(stem + ".json", "w") as fh:
+        json.dump({"header": header, "correct": correct, "rows": rows}, fh, indent=1)
+    with open(stem + ".md", "w") as fh:
+        fh.write("```\n" + "\n".join(lines[:-1]) + "\n```\n\n" + "\n".join(table) + "\n")
+    log(f"wrote {stem}.json and {stem}.md")
+
+
+if __name__ == "__main__":
+    main()

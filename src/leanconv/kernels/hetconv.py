@@ -1,0 +1,301 @@
+"""Triton kernels for the direct HetConv: forward, input gradient, weight gradient.
+
+HetConv (Singh et al., "HetConv: Heterogeneous Kernel-Based Convolutions for
+Deep CNNs", CVPR 2019, https://arxiv.org/abs/1903.04120).
+
+All three kernels work in *group order*: group-ordered channel ``c' = h*Mg + i``
+is the i-th channel of group h, group-ordered filter ``n' = g*Ng + j`` the j-th
+filter of group g. The two layouts differ only in where those live in memory::
+
+    blocked: real channel = c'                 real filter = n'
+    shifted: real channel = h + P*i            real filter = g + P*j
+
+(``SHIFTED`` selects the mapping; see ``ops/hetconv_layout.py``). The weights
+come packed by ``ops/hetconv_triton.py``:
+
+* ``wk``: (P*KH*KW*Mg, Ng), row ``(g*KH*KW + tap)*Mg + i``: the KxK taps;
+* ``wp``: (P*(M-Mg), Ng), row ``g*(M-Mg) + k``: the 1x1 weight of group g's
+  filters on its k-th *other* channel, ``c' = k if k < g*Mg else k + Mg``.
+
+No dense weight is materialised and the 1x1 part skips each group's own
+channels, so every kernel does HetConv's own Ho*Wo*N*(Mg*KH*KW + M - Mg) MACs
+per image (the input gradient of a strided layer also visits, masked, the taps
+that the stride skips). Accumulation is float32; tensors are addressed through
+their strides, so NHWC (channels_last, the fast case: channel loads are
+contiguous) and NCHW both work.
+
+This module imports Triton; nothing in leanconv imports it unless Triton is
+installed and the ``triton`` backend is asked for.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+__all__ = [
+    "hetconv_fwd_kernel",
+    "hetconv_dx_kernel",
+    "hetconv_dw_kernel",
+    "INTERPRETED",
+]
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# LEANCONV_TRITON_AUTOTUNE=0: first configuration of each list only (quick correctness runs).
+AUTOTUNE = os.environ.get("LEANCONV_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _configs(blocks: list[tuple[int, int, int, int, int]], names: tuple[str, str, str]) -> list[triton.Config]:
+    """Tile configurations; a single small one under the interpreter (it times nothing)."""
+    if INTERPRETED:
+        blocks = [(16, 16, 16, 1, 1)]
+    elif not AUTOTUNE:
+        blocks = blocks[:1]
+    return [
+        triton.Config({names[0]: a, names[1]: b, names[2]: c}, num_warps=w, num_stages=s)
+        for a, b, c, w, s in blocks
+    ]
+
+
+# (BLOCK_M pixels, BLOCK_N filters, BLOCK_K channels, warps, stages)
+# Kept short: each configuration is a separate compile per dtype and geometry.
+_FWD_BLOCKS = [
+    (128, 64, 64, 4, 3),
+    (128, 128, 64, 8, 3),
+]
+# (BLOCK_M input pixels, BLOCK_C channels, BLOCK_N filters, warps, stages)
+_DX_BLOCKS = [
+    (128, 64, 64, 4, 3),
+    (128, 128, 64, 8, 3),
+]
+# (BLOCK_R weight rows, BLOCK_N filters, BLOCK_Q pixels, warps, stages)
+_DW_BLOCKS = [
+    (64, 64, 64, 4, 3),
+    (128, 64, 64, 8, 3),
+]
+
+_SHAPE_KEY = ["B", "H", "W", "Ho", "Wo", "M", "N", "P", "KH", "KW"]
+
+
+@triton.jit
+def _real_channel(cg, Mg, P: tl.constexpr, SHIFTED: tl.constexpr):
+    if SHIFTED:
+        return (cg % Mg) * P + cg // Mg
+    else:
+        return cg
+
+
+@triton.autotune(configs=_configs(_FWD_BLOCKS, ("BLOCK_M", "BLOCK_N", "BLOCK_K")), key=_SHAPE_KEY)
+@triton.jit
+def hetconv_fwd_kernel(
+    x_ptr, wk_ptr, wp_ptr, bias_ptr, y_ptr,
+    B, H, W, Ho, Wo, M, N, Mg, Ng,
+    sxb, sxh, sxw, sxc, syb, syh, syw, syc,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    P: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    SHIFTED: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """y[pixel tile, filter tile of group g] = KxK taps on g's channels + centre 1x1 on the rest."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    tiles_n = tl.cdiv(Ng, BLOCK_N)
+    g = pid_n // tiles_n
+    j = (pid_n % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    j_ok = j < Ng
+
+    pix = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pix_ok = pix < B * Ho * Wo
+    ow = pix % Wo
+    t = pix // Wo
+    oh = t % Ho
+    b = (t // Ho).to(tl.int64)
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    x_img = x_ptr + b * sxb
+    ck = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    for tap in tl.static_range(KH * KW):
+        ih = ih0 + (tap // KW) * dil_h
+        iw = iw0 + (tap % KW) * dil_w
+        ok = pix_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        base = x_img + ih * sxh + iw * sxw
+        for c0 in range(0, Mg, BLOCK_K):
+            i = c0 + ck
+            i_ok = i < Mg
+            c = _real_channel(g * Mg + i, Mg, P, SHIFTED)
+            xt = tl.load(base[:, None] + c[None, :] * sxc, mask=ok[:, None] & i_ok[None, :], other=0.0)
+            row = (g * (KH * KW) + tap) * Mg + i
+            wt = tl.load(wk_ptr + row[:, None] * Ng + j[None, :], mask=i_ok[:, None] & j_ok[None, :], other=0.0)
+            acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+
+    centre = (KH // 2) * KW + KW // 2
+    ih = ih0 + (centre // KW) * dil_h
+    iw = iw0 + (centre % KW) * dil_w
+    ok = pix_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    base = x_img + ih * sxh + iw * sxw
+    others = M - Mg
+    for c0 in range(0, others, BLOCK_K):
+        k = c0 + ck
+        k_ok = k < others
+        cg = tl.where(k < g * Mg, k, k + Mg)
+        c = _real_channel(cg, Mg, P, SHIFTED)
+        xt = tl.load(base[:, None] + c[None, :] * sxc, mask=ok[:, None] & k_ok[None, :], other=0.0)
+        row = g * others + k
+        wt = tl.load(wp_ptr + row[:, None] * Ng + j[None, :], mask=k_ok[:, None] & j_ok[None, :], other=0.0)
+        acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+
+    n = _real_channel(g * Ng + j, Ng, P, SHIFTED)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n, mask=j_ok, other=0.0).to(tl.float32)[None, :]
+    out = y_ptr + b[:, None] * syb + oh[:, None] * syh + ow[:, None] * syw + n[None, :] * syc
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=pix_ok[:, None] & j_ok[None, :])
+
+
+@triton.autotune(configs=_configs(_DX_BLOCKS, ("BLOCK_M", "BLOCK_C", "BLOCK_N")), key=_SHAPE_KEY)
+@triton.jit
+def hetconv_dx_kernel(
+    dy_ptr, wk_ptr, wp_ptr, dx_ptr,
+    B, H, W, Ho, Wo, M, N, Mg, Ng,
+    sdb, sdh, sdw, sdc, sxb, sxh, sxw, sxc,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    P: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    SHIFTED: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dx[input pixel tile, channel tile of group h]: KxK taps from h's filters, centre 1x1 from the others."""
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    tiles_c = tl.cdiv(Mg, BLOCK_C)
+    h = pid_c // tiles_c
+    i = (pid_c % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
+    i_ok = i < Mg
+    cg = h * Mg + i
+
+    pix = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pix_ok = pix < B * H * W
+    iw = pix % W
+    t = pix // W
+    ih = t % H
+    b = (t // H).to(tl.int64)
+    dy_img = dy_ptr + b * sdb
+    cn = tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+
+    for tap in tl.static_range(KH * KW):
+        th = ih + pad_h - (tap // KW) * dil_h
+        tw = iw + pad_w - (tap % KW) * dil_w
+        th_c = tl.where(th >= 0, th, 0)
+        tw_c = tl.where(tw >= 0, tw, 0)
+        oh = th_c // stride_h
+        ow = tw_c // stride_w
+        ok = pix_ok & (th >= 0) & (tw >= 0) & (th_c % stride_h == 0) & (tw_c % stride_w == 0)
+        ok = ok & (oh < Ho) & (ow < Wo)
+        base = dy_img + oh * sdh + ow * sdw
+        row = (h * (KH * KW) + tap) * Mg + i
+        for j0 in range(0, Ng, BLOCK_N):
+            j = j0 + cn
+            j_ok = j < Ng
+            n = _real_channel(h * Ng + j, Ng, P, SHIFTED)
+            dyt = tl.load(base[:, None] + n[None, :] * sdc, mask=ok[:, None] & j_ok[None, :], other=0.0)
+            wt = tl.load(wk_ptr + row[None, :] * Ng + j[:, None], mask=j_ok[:, None] & i_ok[None, :], other=0.0)
+            acc = tl.dot(dyt, wt, acc, input_precision=PRECISION)
+
+    centre = (KH // 2) * KW + KW // 2
+    th = ih + pad_h - (centre // KW) * dil_h
+    tw = iw + pad_w - (centre % KW) * dil_w
+    th_c = tl.where(th >= 0, th, 0)
+    tw_c = tl.where(tw >= 0, tw, 0)
+    oh = th_c // stride_h
+    ow = tw_c // stride_w
+    ok = pix_ok & (th >= 0) & (tw >= 0) & (th_c % stride_h == 0) & (tw_c % stride_w == 0)
+    ok = ok & (oh < Ho) & (ow < Wo)
+    base = dy_img + oh * sdh + ow * sdw
+    others = M - Mg
+    for n0 in range(0, N - Ng, BLOCK_N):
+        nn = n0 + cn
+        nn_ok = nn < N - Ng
+        ng = tl.where(nn < h * Ng, nn, nn + Ng)  # group-ordered filter of another group
+        gcol = ng // Ng
+        jcol = ng % Ng
+        n = _real_channel(ng, Ng, P, SHIFTED)
+        dyt = tl.load(base[:, None] + n[None, :] * sdc, mask=ok[:, None] & nn_ok[None, :], other=0.0)
+        # channel cg is the k-th "other" channel of group gcol: k = cg, or cg - Mg past gcol's block
+        k = tl.where(h < gcol[:, None], cg[None, :], cg[None, :] - Mg)
+        wt = tl.load(wp_ptr + (gcol[:, None] * others + k) * Ng + jcol[:, None],
+                     mask=nn_ok[:, None] & i_ok[None, :], other=0.0)
+        acc = tl.dot(dyt, wt, acc, input_precision=PRECISION)
+
+    c = _real_channel(cg, Mg, P, SHIFTED)
+    out = dx_ptr + b[:, None] * sxb + ih[:, None] * sxh + iw[:, None] * sxw + c[None, :] * sxc
+    tl.store(out, acc.to(dx_ptr.dtype.element_ty), mask=pix_ok[:, None] & i_ok[None, :])
+
+
+@triton.autotune(
+    configs=_configs(_DW_BLOCKS, ("BLOCK_R", "BLOCK_N", "BLOCK_Q")),
+    key=_SHAPE_KEY + ["SPLIT"],
+)
+@triton.jit
+def hetconv_dw_kernel(
+    x_ptr, dy_ptr, part_ptr,
+    B, H, W, Ho, Wo, M, N, Mg, Ng, SPLIT, pixels_per_split,
+    sxb, sxh, sxw, sxc, sdb, sdh, sdw, sdc,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    P: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    SHIFTED: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
+):
+    """Partial weight gradient of group g over one slice of the output pixels.
+
+    Rows r < KH*KW*Mg are the packed KxK weights (tap r // Mg, channel r % Mg),
+    the following M - Mg rows the packed 1x1 weights; part[s, g, r, j] holds
+    slice s's sum, reduced over s by the launcher (deterministic, no atomics).
+    """
+    pid_r = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    s = tl.program_id(2)
+    kxk_rows = KH * KW * Mg
+    others = M - Mg
+    rows = kxk_rows + others
+    tiles_r = tl.cdiv(rows, BLOCK_R)
+    g = pid_r // tiles_r
+    r = (pid_r % tiles_r) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < rows
+    j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    j_ok = j < Ng
+
+    is_kxk = r < kxk_rows
+    centre = (KH // 2) * KW + KW // 2
+    tap = tl.where(is_kxk, r // Mg, centre)
+    kh = tap // KW
+    kw = tap % KW
+    k = r - kxk_rows
+    cg = tl.where(is_kxk, g * Mg + r % Mg, tl.where(k < g * Mg, k, k + Mg))
+    c = _real_channel(cg, Mg, P, SHIFTED)
+    n = _real_channel(g * Ng + j, Ng, P, SHIFTED)
+
+    total = B * Ho * Wo
+    start = s * pixels_per_split
+    stop = tl.minimum(start + pixels_per_split, total)
+    cq = tl.arange(0, BLOCK_Q)
+    acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    for q0 in range(start, stop, BLOCK_Q):
+        q = q0 + cq
+        q_ok = q < stop
+        ow = q % Wo
+        t = q // Wo
+        oh = t % Ho
+        b = (t // Ho).to(tl.int64)
+        ih = oh[None, :] * stride_h - pad_h + kh[:, None] * dil_h
+        iw = ow[None, :] * stride_w - pad_w + kw[:, None] * dil_w
+        ok = q_ok[None, :] & r_ok[:, None] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        xt = tl.load(x_ptr + b[None, :] * sxb + ih * sxh + iw * sxw + c[:, None] * sxc, mask=ok, other=0.0)
+        dyt = tl.load(dy_ptr + b[:, None] * sdb + oh[:, None] * sdh + ow[:, None] * sdw + n[None, :] * sdc,
+                      mask=q_ok[:, None] & j_ok[None, :], other=0.0)
+        acc = tl.dot(xt, dyt, acc, input_precision=PRECISION)
+
+    out = part_ptr + ((s * P + g) * rows + r[:, None]) * Ng + j[None, :]
+    tl.store(out, acc, mask=r_ok[:, None] & j_ok[None, :])

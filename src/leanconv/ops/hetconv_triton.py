@@ -1,0 +1,259 @@
+"""The ``triton`` HetConv backend: launchers and autograd around ``kernels/hetconv.py``.
+
+HetConv (Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120) computed
+directly: one implicit-GEMM kernel per pass (forward, input gradient, weight
+gradient) that accumulates the KxK taps on each filter's own channels and the
+1x1 centre taps on the others in float32, with no dense weight and no
+block-diagonal zero work. Cost: Ho*Wo*N*(M/P*K*K + M - M/P) MACs per image
+(FLOPs = 2 x MACs), for the forward and for each of the two gradients.
+
+Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how the
+test suite checks it without a GPU). float32 (TF32 where
+``torch.backends.cudnn.allow_tf32`` allows it, as for ``F.conv2d``), bfloat16
+and float16; autocast casts as it would for a convolution. This module imports
+Triton at import time: ``backends.py`` imports it only where Triton is found.
+
+Example (CUDA)::
+
+    x = torch.randn(8, 64, 32, 32, device="cuda").to(memory_format=torch.channels_last)
+    layer = leanconv.HetConv2d(64, 64, 3, padding=1, p=4, backend="triton").cuda()
+    y = layer(x)
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from ..kernels.hetconv import hetconv_dw_kernel, hetconv_dx_kernel, hetconv_fwd_kernel
+from .hetconv_layout import group_filter_order, pointwise_channel_index
+
+__all__ = ["hetconv_triton", "unsupported", "register", "SUPPORTED_DTYPES"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unsupported(x: torch.Tensor) -> str | None:
+    """None when the kernels can run on ``x``, else the reason (a sentence)."""
+    if x.device.type != "cuda" and not (x.device.type == "cpu" and _interpreted()):
+        return f"the triton backend needs a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1), got {x.device}"
+    if x.dtype not in SUPPORTED_DTYPES and not (torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32):
+        return f"the triton backend supports {', '.join(map(str, SUPPORTED_DTYPES))}, got {x.dtype}"
+    if x.dim() != 4:
+        return f"the triton backend takes a 4-D (B, M, H, W) input, got {x.dim()}-D"
+    if x[0].numel() >= 2**31:
+        return "one image has 2**31 elements or more (the kernels index within an image in int32)"
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _pointwise_gather(in_channels: int, out_channels: int, p: int, layout: str) -> torch.Tensor | None:
+    """(N, M - Mg) table: row n' (group-ordered filter), column k -> position in
+    ``pointwise_weight[real filter]`` of group g's k-th other channel in group
+    order. None for the blocked layout, where it is the identity."""
+    if layout == "blocked":
+        return None
+    mg, ng = in_channels // p, out_channels // p
+    index = pointwise_channel_index(in_channels, out_channels, p, layout)
+    order = group_filter_order(in_channels, out_channels, p, layout)
+    rows = []
+    for n_group_ordered in range(out_channels):
+        g = n_group_ordered // ng
+        position = {int(c): k for k, c in enumerate(index[int(order[n_group_ordered])])}
+        row = []
+        for k in range(in_channels - mg):
+            cg = k if k < g * mg else k + mg
+            real = (cg % mg) * p + cg // mg  # shifted: channel i of group h is h + P*i
+            row.append(position[real])
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def pack_weights(
+    weight: torch.Tensor, pointwise_weight: torch.Tensor, p: int, layout: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' weight layout (differentiable torch ops; see ``kernels/hetconv.py``).
+
+    Returns ``wk`` (P*KH*KW*Mg, Ng) and ``wp`` (P*(M-Mg), Ng)."""
+    out_channels, mg, kh, kw = weight.shape
+    in_channels, ng = mg * p, out_channels // p
+    if layout == "shifted":
+        order = group_filter_order(in_channels, out_channels, p, layout, weight.device)
+        weight = weight.index_select(0, order)
+        pointwise_weight = pointwise_weight.index_select(0, order)
+        gather = _pointwise_gather(in_channels, out_channels, p, layout).to(weight.device)
+        pointwise_weight = pointwise_weight.gather(1, gather)
+    wk = weight.reshape(p, ng, mg, kh, kw).permute(0, 3, 4, 2, 1).reshape(p * kh * kw * mg, ng).contiguous()
+    others = in_channels - mg
+    wp = pointwise_weight.reshape(p, ng, others).transpose(1, 2).reshape(p * others, ng).contiguous()
+    return wk, wp
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not _interpreted():
+        return "tf32"
+    return "ieee"
+
+
+def _strides_nhwc(t: torch.Tensor) -> tuple[int, int, int, int]:
+    sb, sc, sh, sw = t.stride()
+    return sb, sh, sw, sc
+
+
+def _empty_like_format(shape, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    fmt = torch.channels_last if _is_channels_last(like) else torch.contiguous_format
+    return torch.empty(shape, dtype=dtype, device=like.device, memory_format=fmt)
+
+
+def _is_channels_last(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _dw_split(rows: int, ng: int, p: int, pixels: int, device: torch.device) -> int:
+    """Slices of the pixel reduction for the weight gradient: enough programs to fill the GPU."""
+    if _interpreted():
+        return 1 if pixels <= 64 else 2
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    tiles = p * triton_cdiv(rows, 64) * triton_cdiv(ng, 64)
+    split = max(1, triton_cdiv(4 * sms, tiles))
+    return max(1, min(split, triton_cdiv(pixels, 512)))
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class _HetConvTritonFunction(torch.autograd.Function):
+    """y = HetConv(x; wk, wp) + bias with the packed weights; gradients by the two backward kernels."""
+
+    @staticmethod
+    def forward(ctx, x, wk, wp, bias, stride, padding, dilation, p, kernel_size, shifted):
+        batch, in_channels, height, width = x.shape
+        out_channels = wk.shape[1] * p
+        kh, kw = kernel_size
+        out_h = (height + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        out_w = (width + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        y = _empty_like_format((batch, out_channels, out_h, out_w), x, x.dtype)
+        ctx.save_for_backward(x, wk, wp)
+        ctx.geometry = (stride, padding, dilation, p, kernel_size, shifted, bias is not None)
+        if y.numel() == 0:
+            return y
+        mg, ng = in_channels // p, out_channels // p
+
+        def grid(meta):
+            return (triton_cdiv(batch * out_h * out_w, meta["BLOCK_M"]), p * triton_cdiv(ng, meta["BLOCK_N"]))
+
+        hetconv_fwd_kernel[grid](
+            x, wk, wp, bias if bias is not None else wk, y,
+            batch, height, width, out_h, out_w, in_channels, out_channels, mg, ng,
+            *_strides_nhwc(x), *_strides_nhwc(y),
+            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+            P=p, KH=kh, KW=kw, SHIFTED=shifted, HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype),
+        )
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, wk, wp = ctx.saved_tensors
+        stride, padding, dilation, p, kernel_size, shifted, has_bias = ctx.geometry
+        batch, in_channels, height, width = x.shape
+        out_channels = wk.shape[1] * p
+        out_h, out_w = dy.shape[2], dy.shape[3]
+        mg, ng = in_channels // p, out_channels // p
+        kh, kw = kernel_size
+        precision = _precision(x.dtype)
+        geometry = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
+        shape_args = (batch, height, width, out_h, out_w, in_channels, out_channels, mg, ng)
+        dx = dwk = dwp = dbias = None
+        if dy.dtype != x.dtype:
+            dy = dy.to(x.dtype)
+        if dy.numel() == 0:
+            dx = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+            dwk = torch.zeros_like(wk) if ctx.needs_input_grad[1] else None
+            dwp = torch.zeros_like(wp) if ctx.needs_input_grad[2] else None
+            dbias = dy.new_zeros(out_channels) if has_bias and ctx.needs_input_grad[3] else None
+            return dx, dwk, dwp, dbias, None, None, None, None, None, None
+
+        if ctx.needs_input_grad[0]:
+            dx = _empty_like_format(x.shape, x, x.dtype)
+
+            def grid_dx(meta):
+                return (triton_cdiv(batch * height * width, meta["BLOCK_M"]), p * triton_cdiv(mg, meta["BLOCK_C"]))
+
+            hetconv_dx_kernel[grid_dx](
+                dy, wk, wp, dx, *shape_args, *_strides_nhwc(dy), *_strides_nhwc(dx), *geometry,
+                P=p, KH=kh, KW=kw, SHIFTED=shifted, PRECISION=precision,
+            )
+
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            kxk_rows = kh * kw * mg
+            rows = kxk_rows + in_channels - mg
+            pixels = batch * out_h * out_w
+            split = _dw_split(rows, ng, p, pixels, x.device)
+            per_split = triton_cdiv(pixels, split)
+            part = torch.empty((split, p, rows, ng), dtype=torch.float32, device=x.device)
+
+            def grid_dw(meta):
+                return (p * triton_cdiv(rows, meta["BLOCK_R"]), triton_cdiv(ng, meta["BLOCK_N"]), split)
+
+            hetconv_dw_kernel[grid_dw](
+                x, dy, part, *shape_args, split, per_split, *_strides_nhwc(x), *_strides_nhwc(dy), *geometry,
+                P=p, KH=kh, KW=kw, SHIFTED=shifted, PRECISION=precision,
+            )
+            grad = part.sum(0) if split > 1 else part[0]
+            dwk = grad[:, :kxk_rows].reshape(wk.shape).to(wk.dtype)
+            dwp = grad[:, kxk_rows:].reshape(wp.shape).to(wp.dtype)
+
+        if has_bias and ctx.needs_input_grad[3]:
+            dbias = dy.sum(dim=(0, 2, 3), dtype=torch.float32).to(x.dtype)
+        return dx, dwk, dwp, dbias, None, None, None, None, None, None
+
+
+def hetconv_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    pointwise_weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    p: int,
+    layout: str,
+) -> torch.Tensor:
+    """HetConv of a (B, M, H, W) input (zero padding) -> (B, N, Ho, Wo) by the Triton kernels.
+
+    The output has the input's memory format (channels_last in, channels_last out)."""
+    reason = unsupported(x)
+    if reason is not None:
+        raise ValueError(reason)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight, pointwise_weight = x.to(dtype), weight.to(dtype), pointwise_weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    for name, tensor in (("weight", weight), ("pointwise_weight", pointwise_weight), ("bias", bias)):
+        if tensor is not None and tensor.dtype != x.dtype:
+            raise TypeError(f"triton backend: input is {x.dtype} but {name} is {tensor.dtype}")
+        if tensor is not None and tensor.device != x.device:
+            raise ValueError(f"triton backend: input is on {x.device} but {name} is on {tensor.device}")
+    wk, wp = pack_weights(weight, pointwise_weight, p, layout)
+    return _HetConvTritonFunction.apply(
+        x, wk, wp, bias, tuple(stride), tuple(padding), tuple(dilation), p,
+        (weight.shape[2], weight.shape[3]), layout == "shifted",
+    )
+
+
+def register() -> None:
+    """Add the ``triton`` backend to the registry (called by ``backends.py`` where Triton is found)."""
+    from .backends import HetConvBackend, register_backend
+
+    register_backend(HetConvBackend(
+        "triton", hetconv_triton, unsupported,
+        description="direct HetConv: Triton implicit-GEMM forward, input- and weight-gradient kernels (CUDA)",
+    ))
