@@ -84,14 +84,16 @@ def build_variants(create: Callable[..., nn.Module], name: str, ps: Sequence[int
 
 
 def to_dense_form(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every HetConv2d replaced by the equivalent
-    ``nn.Conv2d`` (materialised weight): the reference for the gate, whatever
-    backend the layers are set to."""
+    """A copy of ``model`` with every HetConv2d (and seed-form layer) replaced by
+    the equivalent ``nn.Conv2d`` (materialised weight): the reference for the
+    gate, whatever backend the layers are set to."""
     model = copy.deepcopy(model)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, HetConv2d):
                 setattr(parent, name, child.to_conv2d())
+            elif isinstance(child, SeedHetConv2d):
+                setattr(parent, name, child.to_hetconv().to_conv2d())
     return model
 
 
@@ -137,7 +139,9 @@ def bench_models(
 
                     model = fuse(model.eval())
                 built[(name, fmt)] = model
-                gates[(name, fmt)] = _gate(model, x) if any(isinstance(m, HetConv2d) for m in model.modules()) else None
+                gates[(name, fmt)] = (
+                    _gate(model, x) if any(isinstance(m, (HetConv2d, SeedHetConv2d)) for m in model.modules()) else None
+                )
                 if mode in ("infer", "infer_folded"):
                     model.eval()
 
