@@ -98,7 +98,8 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     model = build(args)
     variants = {"unfused": model, "fused": fuse(model), "fused+static": prepare_for_export(model)}
-    size = args.size or (32 if "cifar" in args.model else 224)
+    default_size = getattr(model, "default_input_size", None)
+    size = args.size or (default_size[-1] if default_size else (32 if "cifar" in args.model else 224))
     x = torch.randn(args.batch, 3, size, size, device=args.device)
 
     with torch.no_grad():

@@ -84,13 +84,12 @@ def convert_options(args) -> dict:
 
 
 def _zoo_input_size(models, name: str) -> tuple[int, ...]:
-    for attribute in ("default_input_size", "input_size"):
-        function = getattr(models, attribute, None)
-        if callable(function):
-            try:
-                return tuple(function(name))
-            except Exception:  # noqa: BLE001 - fall back to the naming rule
-                break
+    info = getattr(models, "model_info", None)
+    if callable(info):
+        try:
+            return tuple(info(name)["input_size"])
+        except (KeyError, TypeError, ValueError):
+            pass
     return (3, 32, 32) if "cifar" in name else (3, 224, 224)
 
 
