@@ -66,7 +66,7 @@ ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
 
 
 # ----------------------------------------------------------------------------- correctness
-def check_correctness(log) -> bool:
+def check_correctness(log, dtypes=(torch.float32, torch.bfloat16, torch.float16), limit=None) -> bool:
     torch.manual_seed(0)
     configs = [
         # B, M, N, H, W, K, p, layout, stride, padding, dilation, bias, channels_last
@@ -78,8 +78,9 @@ def check_correctness(log) -> bool:
         (4, 128, 128, 14, 14, 3, 4, "blocked", (1, 1), (1, 1), (1, 1), True, True),
         (2, 64, 128, 15, 15, 3, 4, "blocked", (2, 2), (1, 1), (1, 1), False, True),
     ]
+    configs = configs[:limit]
     ok_all = True
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for dtype in dtypes:
         for cfg in configs:
             b, m, n, h, w, k, p, layout, stride, padding, dilation, with_bias, cl = cfg
             x64 = torch.randn(b, m, h, w, device="cuda", dtype=torch.float64)
@@ -111,7 +112,10 @@ def check_correctness(log) -> bool:
                 ok_all &= good
                 if not good:
                     log(f"FAIL {dtype} {cfg} {name}: err {fast_err:.3g} > bound {bound:.3g}")
-    log(f"correctness (output and all gradients, 7 configs x 3 dtypes): {'PASS' if ok_all else 'FAIL'}")
+    log(f"correctness (output and all gradients, {len(configs)} configs x {dtypes}, "
+        f"cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}): {'PASS' if ok_all else 'FAIL'}")
+    if limit is not None:
+        return ok_all
 
     # autocast (AMP): float32 leaves, bf16 compute, gradients flow back to float32 parameters
     x = torch.randn(4, 64, 16, 16, device="cuda").to(memory_format=torch.channels_last).requires_grad_()
@@ -218,6 +222,8 @@ def main():
     parser.add_argument("--grids", default="vgg16,resnet")
     parser.add_argument("--skip-correctness", action="store_true")
     parser.add_argument("--correctness-only", action="store_true")
+    parser.add_argument("--fp32-strict", action="store_true",
+                        help="correctness of float32 with TF32 off (IEEE dots), first 3 configurations only")
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
     torch.backends.cudnn.allow_tf32 = True
@@ -244,6 +250,11 @@ def main():
     }
     log(json.dumps(header))
     correct = True
+    if args.fp32_strict:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        check_correctness(log, dtypes=(torch.float32,), limit=3)
+        return
     if not args.skip_correctness:
         t0 = time.time()
         correct = check_correctness(log)

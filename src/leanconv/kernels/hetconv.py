@@ -61,20 +61,44 @@ def _configs(blocks: list[tuple[int, int, int, int, int]], names: tuple[str, str
 
 # (BLOCK_M pixels, BLOCK_N filters, BLOCK_K channels, warps, stages)
 # Kept short: each configuration is a separate compile per dtype and geometry.
+# _prune drops tiles wider than a group's channels (Mg) or filters (Ng), which
+# would only multiply masked zeros.
 _FWD_BLOCKS = [
     (128, 64, 64, 4, 3),
     (128, 128, 64, 8, 3),
+    (128, 32, 32, 4, 4),
+    (128, 64, 32, 4, 3),
 ]
 # (BLOCK_M input pixels, BLOCK_C channels, BLOCK_N filters, warps, stages)
 _DX_BLOCKS = [
     (128, 64, 64, 4, 3),
     (128, 128, 64, 8, 3),
+    (128, 32, 32, 4, 4),
+    (128, 64, 32, 4, 3),
 ]
 # (BLOCK_R weight rows, BLOCK_N filters, BLOCK_Q pixels, warps, stages)
 _DW_BLOCKS = [
     (64, 64, 64, 4, 3),
     (128, 64, 64, 8, 3),
+    (64, 32, 64, 4, 3),
 ]
+
+
+def _fits(size: int, block: int) -> bool:
+    return block <= max(32, triton.next_power_of_2(size))
+
+
+def _prune(channel_block: str | None, filter_block: str):
+    def prune(configs, named_args, **kwargs):
+        mg, ng = named_args["Mg"], named_args["Ng"]
+        kept = [
+            c for c in configs
+            if _fits(ng, c.kwargs[filter_block]) and (channel_block is None or _fits(mg, c.kwargs[channel_block]))
+        ]
+        return kept or configs[:1]
+
+    return {"early_config_prune": prune}
+
 
 _SHAPE_KEY = ["B", "H", "W", "Ho", "Wo", "M", "N", "P", "KH", "KW"]
 
@@ -87,7 +111,10 @@ def _real_channel(cg, Mg, P: tl.constexpr, SHIFTED: tl.constexpr):
         return cg
 
 
-@triton.autotune(configs=_configs(_FWD_BLOCKS, ("BLOCK_M", "BLOCK_N", "BLOCK_K")), key=_SHAPE_KEY)
+@triton.autotune(
+    configs=_configs(_FWD_BLOCKS, ("BLOCK_M", "BLOCK_N", "BLOCK_K")), key=_SHAPE_KEY,
+    prune_configs_by=_prune("BLOCK_K", "BLOCK_N"),
+)
 @triton.jit
 def hetconv_fwd_kernel(
     x_ptr, wk_ptr, wp_ptr, bias_ptr, y_ptr,
@@ -155,7 +182,10 @@ def hetconv_fwd_kernel(
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=pix_ok[:, None] & j_ok[None, :])
 
 
-@triton.autotune(configs=_configs(_DX_BLOCKS, ("BLOCK_M", "BLOCK_C", "BLOCK_N")), key=_SHAPE_KEY)
+@triton.autotune(
+    configs=_configs(_DX_BLOCKS, ("BLOCK_M", "BLOCK_C", "BLOCK_N")), key=_SHAPE_KEY,
+    prune_configs_by=_prune("BLOCK_C", "BLOCK_N"),
+)
 @triton.jit
 def hetconv_dx_kernel(
     dy_ptr, wk_ptr, wp_ptr, dx_ptr,
@@ -237,6 +267,7 @@ def hetconv_dx_kernel(
 @triton.autotune(
     configs=_configs(_DW_BLOCKS, ("BLOCK_R", "BLOCK_N", "BLOCK_Q")),
     key=_SHAPE_KEY + ["SPLIT"],
+    prune_configs_by=_prune(None, "BLOCK_N"),
 )
 @triton.jit
 def hetconv_dw_kernel(
