@@ -103,6 +103,20 @@ def _prune(channel_block: str | None, filter_block: str):
 _SHAPE_KEY = ["B", "H", "W", "Ho", "Wo", "M", "N", "P", "KH", "KW"]
 
 
+# The interpreter (Triton 3.9) computes bf16 x bf16 dots wrongly; under it the
+# operands are upcast to float32 first, which changes nothing (the products of
+# two bf16/fp16 values are exact in float32, and the GPU accumulates in float32).
+_UPCAST_DOT_OPERANDS = tl.constexpr(INTERPRETED)
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    if _UPCAST_DOT_OPERANDS:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
 @triton.jit
 def _real_channel(cg, Mg, P: tl.constexpr, SHIFTED: tl.constexpr):
     if SHIFTED:
@@ -157,7 +171,7 @@ def hetconv_fwd_kernel(
             xt = tl.load(base[:, None] + c[None, :] * sxc, mask=ok[:, None] & i_ok[None, :], other=0.0)
             row = (g * (KH * KW) + tap) * Mg + i
             wt = tl.load(wk_ptr + row[:, None] * Ng + j[None, :], mask=i_ok[:, None] & j_ok[None, :], other=0.0)
-            acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+            acc = _dot(xt, wt, acc, PRECISION)
 
     centre = (KH // 2) * KW + KW // 2
     ih = ih0 + (centre // KW) * dil_h
@@ -173,7 +187,7 @@ def hetconv_fwd_kernel(
         xt = tl.load(base[:, None] + c[None, :] * sxc, mask=ok[:, None] & k_ok[None, :], other=0.0)
         row = g * others + k
         wt = tl.load(wp_ptr + row[:, None] * Ng + j[None, :], mask=k_ok[:, None] & j_ok[None, :], other=0.0)
-        acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+        acc = _dot(xt, wt, acc, PRECISION)
 
     n = _real_channel(g * Ng + j, Ng, P, SHIFTED)
     if HAS_BIAS:
@@ -232,7 +246,7 @@ def hetconv_dx_kernel(
             n = _real_channel(h * Ng + j, Ng, P, SHIFTED)
             dyt = tl.load(base[:, None] + n[None, :] * sdc, mask=ok[:, None] & j_ok[None, :], other=0.0)
             wt = tl.load(wk_ptr + row[None, :] * Ng + j[:, None], mask=j_ok[:, None] & i_ok[None, :], other=0.0)
-            acc = tl.dot(dyt, wt, acc, input_precision=PRECISION)
+            acc = _dot(dyt, wt, acc, PRECISION)
 
     centre = (KH // 2) * KW + KW // 2
     th = ih + pad_h - (centre // KW) * dil_h
@@ -257,7 +271,7 @@ def hetconv_dx_kernel(
         k = tl.where(h < gcol[:, None], cg[None, :], cg[None, :] - Mg)
         wt = tl.load(wp_ptr + (gcol[:, None] * others + k) * Ng + jcol[:, None],
                      mask=nn_ok[:, None] & i_ok[None, :], other=0.0)
-        acc = tl.dot(dyt, wt, acc, input_precision=PRECISION)
+        acc = _dot(dyt, wt, acc, PRECISION)
 
     c = _real_channel(cg, Mg, P, SHIFTED)
     out = dx_ptr + b[:, None] * sxb + ih[:, None] * sxh + iw[:, None] * sxw + c[None, :] * sxc
@@ -326,7 +340,7 @@ def hetconv_dw_kernel(
         xt = tl.load(x_ptr + b[None, :] * sxb + ih * sxh + iw * sxw + c[:, None] * sxc, mask=ok, other=0.0)
         dyt = tl.load(dy_ptr + b[:, None] * sdb + oh[:, None] * sdh + ow[:, None] * sdw + n[None, :] * sdc,
                       mask=q_ok[:, None] & j_ok[None, :], other=0.0)
-        acc = tl.dot(xt, dyt, acc, input_precision=PRECISION)
+        acc = _dot(xt, dyt, acc, PRECISION)
 
     out = part_ptr + ((s * P + g) * rows + r[:, None]) * Ng + j[None, :]
     tl.store(out, acc, mask=r_ok[:, None] & j_ok[None, :])

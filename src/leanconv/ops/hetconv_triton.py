@@ -47,7 +47,7 @@ def unsupported(x: torch.Tensor) -> str | None:
         return f"the triton backend supports {', '.join(map(str, SUPPORTED_DTYPES))}, got {x.dtype}"
     if x.dim() != 4:
         return f"the triton backend takes a 4-D (B, M, H, W) input, got {x.dim()}-D"
-    if x[0].numel() >= 2**31:
+    if x.shape[1] * x.shape[2] * x.shape[3] >= 2**31:
         return "one image has 2**31 elements or more (the kernels index within an image in int32)"
     return None
 

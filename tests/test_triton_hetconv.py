@@ -1,0 +1,142 @@
+"""The ``triton`` HetConv backend against the ``reference`` backend.
+
+Without a GPU the kernels run on CPU tensors under ``TRITON_INTERPRET=1``
+(set here before Triton is imported); shapes are tiny because the interpreter
+executes every program instance in Python. Output and every gradient are
+compared: float32 kernels use IEEE dots under the interpreter, so they are held
+to the reference-path tolerance (tests/helpers.py); bfloat16 and float16 to the
+low-precision policy against a float64 reference. On a CUDA machine the same
+checks run on the GPU too (marked ``cuda``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from helpers import assert_lowp_policy, assert_matches_reference
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (pip install 'leanconv[triton]')")
+
+if HAS_TRITON and not torch.cuda.is_available():
+    # Must be set before triton is first imported (it is read at import time).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from leanconv.functional import het_conv2d  # noqa: E402
+from leanconv.ops.backends import backend_names, choose_backend, get_backend  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# B, M, N, H, W, K, p, layout, stride, padding, dilation, bias, channels_last
+CONFIGS = [
+    pytest.param(2, 8, 8, 5, 5, 3, 4, "blocked", 1, 1, 1, True, True, id="blocked-k3-p4-nhwc"),
+    pytest.param(2, 8, 12, 6, 7, 3, 4, "shifted", (2, 1), (1, 0), (1, 2), True, False, id="shifted-asym-nchw"),
+    pytest.param(1, 6, 6, 7, 5, 5, 2, "shifted", (1, 2), 2, 1, False, True, id="shifted-k5-p2"),
+    pytest.param(2, 4, 8, 4, 4, 1, 2, "blocked", 1, 0, 1, True, True, id="blocked-k1"),
+    pytest.param(1, 12, 6, 6, 6, 3, 3, "blocked", 2, 0, 2, False, True, id="blocked-p3-s2-d2-nopad"),
+]
+
+
+def _leaves(b, m, n, h, w, k, p, bias, dtype, seed):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, m, h, w, generator=generator, dtype=torch.float64)
+    weight = torch.randn(n, m // p, k, k, generator=generator, dtype=torch.float64)
+    pointwise = torch.randn(n, m - m // p, generator=generator, dtype=torch.float64)
+    bias_t = torch.randn(n, generator=generator, dtype=torch.float64) if bias else None
+    return [t.to(DEVICE, dtype) if t is not None else None for t in (x, weight, pointwise, bias_t)]
+
+
+def _run(backend, leaves, grad_out, channels_last, **kw):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in leaves]
+    x = leaves[0].to(memory_format=torch.channels_last) if channels_last else leaves[0]
+    y = het_conv2d(x, leaves[1], leaves[2], leaves[3], backend=backend, **kw)
+    inputs = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(y, inputs, grad_out.to(y.dtype))
+    return [y.detach(), *grads]
+
+
+@pytest.mark.parametrize("b,m,n,h,w,k,p,layout,stride,padding,dilation,bias,channels_last", CONFIGS)
+def test_float32_output_and_gradients_match_reference(b, m, n, h, w, k, p, layout, stride, padding, dilation, bias,
+                                                      channels_last):
+    leaves = _leaves(b, m, n, h, w, k, p, bias, torch.float32, seed=b * 100 + m + k)
+    kw = dict(stride=stride, padding=padding, dilation=dilation, p=p, layout=layout)
+    reference = _run("reference", leaves, torch.zeros(0), False, **kw) if False else None
+    y_ref = het_conv2d(*leaves, backend="reference", **kw)
+    grad_out = torch.randn(y_ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    reference = _run("reference", leaves, grad_out, False, **kw)
+    fast = _run("triton", leaves, grad_out, channels_last, **kw)
+    if channels_last:
+        assert fast[0].is_contiguous(memory_format=torch.channels_last)
+    names = ["output", "grad input", "grad weight", "grad pointwise_weight", "grad bias"]
+    rtol = 1e-5 if DEVICE == "cpu" else 5e-3  # CUDA: TF32 dots, as F.conv2d under cudnn.allow_tf32
+    for name, f, r in zip(names, fast, reference):
+        assert_matches_reference(f, r, rtol=rtol, atol=rtol, what=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_follows_the_policy(dtype):
+    b, m, n, h, w, k, p, layout = 2, 8, 8, 5, 5, 3, 4, "shifted"
+    kw = dict(stride=1, padding=1, dilation=1, p=p, layout=layout)
+    leaves64 = _leaves(b, m, n, h, w, k, p, True, torch.float64, seed=3)
+    grad_out = torch.randn(b, n, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    ref64 = _run("reference", leaves64, grad_out, False, **kw)
+    leaves = [t.to(dtype) for t in leaves64]
+    torch_lowp = _run("reference", leaves, grad_out, False, **kw)
+    fast = _run("triton", leaves, grad_out, True, **kw)
+    names = ["output", "grad input", "grad weight", "grad pointwise_weight", "grad bias"]
+    for name, f, t, r in zip(names, fast, torch_lowp, ref64):
+        assert f.dtype == dtype, name
+        assert_lowp_policy(f, t, r, what=name)
+
+
+def test_every_output_element_is_written():
+    # torch.empty outputs: poison the allocator's memory with NaN first, then check for non-finite values
+    kw = dict(stride=1, padding=1, dilation=1, p=2, layout="blocked")
+    leaves = _leaves(1, 4, 4, 3, 3, 3, 2, True, torch.float32, seed=11)
+    for _ in range(3):
+        torch.full((4096,), float("nan"), device=DEVICE)
+    y = het_conv2d(*leaves, backend="triton", **kw)
+    assert torch.isfinite(y).all()
+
+
+def test_empty_batch():
+    leaves = _leaves(1, 4, 4, 3, 3, 3, 2, True, torch.float32, seed=1)
+    x = leaves[0][:0].requires_grad_()
+    weight = leaves[1].requires_grad_()
+    y = het_conv2d(x, weight, leaves[2], leaves[3], padding=1, p=2, backend="triton")
+    assert y.shape == (0, 4, 3, 3)
+    y.sum().backward()
+    assert weight.grad is not None and not weight.grad.any()
+
+
+def test_backend_is_listed_and_checks_its_input():
+    assert "triton" in backend_names()
+    backend = get_backend("triton")
+    assert backend.unsupported(torch.zeros(1, 4, 3, 3, device=DEVICE)) is None
+    assert "float64" in backend.unsupported(torch.zeros(1, 4, 3, 3, dtype=torch.float64, device=DEVICE))
+    with pytest.raises(ValueError, match="cannot run this input"):
+        choose_backend("triton", torch.zeros(1, 4, 3, 3, dtype=torch.float64), torch.zeros(4, 2, 3, 3), 2)
+
+
+def test_unsupported_outside_cuda_without_the_interpreter(monkeypatch):
+    from leanconv.ops.hetconv_triton import unsupported
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "CUDA" in unsupported(torch.zeros(1, 4, 3, 3))
+
+
+def test_hetconv2d_layer_with_triton_backend():
+    from leanconv import HetConv2d
+
+    torch.manual_seed(0)
+    layer = HetConv2d(8, 8, 3, padding=1, p=4, backend="triton").to(DEVICE)
+    x = torch.randn(1, 8, 4, 4, device=DEVICE)
+    y = layer(x)
+    with torch.no_grad():
+        expected = het_conv2d(x, layer.weight, layer.pointwise_weight, layer.bias, padding=1, p=4, backend="reference")
+    tol = 1e-5 if DEVICE == "cpu" else 5e-3
+    assert_matches_reference(y.detach(), expected, rtol=tol, atol=tol)
