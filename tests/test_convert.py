@@ -440,3 +440,33 @@ def test_cli_convert_json_and_errors(user_module, capsys):
     assert main(["convert", user_module, "--conv", "hetconv", "--p", "7"]) == 2
     assert "divides the channels of none" in capsys.readouterr().err
     assert main(["convert", "no_such_module_xyz:f", "--conv", "dsc"]) == 2
+
+
+def test_checkpoint_rebuild_uses_the_same_stem(tmp_path, monkeypatch):
+    """A model whose first-registered conv is not the first to run: the CLI's
+    shape pass picks the executed stem, and load_converted must rebuild alike."""
+    (tmp_path / "late_stem_models.py").write_text(textwrap.dedent("""
+        import torch.nn as nn
+
+        class LateStem(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.later = nn.Conv2d(8, 8, 3, padding=1)
+                self.first = nn.Conv2d(3, 8, 3, padding=1)
+
+            def forward(self, x):
+                return self.later(self.first(x))
+
+        def build():
+            return LateStem()
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from leanconv.cli import main
+
+    out = tmp_path / "late.pt"
+    try:
+        assert main(["convert", "late_stem_models:build", "--conv", "dsc", "--input-size", "3,8,8", "--out", str(out)]) == 0
+        model = load_converted(out)
+        assert isinstance(model.later, DSConv2d) and type(model.first) is nn.Conv2d
+    finally:
+        sys.modules.pop("late_stem_models", None)

@@ -710,7 +710,9 @@ def save_converted(path, model: nn.Module, source: dict, kind: str, options: dic
     state_dict and what :func:`load_converted` needs to rebuild it.
 
     ``source`` is ``{"zoo": name, "create_kwargs": {...}}`` or
-    ``{"callable": "module:function"}``; ``options`` are :func:`convert`'s."""
+    ``{"callable": "module:function"}``; ``options`` are :func:`convert`'s
+    (include ``input_size`` when the conversion used one: the stem is then
+    found by execution order, and the rebuild must find the same one)."""
     import os
     import tempfile
 
@@ -787,6 +789,8 @@ def load_converted(path, map_location="cpu") -> nn.Module:
     options.pop("transfer_weights", None)
     options.pop("verbose", None)
     options.pop("return_report", None)
+    if options.get("input_size") is not None:
+        options["input_size"] = tuple(options["input_size"])
     converted = convert(model, payload["kind"], inplace=True, **options)
     converted.load_state_dict(payload["state_dict"])
     return converted

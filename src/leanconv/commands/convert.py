@@ -143,6 +143,8 @@ def run(args) -> int:
     if args.out:
         saved = dict(options, **kind_options)
         saved.pop("transfer_weights", None)
+        if input_size is not None:  # the stem is found by execution order: rebuild the same way
+            saved["input_size"] = list(input_size)
         save_converted(args.out, converted, source, args.conv, saved, report)
         if not args.json:
             print(f"\nsaved {args.out} (rebuild: from leanconv.convert import load_converted)")
