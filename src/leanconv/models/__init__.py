@@ -7,7 +7,26 @@ torchvision), each buildable with every leanconv conv kind.
 Which convolutions a kind replaces: every 3x3 (odd kernel > 1) convolution with
 groups == 1 except the stem (the first convolution, on the image channels).
 1x1 convolutions (shortcuts, bottleneck and MobileNet pointwise convs), the
-depthwise convolutions of MobileNets, and linear layers stay standard.
+depthwise convolutions of MobileNets, and linear layers stay standard; so the
+MobileNets hold no replaceable convolution at all (see ``models.mobilenet``).
+
+Models (default classes, input size):
+
+==================== ======= ============= ===========================================
+name                 classes input         parameters (standard, default classes)
+==================== ======= ============= ===========================================
+vgg16_cifar          10      3x32x32       14,991,946
+resnet20_cifar       10      3x32x32       269,722 (option A shortcuts)
+resnet56_cifar       10      3x32x32       853,018
+resnet110_cifar      10      3x32x32       1,727,962
+wrn16_8_cifar        10      3x32x32       10,961,370
+mobilenet_v1_cifar   10      3x32x32       3,217,226
+mobilenet_v2_cifar   10      3x32x32       2,236,682
+resnet18             1000    3x224x224     11,689,512 (torchvision names)
+resnet34             1000    3x224x224     21,797,672
+resnet50             1000    3x224x224     25,557,032
+mobilenet_v2         1000    3x224x224     3,504,872 (torchvision names)
+==================== ======= ============= ===========================================
 """
 
 from __future__ import annotations
@@ -18,13 +37,27 @@ import torch.nn as nn
 
 from ..layers.factory import CONV_KINDS
 from ._builder import ConvBuilder
+from .mobilenet import mobilenet_v1_cifar, mobilenet_v2, mobilenet_v2_cifar
+from .resnet_cifar import resnet20_cifar, resnet56_cifar, resnet110_cifar
+from .resnet_imagenet import resnet18, resnet34, resnet50
 from .vgg import vgg16_cifar
+from .wide_resnet import wrn16_8_cifar
 
 __all__ = ["create", "names", "model_info", "ConvBuilder"]
 
 # name -> (constructor(num_classes, builder), default number of classes, input size (C, H, W))
 _REGISTRY: dict[str, tuple[Callable[..., nn.Module], int, tuple[int, int, int]]] = {
     "vgg16_cifar": (vgg16_cifar, 10, (3, 32, 32)),
+    "resnet20_cifar": (resnet20_cifar, 10, (3, 32, 32)),
+    "resnet56_cifar": (resnet56_cifar, 10, (3, 32, 32)),
+    "resnet110_cifar": (resnet110_cifar, 10, (3, 32, 32)),
+    "wrn16_8_cifar": (wrn16_8_cifar, 10, (3, 32, 32)),
+    "mobilenet_v1_cifar": (mobilenet_v1_cifar, 10, (3, 32, 32)),
+    "mobilenet_v2_cifar": (mobilenet_v2_cifar, 10, (3, 32, 32)),
+    "resnet18": (resnet18, 1000, (3, 224, 224)),
+    "resnet34": (resnet34, 1000, (3, 224, 224)),
+    "resnet50": (resnet50, 1000, (3, 224, 224)),
+    "mobilenet_v2": (mobilenet_v2, 1000, (3, 224, 224)),
 }
 
 
@@ -46,7 +79,7 @@ def model_info(name: str) -> dict:
 
 def _check_name(name: str) -> None:
     if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(names())}")
+        raise ValueError(f"unknown model name {name!r}; known models: {', '.join(names())}")
 
 
 def create(
