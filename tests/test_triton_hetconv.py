@@ -140,3 +140,16 @@ def test_hetconv2d_layer_with_triton_backend():
         expected = het_conv2d(x, layer.weight, layer.pointwise_weight, layer.bias, padding=1, p=4, backend="reference")
     tol = 1e-5 if DEVICE == "cpu" else 5e-3
     assert_matches_reference(y.detach(), expected, rtol=tol, atol=tol)
+
+
+def test_auto_rule_follows_the_committed_measurements():
+    from leanconv.ops.backends import _auto_choice, _triton_measured_win
+
+    weight = torch.zeros(128, 32, 3, 3, dtype=torch.bfloat16)
+    assert _triton_measured_win(torch.zeros(1, 128, 14, 14, dtype=torch.bfloat16, device=DEVICE), weight, 4)
+    assert not _triton_measured_win(torch.zeros(1, 128, 14, 14, device=DEVICE), weight, 4)  # TF32: split won
+    assert not _triton_measured_win(torch.zeros(1, 128, 56, 56, dtype=torch.bfloat16, device=DEVICE), weight, 4)
+    assert not _triton_measured_win(torch.zeros(1, 512, 14, 14, dtype=torch.bfloat16, device=DEVICE),
+                                    torch.zeros(512, 128, 3, 3), 4)
+    if DEVICE == "cpu":  # auto never picks triton off CUDA, interpreter or not
+        assert _auto_choice(torch.zeros(1, 128, 14, 14, dtype=torch.bfloat16), weight, 4) != "triton"

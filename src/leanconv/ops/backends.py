@@ -182,6 +182,25 @@ def requested_backend(argument: str | None = None) -> str:
     return "auto"
 
 
+def _triton_measured_win(x: torch.Tensor, weight: torch.Tensor, p: int) -> bool:
+    """Where the ``triton`` backend beat ``split`` (auto's CUDA choice otherwise)
+    forward and forward+backward on an H100, batch 128, channels_last
+    (results/gpu/nvidia-h100-80gb-hbm3-hetconv-p4-b128.md): P=4, 3x3, bf16/fp16,
+    128 <= M <= 256 input channels on maps of at most 28x28 (ResNet layer2/layer3
+    shapes). Everywhere else measured (larger maps, 512 channels, TF32) split
+    was as fast or faster, and unmeasured settings keep the old rule.
+    """
+    backend = _REGISTRY.get("triton")
+    if backend is None or p != 4 or tuple(weight.shape[2:]) != (3, 3):
+        return False
+    if x.dtype not in (torch.bfloat16, torch.float16) or x.dim() != 4:
+        return False
+    in_channels, height, width = x.shape[1], x.shape[2], x.shape[3]
+    if not (128 <= in_channels <= 256 and height * width <= 28 * 28):
+        return False
+    return backend.unsupported(x) is None
+
+
 def _auto_choice(x: torch.Tensor, weight: torch.Tensor, p: int) -> str:
     """Deterministic choice by shape and device among the exact backends.
 
@@ -193,10 +212,8 @@ def _auto_choice(x: torch.Tensor, weight: torch.Tensor, p: int) -> str:
     """
     if p == 1:
         return "split"  # a plain convolution with the layer's own weight
-    for name in ("triton",):
-        backend = _REGISTRY.get(name)
-        if backend is not None and x.device.type == "cuda" and backend.unsupported(x) is None:
-            return name
+    if x.device.type == "cuda" and _triton_measured_win(x, weight, p):
+        return "triton"
     if x.device.type == "cpu":
         return heuristic_choice(x, weight, p)
     taps = weight.shape[2] * weight.shape[3]
