@@ -253,7 +253,10 @@ def main():
     if args.fp32_strict:
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.benchmark = False
+        t0 = time.time()
         check_correctness(log, dtypes=(torch.float32,), limit=3)
+        log(f"float32 strict section: {time.time() - t0:.1f} s")
         return
     if not args.skip_correctness:
         t0 = time.time()
