@@ -203,7 +203,10 @@ class HetConv2d(nn.Module):
         one dictionary lookup (never while tracing or compiling)."""
         if autotune_tracing():
             return choose_backend("auto", x, self.weight, self.p)
-        memo_key = (tuple(x.shape), x.dtype, x.is_contiguous(), needs_grad, padding, autotune_generation())
+        memo_key = (
+            tuple(x.shape), x.dtype, x.is_contiguous(), x.is_contiguous(memory_format=torch.channels_last),
+            needs_grad, padding, autotune_generation(),
+        )
         memo = self.__dict__.setdefault("_auto_memo", {})
         name = memo.get(memo_key)
         if name is None:
