@@ -145,6 +145,10 @@ def test_heuristic_is_deterministic_and_exact():
     assert autotune.heuristic_choice(small, torch.empty(8, 2, 3, 3), 4) == "reference"
     big = torch.empty(64, 256, 8, 8)
     assert autotune.heuristic_choice(big, torch.empty(256, 64, 3, 3), 4) == "fused"
+    wide = torch.empty(8, 64, 32, 32)
+    assert autotune.heuristic_choice(wide, torch.empty(64, 16, 3, 3), 4) == "split"
+    wide = wide.contiguous(memory_format=torch.channels_last)
+    assert autotune.heuristic_choice(wide, torch.empty(64, 16, 3, 3), 4) == "fused"
     assert autotune.heuristic_choice(big.double(), torch.empty(256, 64, 3, 3), 4) == "split"
     assert autotune.heuristic_choice(big, torch.empty(256, 256, 3, 3), 1) == "split"
     assert autotune.heuristic_choice(big, torch.empty(256, 128, 1, 3), 2) == "reference"  # 1/2 + 1/3 > 0.8

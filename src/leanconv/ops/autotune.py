@@ -113,9 +113,12 @@ def heuristic_choice(x: torch.Tensor, weight: torch.Tensor, p: int) -> str:
     * The decomposed forms do (M/P*K*K + M) MACs per output element against the
       dense form's M*K*K; above 80% of the dense work the dense convolution wins.
     * Otherwise the fused form where oneDNN runs the dtype, else split (ATen's
-      generic convolution paths). While a graph is traced or compiled
-      (TorchScript, torch.compile, torch.export, ONNX export) also split: plain
-      grouped conv + 1x1 conv + add, without in-place writes into views.
+      generic convolution paths). The fused form works in channels-last; for an
+      NCHW input of 16x16 or more, where converting in and out costs more than
+      the fusion saves (measured on the VGG-16-CIFAR layers), split. While a
+      graph is traced or compiled (TorchScript, torch.compile, torch.export,
+      ONNX export) also split: plain grouped conv + 1x1 conv + add, without
+      in-place writes into views.
     """
     if p == 1:
         return "split"  # a plain convolution with the layer's own weight
@@ -123,7 +126,10 @@ def heuristic_choice(x: torch.Tensor, weight: torch.Tensor, p: int) -> str:
     upper_macs = x.shape[0] * x.shape[2] * x.shape[3] * weight.shape[0] * weight.shape[1] * p * taps
     if upper_macs < MIN_MEASURED_MACS or 1.0 / p + 1.0 / taps > 0.8:
         return "reference"
-    return "fused" if x.dtype in _FAST_DTYPES and not autotune_tracing() else "split"
+    if x.dtype not in _FAST_DTYPES or autotune_tracing():
+        return "split"
+    nchw = not x.is_contiguous(memory_format=torch.channels_last) or x.shape[1] == 1
+    return "split" if nchw and x.shape[2] * x.shape[3] >= 256 else "fused"
 
 
 def tuning_key(x, weight, p, layout, stride, padding, dilation, has_bias, needs_grad) -> str:
