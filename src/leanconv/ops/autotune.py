@@ -128,7 +128,7 @@ def heuristic_choice(x: torch.Tensor, weight: torch.Tensor, p: int) -> str:
         return "reference"
     if x.dtype not in _FAST_DTYPES or autotune_tracing():
         return "split"
-    nchw = not x.is_contiguous(memory_format=torch.channels_last) or x.shape[1] == 1
+    nchw = not x.is_contiguous(memory_format=torch.channels_last)
     return "split" if nchw and x.shape[2] * x.shape[3] >= 256 else "fused"
 
 
