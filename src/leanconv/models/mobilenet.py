@@ -53,6 +53,7 @@ class InvertedResidual(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int, expand_ratio: int,
                  builder: ConvBuilder) -> None:
         super().__init__()
+        # in_channels is already a multiple of the divisor, so the expansion is too (torchvision: round(in * t)).
         hidden = int(round(in_channels * expand_ratio))
         self.use_res_connect = stride == 1 and in_channels == out_channels
         layers: list[nn.Module] = []
