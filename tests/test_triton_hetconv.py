@@ -1,7 +1,7 @@
 """The ``triton`` HetConv backend against the ``reference`` backend.
 
 Without a GPU the kernels run on CPU tensors under ``TRITON_INTERPRET=1``
-(set here before Triton is imported); shapes are tiny because the interpreter
+(set by conftest.py before Triton is imported); shapes are tiny because the interpreter
 executes every program instance in Python. Output and every gradient are
 compared: float32 kernels use IEEE dots under the interpreter, so they are held
 to the reference-path tolerance (tests/helpers.py); bfloat16 and float16 to the
@@ -22,9 +22,8 @@ from helpers import assert_lowp_policy, assert_matches_reference
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (pip install 'leanconv[triton]')")
 
-if HAS_TRITON and not torch.cuda.is_available():
-    # Must be set before triton is first imported (it is read at import time).
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# TRITON_INTERPRET=1 is set by conftest.py on machines without CUDA, before
+# any test module (which may import leanconv.kernels) is collected.
 
 from leanconv.functional import het_conv2d  # noqa: E402
 from leanconv.ops.backends import backend_names, choose_backend, get_backend  # noqa: E402
