@@ -7,7 +7,11 @@ Papers:
 * BSConv, Haase & Amthor, CVPR 2020, https://arxiv.org/abs/2003.13549
 """
 
-from . import functional
+from . import functional, models
+from .accounting import count
+from .conv_spec import parse_conv_spec
+from .convert import convert
+from .fuse import fuse
 from .layers import (
     CONV_KINDS,
     BSConvS2d,
@@ -15,6 +19,7 @@ from .layers import (
     DSConv2d,
     GWPWConv2d,
     HetConv2d,
+    SeedHetConv2d,
     make_conv,
     orthonormal_penalty,
 )
@@ -30,10 +35,16 @@ __all__ = [
     "ENV_VAR",
     "GWPWConv2d",
     "HetConv2d",
+    "SeedHetConv2d",
     "__version__",
     "backend_names",
+    "convert",
+    "count",
     "functional",
+    "fuse",
     "make_conv",
+    "models",
     "orthonormal_penalty",
+    "parse_conv_spec",
     "use_backend",
 ]

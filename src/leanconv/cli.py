@@ -15,9 +15,14 @@ __all__ = ["main", "build_parser"]
 
 # Module names under leanconv.commands, in the order --help lists them.
 COMMANDS = [
+    "profile",
     "bench",
     "convert",
     "export",
+    "train",
+    "evaluate",
+    "compare",
+    "reproduce",
 ]
 
 

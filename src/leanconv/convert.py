@@ -753,12 +753,17 @@ def build_source(source: dict) -> nn.Module:
 
 
 def load_callable(spec: str):
-    """``"package.module:function"`` -> the function."""
+    """``"package.module:function"`` -> the function. The module is looked up
+    on ``sys.path`` and in the current directory (as ``python -m`` would)."""
     import importlib
+    import os
+    import sys
 
     if ":" not in spec:
         raise ValueError(f"expected 'module:function', got {spec!r}")
     module_name, _, attribute = spec.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
