@@ -19,10 +19,6 @@ COMMANDS = [
     "bench",
     "convert",
     "export",
-    "train",
-    "evaluate",
-    "compare",
-    "reproduce",
 ]
 
 
