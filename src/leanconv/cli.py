@@ -19,6 +19,8 @@ COMMANDS = [
     "bench",
     "convert",
     "export",
+    "train",
+    "evaluate",
 ]
 
 

@@ -1,0 +1,151 @@
+"""The training recipe as one dataclass, loaded from defaults, then a YAML or
+TOML file, then command-line flags (each later source overrides the earlier).
+
+Example::
+
+    config = TrainConfig.resolve("recipe.toml", {"epochs": 5})
+    config.to_dict()["epochs"]      # 5, whatever the file says
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ..conv_spec import ConvSpec, parse_conv_spec
+from ..models import names as model_names
+
+__all__ = ["TrainConfig", "SCHEDULES", "AMP_MODES", "load_config_file"]
+
+SCHEDULES = ("cosine", "multistep", "onecycle")
+AMP_MODES = ("off", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run; written to RUN_DIR/config.json."""
+
+    model: str = "resnet20_cifar"
+    conv: str = "standard"  # conv spec: "hetconv:p=4", "dsc", "gwpw:g=4", ...
+    p: float | None = None  # shortcut for the conv spec's p (HetConv part P, BSConv-S fraction)
+    width: float = 1.0
+    layer_options: dict = field(default_factory=dict)  # extra options for every layer of the kind
+    data: str = "embedded"
+    epochs: int = 30
+    batch_size: int = 128  # global: split over data-parallel ranks
+    seed: int = 0
+    out: str = "runs/train"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "cosine"
+    milestones: list | None = None  # multistep: epochs; default half and three quarters of the run
+    gamma: float = 0.1  # multistep factor
+    warmup: float = 0.0  # epochs of linear warm-up (fractions allowed)
+    label_smoothing: float = 0.0
+    amp: str = "off"
+    channels_last: bool = False
+    workers: int = 0  # batches prepared ahead in a background thread
+    ortho_alpha: float = 0.1  # BSConv-S orthonormality penalty weight (only if the model has BSConvS2d)
+    augment: bool = True
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def need(condition: bool, name: str, allowed: str) -> None:
+            if not condition:
+                raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
+
+        need(self.model in model_names(), "model", f"a zoo model name ({', '.join(model_names())})")
+        need(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "an integer >= 1")
+        need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "an integer >= 1")
+        need(self.width > 0, "width", "> 0")
+        need(self.lr > 0, "lr", "> 0")
+        need(0 <= self.momentum < 1, "momentum", "in [0, 1)")
+        need(self.weight_decay >= 0, "weight_decay", ">= 0")
+        need(self.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}")
+        need(self.amp in AMP_MODES, "amp", f"one of {AMP_MODES}")
+        need(0 <= self.warmup < self.epochs, "warmup", "in [0, epochs)")
+        need(0 <= self.label_smoothing < 1, "label_smoothing", "in [0, 1)")
+        need(self.ortho_alpha >= 0, "ortho_alpha", ">= 0")
+        need(isinstance(self.workers, int) and self.workers >= 0, "workers", "an integer >= 0")
+        need(self.p is None or (isinstance(self.p, (int, float)) and not isinstance(self.p, bool) and self.p > 0),
+             "p", "None or a number > 0 (HetConv: an integer >= 1)")
+        need(isinstance(self.conv, str), "conv", "a conv spec string like 'hetconv:p=4'")
+        need(isinstance(self.layer_options, dict), "layer_options", "a mapping")
+        self.conv_spec()  # ValueError naming the spec and the allowed kinds/options
+        if self.milestones is not None:
+            need(all(0 < m <= self.epochs for m in self.milestones), "milestones", f"epochs in (0, {self.epochs}]")
+
+    def conv_spec(self) -> ConvSpec:
+        """``conv`` with ``p`` and ``layer_options`` merged in, checked complete."""
+        spec = parse_conv_spec(self.conv)
+        if self.p is not None and spec.options.get("p", self.p) != self.p:
+            raise ValueError(f"p: {self.p} contradicts the conv spec {self.conv!r}")
+        return spec.with_options(p=self.p, **self.layer_options).check()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "configuration") -> "TrainConfig":
+        known = set(cls.field_names())
+        normalised = {str(k).replace("-", "_"): v for k, v in values.items()}
+        unknown = sorted(set(normalised) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**normalised)
+
+    @classmethod
+    def resolve(
+        cls,
+        config_file: str | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        defaults: Mapping[str, Any] | None = None,
+    ) -> "TrainConfig":
+        """The dataclass defaults, then ``defaults`` (a command's own), then
+        ``config_file`` (YAML or TOML), then ``overrides`` (flags)."""
+        values: dict = {}
+        for source in (defaults or {}, load_config_file(config_file) if config_file else {}, overrides or {}):
+            values.update({str(k).replace("-", "_"): v for k, v in source.items()})
+        return cls.from_dict(values, source=config_file or "configuration")
+
+
+def load_config_file(path: str) -> dict:
+    """A flat mapping from a .yaml/.yml (needs PyYAML), .toml or .json file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    extension = os.path.splitext(path)[1].lower()
+    if extension == ".toml":
+        import tomllib
+
+        mode, parse = "rb", tomllib.load
+    elif extension in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as error:
+            raise ValueError(f"{path}: reading YAML needs PyYAML (pip install 'leanconv[train]'), or use TOML") from error
+        mode, parse = "r", lambda handle: yaml.safe_load(handle) or {}
+    elif extension == ".json":
+        mode, parse = "r", json.load
+    else:
+        raise ValueError(f"{path}: config files must end in .yaml, .yml, .toml or .json")
+    try:
+        with open(path, mode) as handle:
+            values = parse(handle)
+    except Exception as error:  # the three parsers raise different types
+        raise ValueError(f"{path}: cannot parse ({error})") from error
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of option names to values, found {type(values).__name__}")
+    return values

@@ -1,0 +1,330 @@
+"""Training and evaluation of a zoo model on CIFAR.
+
+``train(config)`` runs the recipe of a :class:`TrainConfig`: SGD with
+momentum and weight decay, a per-step learning-rate schedule with warm-up,
+label smoothing, AMP (bf16/fp16) and channels-last when asked, the BSConv-S
+orthonormality penalty when the model has BSConvS2d layers, and DDP when
+started by ``torchrun``. RUN_DIR receives config.json, metrics.jsonl (one line
+per epoch), last.pt after every epoch (atomically) and summary.json at the end.
+
+Resuming is exact: the data order and augmentation of an epoch depend only on
+(seed, epoch) (see :mod:`leanconv.data.loader`), and the checkpoint holds the
+model, optimizer, scheduler, scaler and RNG states, so a run killed at any
+moment and resumed from last.pt ends with the weights of an uninterrupted run.
+Test accuracy is reported, never used to pick a checkpoint.
+
+Example::
+
+    summary = train(TrainConfig(model="vgg16_cifar", width=0.25, epochs=2, out="runs/demo"))
+    summary["final"]["top1"]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..bench.report import write_atomic
+from ..data import BatchLoader, Dataset, load_dataset
+from ..layers import BSConvS2d, orthonormal_penalty
+from ..models import create
+from .checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
+from .config import TrainConfig
+from .distributed import DistributedContext, all_reduce_sum, init_distributed
+from .progress import Progress
+from .schedule import LRSchedule
+
+__all__ = ["build_model", "model_spec", "evaluate", "train", "load_trained_model", "autocast_context"]
+
+
+def model_spec(config: TrainConfig, num_classes: int) -> dict:
+    """What rebuilds the network: zoo name, conv kind and options, width, classes.
+
+    ``config.p`` and ``config.layer_options`` join the options of ``config.conv``
+    (``--conv hetconv --p 4`` is ``--conv hetconv:p=4``); the merged spec must be
+    complete (ValueError otherwise, e.g. hetconv without p).
+    """
+    spec = config.conv_spec()
+    return {"name": config.model, "conv": spec.kind, "options": dict(spec.options), "width": config.width,
+            "num_classes": num_classes}
+
+
+def build_model(spec: dict) -> nn.Module:
+    return create(spec["name"], conv=spec["conv"], width=spec["width"], num_classes=spec["num_classes"],
+                  **spec["options"])
+
+
+def autocast_context(amp: str, device: torch.device):
+    if amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: BatchLoader, *, amp: str = "off", label_smoothing: float = 0.0) -> dict:
+    """Top-1, top-5 (fractions), mean cross-entropy and image count, summed
+    over data-parallel ranks when a process group is up."""
+    was_training = model.training
+    model.eval()
+    device = loader.device
+    loss_sum = correct1 = correct5 = count = 0.0
+    for images, labels in loader:
+        with autocast_context(amp, device):
+            logits = model(images)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum", label_smoothing=label_smoothing).item()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top == labels[:, None]
+        correct1 += hits[:, 0].sum().item()
+        correct5 += hits.any(dim=1).sum().item()
+        count += labels.shape[0]
+    model.train(was_training)
+    loss_sum, correct1, correct5, count = all_reduce_sum([loss_sum, correct1, correct5, count], device)
+    n = max(count, 1)
+    return {"top1": correct1 / n, "top5": correct5 / n, "loss": loss_sum / n, "n": int(count)}
+
+
+def load_trained_model(checkpoint_path: str, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """The network of a training checkpoint, weights loaded, in eval mode."""
+    checkpoint = load_checkpoint(checkpoint_path)
+    model = build_model(checkpoint["model_spec"])
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval(), checkpoint
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _append_jsonl(path: str, row: dict) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(row) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _keep_metrics_until(path: str, epoch: int) -> list[dict]:
+    """Drop metrics lines past ``epoch`` (written after the checkpoint a resume
+    starts from) and lines cut by a kill; return the rows kept."""
+    if not os.path.exists(path):
+        return []
+    kept = []
+    with open(path) as handle:
+        for line in handle:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by the kill
+            if row.get("epoch", 0) <= epoch:
+                kept.append(row)
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
+    return kept
+
+
+# Settings that do not change what a run computes: a resume may differ in them.
+_RESUME_FREE = ("out", "data", "progress", "workers", "device")
+
+
+def _recipe_changes(saved: dict, current: dict) -> str:
+    keys = sorted((set(saved) | set(current)) - set(_RESUME_FREE))
+    return ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k))
+
+
+def _write_json(path: str, payload: dict) -> None:
+    write_atomic(path, json.dumps(payload, indent=1, default=str) + "\n")
+
+
+def train(
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    train_data: Dataset | None = None,
+    test_data: Dataset | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run ``config`` and return the summary written to RUN_DIR/summary.json.
+
+    ``resume``: continue from RUN_DIR/last.pt when it exists (else start).
+    ``train_data``/``test_data``: already loaded data (else ``config.data``).
+    """
+    ctx = init_distributed(config.device)
+    try:
+        return _train(config, ctx, resume, train_data, test_data, log if ctx.is_main else (lambda _: None))
+    finally:
+        ctx.close()
+
+
+def _train(config, ctx: DistributedContext, resume, train_data, test_data, log) -> dict:
+    out = config.out
+    checkpoint_path = os.path.join(out, "last.pt")
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    if os.path.exists(checkpoint_path) and not resume:
+        raise ValueError(f"{checkpoint_path} exists: pass --resume to continue it, or choose another --out")
+    if config.batch_size % ctx.world_size:
+        raise ValueError(f"batch_size {config.batch_size} must divide evenly over {ctx.world_size} processes")
+    device = ctx.device
+    if config.amp == "fp16" and device.type != "cuda":
+        raise ValueError("amp fp16 needs a CUDA device; use --amp bf16 on CPU")
+
+    train_data = train_data or load_dataset(config.data, "train")
+    test_data = test_data or load_dataset(config.data, "test")
+    per_rank = config.batch_size // ctx.world_size
+    common = dict(rank=ctx.rank, world_size=ctx.world_size, device=device, channels_last=config.channels_last)
+    train_loader = BatchLoader(train_data, per_rank, shuffle=True, augment=config.augment, seed=config.seed,
+                               drop_last=True, workers=config.workers, **common)
+    test_loader = BatchLoader(test_data, max(per_rank, 256), **common)
+
+    _seed_everything(config.seed)
+    spec = model_spec(config, train_data.num_classes)
+    model = build_model(spec).to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    has_bsconv_s = any(isinstance(m, BSConvS2d) for m in model.modules())
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay, nesterov=config.nesterov)
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size {config.batch_size} is larger than the {len(train_data)} training images of "
+                         f"{config.data}")
+    schedule = LRSchedule(config.schedule, steps_per_epoch, config.epochs, config.warmup,
+                          tuple(config.milestones or ()), config.gamma)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
+
+    start_epoch = 0
+    earlier_epochs: list[dict] = []
+    if resume and os.path.exists(checkpoint_path):
+        checkpoint = load_checkpoint(checkpoint_path)  # on the CPU: RNG states must stay there
+        if checkpoint["model_spec"] != spec:
+            raise ValueError(f"{checkpoint_path} holds {checkpoint['model_spec']}, not the configured {spec}")
+        changed = _recipe_changes(checkpoint["config"], config.to_dict())
+        if changed:
+            raise ValueError(f"{checkpoint_path} was trained with another recipe ({changed}); an exact resume needs "
+                             f"the same one (or choose another --out)")
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        if scaler is not None and checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        restore_rng_states(checkpoint["rng"])
+        start_epoch = checkpoint["epoch"]
+        earlier_epochs = _keep_metrics_until(metrics_path, start_epoch) if ctx.is_main else []
+        log(f"resuming {checkpoint_path} after epoch {start_epoch}/{config.epochs}")
+    elif ctx.is_main and os.path.exists(metrics_path):
+        os.unlink(metrics_path)  # a run that died before its first checkpoint
+
+    if ctx.is_main:
+        os.makedirs(out, exist_ok=True)
+        _write_json(os.path.join(out, "config.json"), {**config.to_dict(), "model_spec": spec,
+                                                        "world_size": ctx.world_size})
+    params = sum(p.numel() for p in model.parameters())
+    log(f"{spec['name']} conv={config.conv} width={config.width}: {params:,} parameters; "
+        f"{len(train_data)} train / {len(test_data)} test images from {train_data.source}; "
+        f"{config.epochs} epochs x {steps_per_epoch} steps of {config.batch_size} on {device}"
+        f"{f' x {ctx.world_size} processes' if ctx.active else ''}")
+
+    net = model
+    if ctx.active:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    run_start = time.perf_counter()
+    train_seconds = 0.0
+    last = None
+    for epoch in range(start_epoch, config.epochs):
+        train_loader.set_epoch(epoch)
+        net.train()
+        progress = Progress(steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}", config.progress and ctx.is_main)
+        epoch_start = time.perf_counter()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.float64, device=device)
+        seen = 0
+        for images, labels in train_loader:
+            with autocast_context(config.amp, device):
+                logits = net(images)
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
+            total_loss = loss + orthonormal_penalty(model, config.ortho_alpha) if has_bsconv_s else loss
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(total_loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                total_loss.backward()
+                optimizer.step()
+            scheduler.step()
+            loss_sum += loss.detach() * labels.shape[0]
+            correct += (logits.detach().argmax(1) == labels).sum()
+            seen += labels.shape[0]
+            if progress.enabled:
+                elapsed = time.perf_counter() - epoch_start
+                progress.update(loss=loss_sum.item() / seen, acc=correct.item() / seen,
+                                img_s=round(seen * ctx.world_size / max(elapsed, 1e-9)))
+        progress.close()
+        epoch_seconds = time.perf_counter() - epoch_start
+        train_seconds += epoch_seconds
+        train_loss, train_correct, train_seen = all_reduce_sum([loss_sum.item(), correct.item(), seen], device)
+        if ctx.active:
+            # Each rank's last forward updated its own BN statistics; evaluate
+            # (and checkpoint) rank 0's on every shard, as DDP does before a forward.
+            for buffer in model.buffers():
+                torch.distributed.broadcast(buffer, 0)
+        test = evaluate(model, test_loader, amp=config.amp)
+        last = {
+            "epoch": epoch + 1,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": train_loss / train_seen,
+            "train_acc": train_correct / train_seen,
+            "test_loss": test["loss"],
+            "test_top1": test["top1"],
+            "test_top5": test["top5"],
+            "epoch_seconds": epoch_seconds,
+            "images_per_second": train_seen / epoch_seconds,
+        }
+        if ctx.is_main:
+            save_checkpoint({
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "epoch": epoch + 1,
+                "rng": rng_states(),
+                "data": {"seed": config.seed, "next_epoch": epoch + 1},
+                "config": config.to_dict(),
+                "model_spec": spec,
+                "metrics": last,
+            }, checkpoint_path)
+            _append_jsonl(metrics_path, last)
+        log(f"epoch {epoch + 1}/{config.epochs}: train loss {last['train_loss']:.4f} acc {last['train_acc']:.4f} | "
+            f"test loss {test['loss']:.4f} top1 {test['top1']:.4f} top5 {test['top5']:.4f} | "
+            f"{epoch_seconds:.1f}s, {last['images_per_second']:.0f} img/s")
+
+    final = evaluate(model, test_loader, amp=config.amp) if last is None else {
+        "top1": last["test_top1"], "top5": last["test_top5"], "loss": last["test_loss"], "n": len(test_data)}
+    summary = {
+        "model_spec": spec,
+        "conv": config.conv,
+        "params": params,
+        "epochs": config.epochs,
+        "resumed_from_epoch": start_epoch,
+        "final": final,
+        "train_seconds": train_seconds + sum(row.get("epoch_seconds", 0.0) for row in earlier_epochs),
+        "train_seconds_this_process": train_seconds,
+        "wall_seconds_this_process": time.perf_counter() - run_start,
+        "world_size": ctx.world_size,
+        "device": str(device),
+        "checkpoint": os.path.abspath(checkpoint_path),
+    }
+    if ctx.is_main:
+        _write_json(os.path.join(out, "summary.json"), summary)
+    return summary

@@ -1,0 +1,207 @@
+"""leanconv.train and the train/evaluate commands: recipe loading, schedules,
+checkpoints, exact resume after SIGKILL (a real killed process), DDP with two
+gloo processes on 127.0.0.1, the BSConv-S penalty, AMP and channels-last."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from leanconv.cli import main
+from leanconv.train import LRSchedule, TrainConfig, load_checkpoint, train
+from test_data import write_cifar10
+
+MODEL = ["--model", "vgg16_cifar", "--width", "0.125"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from more threads, and on a shared machine lose a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """80 training images (5 batches of 16) and 24 test images of random pixels."""
+    return write_cifar10(str(tmp_path_factory.mktemp("cifar")), per_batch=16, test=24)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "leanconv.cli", *args]
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _weights(path: str) -> dict:
+    return load_checkpoint(path)["model"]
+
+
+# --- recipe ------------------------------------------------------------------------------------------------
+
+
+def test_config_file_then_flags(tmp_path):
+    toml = tmp_path / "recipe.toml"
+    toml.write_text('model = "vgg16_cifar"\nepochs = 7\nlr = 0.05\nlabel-smoothing = 0.1\n')
+    config = TrainConfig.resolve(str(toml), {"epochs": 3})
+    assert (config.model, config.epochs, config.lr, config.label_smoothing) == ("vgg16_cifar", 3, 0.05, 0.1)
+    (tmp_path / "recipe.json").write_text('{"schedule": "multistep", "milestones": [2]}')
+    config = TrainConfig.resolve(str(tmp_path / "recipe.json"), {"epochs": 4}, defaults={"epochs": 9, "lr": 0.2})
+    assert (config.schedule, config.milestones, config.epochs, config.lr) == ("multistep", [2], 4, 0.2)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("epoch = 3\n")
+    with pytest.raises(ValueError, match=r"bad.toml: unknown key\(s\) \['epoch'\]"):
+        TrainConfig.resolve(str(bad))
+    bad.write_text("epochs = [\n")
+    with pytest.raises(ValueError, match="bad.toml: cannot parse"):
+        TrainConfig.resolve(str(bad))
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        TrainConfig(schedule="linear")
+    yaml = pytest.importorskip("yaml")
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"epochs": 5, "amp": "bf16"}))
+    assert TrainConfig.resolve(str(tmp_path / "recipe.yaml")).amp == "bf16"
+
+
+def test_schedules():
+    cosine = LRSchedule("cosine", steps_per_epoch=10, epochs=5, warmup_epochs=1)
+    assert cosine(0) == pytest.approx(0.1) and cosine(9) == pytest.approx(1.0)
+    assert cosine(10) == pytest.approx(1.0) and cosine(50) == pytest.approx(0.0, abs=1e-12)
+    step = LRSchedule("multistep", 10, 4, milestones=(2, 3), gamma=0.1)
+    assert [step(s) for s in (0, 19, 20, 30)] == pytest.approx([1, 1, 0.1, 0.01])
+    one = LRSchedule("onecycle", 10, 10)
+    assert one(0) == pytest.approx(1 / 25) and one(30) == pytest.approx(1.0) and one(100) < 1e-4
+
+
+# --- training, checkpoints, resume -------------------------------------------------------------------------
+
+
+def test_train_writes_run_folder_and_evaluate_agrees(tiny_data, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(["train", *MODEL, "--conv", "hetconv", "--p", "2", "--data", tiny_data, "--epochs", "2",
+                 "--batch-size", "16", "--out", out, "--no-progress", "--warmup", "0.5"]) == 0
+    assert sorted(os.listdir(out)) == ["config.json", "last.pt", "metrics.jsonl", "summary.json"]
+    with open(os.path.join(out, "config.json")) as handle:
+        config = json.load(handle)
+    assert config["model_spec"]["options"]["p"] == 2 and config["epochs"] == 2
+    lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [line["epoch"] for line in lines] == [1, 2]
+    assert {"train_loss", "train_acc", "test_top1", "test_top5", "lr", "images_per_second"} <= set(lines[0])
+    checkpoint = load_checkpoint(os.path.join(out, "last.pt"))  # weights_only=True inside
+    assert {"model", "optimizer", "scheduler", "epoch", "rng", "config", "model_spec", "data"} <= set(checkpoint)
+    assert checkpoint["epoch"] == 2 and checkpoint["data"] == {"seed": 0, "next_epoch": 2}
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", os.path.join(out, "last.pt"), "--data", tiny_data, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"top1", "top5", "loss", "n"} and result["n"] == 24
+    assert result["top1"] == pytest.approx(lines[-1]["test_top1"]) and 0 <= result["top1"] <= result["top5"] <= 1
+    # An existing run is not overwritten without --resume; --resume of a finished run changes nothing.
+    assert main(["train", *MODEL, "--conv", "hetconv", "--p", "2", "--data", tiny_data, "--epochs", "2",
+                 "--batch-size", "16", "--out", out, "--no-progress"]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    before = _weights(os.path.join(out, "last.pt"))
+    assert main(["train", *MODEL, "--conv", "hetconv", "--p", "2", "--data", tiny_data, "--epochs", "2",
+                 "--batch-size", "16", "--out", out, "--no-progress", "--warmup", "0.5", "--resume"]) == 0
+    after = _weights(os.path.join(out, "last.pt"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _start_and_kill(args: list[str], out: str, after_epoch: int) -> int:
+    """Start ``leanconv train``, SIGKILL it soon after its checkpoint passes
+    ``after_epoch``; return the epoch of the checkpoint it left."""
+    checkpoint = os.path.join(out, "last.pt")
+    process = subprocess.Popen(_cli("train", *args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    seen_mtime = os.path.getmtime(checkpoint) if os.path.exists(checkpoint) else None
+    while time.time() < deadline and process.poll() is None:
+        if os.path.exists(checkpoint) and os.path.getmtime(checkpoint) != seen_mtime:
+            seen_mtime = os.path.getmtime(checkpoint)
+            if load_checkpoint(checkpoint)["epoch"] > after_epoch:
+                break
+        time.sleep(0.005)
+    time.sleep(0.03)  # into the next epoch's steps
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    return load_checkpoint(checkpoint)["epoch"]
+
+
+def test_sigkill_and_resume_match_an_uninterrupted_run(tiny_data, tmp_path):
+    args = [*MODEL, "--conv", "standard", "--data", tiny_data, "--epochs", "8", "--batch-size", "16",
+            "--no-progress", "--warmup", "1", "--schedule", "cosine"]
+    reference = str(tmp_path / "reference")
+    subprocess.run(_cli("train", *args, "--out", reference), check=True, env=_env(), capture_output=True)
+
+    # Killed twice (the second time while resuming), then resumed to the end.
+    killed = str(tmp_path / "killed")
+    first = _start_and_kill([*args, "--out", killed], killed, after_epoch=0)
+    second = _start_and_kill([*args, "--out", killed, "--resume"], killed, after_epoch=first)
+    assert 1 <= first < second < 8, (first, second)
+    subprocess.run(_cli("train", *args, "--out", killed, "--resume"), check=True, env=_env(), capture_output=True)
+
+    expected, resumed = _weights(os.path.join(reference, "last.pt")), _weights(os.path.join(killed, "last.pt"))
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+    lines = [json.loads(line) for line in open(os.path.join(killed, "metrics.jsonl"))]
+    assert [line["epoch"] for line in lines] == list(range(1, 9))
+    reference_lines = [json.loads(line) for line in open(os.path.join(reference, "metrics.jsonl"))]
+    assert [line["train_loss"] for line in lines] == pytest.approx([line["train_loss"] for line in reference_lines])
+    with open(os.path.join(killed, "summary.json")) as handle:
+        assert json.load(handle)["resumed_from_epoch"] == second
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ddp_two_processes_gloo(tiny_data, tmp_path):
+    out = str(tmp_path / "ddp")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "leanconv.cli", "train",
+               *MODEL, "--conv", "hetconv:p=2", "--data", tiny_data, "--epochs", "2", "--batch-size", "16",
+               "--out", out, "--no-progress", "--device", "cpu"]
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("final test:") == 1  # rank 0 alone reports and writes
+    lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [line["epoch"] for line in lines] == [1, 2]
+    with open(os.path.join(out, "config.json")) as handle:
+        assert json.load(handle)["world_size"] == 2
+    with open(os.path.join(out, "summary.json")) as handle:
+        summary = json.load(handle)
+    # The sharded, all-reduced test evaluation equals one process evaluating everything.
+    assert summary["final"]["n"] == 24
+    from leanconv.data import BatchLoader, load_dataset
+    from leanconv.train import evaluate, load_trained_model
+
+    model, _ = load_trained_model(os.path.join(out, "last.pt"))
+    single = evaluate(model, BatchLoader(load_dataset(tiny_data, "test"), 7))
+    assert single["top1"] == pytest.approx(summary["final"]["top1"])
+    assert single["loss"] == pytest.approx(summary["final"]["loss"], rel=1e-5)
+
+
+def test_bsconv_s_penalty_bf16_and_channels_last(tiny_data, tmp_path):
+    def run(name, **overrides):
+        config = TrainConfig(model="vgg16_cifar", width=0.125, conv="bsconv_s", data=tiny_data, epochs=1,
+                             batch_size=16, out=str(tmp_path / name), progress=False, **overrides)
+        train(config, log=lambda _: None)
+        return _weights(os.path.join(config.out, "last.pt"))
+
+    with_penalty, without = run("alpha", ortho_alpha=0.5), run("none", ortho_alpha=0.0)
+    pw1 = [k for k in with_penalty if k.endswith("pw1.weight")]
+    assert pw1 and any(not torch.equal(with_penalty[k], without[k]) for k in pw1)
+    low_precision = run("bf16", amp="bf16", channels_last=True, workers=1)
+    assert all(torch.isfinite(v.float()).all() for v in low_precision.values())
