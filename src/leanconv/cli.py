@@ -21,6 +21,8 @@ COMMANDS = [
     "export",
     "train",
     "evaluate",
+    "compare",
+    "reproduce",
 ]
 
 
