@@ -22,7 +22,7 @@ Example (the numbers in the closing note of issue 3)::
         --width 0.5 --batch 32 --repeats 15
 
 Writes JSON, CSV and Markdown results (machine header, resolved configuration,
-per-variant times) to ``benchmarks/results/<cpu|cuda>/`` with the setting in
+per-variant times) to ``results/<cpu|gpu>/`` with the setting in
 their names.
 """
 
@@ -49,7 +49,7 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default=None, help="result path stem (default: benchmarks/results/<device>/<machine>-fuse-<setting>)")
+    parser.add_argument("--out", default=None, help="result path stem (default: results/<cpu|gpu>/<machine>-fuse-<setting>)")
     return parser.parse_args(argv)
 
 
@@ -145,11 +145,11 @@ def main(argv=None) -> int:
     if args.out:
         stem = args.out[:-5] if args.out.endswith(".json") else args.out
     else:
-        kind = "cuda" if args.device.startswith("cuda") else "cpu"
+        kind = "gpu" if args.device.startswith("cuda") else "cpu"
         slug = machine_slug(header) if kind == "cpu" else header.get("cuda_device", "cuda").lower().replace(" ", "-")
         model_tag = args.model.replace(":", "-")
         stem = os.path.join(
-            os.path.dirname(os.path.abspath(__file__)), "results", kind,
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results", kind,
             f"{slug}-fuse-{model_tag}-{args.conv}-p{args.p:g}-w{args.width:g}-b{args.batch}",
         )
     os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)

@@ -65,8 +65,8 @@ def render_layers(payload: dict, name: str) -> list[str]:
         "Speed-up over `nn.Conv2d` of the same shape (median of interleaved runs); "
         "'of MAC ratio' = speed-up / (dense MACs / HetConv MACs).",
         "",
-        "| layer | mode | format | auto ran | auto | of MAC ratio | fused | packed | split | seed form | auto vs seed | auto vs public loop |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| layer | mode | format | auto ran | auto | of MAC ratio | masked | fused | packed | split | seed form | auto vs seed | auto vs public loop |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     worst = None
     for (config, mode, fmt_), c in by_key.items():
@@ -77,7 +77,7 @@ def render_layers(payload: dict, name: str) -> list[str]:
         vs = lambda k: c[k]["median_ms"] / auto["median_ms"] if k in c else None  # noqa: E731
         out.append(
             f"| {config} | {mode} | {fmt_} | {auto.get('ran')} | {fmt(speed('hetconv:auto'))}x | "
-            f"{fmt(auto.get('fraction_of_mac_ratio'))} | {fmt(speed('hetconv:fused'))}x | {fmt(speed('hetconv:packed'))}x | "
+            f"{fmt(auto.get('fraction_of_mac_ratio'))} | {fmt(speed('hetconv:masked'))}x | {fmt(speed('hetconv:fused'))}x | {fmt(speed('hetconv:packed'))}x | "
             f"{fmt(speed('hetconv:split'))}x | {fmt(speed('seed'))}x | {fmt(vs('seed'))}x | {fmt(vs('public_loop'), 1)}x |"
         )
         s = auto["speedup_vs_conv2d"]

@@ -1,4 +1,4 @@
-"""The fast CPU backends (fused, packed), the measuring ``auto`` and the layer's
+"""The fast CPU backends (masked, fused, packed), the measuring ``auto`` and the layer's
 cache of weight-derived tensors: everything auto can pick is exact, and cached
 tensors never outlive the weights they came from."""
 
@@ -16,7 +16,7 @@ from leanconv.ops import autotune
 
 from helpers import assert_matches_reference
 
-FAST = ["fused", "packed"]
+FAST = ["masked", "fused", "packed"]
 
 
 @pytest.fixture(autouse=True)
@@ -77,12 +77,14 @@ def test_layer_inference_with_cached_weights_matches_reference_float32(backend):
         assert_matches_reference(out, reference, what=f"{backend} {layer}")
 
 
-def test_gradcheck_fused_float64():
+@pytest.mark.parametrize("backend", ["fused", "masked"])
+@pytest.mark.parametrize("stride", [1, 2], ids=["direct", "strided"])
+def test_gradcheck_float64(backend, stride):
     layer = leanconv.HetConv2d(4, 4, 3, padding=1, p=2, layout="shifted", dtype=torch.float64)
     x = torch.randn(2, 4, 5, 4, dtype=torch.float64, requires_grad=True).contiguous(memory_format=torch.channels_last)
     inputs = (x, layer.weight, layer.pointwise_weight, layer.bias)
     assert torch.autograd.gradcheck(
-        lambda x, w, pw, b: het_conv2d(x, w, pw, b, 1, 1, p=2, layout="shifted", backend="fused"), inputs
+        lambda x, w, pw, b: het_conv2d(x, w, pw, b, stride, 1, p=2, layout="shifted", backend=backend), inputs
     )
 
 
@@ -111,7 +113,7 @@ def test_measuring_auto_picks_an_exact_backend_once_per_setting(monkeypatch, tra
         with torch.set_grad_enabled(train):
             out = layer(x)
             again = layer(x)
-        assert layer.last_backend in ("reference", "split", "fused", "packed")
+        assert layer.last_backend in ("reference", "split", "masked", "fused", "packed")
         reference = F.conv2d(x, layer.dense_weight(), layer.bias, layer.stride, layer.padding, layer.dilation)
         assert_matches_reference(out, reference, what=str(layer))
         assert_matches_reference(again, reference, what=str(layer))
@@ -131,7 +133,7 @@ def test_measuring_is_off_by_environment_dtype_and_size(monkeypatch):
     x = torch.randn(1, 8, 6, 6)
     monkeypatch.setenv(autotune.AUTOTUNE_ENV, "0")
     layer(x)
-    assert calls == [] and layer.last_backend == autotune.heuristic_choice(x, layer.weight, 4)
+    assert calls == [] and layer.last_backend == autotune.heuristic_choice(x, layer.weight, 4, training=True)
     monkeypatch.delenv(autotune.AUTOTUNE_ENV)
     layer.double()(x.double())
     assert calls == [], "float64 is never measured"
@@ -145,8 +147,9 @@ def test_heuristic_is_deterministic_and_exact():
     assert autotune.heuristic_choice(small, torch.empty(8, 2, 3, 3), 4) == "reference"
     big = torch.empty(64, 256, 8, 8)
     assert autotune.heuristic_choice(big, torch.empty(256, 64, 3, 3), 4) == "fused"
+    assert autotune.heuristic_choice(big, torch.empty(256, 64, 3, 3), 4, training=True) == "masked"
     wide = torch.empty(8, 64, 32, 32)
-    assert autotune.heuristic_choice(wide, torch.empty(64, 16, 3, 3), 4) == "split"
+    assert autotune.heuristic_choice(wide, torch.empty(64, 16, 3, 3), 4) == "masked"
     wide = wide.contiguous(memory_format=torch.channels_last)
     assert autotune.heuristic_choice(wide, torch.empty(64, 16, 3, 3), 4) == "fused"
     assert autotune.heuristic_choice(big.double(), torch.empty(256, 64, 3, 3), 4) == "split"
@@ -187,7 +190,7 @@ def test_tuning_key_separates_training_format_and_dtype():
 
 # ------------------------------------------------------- weight-derived cache
 
-@pytest.mark.parametrize("kind", ["fused", "packed", "reference"])
+@pytest.mark.parametrize("kind", ["masked", "fused", "packed", "reference"])
 def test_prepared_weights_are_built_once_and_rebuilt_when_weights_change(kind):
     torch.manual_seed(0)
     layer = leanconv.HetConv2d(8, 16, 3, padding=1, p=4, backend=kind)

@@ -19,7 +19,7 @@ from leanconv.ops.hetconv_layout import channel_permutation
 
 from helpers import assert_lowp_policy, assert_matches_reference
 
-EXACT_BACKENDS = ["reference", "split", "loop"]
+EXACT_BACKENDS = ["reference", "split", "loop", "masked", "fused"]
 
 
 def definition_dense_weight(layer: leanconv.HetConv2d) -> torch.Tensor:

@@ -163,7 +163,7 @@ def bench_hetconv_config(
     *,
     modes: Sequence[str] = ("infer", "train"),
     formats: Sequence[str] = ("channels_last", "contiguous"),
-    backends: Sequence[str] = ("auto", "reference", "split", "fused", "packed"),
+    backends: Sequence[str] = ("auto", "reference", "split", "masked", "fused", "packed"),
     baselines: Sequence[str] = ("seed", "public_loop"),
     warmup: int = 2,
     repeats: int = 7,

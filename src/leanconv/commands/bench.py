@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", default="infer,train",
                         help="infer, train, and for models infer_folded (BN folded by leanconv.fuse); default infer,train")
     parser.add_argument("--formats", default="channels_last,contiguous", help="memory formats to run")
-    parser.add_argument("--backends", default="auto,reference,split,fused,packed", help="layers: HetConv backends")
+    parser.add_argument("--backends", default="auto,reference,split,masked,fused,packed", help="layers: HetConv backends")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved timed rounds (default 7)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per candidate first (default 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")

@@ -17,6 +17,7 @@ from ..ops.autotune import (
     autotune_generation,
     autotune_tracing,
     dense_macs,
+    heuristic_choice,
     measured_choice,
     measuring_enabled,
     rounds_for,
@@ -40,6 +41,7 @@ from ..ops.hetconv_layout import (
     materialize_dense_weight,
 )
 from ..ops.hetconv_fused import hetconv_fused_prepared, packing_supported, prepare_fused
+from ..ops.hetconv_masked import hetconv_masked_prepared, prepare_masked
 
 __all__ = ["HetConv2d"]
 
@@ -213,7 +215,7 @@ class HetConv2d(nn.Module):
             if measuring_enabled(x, self.weight, self.p, self.stride, padding, self.dilation):
                 name = self._measured_backend(x, padding, needs_grad)
             else:
-                name = choose_backend("auto", x, self.weight, self.p)
+                name = heuristic_choice(x, self.weight, self.p, training=needs_grad)
             memo[memo_key] = name
         return name
 
@@ -225,6 +227,9 @@ class HetConv2d(nn.Module):
                 packed = name == "packed" and packing_supported(x) and x.dtype == self.weight.dtype
                 prepared = self.prepared_weights("packed" if packed else "fused", x, padding)
                 return hetconv_fused_prepared(x, prepared, self.bias, self.kernel_size, self.stride, padding, self.dilation)
+            if name == "masked":
+                prepared = self.prepared_weights("masked", x, padding)
+                return hetconv_masked_prepared(x, prepared, self.bias, self.kernel_size, self.stride, padding, self.dilation)
             if name == "reference":
                 return F.conv2d(x, self.prepared_weights("reference", x, padding), self.bias, self.stride, padding, self.dilation)
         return het_conv2d(
@@ -239,7 +244,7 @@ class HetConv2d(nn.Module):
         key = tuning_key(
             x, self.weight, self.p, self.layout, self.stride, padding, self.dilation, self.bias is not None, needs_grad
         )
-        names = ("reference", "split", "fused") + (() if needs_grad else ("packed",))
+        names = ("reference", "split", "masked", "fused") + (() if needs_grad else ("packed",))
         if needs_grad:
             leaves = [t.detach().requires_grad_() for t in (x, self.weight, self.pointwise_weight)]
             bias = None if self.bias is None else self.bias.detach().requires_grad_()
@@ -264,7 +269,7 @@ class HetConv2d(nn.Module):
         macs = dense_macs(x, self.weight, self.p, self.stride, padding, self.dilation)
         choice = measured_choice(
             key, {name: candidate(name) for name in names}, rounds=rounds_for(macs),
-            prefer=choose_backend("auto", x, self.weight, self.p),
+            prefer=heuristic_choice(x, self.weight, self.p, training=needs_grad),
         )
         # Keep only the prepared weights of the winner (the losers' were built to be timed).
         prepared = self.__dict__.get("_prepared", {})
@@ -285,7 +290,8 @@ class HetConv2d(nn.Module):
         parameters change (their ``_version`` counters, storage, device or dtype;
         an optimizer step, ``load_state_dict`` or ``.to()`` all rebuild them).
 
-        ``kind``: ``"reference"`` (the dense (N, M, kh, kw) weight), ``"fused"``
+        ``kind``: ``"reference"`` (the dense (N, M, kh, kw) weight), ``"masked"``
+        (:class:`leanconv.ops.hetconv_masked.MaskedWeights`), ``"fused"``
         or ``"packed"`` (:class:`leanconv.ops.hetconv_fused.FusedWeights`; packed
         weights are also keyed on the input's shape, which oneDNN packs for).
         Only for calls without autograd: under autograd backends rebuild these
@@ -303,6 +309,8 @@ class HetConv2d(nn.Module):
         with torch.no_grad():
             if kind == "reference":
                 value = materialize_dense_weight(self.weight, self.pointwise_weight, self.p, self.layout)
+            elif kind == "masked":
+                value = prepare_masked(self.weight, self.pointwise_weight, self.p, self.layout)
             else:
                 value = prepare_fused(
                     self.weight, self.pointwise_weight, self.p, self.layout, packed=kind == "packed",

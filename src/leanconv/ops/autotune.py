@@ -104,21 +104,25 @@ def measuring_enabled(x: torch.Tensor, weight: torch.Tensor, p: int, stride, pad
     return dense_macs(x, weight, p, stride, padding, dilation) >= MIN_MEASURED_MACS
 
 
-def heuristic_choice(x: torch.Tensor, weight: torch.Tensor, p: int) -> str:
-    """The CPU choice without measuring, from the size, work fraction and dtype.
+def heuristic_choice(x: torch.Tensor, weight: torch.Tensor, p: int, *, training: bool = False) -> str:
+    """The CPU choice without measuring, from the size, work fraction, dtype and
+    whether autograd will run a backward pass (``training``).
 
     * Small calls (under ``MIN_MEASURED_MACS`` dense MACs, taking the output as
       large as the input): one dense convolution; fixed per-call costs (a second
       library call, layout changes) outweigh the saved MACs there.
     * The decomposed forms do (M/P*K*K + M) MACs per output element against the
       dense form's M*K*K; above 80% of the dense work the dense convolution wins.
-    * Otherwise the fused form where oneDNN runs the dtype, else split (ATen's
-      generic convolution paths). The fused form works in channels-last; for an
-      NCHW input of 16x16 or more, where converting in and out costs more than
-      the fusion saves (measured on the VGG-16-CIFAR layers), split. While a
-      graph is traced or compiled (TorchScript, torch.compile, torch.export,
-      ONNX export) also split: plain grouped conv + 1x1 conv + add, without
-      in-place writes into views.
+    * Where oneDNN does not run the dtype (float64, float16), or while a graph is
+      traced or compiled (TorchScript, torch.compile, torch.export, ONNX export):
+      split, plain grouped conv + 1x1 conv + add without in-place writes.
+    * Training: masked, the public seed computation (grouped conv + dense 1x1
+      conv) with the 1x1 weight's diagonal blocks held at zero; in the
+      VGG-16-CIFAR training step it was as fast as the seed form, which the
+      fused form's GEMM backward was not (see docs/performance.md).
+    * Inference: the fused form on channels-last inputs; masked on NCHW inputs
+      of 16x16 or more, where the fused form's conversion to channels-last and
+      back costs more than its fusion saves.
     """
     if p == 1:
         return "split"  # a plain convolution with the layer's own weight
@@ -128,8 +132,10 @@ def heuristic_choice(x: torch.Tensor, weight: torch.Tensor, p: int) -> str:
         return "reference"
     if x.dtype not in _FAST_DTYPES or autotune_tracing():
         return "split"
+    if training:
+        return "masked"
     nchw = not x.is_contiguous(memory_format=torch.channels_last)
-    return "split" if nchw and x.shape[2] * x.shape[3] >= 256 else "fused"
+    return "masked" if nchw and x.shape[2] * x.shape[3] >= 256 else "fused"
 
 
 def tuning_key(x, weight, p, layout, stride, padding, dilation, has_bias, needs_grad) -> str:

@@ -26,6 +26,7 @@ import torch
 from .autotune import heuristic_choice
 from .hetconv_fused import hetconv_fused, hetconv_packed
 from .hetconv_loop import hetconv_loop
+from .hetconv_masked import hetconv_masked
 from .hetconv_reference import hetconv_reference
 from .hetconv_split import hetconv_split
 
@@ -75,6 +76,10 @@ register_backend(HetConvBackend("split", hetconv_split, description="grouped KxK
 register_backend(HetConvBackend("loop", hetconv_loop, description="P branches of KxK + 1x1 convs (baseline)"))
 register_backend(HetConvBackend(
     "fused", hetconv_fused, description="channels-last grouped KxK conv, 1x1 part added in place by one GEMM (addmm_)"
+))
+register_backend(HetConvBackend(
+    "masked", hetconv_masked,
+    description="the seed computation made exact: grouped KxK conv + dense 1x1 conv with zero diagonal blocks, added in place",
 ))
 register_backend(HetConvBackend(
     "packed", hetconv_packed,
@@ -215,7 +220,8 @@ def _auto_choice(x: torch.Tensor, weight: torch.Tensor, p: int) -> str:
     if x.device.type == "cuda" and _triton_measured_win(x, weight, p):
         return "triton"
     if x.device.type == "cpu":
-        return heuristic_choice(x, weight, p)
+        training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+        return heuristic_choice(x, weight, p, training=training)
     taps = weight.shape[2] * weight.shape[3]
     split_fraction = 1.0 / p + 1.0 / taps
     return "split" if split_fraction <= 0.8 else "reference"
