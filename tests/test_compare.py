@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -47,7 +48,7 @@ def test_compare_writes_every_output(tiny_data, tmp_path, capsys):
     convs = "standard,hetconv:p=2,dsc,bsconv_u,bsconv_s,gwpw:g=2"
     assert main(["compare", "--model", "vgg16_cifar", "--convs", convs, "--data", tiny_data, "--out", out, *TINY]) == 0
     printed = capsys.readouterr().out
-    assert "model=vgg16_cifar" in printed and "| hetconv:p=2 |" in printed
+    assert "model=vgg16_cifar" in printed and "| hetconv:p=2 |" in printed and "results.json" in printed
     files = set(os.listdir(out))
     assert {"results.json", "results.csv", "results.md", "settings.json", "runs"} <= files
     try:
@@ -90,3 +91,17 @@ def test_reproduce_short_form(tiny_data, tmp_path, capsys):
         recipe = json.load(handle)["recipe"]
     assert (recipe["momentum"], recipe["weight_decay"], recipe["epochs"]) == (0.9, 5e-4, 1)
     assert main(["reproduce", "hetconv-vgg16-cifar10", "--data", tiny_data, "--ps", "3", "--out", out, *TINY]) == 2
+
+
+def test_plots_skipped_with_a_note_without_matplotlib(tmp_path, monkeypatch):
+    from leanconv.compare import write_compare_results
+
+    rows = [{"conv": "standard", "params": 10, "macs": 2_000_000, "macs_paper": 2_100_000, "mac_ratio": 1.0,
+             "top1": 0.5, "top5": 0.9, "latency_ms": 1.0, "train_step_ms": 3.0, "peak_train_mib": 1.0}]
+    settings = {"recipe": {"model": "vgg16_cifar", "width": 0.25, "epochs": 1, "data": "embedded"},
+                "latency_batch": 1, "train_step_batch": 8, "device": "cpu"}
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    notes = []
+    paths = write_compare_results(str(tmp_path), rows, settings, log=notes.append)
+    assert sorted(os.listdir(tmp_path)) == ["results.csv", "results.json", "results.md", "settings.json"]
+    assert len(paths) == 4 and notes == ["plots skipped: matplotlib is not installed (pip install 'leanconv[plot]')"]

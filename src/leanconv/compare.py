@@ -210,24 +210,34 @@ def compare(
     settings = {"convs": specs, "recipe": base.to_dict(), "latency_batch": latency_batch,
                 "train_step_batch": base.batch_size, "repeats": repeats, "warmup": warmup,
                 "device": str(device), "seconds": time.perf_counter() - start}
-    write_compare_results(out, rows, settings)
+    write_compare_results(out, rows, settings, log=log)
     return rows
 
 
-def _plot(rows: list[dict], x_key: str, y_key: str, x_label: str, y_label: str, title: str, path: str) -> bool:
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
+        return None
+    return plt
+
+
+def _plot(plt, rows: list[dict], x_key: str, y_key: str, x_label: str, y_label: str, title: str, path: str) -> None:
     points = [r for r in rows if r.get(x_key) is not None and r.get(y_key) is not None]
-    figure, axes = plt.subplots(figsize=(6.4, 4.4))
-    for row in points:
-        axes.scatter(row[x_key] / 1e6, row[y_key])
-        axes.annotate(row["conv"], (row[x_key] / 1e6, row[y_key]), textcoords="offset points", xytext=(4, 4),
+    figure, axes = plt.subplots(figsize=(7.2, 4.6))
+    markers = "osD^v<>ph*"
+    # Labels beside the points alternate above and below (neighbours in MACs often
+    # sit close); the legend names every point too.
+    for index, row in enumerate(sorted(points, key=lambda r: r[x_key])):
+        x, y = row[x_key] / 1e6, row[y_key]
+        axes.scatter(x, y, marker=markers[index % len(markers)], s=40, label=row["conv"])
+        axes.annotate(row["conv"], (x, y), textcoords="offset points", xytext=(5, 6 if index % 2 == 0 else -12),
                       fontsize=8)
+    axes.legend(fontsize=7, loc="best")
     axes.set_xlabel(x_label)
     axes.set_ylabel(y_label)
     axes.set_title(title, fontsize=10)
@@ -237,12 +247,12 @@ def _plot(rows: list[dict], x_key: str, y_key: str, x_label: str, y_label: str, 
     figure.savefig(buffer, format="png", dpi=120)
     plt.close(figure)
     write_atomic(path, buffer.getvalue())
-    return True
 
 
-def write_compare_results(out: str, rows: list[dict], settings: dict) -> list[str]:
+def write_compare_results(out: str, rows: list[dict], settings: dict, *, log: Callable[[str], None] = print) -> list[str]:
     """OUT/results.json (list of rows), results.csv, results.md, settings.json
-    and, with matplotlib, accuracy_vs_macs.png and latency_vs_macs.png."""
+    and, with matplotlib, accuracy_vs_macs.png and latency_vs_macs.png (without
+    it the plots are skipped and ``log`` says so). Returns the paths written."""
     environment = describe_environment()
     paths = [os.path.join(out, name) for name in ("results.json", "results.csv", "results.md", "settings.json")]
     write_atomic(paths[0], json.dumps(rows, indent=1) + "\n")
@@ -265,11 +275,16 @@ def write_compare_results(out: str, rows: list[dict], settings: dict) -> list[st
             + markdown_table(rows, COLUMNS))
     write_atomic(paths[2], text)
     write_atomic(paths[3], json.dumps({**settings, "environment": environment}, indent=1, default=str) + "\n")
+    plt = _pyplot()
+    if plt is None:
+        log("plots skipped: matplotlib is not installed (pip install 'leanconv[plot]')")
+        return paths
     model = f"{recipe['model']} w{recipe['width']}"
     for x, y, ylabel, name in (("macs", "top1", "test top-1 (fraction)", "accuracy_vs_macs.png"),
                                ("macs", "latency_ms", f"inference ms (batch {settings['latency_batch']})",
                                 "latency_vs_macs.png")):
         path = os.path.join(out, name)
-        if _plot(rows, x, y, "MMACs per image (exact)", ylabel, f"{model}: {ylabel} vs MACs", path):
-            paths.append(path)
+        _plot(plt, rows, x, y, "MMACs per image (exact; FLOPs = 2 x MACs)", ylabel, f"{model}: {ylabel} vs MACs",
+              path)
+        paths.append(path)
     return paths

@@ -5,6 +5,7 @@ MACs and measured time side by side."""
 from __future__ import annotations
 
 import argparse
+import os
 
 from .train import add_recipe_arguments, apply_threads, recipe_overrides
 
@@ -45,14 +46,35 @@ def run_comparison(args: argparse.Namespace, defaults: dict, convs: list[str]) -
     print(f"leanconv {args.command}: {', '.join(f'{k}={v}' for k, v in chosen.items())}; convs: {', '.join(convs)}; "
           f"out: {base.out}", flush=True)
     rows = compare(convs, base, base.out, latency_batch=args.latency_batch, repeats=args.repeats)
+    print()
+    print(format_table(rows, args.latency_batch, base.batch_size), end="")
+    print(f"written: {', '.join(sorted(os.listdir(base.out)))} in {base.out}")
+    return 0
+
+
+def format_table(rows: list[dict], latency_batch: int, train_batch: int) -> str:
+    """The printed summary: MACs in millions, accuracy in percent, times in ms."""
     from ..bench.report import markdown_table
 
-    columns = ["conv", "params", "macs", "mac_ratio", "top1", "top5", "latency_ms", "train_step_ms", "peak_train_mib"]
-    print()
-    print(markdown_table(rows, columns), end="")
-    print(f"\nMACs per image (FLOPs = 2 x MACs); times are medians on this machine. Written: {base.out}/results.json, "
-          f"results.csv, results.md (+ PNG plots with matplotlib)")
-    return 0
+    def million(value):
+        return None if value is None else f"{value / 1e6:.2f}"
+
+    table = [{
+        "conv": row["conv"],
+        "params": f"{row['params']:,}",
+        "MMACs": million(row["macs"]),
+        "MMACs (paper)": million(row["macs_paper"]),
+        "MACs vs standard": None if row.get("mac_ratio") is None else f"{row['mac_ratio']:.3f}",
+        "top1 %": f"{100 * row['top1']:.1f}",
+        "top5 %": f"{100 * row['top5']:.1f}",
+        f"infer ms (b{latency_batch})": f"{row['latency_ms']:.2f}",
+        f"train step ms (b{train_batch})": f"{row['train_step_ms']:.1f}",
+        "peak train MiB": f"{row['peak_train_mib']:.1f}",
+        "train s": None if row.get("train_seconds") is None else f"{row['train_seconds']:.1f}",
+    } for row in rows]
+    return (markdown_table(table, list(table[0])) +
+            "MACs per image (FLOPs = 2 x MACs); times are medians of interleaved rounds on this machine; "
+            "top1/top5 on the test split after the last epoch.\n")
 
 
 def run(args: argparse.Namespace) -> int:
