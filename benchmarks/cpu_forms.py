@@ -10,15 +10,22 @@ convolution with the materialised weight before timing):
 * ``fused``: grouped KxK conv, then ``addmm_`` of the 1x1 GEMM into its output;
 * ``packed``: oneDNN-packed grouped weight, the conv adding itself onto the GEMM
   result as a post-op;
+* ``masked``: grouped KxK conv + oneDNN 1x1 conv with the masked dense weight,
+  added in place (the seed computation made exact; cached weights);
+* ``masked_postop``: the masked 1x1 conv first, then the grouped conv (packed
+  weight) adding itself onto it as oneDNN's ``add`` post-op (one pass less);
+* ``fold_centre``: every centre tap in the 1x1 part (a full dense 1x1 conv)
+  and the grouped conv with zero centre taps: the same MACs, moved;
 * ``fused_groupwise_gemm``: the 1x1 part as 2P-1 GEMMs over each group's other
   channels (no block-diagonal zeros computed);
 * ``coarse_groups``: the grouped conv run with P/2 groups, the 1x1 weights inside
   each coarse group folded into its centre taps, the GEMM over the rest;
 * ``sparse_pointwise``: the 1x1 part as a CSR sparse matrix product;
-* ``fused_bfloat16`` / ``dense_bfloat16``: the same in bfloat16 (the gate uses the
-  bfloat16 tolerance);
-* ``part_grouped_conv`` / ``part_pointwise_gemm``: the fused form's two library
-  calls alone (not HetConv, not gated), to read each primitive's GMAC/s.
+* ``fused_bfloat16`` / ``masked_bfloat16`` / ``dense_bfloat16``: the same in
+  bfloat16 (the gate uses the bfloat16 tolerance);
+* ``part_grouped_conv`` / ``part_pointwise_gemm`` / ``part_pointwise_conv``: the
+  library calls of the fused and masked forms alone (not HetConv, not gated), to
+  read each primitive's GMAC/s.
 
     python benchmarks/cpu_forms.py --out results/cpu/<machine>-forms-b64
 """
@@ -36,6 +43,7 @@ import torch.nn.functional as F
 from leanconv.bench import describe_environment, machine_slug, time_interleaved, write_results
 from leanconv.ops.hetconv_fused import hetconv_fused, hetconv_fused_prepared, prepare_fused
 from leanconv.ops.hetconv_layout import materialize_dense_weight, materialize_pointwise_matrix
+from leanconv.ops.hetconv_masked import hetconv_masked_prepared, prepare_masked
 
 
 def rows_view(t):
@@ -50,13 +58,31 @@ def forms(x, weight, pointwise, p):
     matrix_t = matrix.t().contiguous()
     prepared = prepare_fused(weight, pointwise, p, "blocked")
     packed = prepare_fused(weight, pointwise, p, "blocked", packed=True, padding=(1, 1), input_size=tuple(x.shape))
+    masked = prepare_masked(weight, pointwise, p, "blocked")
     geometry = ((3, 3), (1, 1), (1, 1), (1, 1))
     out = {
         "dense": lambda: F.conv2d(x, dense, None, 1, 1),
         "split": lambda: F.conv2d(x, weight, None, 1, 1, 1, p) + F.conv2d(x, matrix[:, :, None, None]),
         "fused": lambda: hetconv_fused_prepared(x, prepared, None, *geometry),
         "packed": lambda: hetconv_fused_prepared(x, packed, None, *geometry),
+        "masked": lambda: hetconv_masked_prepared(x, masked, None, *geometry),
     }
+    one_by_one = masked.pointwise.contiguous(memory_format=torch.channels_last)
+    grouped_packed = torch.ops.mkldnn._reorder_convolution_weight(
+        weight.contiguous(memory_format=torch.channels_last), [1, 1], [1, 1], [1, 1], p, list(x.shape)
+    )
+
+    def masked_postop():
+        acc = F.conv2d(x, one_by_one)
+        return torch.ops.mkldnn._convolution_pointwise_.binary(
+            acc, x, grouped_packed, None, [1, 1], [1, 1], [1, 1], p, "add", 1.0, None, [], None
+        )
+
+    out["masked_postop"] = masked_postop
+    centre_free = weight.clone()
+    centre_free[:, :, 1, 1] = 0
+    full_one_by_one = dense[:, :, 1:2, 1:2].contiguous(memory_format=torch.channels_last)
+    out["fold_centre"] = lambda: F.conv2d(x, centre_free, None, 1, 1, 1, p).add_(F.conv2d(x, full_one_by_one))
     ng = n // p
     pieces = []
     for g in range(p):
@@ -102,6 +128,8 @@ def forms(x, weight, pointwise, p):
     xb, wb, pb, db = x.bfloat16(), weight.bfloat16(), pointwise.bfloat16(), dense.bfloat16()
     out["dense_bfloat16"] = lambda: F.conv2d(xb, db, None, 1, 1)
     out["fused_bfloat16"] = lambda: hetconv_fused(xb, wb, pb, None, (1, 1), (1, 1), (1, 1), p, "blocked")
+    masked_b = prepare_masked(wb, pb, p, "blocked")
+    out["masked_bfloat16"] = lambda: hetconv_masked_prepared(xb, masked_b, None, *geometry)
     return out
 
 
@@ -109,10 +137,13 @@ def parts(x, weight, pointwise, p):
     """The two halves of the fused form alone (not HetConv; not gated): how fast
     each library primitive runs."""
     m = weight.shape[1] * p
-    matrix_t = materialize_pointwise_matrix(pointwise, m, p, "blocked").t().contiguous()
+    matrix = materialize_pointwise_matrix(pointwise, m, p, "blocked")
+    matrix_t = matrix.t().contiguous()
+    one_by_one = matrix[:, :, None, None].contiguous(memory_format=torch.channels_last)
     return {
         "part_grouped_conv": lambda: F.conv2d(x, weight, None, 1, 1, 1, p),
         "part_pointwise_gemm": lambda: rows_view(x).mm(matrix_t),
+        "part_pointwise_conv": lambda: F.conv2d(x, one_by_one),
     }
 
 
@@ -120,7 +151,7 @@ def form_macs(name, batch, size, channels, p):
     """MACs each form computes per call (its own count)."""
     per_output = {
         "dense": channels * 9, "dense_bfloat16": channels * 9,
-        "part_grouped_conv": channels // p * 9, "part_pointwise_gemm": channels,
+        "part_grouped_conv": channels // p * 9, "part_pointwise_gemm": channels, "part_pointwise_conv": channels,
         "fused_groupwise_gemm": channels // p * 9 + channels - channels // p,
         "coarse_groups": channels // (p // 2) * 9 + channels - channels // (p // 2) if p > 2 else None,
     }.get(name, channels // p * 9 + channels)
