@@ -164,7 +164,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--shapes", default="64x32,128x16,256x8,512x4,512x2", help="CHANNELSxSIZE,...")
     parser.add_argument("--p", default="4,8")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, help="output stem (default OUT_DIR/<machine>-forms-b<batch>)")
+    parser.add_argument("--out-dir", default="results/cpu", help="folder for the default output stem")
     args = parser.parse_args(argv)
     header = describe_environment()
     rows = []
@@ -202,7 +203,7 @@ def main(argv=None) -> int:
                                speedup_vs_dense=timings["dense"].median / timing.median,
                                gmacs=row["macs"] / timing.median / 1e9 if row["macs"] else None)
                 rows.append(row)
-    stem = args.out or os.path.join("results", "cpu", f"{machine_slug(header)}-forms-b{args.batch}")
+    stem = args.out or os.path.join(args.out_dir, f"{machine_slug(header)}-forms-b{args.batch}")
     columns = ["config", "form", "gate", "median_ms", "min_ms", "spread", "speedup_vs_dense", "macs", "gmacs"]
     for path in write_results(stem, header=header, config={**vars(args), "what": "forms"}, rows=rows, columns=columns,
                               title=f"CPU forms of one HetConv layer (inference, batch {args.batch})",

@@ -1,19 +1,34 @@
 #!/usr/bin/env bash
-# The committed CPU results (results/cpu/) come from exactly these commands.
-# Run on an otherwise idle machine: every result file records the load average.
+# The committed CPU results (results/cpu/) and docs/performance.md come from exactly
+# these commands. Run on an otherwise idle machine: every result file records the
+# load average. Every part prints its wall time. Knobs (environment):
+#   OUT       result folder, read back by the renderer (default results/cpu)
+#   REPEATS   interleaved timed rounds per candidate (default 9)
+#   LAYER_P   parts P of the layer grid (default 2,4,8,16)
+#   BATCH     batch size (default 64)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 OUT=${OUT:-results/cpu}
 REPEATS=${REPEATS:-9}
+LAYER_P=${LAYER_P:-2,4,8,16}
+BATCH=${BATCH:-64}
 mkdir -p "$OUT"
 uptime
+part() {  # part NAME COMMAND...: run one part, print how long it took
+    local name=$1 start=$SECONDS
+    shift
+    echo "== $name: $*" >&2
+    "$@"
+    echo "== $name took $((SECONDS - start)) s" >&2
+}
 # Whole models: standard vs exact HetConv (auto) vs the public seed form, both memory formats.
-"$BIN/leanconv" bench models --model vgg16_cifar --p 4,8 --batch 64 --repeats "$REPEATS"
-# Layer grid: every VGG-16-CIFAR HetConv shape at P = 2, 4, 8, 16.
-"$BIN/leanconv" bench layers --grid vgg --batch 64 --repeats "$REPEATS"
+part models "$BIN/leanconv" bench models --model vgg16_cifar --p 4,8 --batch "$BATCH" --repeats "$REPEATS" --out-dir "$OUT"
+# Layer grid: every VGG-16-CIFAR HetConv shape at each P of LAYER_P.
+part layers "$BIN/leanconv" bench layers --grid vgg --p "$LAYER_P" --batch "$BATCH" --repeats "$REPEATS" --out-dir "$OUT"
 # Every CPU form tried for one layer (the ones auto does not use included).
-"$BIN/python" benchmarks/cpu_forms.py --batch 64 --repeats "$REPEATS"
+part forms "$BIN/python" benchmarks/cpu_forms.py --batch "$BATCH" --repeats "$REPEATS" --out-dir "$OUT"
 # DSC / BSConv layers against nn.Conv2d.
-"$BIN/leanconv" bench separable --batch 64 --repeats "$REPEATS"
-"$BIN/python" scripts/render_perf_section.py --results "$OUT" --out docs/performance.md
+part separable "$BIN/leanconv" bench separable --batch "$BATCH" --repeats "$REPEATS" --out-dir "$OUT"
+part render "$BIN/python" scripts/render_perf_section.py --results "$OUT" --out docs/performance.md
+uptime

@@ -118,6 +118,84 @@ def render_forms(payload: dict, name: str) -> list[str]:
             r = table.get((config, form), {})
             cells.append(f"{fmt(r.get('speedup_vs_dense'))}x" if "speedup_vs_dense" in r else r.get("gate", "-"))
         out.append(f"| {config} | " + " | ".join(cells) + " |")
+    out += ["", "Useful GMAC/s of each form (its own MACs / median time) as a fraction of the dense "
+            "convolution's GMAC/s in the same run (1.00 = as efficient as the dense conv):", "",
+            "| layer | " + " | ".join(forms) + " |", "|---|" + "---|" * len(forms)]
+    for config in configs:
+        dense = table.get((config, "dense"), {}).get("gmacs")
+        cells = []
+        for form in forms:
+            gmacs = table.get((config, form), {}).get("gmacs")
+            cells.append(fmt(gmacs / dense) if gmacs and dense else "-")
+        out.append(f"| {config} | " + " | ".join(cells) + " |")
+    out.append("")
+    return out
+
+
+def _best(rows, variant, mode):
+    """Fastest median over memory formats of one model variant, and that format."""
+    timed = [r for r in rows if r["model_variant"] == variant and r["mode"] == mode and "median_ms" in r]
+    if not timed:
+        return None, None
+    best = min(timed, key=lambda r: r["median_ms"])
+    return best["median_ms"], best["format"]
+
+
+def render_targets(models: list[tuple[str, dict]], layers: list[tuple[str, dict]]) -> list[str]:
+    """Issue 5's targets, each as measured value vs required, from the result files."""
+    out = ["### Targets (issue 5) from these files", "",
+           "Whole-model figures compare each variant in its fastest memory format (same run, interleaved).", "",
+           "| target | required | measured | met | source |", "|---|---|---|---|---|"]
+
+    def line(what, required, measured, met, source):
+        out.append(f"| {what} | {required} | {measured} | {'yes' if met else 'NO'} | `{source}` |")
+
+    for name, payload in models:
+        rows = payload["rows"]
+        for mode, p, required in (("infer", 4, 2.6), ("infer", 8, 3.6), ("train", 4, 2.3)):
+            standard, standard_fmt = _best(rows, "standard", mode)
+            het, het_fmt = _best(rows, f"hetconv_p{p}", mode)
+            if standard and het:
+                ratio = standard / het
+                line(f"{mode}, P={p}: standard / HetConv", f">= {required}x",
+                     f"{ratio:.2f}x ({standard:.1f} ms {standard_fmt} / {het:.1f} ms {het_fmt})", ratio >= required, name)
+        for mode in ("infer", "train"):
+            seed, seed_fmt = _best(rows, "seed_p4", mode)
+            het, het_fmt = _best(rows, "hetconv_p4", mode)
+            if seed and het:
+                ratio = seed / het
+                line(f"{mode}, P=4: seed form / HetConv", ">= 1.3x",
+                     f"{ratio:.2f}x ({seed:.1f} ms {seed_fmt} / {het:.1f} ms {het_fmt})", ratio >= 1.3, name)
+        for fmt_ in ("channels_last", "contiguous"):
+            memory = {r["model_variant"]: r.get("peak_step_mib") for r in rows
+                      if r["mode"] == "train" and r["format"] == fmt_}
+            standard = memory.get("standard")
+            for variant, mib in memory.items():
+                if variant.startswith("hetconv") and mib is not None and standard is not None:
+                    line(f"peak training-step memory, {variant}, {fmt_}", f"<= standard ({standard:.0f} MiB)",
+                         f"{mib:.0f} MiB", mib <= standard, name)
+    for name, payload in layers:
+        rows = [r for r in payload["rows"] if "median_ms" in r]
+        auto = [r for r in rows if r["candidate"] == "hetconv:auto"]
+        if not auto:
+            continue
+        worst = min(auto, key=lambda r: r["speedup_vs_conv2d"])
+        line("every layer: auto vs nn.Conv2d", ">= 0.95x",
+             f"{worst['speedup_vs_conv2d']:.2f}x (slowest: {worst['config']} {worst['mode']} {worst['format']})",
+             worst["speedup_vs_conv2d"] >= 0.95, name)
+        wide = [r for r in auto if r["M"] >= 256]
+        if wide:
+            worst = min(wide, key=lambda r: r["fraction_of_mac_ratio"])
+            line("layers with >= 256 channels: fraction of the MAC ratio", ">= 0.85",
+                 f"{worst['fraction_of_mac_ratio']:.2f} (lowest: {worst['config']} {worst['mode']} {worst['format']})",
+                 worst["fraction_of_mac_ratio"] >= 0.85, name)
+        loop = {(r["config"], r["mode"], r["format"]): r["median_ms"] for r in rows if r["candidate"] == "public_loop"}
+        ratios = [(loop[(r["config"], r["mode"], r["format"])] / r["median_ms"], r) for r in auto
+                  if r["P"] >= 8 and (r["config"], r["mode"], r["format"]) in loop]
+        if ratios:
+            ratio, r = min(ratios, key=lambda item: item[0])
+            line("P >= 8: public loop form / auto", ">= 50x",
+                 f"{ratio:.0f}x (lowest: {r['config']} {r['mode']} {r['format']})", ratio >= 50, name)
     out.append("")
     return out
 
@@ -134,6 +212,7 @@ def render(results: str) -> str:
         "",
     ]
     sections = {"models": [], "layers": [], "separable": [], "forms": []}
+    payloads = {"models": [], "layers": []}
     for path in files:
         with open(path) as handle:
             payload = json.load(handle)
@@ -141,12 +220,15 @@ def render(results: str) -> str:
         name = os.path.basename(path)
         if what == "models":
             sections["models"] += render_models(payload, name)
+            payloads["models"].append((name, payload))
         elif what == "layers":
             sections["layers"] += render_layers(payload, name)
+            payloads["layers"].append((name, payload))
         elif what == "separable":
             sections["separable"] += render_separable(payload, name)
         elif what == "forms":
             sections["forms"] += render_forms(payload, name)
+    lines += render_targets(payloads["models"], payloads["layers"])
     for part in ("models", "layers", "forms", "separable"):
         lines += sections[part]
     if not files:

@@ -34,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per candidate first (default 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--out", default=None,
-                        help="output stem (writes STEM.json/.csv/.md); default results/cpu/<machine>-<what>-<setting>")
+                        help="output stem (writes STEM.json/.csv/.md); default OUT_DIR/<machine>-<what>-<setting>")
+    parser.add_argument("--out-dir", default=None,
+                        help="folder for the default output stem (default results/cpu, or results/gpu where CUDA is present)")
     parser.add_argument("--no-memory", action="store_true", help="models: skip the peak-memory measurement")
 
 
@@ -105,8 +107,8 @@ def run(args: argparse.Namespace) -> int:
         title = f"{args.model}: standard vs HetConv vs seed form, batch {args.batch}"
         notes.append("training step = forward, cross-entropy, backward, SGD(momentum) step; gmacs counts it as 3 x forward MACs")
         notes.append("peak_step_mib: peak bytes allocated during one training step above the level at its start (profiler)")
-    stem = args.out or os.path.join("results", "cpu" if not torch.cuda.is_available() else "gpu",
-                                    f"{machine_slug(header)}-{setting}")
+    out_dir = args.out_dir or os.path.join("results", "cpu" if not torch.cuda.is_available() else "gpu")
+    stem = args.out or os.path.join(out_dir, f"{machine_slug(header)}-{setting}")
     config = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     for path in write_results(stem, header=header, config=config, rows=rows, columns=columns, title=title, notes=notes):
         print(path)
