@@ -205,3 +205,24 @@ def test_bsconv_s_penalty_bf16_and_channels_last(tiny_data, tmp_path):
     assert pw1 and any(not torch.equal(with_penalty[k], without[k]) for k in pw1)
     low_precision = run("bf16", amp="bf16", channels_last=True, workers=1)
     assert all(torch.isfinite(v.float()).all() for v in low_precision.values())
+
+
+def test_training_does_not_time_hetconv_backends(tiny_data, tmp_path, monkeypatch):
+    """HetConv's auto backend would time candidates (and so differ between runs);
+    training uses the deterministic rule unless hetconv_autotune is on."""
+    from leanconv.ops import autotune
+
+    monkeypatch.setattr(autotune, "MIN_MEASURED_MACS", 0)  # the tiny layers would be measured now
+    monkeypatch.delenv(autotune.AUTOTUNE_ENV, raising=False)
+    autotune.clear_cache()
+
+    def run(name, **overrides):
+        config = TrainConfig(model="vgg16_cifar", width=0.125, conv="hetconv:p=2", data=tiny_data, epochs=1,
+                             batch_size=16, out=str(tmp_path / name), progress=False, **overrides)
+        train(config, log=lambda _: None)
+
+    run("deterministic")
+    assert autotune.cache_entries() == {} and autotune.AUTOTUNE_ENV not in os.environ
+    run("timed", hetconv_autotune=True)
+    assert autotune.cache_entries()
+    autotune.clear_cache()

@@ -58,6 +58,9 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     add("--ortho-alpha", type=float, default=S, help="BSConv-S orthonormality penalty weight (default 0.1)")
     add("--augment", type=_bool, default=S, help="random crop + flip (default true)")
     add("--device", default=S, help="auto, cpu, cuda or cuda:N (default auto)")
+    add("--hetconv-autotune", type=_bool, nargs="?", const=True, default=S,
+        help="let HetConv's auto backend time candidates while training (faster on some CPUs; runs and resumes "
+             "are then not bit-for-bit repeatable; default off)")
     add("--no-progress", dest="progress", action="store_false", default=S, help="no progress bars")
     add("--threads", type=int, default=None, help="torch.set_num_threads for this process (default: torch's)")
 

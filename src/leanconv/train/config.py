@@ -54,6 +54,11 @@ class TrainConfig:
     augment: bool = True
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     progress: bool = True
+    # HetConv's "auto" backend may time the candidate backends and keep the fastest.
+    # Timing differs between processes, and the backends agree only to rounding,
+    # so runs (and a resume against an uninterrupted run) would differ; off by
+    # default: training then uses the deterministic shape rule.
+    hetconv_autotune: bool = False
 
     def __post_init__(self) -> None:
         self.validate()

@@ -11,7 +11,9 @@ Resuming is exact: the data order and augmentation of an epoch depend only on
 (seed, epoch) (see :mod:`leanconv.data.loader`), and the checkpoint holds the
 model, optimizer, scheduler, scaler and RNG states, so a run killed at any
 moment and resumed from last.pt ends with the weights of an uninterrupted run.
-Test accuracy is reported, never used to pick a checkpoint.
+Test accuracy is reported, never used to pick a checkpoint. HetConv layers on
+``auto`` use the deterministic shape rule during training, not timing (see
+``TrainConfig.hetconv_autotune``), or two runs of one recipe would differ.
 
 Example::
 
@@ -37,6 +39,7 @@ from ..bench.report import write_atomic
 from ..data import BatchLoader, Dataset, load_dataset
 from ..layers import BSConvS2d, orthonormal_penalty
 from ..models import create
+from ..ops.autotune import AUTOTUNE_ENV
 from .checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from .config import TrainConfig
 from .distributed import DistributedContext, all_reduce_sum, init_distributed
@@ -160,9 +163,30 @@ def train(
     """
     ctx = init_distributed(config.device)
     try:
-        return _train(config, ctx, resume, train_data, test_data, log if ctx.is_main else (lambda _: None))
+        with _hetconv_autotune(config.hetconv_autotune):
+            return _train(config, ctx, resume, train_data, test_data, log if ctx.is_main else (lambda _: None))
     finally:
         ctx.close()
+
+
+@contextlib.contextmanager
+def _hetconv_autotune(enabled: bool):
+    """Without ``enabled``, set LEANCONV_AUTOTUNE=0 for the run (restored after):
+    HetConv's ``auto`` then picks its backend by the deterministic shape rule, so a
+    run is repeatable and a resume exact. (A process-wide switch: other threads of
+    the process that run HetConv layers meanwhile see it too.)"""
+    if enabled:
+        yield
+        return
+    saved = os.environ.get(AUTOTUNE_ENV)
+    os.environ[AUTOTUNE_ENV] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(AUTOTUNE_ENV, None)
+        else:
+            os.environ[AUTOTUNE_ENV] = saved
 
 
 def _train(config, ctx: DistributedContext, resume, train_data, test_data, log) -> dict:
