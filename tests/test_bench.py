@@ -49,7 +49,8 @@ def test_peak_memory_sees_a_temporary_allocation():
 def test_layer_grid_gates_every_candidate_and_fills_rows():
     rows = bench.bench_layer_grid([bench.LayerConfig(8, 8, 6, 4, 2)], warmup=0, repeats=1)
     candidates = {r["candidate"] for r in rows}
-    assert {"conv2d", "hetconv:auto", "hetconv:fused", "hetconv:packed", "seed", "public_loop"} <= candidates
+    assert {"conv2d", "hetconv:auto", "hetconv:masked", "hetconv:fused", "hetconv:packed", "seed", "public_loop"} <= candidates
+    assert {r["mode"] for r in rows if r["candidate"] == "public_loop"} == {"infer"}
     assert {(r["mode"], r["format"]) for r in rows} == {
         (m, f) for m in ("infer", "train") for f in ("channels_last", "contiguous")
     }

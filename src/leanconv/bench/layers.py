@@ -15,7 +15,9 @@ Candidates for a HetConv row:
 * ``seed``: the public "approximate" form, grouped conv + dense 1x1 conv
   modules summed (:class:`leanconv.layers.SeedHetConv2d`, redundant weights 0);
 * ``public_loop``: the public loop form, two small convolutions per filter
-  (its channels gathered), written here as a baseline.
+  (its channels gathered), written here as a baseline; inference only, timed
+  over 2 calls after 1 warm-up (it is 1-2 orders of magnitude slower, and would
+  otherwise take most of a grid's time).
 
 MACs are the candidate's own count per call (HetConv's for every exact HetConv
 candidate, the dense count for ``conv2d``, the seed's larger count for
@@ -192,7 +194,7 @@ def bench_hetconv_config(
             if "seed" in baselines and config.p > 1:
                 seed_layer = SeedHetConv2d.from_hetconv(het)
                 modules["seed"] = (seed_layer, own + config.batch * config.out_size**2 * config.out_channels * (config.in_channels // config.p))
-            if "public_loop" in baselines and config.p > 1 and config.out_channels <= 512:
+            if "public_loop" in baselines and config.p > 1 and config.out_channels <= 512 and mode == "infer":
                 modules["public_loop"] = (PublicLoopHetConv(het), own)
             for module, _ in modules.values():
                 module.to(memory_format=memory_format)
@@ -209,7 +211,7 @@ def bench_hetconv_config(
             fast = {k: v for k, v in runners.items() if k != "public_loop"}
             timings = time_interleaved(fast, warmup=warmup, repeats=repeats)
             if slow:
-                timings.update(time_interleaved(slow, warmup=1, repeats=max(2, repeats // 3)))
+                timings.update(time_interleaved(slow, warmup=1, repeats=min(2, repeats)))
             for name, (module, macs) in modules.items():
                 extra = {}
                 if isinstance(module, HetConv2d):
