@@ -84,6 +84,21 @@ def test_schedules():
     assert one(0) == pytest.approx(1 / 25) and one(30) == pytest.approx(1.0) and one(100) < 1e-4
 
 
+def test_progress_lines_without_a_terminal(capsys):
+    from leanconv.train.progress import Progress
+
+    progress = Progress(4, "epoch 1/2", interval=0.0)
+    for step in range(4):
+        progress.update(loss=2.5 - step / 10, acc=0.25, img_s=100)
+    progress.close()
+    lines = capsys.readouterr().err.splitlines()  # captured stderr is no terminal: plain lines, no bar
+    assert [line.split()[2] for line in lines] == ["1/4", "2/4", "3/4"]
+    assert lines[0].startswith("epoch 1/2 1/4 loss=2.5 acc=0.25 img_s=100 eta=")
+    silent = Progress(4, "epoch 1/2", enabled=False, interval=0.0)
+    silent.update(loss=1.0)
+    assert capsys.readouterr().err == ""
+
+
 # --- training, checkpoints, resume -------------------------------------------------------------------------
 
 

@@ -1,5 +1,7 @@
-"""Progress display: tqdm when installed (loss, accuracy, throughput, ETA),
-else a plain line every few seconds with the same fields."""
+"""Progress display of one epoch: a tqdm bar (loss, accuracy, images per
+second, ETA) when tqdm is installed and stderr is a terminal; otherwise, for
+logs, one plain line with the same fields every ``interval`` seconds (an
+epoch shorter than that prints nothing here; its summary line follows)."""
 
 from __future__ import annotations
 
@@ -10,12 +12,13 @@ __all__ = ["Progress"]
 
 
 class Progress:
-    def __init__(self, total: int, description: str, enabled: bool = True, interval: float = 5.0):
+    def __init__(self, total: int, description: str, enabled: bool = True, interval: float = 10.0):
         self.total, self.description, self.enabled, self.interval = total, description, enabled, interval
-        self.count, self.start, self.last_print = 0, time.perf_counter(), 0.0
+        self.count, self.start = 0, time.perf_counter()
+        self.last_print = self.start
         self.fields: dict = {}
         self._bar = None
-        if enabled:
+        if enabled and sys.stderr.isatty():
             try:
                 from tqdm import tqdm
 
@@ -33,7 +36,7 @@ class Progress:
             self._bar.update(1)
             return
         now = time.perf_counter()
-        if now - self.last_print >= self.interval or self.count == self.total:
+        if now - self.last_print >= self.interval and self.count < self.total:
             self.last_print = now
             print(f"{self.description} {self.count}/{self.total} {self._format(with_eta=True)}", file=sys.stderr,
                   flush=True)
