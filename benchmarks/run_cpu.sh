@@ -4,6 +4,7 @@
 # load average. Every part prints its wall time. Knobs (environment):
 #   OUT       result folder, read back by the renderer (default results/cpu)
 #   REPEATS   interleaved timed rounds per candidate (default 9)
+#   LAYER_REPEATS  rounds for the layer grid (default 5; it has the most candidates)
 #   LAYER_P   parts P of the layer grid (default 2,4,8,16)
 #   BATCH     batch size (default 64)
 set -euo pipefail
@@ -11,6 +12,7 @@ cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 OUT=${OUT:-results/cpu}
 REPEATS=${REPEATS:-9}
+LAYER_REPEATS=${LAYER_REPEATS:-5}
 LAYER_P=${LAYER_P:-2,4,8,16}
 BATCH=${BATCH:-64}
 mkdir -p "$OUT"
@@ -25,7 +27,7 @@ part() {  # part NAME COMMAND...: run one part, print how long it took
 # Whole models: standard vs exact HetConv (auto) vs the public seed form, both memory formats.
 part models "$BIN/leanconv" bench models --model vgg16_cifar --p 4,8 --batch "$BATCH" --repeats "$REPEATS" --out-dir "$OUT"
 # Layer grid: every VGG-16-CIFAR HetConv shape at each P of LAYER_P.
-part layers "$BIN/leanconv" bench layers --grid vgg --p "$LAYER_P" --batch "$BATCH" --repeats "$REPEATS" --out-dir "$OUT"
+part layers "$BIN/leanconv" bench layers --grid vgg --p "$LAYER_P" --batch "$BATCH" --repeats "$LAYER_REPEATS" --out-dir "$OUT"
 # Every CPU form tried for one layer (the ones auto does not use included).
 part forms "$BIN/python" benchmarks/cpu_forms.py --batch "$BATCH" --repeats "$REPEATS" --out-dir "$OUT"
 # DSC / BSConv layers against nn.Conv2d.

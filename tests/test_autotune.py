@@ -125,6 +125,8 @@ def test_measuring_auto_picks_an_exact_backend_once_per_setting(monkeypatch, tra
     assert len(calls) == 6  # one measurement per new setting, none for the repeated call
     assert all("loop" not in names for names in calls)
     assert all(("packed" in names) != train for names in calls)
+    # NCHW training never measures fused: its channels-last copies would raise peak memory above the dense layer's.
+    assert all(("fused" in names) != train for names in calls)
 
 
 def test_measuring_is_off_by_environment_dtype_and_size(monkeypatch):

@@ -245,6 +245,10 @@ class HetConv2d(nn.Module):
             x, self.weight, self.p, self.layout, self.stride, padding, self.dilation, self.bias is not None, needs_grad
         )
         names = ("reference", "split", "masked", "fused") + (() if needs_grad else ("packed",))
+        if needs_grad and not x.is_contiguous(memory_format=torch.channels_last):
+            # The fused form converts an NCHW input and its gradient to channels-last and keeps the
+            # copies for backward: a training step would need more memory than the dense layer's.
+            names = ("reference", "split", "masked")
         if needs_grad:
             leaves = [t.detach().requires_grad_() for t in (x, self.weight, self.pointwise_weight)]
             bias = None if self.bias is None else self.bias.detach().requires_grad_()
