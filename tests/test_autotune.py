@@ -75,6 +75,9 @@ def test_layer_inference_with_cached_weights_matches_reference_float32(backend):
             reference = F.conv2d(x, layer.dense_weight(), layer.bias, layer.stride, layer.padding, layer.dilation)
         assert layer.last_backend == backend
         assert_matches_reference(out, reference, what=f"{backend} {layer}")
+        if backend == "masked" and torch.backends.mkldnn.is_available():
+            # channels-last float32 inference: the grouped conv adds itself onto the 1x1 result (oneDNN post-op)
+            assert "masked_packed" in layer.__dict__["_prepared"]
 
 
 @pytest.mark.parametrize("backend", ["fused", "masked"])

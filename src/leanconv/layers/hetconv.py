@@ -228,7 +228,9 @@ class HetConv2d(nn.Module):
                 prepared = self.prepared_weights("packed" if packed else "fused", x, padding)
                 return hetconv_fused_prepared(x, prepared, self.bias, self.kernel_size, self.stride, padding, self.dilation)
             if name == "masked":
-                prepared = self.prepared_weights("masked", x, padding)
+                channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+                packed = channels_last and packing_supported(x) and x.dtype == self.weight.dtype
+                prepared = self.prepared_weights("masked_packed" if packed else "masked", x, padding)
                 return hetconv_masked_prepared(x, prepared, self.bias, self.kernel_size, self.stride, padding, self.dilation)
             if name == "reference":
                 return F.conv2d(x, self.prepared_weights("reference", x, padding), self.bias, self.stride, padding, self.dilation)
@@ -277,7 +279,7 @@ class HetConv2d(nn.Module):
         )
         # Keep only the prepared weights of the winner (the losers' were built to be timed).
         prepared = self.__dict__.get("_prepared", {})
-        for kind in [k for k in prepared if k != choice]:
+        for kind in [k for k in prepared if k != choice and not k.startswith(choice + "_")]:
             del prepared[kind]
         return choice
 
@@ -295,7 +297,7 @@ class HetConv2d(nn.Module):
         an optimizer step, ``load_state_dict`` or ``.to()`` all rebuild them).
 
         ``kind``: ``"reference"`` (the dense (N, M, kh, kw) weight), ``"masked"``
-        (:class:`leanconv.ops.hetconv_masked.MaskedWeights`), ``"fused"``
+        or ``"masked_packed"`` (:class:`leanconv.ops.hetconv_masked.MaskedWeights`), ``"fused"``
         or ``"packed"`` (:class:`leanconv.ops.hetconv_fused.FusedWeights`; packed
         weights are also keyed on the input's shape, which oneDNN packs for).
         Only for calls without autograd: under autograd backends rebuild these
@@ -304,7 +306,7 @@ class HetConv2d(nn.Module):
         weight, pointwise = self._parameters["weight"], self._parameters["pointwise_weight"]
         key = (
             weight._version, weight.data_ptr(), pointwise._version, pointwise.data_ptr(), weight.dtype,
-            weight.is_cpu, torch.is_inference_mode_enabled(), tuple(x.shape) if kind == "packed" else None,
+            weight.is_cpu, torch.is_inference_mode_enabled(), tuple(x.shape) if kind.endswith("packed") else None,
         )
         cache = self.__dict__.setdefault("_prepared", {})
         hit = cache.get(kind)
@@ -313,8 +315,11 @@ class HetConv2d(nn.Module):
         with torch.no_grad():
             if kind == "reference":
                 value = materialize_dense_weight(self.weight, self.pointwise_weight, self.p, self.layout)
-            elif kind == "masked":
-                value = prepare_masked(self.weight, self.pointwise_weight, self.p, self.layout)
+            elif kind in ("masked", "masked_packed"):
+                value = prepare_masked(
+                    self.weight, self.pointwise_weight, self.p, self.layout, packed=kind == "masked_packed",
+                    padding=padding, stride=self.stride, dilation=self.dilation, input_size=tuple(x.shape),
+                )
             else:
                 value = prepare_fused(
                     self.weight, self.pointwise_weight, self.p, self.layout, packed=kind == "packed",

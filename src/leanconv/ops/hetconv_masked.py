@@ -11,8 +11,10 @@ those two oneDNN convolutions, with ``W_1`` materialised from
 ``pointwise_weight`` (:func:`masked_pointwise_weight`):
 
 * inference: ``W_1`` and the grouped weight are built once and cached by the
-  layer (:meth:`leanconv.HetConv2d.prepared_weights`, kind ``"masked"``); the
-  1x1 result is added into the grouped convolution's output in place;
+  layer (:meth:`leanconv.HetConv2d.prepared_weights`, kind ``"masked"``); on
+  channels-last float32/bfloat16 CPU inputs the grouped weight is packed for
+  oneDNN and the grouped convolution adds itself onto the 1x1 result as a
+  post-op, elsewhere the 1x1 result is added into the grouped output in place;
 * training: :class:`_GroupedPlusMaskedPointwise` runs both convolutions and one
   in-place add, and in backward two ``convolution_backward`` calls whose input
   gradients are accumulated in place; ``W_1`` is built differentiably from
@@ -72,11 +74,29 @@ class MaskedWeights:
     filter_order: torch.Tensor | None
     filter_inverse: torch.Tensor | None
     groups: int
+    packed: bool = False
 
 
-def prepare_masked(weight: torch.Tensor, pointwise_weight: torch.Tensor, p: int, layout: str) -> MaskedWeights:
-    """Build the tensors :func:`hetconv_masked_prepared` needs (differentiable;
-    a layer caches the result for calls without autograd)."""
+def prepare_masked(
+    weight: torch.Tensor,
+    pointwise_weight: torch.Tensor,
+    p: int,
+    layout: str,
+    *,
+    packed: bool = False,
+    padding=(0, 0),
+    stride=(1, 1),
+    dilation=(1, 1),
+    input_size=None,
+) -> MaskedWeights:
+    """Build the tensors :func:`hetconv_masked_prepared` needs (differentiable
+    unless ``packed``; a layer caches the result for calls without autograd).
+
+    ``packed`` (CPU inference on channels-last float32/bfloat16 inputs): the
+    grouped weight is reordered once into oneDNN's blocked format and the grouped
+    convolution adds itself onto the 1x1 result as oneDNN's ``add`` post-op, so
+    the sum costs no extra pass over the output.
+    """
     out_channels, per_group = weight.shape[:2]
     in_channels = per_group * p
     pointwise = masked_pointwise_weight(pointwise_weight, in_channels, p, layout)
@@ -88,7 +108,13 @@ def prepare_masked(weight: torch.Tensor, pointwise_weight: torch.Tensor, p: int,
         filter_inverse = torch.argsort(filter_order)
         grouped = weight.index_select(0, filter_order)
         pointwise = pointwise.index_select(0, filter_order)
-    return MaskedWeights(grouped, pointwise, channel_order, filter_order, filter_inverse, p)
+    if packed:
+        grouped = torch.ops.mkldnn._reorder_convolution_weight(
+            grouped.detach().contiguous(memory_format=_CL), list(padding), list(stride), list(dilation), p,
+            None if input_size is None else list(input_size),
+        )
+        pointwise = pointwise.detach().contiguous(memory_format=_CL)
+    return MaskedWeights(grouped, pointwise, channel_order, filter_order, filter_inverse, p, packed)
 
 
 class _GroupedPlusMaskedPointwise(torch.autograd.Function):
@@ -157,7 +183,15 @@ def hetconv_masked_prepared(
             taps = x
         if bias is not None:
             bias = bias.index_select(0, prepared.filter_order)
-    if not torch.is_grad_enabled() or not any(
+    if prepared.packed:
+        if not channels_last:
+            raise ValueError("packed masked weights need a channels-last input (oneDNN's add post-op)")
+        acc = F.conv2d(grouped_input if taps is None else taps.contiguous(memory_format=_CL), prepared.pointwise, bias)
+        out = torch.ops.mkldnn._convolution_pointwise_.binary(
+            acc, grouped_input, prepared.grouped, None, list(padding), list(stride), list(dilation),
+            prepared.groups, "add", 1.0, None, [], None,
+        )
+    elif not torch.is_grad_enabled() or not any(
         t is not None and t.requires_grad for t in (x, prepared.grouped, prepared.pointwise, bias)
     ):
         out = F.conv2d(grouped_input, prepared.grouped, bias, stride, padding, dilation, prepared.groups)
