@@ -7,6 +7,7 @@
 #   LAYER_REPEATS  rounds for the layer grid (default 5; it has the most candidates)
 #   LAYER_P   parts P of the layer grid (default 2,4,8,16)
 #   BATCH     batch size (default 64)
+#   DOC       the rendered Markdown (default docs/performance.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
@@ -15,6 +16,7 @@ REPEATS=${REPEATS:-9}
 LAYER_REPEATS=${LAYER_REPEATS:-5}
 LAYER_P=${LAYER_P:-2,4,8,16}
 BATCH=${BATCH:-64}
+DOC=${DOC:-docs/performance.md}
 mkdir -p "$OUT"
 uptime
 part() {  # part NAME COMMAND...: run one part, print how long it took
@@ -32,5 +34,5 @@ part layers "$BIN/leanconv" bench layers --grid vgg --p "$LAYER_P" --batch "$BAT
 part forms "$BIN/python" benchmarks/cpu_forms.py --batch "$BATCH" --repeats "$REPEATS" --out-dir "$OUT"
 # DSC / BSConv layers against nn.Conv2d.
 part separable "$BIN/leanconv" bench separable --batch "$BATCH" --repeats "$REPEATS" --out-dir "$OUT"
-part render "$BIN/python" scripts/render_perf_section.py --results "$OUT" --out docs/performance.md
+part render "$BIN/python" scripts/render_perf_section.py --results "$OUT" --out "$DOC"
 uptime
