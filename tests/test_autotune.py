@@ -138,7 +138,7 @@ def test_measuring_is_off_by_environment_dtype_and_size(monkeypatch):
     x = torch.randn(1, 8, 6, 6)
     monkeypatch.setenv(autotune.AUTOTUNE_ENV, "0")
     layer(x)
-    assert calls == [] and layer.last_backend == autotune.heuristic_choice(x, layer.weight, 4, training=True)
+    assert calls == [] and layer.last_backend == autotune.heuristic_choice(x, layer.weight, 4)
     monkeypatch.delenv(autotune.AUTOTUNE_ENV)
     layer.double()(x.double())
     assert calls == [], "float64 is never measured"
@@ -151,12 +151,11 @@ def test_heuristic_is_deterministic_and_exact():
     small = torch.randn(1, 8, 6, 6)
     assert autotune.heuristic_choice(small, torch.empty(8, 2, 3, 3), 4) == "reference"
     big = torch.empty(64, 256, 8, 8)
-    assert autotune.heuristic_choice(big, torch.empty(256, 64, 3, 3), 4) == "fused"
-    assert autotune.heuristic_choice(big, torch.empty(256, 64, 3, 3), 4, training=True) == "masked"
+    assert autotune.heuristic_choice(big, torch.empty(256, 64, 3, 3), 4) == "masked"
     wide = torch.empty(8, 64, 32, 32)
     assert autotune.heuristic_choice(wide, torch.empty(64, 16, 3, 3), 4) == "masked"
     wide = wide.contiguous(memory_format=torch.channels_last)
-    assert autotune.heuristic_choice(wide, torch.empty(64, 16, 3, 3), 4) == "fused"
+    assert autotune.heuristic_choice(wide, torch.empty(64, 16, 3, 3), 4) == "masked"
     assert autotune.heuristic_choice(big.double(), torch.empty(256, 64, 3, 3), 4) == "split"
     assert autotune.heuristic_choice(big, torch.empty(256, 256, 3, 3), 1) == "split"
     assert autotune.heuristic_choice(big, torch.empty(256, 128, 1, 3), 2) == "reference"  # 1/2 + 1/3 > 0.8

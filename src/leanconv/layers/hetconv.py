@@ -215,7 +215,7 @@ class HetConv2d(nn.Module):
             if measuring_enabled(x, self.weight, self.p, self.stride, padding, self.dilation):
                 name = self._measured_backend(x, padding, needs_grad)
             else:
-                name = heuristic_choice(x, self.weight, self.p, training=needs_grad)
+                name = heuristic_choice(x, self.weight, self.p)
             memo[memo_key] = name
         return name
 
@@ -275,7 +275,7 @@ class HetConv2d(nn.Module):
         macs = dense_macs(x, self.weight, self.p, self.stride, padding, self.dilation)
         choice = measured_choice(
             key, {name: candidate(name) for name in names}, rounds=rounds_for(macs),
-            prefer=heuristic_choice(x, self.weight, self.p, training=needs_grad),
+            prefer=heuristic_choice(x, self.weight, self.p),
         )
         # Keep only the prepared weights of the winner (the losers' were built to be timed).
         prepared = self.__dict__.get("_prepared", {})

@@ -104,9 +104,9 @@ def measuring_enabled(x: torch.Tensor, weight: torch.Tensor, p: int, stride, pad
     return dense_macs(x, weight, p, stride, padding, dilation) >= MIN_MEASURED_MACS
 
 
-def heuristic_choice(x: torch.Tensor, weight: torch.Tensor, p: int, *, training: bool = False) -> str:
-    """The CPU choice without measuring, from the size, work fraction, dtype and
-    whether autograd will run a backward pass (``training``).
+def heuristic_choice(x: torch.Tensor, weight: torch.Tensor, p: int) -> str:
+    """The CPU choice without measuring, from the size, work fraction and dtype
+    (the same for inference and training).
 
     * Small calls (under ``MIN_MEASURED_MACS`` dense MACs, taking the output as
       large as the input): one dense convolution; fixed per-call costs (a second
@@ -116,13 +116,15 @@ def heuristic_choice(x: torch.Tensor, weight: torch.Tensor, p: int, *, training:
     * Where oneDNN does not run the dtype (float64, float16), or while a graph is
       traced or compiled (TorchScript, torch.compile, torch.export, ONNX export):
       split, plain grouped conv + 1x1 conv + add without in-place writes.
-    * Training: masked, the public seed computation (grouped conv + dense 1x1
-      conv) with the 1x1 weight's diagonal blocks held at zero; in the
-      VGG-16-CIFAR training step it was as fast as the seed form, which the
-      fused form's GEMM backward was not (see docs/performance.md).
-    * Inference: the fused form on channels-last inputs; masked on NCHW inputs
-      of 16x16 or more, where the fused form's conversion to channels-last and
-      back costs more than its fusion saves.
+    * Otherwise masked: the public seed computation (grouped conv + dense 1x1
+      conv) with the 1x1 weight's diagonal blocks held at zero, in inference on
+      channels-last inputs with the grouped conv adding itself onto the 1x1
+      result as oneDNN's post-op. In benchmarks/cpu_forms.py (inference, batch
+      64, the VGG-16-CIFAR shapes at P = 4 and 8) it was faster than the fused
+      form at all ten shapes; in training it is the seed form's own computation,
+      which the fused form's GEMM backward did not beat in the whole model (see
+      docs/performance.md). It needs no layout conversion, so it also serves NCHW
+      inputs, and its training step keeps no more memory than the seed form's.
     """
     if p == 1:
         return "split"  # a plain convolution with the layer's own weight
@@ -132,10 +134,7 @@ def heuristic_choice(x: torch.Tensor, weight: torch.Tensor, p: int, *, training:
         return "reference"
     if x.dtype not in _FAST_DTYPES or autotune_tracing():
         return "split"
-    if training:
-        return "masked"
-    nchw = not x.is_contiguous(memory_format=torch.channels_last)
-    return "masked" if nchw and x.shape[2] * x.shape[3] >= 256 else "fused"
+    return "masked"
 
 
 def tuning_key(x, weight, p, layout, stride, padding, dilation, has_bias, needs_grad) -> str:

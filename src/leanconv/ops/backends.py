@@ -220,8 +220,7 @@ def _auto_choice(x: torch.Tensor, weight: torch.Tensor, p: int) -> str:
     if x.device.type == "cuda" and _triton_measured_win(x, weight, p):
         return "triton"
     if x.device.type == "cpu":
-        training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-        return heuristic_choice(x, weight, p, training=training)
+        return heuristic_choice(x, weight, p)
     taps = weight.shape[2] * weight.shape[3]
     split_fraction = 1.0 / p + 1.0 / taps
     return "split" if split_fraction <= 0.8 else "reference"
