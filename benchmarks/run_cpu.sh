@@ -26,8 +26,9 @@ part() {  # part NAME COMMAND...: run one part, print how long it took
     "$@"
     echo "== $name took $((SECONDS - start)) s" >&2
 }
-# Whole models: standard vs exact HetConv (auto) vs the public seed form, both memory formats.
-part models "$BIN/leanconv" bench models --model vgg16_cifar --p 4,8 --batch "$BATCH" --repeats "$REPEATS" --out-dir "$OUT"
+# Whole models: standard vs exact HetConv (auto) vs the public seed form, both memory formats;
+# infer_folded: the same after leanconv.fuse (BatchNorm folded into the convolutions).
+part models "$BIN/leanconv" bench models --model vgg16_cifar --p 4,8 --batch "$BATCH" --modes infer,train,infer_folded --repeats "$REPEATS" --out-dir "$OUT"
 # Layer grid: every VGG-16-CIFAR HetConv shape at each P of LAYER_P.
 part layers "$BIN/leanconv" bench layers --grid vgg --p "$LAYER_P" --batch "$BATCH" --repeats "$LAYER_REPEATS" --out-dir "$OUT"
 # Every CPU form tried for one layer (the ones auto does not use included).
