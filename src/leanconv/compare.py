@@ -12,13 +12,17 @@ split, and measured:
 * ``params``; ``macs`` (exact count: what the layers compute) and
   ``macs_paper`` (the HetConv paper's reporting convention), per image, from
   :func:`leanconv.accounting.count`; MACs = multiply-accumulates, FLOPs = 2 x MACs;
-* ``latency_ms``: inference of one batch of ``latency_batch`` images (eval mode);
+* ``latency_ms``: inference of one batch of ``latency_batch`` images (eval mode;
+  a sample is the mean of 5 calls);
 * ``train_step_ms``: forward, backward and SGD step on one training batch;
 * ``peak_train_mib``: peak memory allocated during one training step.
 
 Times are medians of rounds in which every variant runs once in turn
 (:func:`leanconv.bench.time_interleaved`), so all variants share the machine's
 slow and fast moments; the interquartile spread is kept beside each median.
+Training runs with HetConv's deterministic backend rule (see
+:class:`leanconv.train.TrainConfig`); the timed steps use the library's default
+``auto``, as a user's model would.
 
 Example::
 
@@ -135,7 +139,7 @@ def _measure(models: dict, device: torch.device, num_classes: int, batch_size: i
             sync()
 
         inference[name], train_steps[name] = infer, step
-    latency = time_interleaved(inference, warmup=warmup, repeats=repeats)
+    latency = time_interleaved(inference, warmup=warmup, repeats=repeats, inner=5)  # a sample: mean of 5 calls
     step_times = time_interleaved(train_steps, warmup=warmup, repeats=max(3, repeats // 2))
     with _quiet_native_stderr():  # the profiler behind peak_allocated_bytes logs its start and stop
         peaks = {name: peak_allocated_bytes(run, device.type) for name, run in train_steps.items()}
