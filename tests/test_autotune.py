@@ -270,7 +270,7 @@ def test_tracing_takes_the_plain_decomposition(monkeypatch):
 
 
 def test_measured_choice_keeps_the_preferred_backend_within_the_margin(monkeypatch):
-    fake = {"fused": 1.00, "split": 0.97, "reference": 2.0}
+    fake = {"fused": 1.00, "split": 0.985, "reference": 2.0}
     monkeypatch.setattr(autotune, "_time_candidates", lambda candidates, rounds: dict(fake))
     names = {name: (lambda: None) for name in fake}
     assert autotune.measured_choice("k1", names, prefer="fused") == "fused"
