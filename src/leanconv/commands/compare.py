@@ -12,10 +12,14 @@ from .train import add_recipe_arguments, apply_threads, recipe_overrides
 NAME = "compare"
 HELP = "train + evaluate + time one model with each conv kind side by side (default: a 3-5 min CPU run on embedded data)"
 
-# The no-argument run: the HetConv paper's VGG-16 at a quarter of its width,
-# 10 epochs on the embedded 1,000 + 500 images, about 3 to 5 minutes for the
-# seven default variants on 2 CPU cores (see the README for the measured time).
-DEFAULTS = {"model": "vgg16_cifar", "width": 0.25, "epochs": 10, "batch_size": 64, "lr": 0.05,
+# The no-argument run: the HetConv paper's VGG-16 at a quarter of its width
+# (19.9 M MACs per image), 20 epochs of cosine SGD on the embedded 1,000 training
+# images, tested on the embedded 500. On a quiet 2-core EPYC (torch's 2 threads) a
+# training epoch took 0.8 to 1.2 s per variant, which puts the seven default
+# variants at about 3 minutes; test top-1 ended at 34-46% (chance: 10%). Another
+# busy process on those 2 cores slows it several-fold (OpenMP threads wait on each
+# other): --threads 1 is then the faster choice.
+DEFAULTS = {"model": "vgg16_cifar", "width": 0.25, "epochs": 20, "batch_size": 64, "lr": 0.05,
             "data": "embedded", "out": "runs/compare"}
 
 
@@ -43,8 +47,10 @@ def run_comparison(args: argparse.Namespace, defaults: dict, convs: list[str]) -
         raise ValueError(f"--convs repeats a spec: {', '.join(convs)}")
     base = TrainConfig.resolve(args.config, recipe_overrides(args, exclude=("conv", "p")), defaults=defaults)
     chosen = {k: getattr(base, k) for k in ("model", "width", "epochs", "batch_size", "lr", "schedule", "data")}
+    import torch
+
     print(f"leanconv {args.command}: {', '.join(f'{k}={v}' for k, v in chosen.items())}; convs: {', '.join(convs)}; "
-          f"out: {base.out}", flush=True)
+          f"out: {base.out}; torch threads: {torch.get_num_threads()}", flush=True)
     rows = compare(convs, base, base.out, latency_batch=args.latency_batch, repeats=args.repeats)
     print()
     print(format_table(rows, args.latency_batch, base.batch_size), end="")
