@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/leanconv profile
+	$(BIN)/leanconv compare
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
