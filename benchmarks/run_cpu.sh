@@ -37,5 +37,5 @@ part layers "$BIN/leanconv" bench layers --grid vgg --p "$LAYER_P" --batch "$BAT
 part forms "$BIN/python" benchmarks/cpu_forms.py --batch "$BATCH" --repeats "$REPEATS" --out-dir "$OUT"
 # DSC / BSConv layers against nn.Conv2d.
 part separable "$BIN/leanconv" bench separable --batch "$BATCH" --repeats "$REPEATS" --out-dir "$OUT"
-part render "$BIN/python" scripts/render_perf_section.py --results "$OUT" --out "$DOC"
+part render "$BIN/python" scripts/render_perf_section.py --results "$OUT" --out "$DOC" --readme README.md
 uptime
