@@ -16,8 +16,9 @@ import glob
 import json
 import os
 import sys
-import tempfile
 from collections import defaultdict
+
+from leanconv.bench import write_atomic
 
 
 def fmt(value, digits=2):
@@ -219,7 +220,9 @@ def render(results: str) -> str:
     for path in files:
         with open(path) as handle:
             payload = json.load(handle)
-        what = payload.get("config", {}).get("what")
+        if not isinstance(payload, dict) or not isinstance(payload.get("config"), dict):
+            continue  # not a harness result (e.g. leanconv compare's results.json, a list of rows)
+        what = payload["config"].get("what")
         name = os.path.basename(path)
         if what == "models":
             sections["models"] += render_models(payload, name)
@@ -250,15 +253,6 @@ def readme_section(text: str, out: str) -> str:
     return f"{README_START}\n{head.rstrip()}\n\nEvery table behind these figures: [{out}]({out}).\n{README_END}"
 
 
-def write_text(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".md")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def update_readme(readme: str, section: str) -> None:
     """Replace the marked performance section of ``readme`` (or append it)."""
     with open(readme) as handle:
@@ -269,7 +263,7 @@ def update_readme(readme: str, section: str) -> None:
         updated = before + section + after
     else:
         updated = current.rstrip("\n") + "\n\n" + section + "\n"
-    write_text(readme, updated)
+    write_atomic(readme, updated)
 
 
 def main(argv=None) -> int:
@@ -283,7 +277,7 @@ def main(argv=None) -> int:
     if args.out == "-":
         sys.stdout.write(text)
     else:
-        write_text(args.out, text)
+        write_atomic(args.out, text)
         print(args.out)
     if args.readme:
         update_readme(args.readme, readme_section(text, args.out if args.out != "-" else "docs/performance.md"))
