@@ -8,13 +8,12 @@ conv kind, counted by ``leanconv.count`` (nothing here is typed by hand).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 
 import torch
 
 from leanconv import count, models, parse_conv_spec
+from leanconv.bench import write_atomic
 
 KINDS = ["standard", "hetconv:p=2", "hetconv:p=4", "hetconv:p=8", "dsc", "bsconv_u", "bsconv_s", "gwpw:g=4"]
 
@@ -63,15 +62,6 @@ def render() -> str:
     return "\n".join(lines)
 
 
-def write_atomically(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".model_zoo.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/model_zoo.md", help="output Markdown file, or - for stdout")
@@ -80,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out == "-":
         print(text)
     else:
-        write_atomically(args.out, text)
+        write_atomic(args.out, text)
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

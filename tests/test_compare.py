@@ -9,25 +9,12 @@ import os
 import sys
 
 import pytest
-import torch
 
 from leanconv.cli import main
-from test_data import write_cifar10
 
 TINY = ["--width", "0.125", "--epochs", "1", "--batch-size", "16", "--repeats", "2", "--no-progress"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    return write_cifar10(str(tmp_path_factory.mktemp("cifar")), per_batch=16, test=24)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("convs, message", [

@@ -17,24 +17,10 @@ import torch
 
 from leanconv.cli import main
 from leanconv.train import LRSchedule, TrainConfig, load_checkpoint, train
-from test_data import write_cifar10
 
 MODEL = ["--model", "vgg16_cifar", "--width", "0.125"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from more threads, and on a shared machine lose a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    """80 training images (5 batches of 16) and 24 test images of random pixels."""
-    return write_cifar10(str(tmp_path_factory.mktemp("cifar")), per_batch=16, test=24)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cli(*args: str) -> list[str]:
