@@ -19,8 +19,8 @@ come packed by ``ops/hetconv_triton.py``:
 
 No dense weight is materialised and the 1x1 part skips each group's own
 channels, so every kernel does HetConv's own Ho*Wo*N*(Mg*KH*KW + M - Mg) MACs
-per image (the input gradient of a strided layer also visits, masked, the taps
-that the stride skips). Accumulation is float32; tensors are addressed through
+per image (the input gradient works per stride phase and skips the taps that
+miss a phase, see ``kernels/conv_common.py``). Accumulation is float32; tensors are addressed through
 their strides, so NHWC (channels_last, the fast case: channel loads are
 contiguous) and NCHW both work.
 
@@ -30,34 +30,12 @@ installed and the ``triton`` backend is asked for.
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
-__all__ = [
-    "hetconv_fwd_kernel",
-    "hetconv_dx_kernel",
-    "hetconv_dw_kernel",
-    "INTERPRETED",
-]
+from .conv_common import INTERPRETED, phase_pixels, phase_tap, tile_configs
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# LEANCONV_TRITON_AUTOTUNE=0: first configuration of each list only (quick correctness runs).
-AUTOTUNE = os.environ.get("LEANCONV_TRITON_AUTOTUNE", "1") != "0"
-
-
-def _configs(blocks: list[tuple[int, int, int, int, int]], names: tuple[str, str, str]) -> list[triton.Config]:
-    """Tile configurations; a single small one under the interpreter (it times nothing)."""
-    if INTERPRETED:
-        blocks = [(16, 16, 16, 1, 1)]
-    elif not AUTOTUNE:
-        blocks = blocks[:1]
-    return [
-        triton.Config({names[0]: a, names[1]: b, names[2]: c}, num_warps=w, num_stages=s)
-        for a, b, c, w, s in blocks
-    ]
-
+__all__ = ["hetconv_fwd_kernel", "hetconv_dx_kernel", "hetconv_dw_kernel"]
 
 # (BLOCK_M pixels, BLOCK_N filters, BLOCK_K channels, warps, stages)
 # Kept short: each configuration is a separate compile per dtype and geometry.
@@ -126,7 +104,7 @@ def _real_channel(cg, Mg, P: tl.constexpr, SHIFTED: tl.constexpr):
 
 
 @triton.autotune(
-    configs=_configs(_FWD_BLOCKS, ("BLOCK_M", "BLOCK_N", "BLOCK_K")), key=_SHAPE_KEY,
+    configs=tile_configs(_FWD_BLOCKS, ("BLOCK_M", "BLOCK_N", "BLOCK_K")), key=_SHAPE_KEY,
     prune_configs_by=_prune("BLOCK_K", "BLOCK_N"),
 )
 @triton.jit
@@ -197,7 +175,7 @@ def hetconv_fwd_kernel(
 
 
 @triton.autotune(
-    configs=_configs(_DX_BLOCKS, ("BLOCK_M", "BLOCK_C", "BLOCK_N")), key=_SHAPE_KEY,
+    configs=tile_configs(_DX_BLOCKS, ("BLOCK_M", "BLOCK_C", "BLOCK_N")), key=_SHAPE_KEY,
     prune_configs_by=_prune("BLOCK_C", "BLOCK_N"),
 )
 @triton.jit
@@ -210,9 +188,11 @@ def hetconv_dx_kernel(
     SHIFTED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dx[input pixel tile, channel tile of group h]: KxK taps from h's filters, centre 1x1 from the others."""
+    """dx[input pixel tile of one stride phase, channel tile of group h]: KxK taps from
+    h's filters, centre 1x1 from the others; taps that miss this phase are skipped."""
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
+    phase = tl.program_id(2)
     tiles_c = tl.cdiv(Mg, BLOCK_C)
     h = pid_c // tiles_c
     i = (pid_c % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -220,58 +200,44 @@ def hetconv_dx_kernel(
     cg = h * Mg + i
 
     pix = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pix_ok = pix < B * H * W
-    iw = pix % W
-    t = pix // W
-    ih = t % H
-    b = (t // H).to(tl.int64)
+    b, ih, iw, pix_ok = phase_pixels(pix, phase, B, H, W, stride_h, stride_w)
     dy_img = dy_ptr + b * sdb
     cn = tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
 
     for tap in tl.static_range(KH * KW):
-        th = ih + pad_h - (tap // KW) * dil_h
-        tw = iw + pad_w - (tap % KW) * dil_w
-        th_c = tl.where(th >= 0, th, 0)
-        tw_c = tl.where(tw >= 0, tw, 0)
-        oh = th_c // stride_h
-        ow = tw_c // stride_w
-        ok = pix_ok & (th >= 0) & (tw >= 0) & (th_c % stride_h == 0) & (tw_c % stride_w == 0)
-        ok = ok & (oh < Ho) & (ow < Wo)
-        base = dy_img + oh * sdh + ow * sdw
-        row = (h * (KH * KW) + tap) * Mg + i
-        for j0 in range(0, Ng, BLOCK_N):
-            j = j0 + cn
-            j_ok = j < Ng
-            n = _real_channel(h * Ng + j, Ng, P, SHIFTED)
-            dyt = tl.load(base[:, None] + n[None, :] * sdc, mask=ok[:, None] & j_ok[None, :], other=0.0)
-            wt = tl.load(wk_ptr + row[None, :] * Ng + j[:, None], mask=j_ok[:, None] & i_ok[None, :], other=0.0)
-            acc = _dot(dyt, wt, acc, PRECISION)
+        hits, oh, ow, ok = phase_tap(phase, ih, iw, pix_ok, tap, KH, KW, Ho, Wo,
+                                     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)
+        if hits:
+            base = dy_img + oh * sdh + ow * sdw
+            row = (h * (KH * KW) + tap) * Mg + i
+            for j0 in range(0, Ng, BLOCK_N):
+                j = j0 + cn
+                j_ok = j < Ng
+                n = _real_channel(h * Ng + j, Ng, P, SHIFTED)
+                dyt = tl.load(base[:, None] + n[None, :] * sdc, mask=ok[:, None] & j_ok[None, :], other=0.0)
+                wt = tl.load(wk_ptr + row[None, :] * Ng + j[:, None], mask=j_ok[:, None] & i_ok[None, :], other=0.0)
+                acc = _dot(dyt, wt, acc, PRECISION)
 
     centre = (KH // 2) * KW + KW // 2
-    th = ih + pad_h - (centre // KW) * dil_h
-    tw = iw + pad_w - (centre % KW) * dil_w
-    th_c = tl.where(th >= 0, th, 0)
-    tw_c = tl.where(tw >= 0, tw, 0)
-    oh = th_c // stride_h
-    ow = tw_c // stride_w
-    ok = pix_ok & (th >= 0) & (tw >= 0) & (th_c % stride_h == 0) & (tw_c % stride_w == 0)
-    ok = ok & (oh < Ho) & (ow < Wo)
-    base = dy_img + oh * sdh + ow * sdw
-    others = M - Mg
-    for n0 in range(0, N - Ng, BLOCK_N):
-        nn = n0 + cn
-        nn_ok = nn < N - Ng
-        ng = tl.where(nn < h * Ng, nn, nn + Ng)  # group-ordered filter of another group
-        gcol = ng // Ng
-        jcol = ng % Ng
-        n = _real_channel(ng, Ng, P, SHIFTED)
-        dyt = tl.load(base[:, None] + n[None, :] * sdc, mask=ok[:, None] & nn_ok[None, :], other=0.0)
-        # channel cg is the k-th "other" channel of group gcol: k = cg, or cg - Mg past gcol's block
-        k = tl.where(h < gcol[:, None], cg[None, :], cg[None, :] - Mg)
-        wt = tl.load(wp_ptr + (gcol[:, None] * others + k) * Ng + jcol[:, None],
-                     mask=nn_ok[:, None] & i_ok[None, :], other=0.0)
-        acc = _dot(dyt, wt, acc, PRECISION)
+    hits, oh, ow, ok = phase_tap(phase, ih, iw, pix_ok, centre, KH, KW, Ho, Wo,
+                                 stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)
+    if hits:
+        base = dy_img + oh * sdh + ow * sdw
+        others = M - Mg
+        for n0 in range(0, N - Ng, BLOCK_N):
+            nn = n0 + cn
+            nn_ok = nn < N - Ng
+            ng = tl.where(nn < h * Ng, nn, nn + Ng)  # group-ordered filter of another group
+            gcol = ng // Ng
+            jcol = ng % Ng
+            n = _real_channel(ng, Ng, P, SHIFTED)
+            dyt = tl.load(base[:, None] + n[None, :] * sdc, mask=ok[:, None] & nn_ok[None, :], other=0.0)
+            # channel cg is the k-th "other" channel of group gcol: k = cg, or cg - Mg past gcol's block
+            k = tl.where(h < gcol[:, None], cg[None, :], cg[None, :] - Mg)
+            wt = tl.load(wp_ptr + (gcol[:, None] * others + k) * Ng + jcol[:, None],
+                         mask=nn_ok[:, None] & i_ok[None, :], other=0.0)
+            acc = _dot(dyt, wt, acc, PRECISION)
 
     c = _real_channel(cg, Mg, P, SHIFTED)
     out = dx_ptr + b[:, None] * sxb + ih[:, None] * sxh + iw[:, None] * sxw + c[None, :] * sxc
@@ -279,7 +245,7 @@ def hetconv_dx_kernel(
 
 
 @triton.autotune(
-    configs=_configs(_DW_BLOCKS, ("BLOCK_R", "BLOCK_N", "BLOCK_Q")),
+    configs=tile_configs(_DW_BLOCKS, ("BLOCK_R", "BLOCK_N", "BLOCK_Q")),
     key=_SHAPE_KEY + ["SPLIT"],
     prune_configs_by=_prune(None, "BLOCK_N"),
 )

@@ -27,6 +27,7 @@ import os
 
 import torch
 
+from ..kernels.conv_common import phase_count
 from ..kernels.hetconv import hetconv_dw_kernel, hetconv_dx_kernel, hetconv_fwd_kernel
 from .hetconv_layout import group_filter_order, pointwise_channel_index
 
@@ -183,8 +184,10 @@ class _HetConvTritonFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = _empty_like_format(x.shape, x, x.dtype)
 
+            per_phase, phases = phase_count(height, width, stride)
+
             def grid_dx(meta):
-                return (triton_cdiv(batch * height * width, meta["BLOCK_M"]), p * triton_cdiv(mg, meta["BLOCK_C"]))
+                return (triton_cdiv(batch * per_phase, meta["BLOCK_M"]), p * triton_cdiv(mg, meta["BLOCK_C"]), phases)
 
             hetconv_dx_kernel[grid_dx](
                 dy, wk, wp, dx, *shape_args, *_strides_nhwc(dy), *_strides_nhwc(dx), *geometry,

@@ -1,0 +1,82 @@
+"""What the convolution kernels share: tile configurations, and the indexing of
+an input gradient by *stride phase*.
+
+Input gradient of a convolution with stride s (per dimension): input position
+``i`` receives ``dy[o] * w[k]`` for every tap ``k`` and output position ``o``
+with ``o*s - pad + k*dil == i``, i.e. where ``i + pad - k*dil`` is a
+non-negative multiple of ``s`` (and ``o < Ho``). Whether it is a multiple
+depends only on ``i % s``, the pixel's *phase*. A program that holds pixels of
+one phase only (``phase_pixels``) can therefore decide per tap, once for the
+whole tile, whether the tap contributes (``phase_tap``), and skip it when it
+does not: a 3x3 stride-2 layer visits 2.25 taps per pixel on average instead of
+9 masked ones. For stride 1 there is one phase and every tap contributes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+__all__ = ["INTERPRETED", "AUTOTUNE", "tile_configs", "phase_count", "phase_pixels", "phase_tap"]
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# LEANCONV_TRITON_AUTOTUNE=0: first configuration of each list only (quick correctness runs).
+AUTOTUNE = os.environ.get("LEANCONV_TRITON_AUTOTUNE", "1") != "0"
+
+
+def tile_configs(blocks: list[tuple[int, int, int, int, int]], names: tuple[str, str, str]) -> list[triton.Config]:
+    """``triton.Config`` per (a, b, c, warps, stages) row, the three sizes named by
+    ``names``; a single small tile under the interpreter (it times nothing), the
+    first row only with ``LEANCONV_TRITON_AUTOTUNE=0``."""
+    if INTERPRETED:
+        blocks = [(16, 16, 16, 1, 1)]
+    elif not AUTOTUNE:
+        blocks = blocks[:1]
+    return [
+        triton.Config({names[0]: a, names[1]: b, names[2]: c}, num_warps=w, num_stages=s)
+        for a, b, c, w, s in blocks
+    ]
+
+
+def phase_count(height: int, width: int, stride: tuple[int, int]) -> tuple[int, int]:
+    """(pixels per image and phase, rounded up; number of phases) for an input
+    gradient launch: grid = (cdiv(B * first, BLOCK_M), ..., second)."""
+    per_phase = -(-height // stride[0]) * -(-width // stride[1])
+    return per_phase, stride[0] * stride[1]
+
+
+@triton.jit
+def phase_pixels(pix, phase, B, H, W, stride_h, stride_w):
+    """Input pixels number ``pix`` of stride phase ``phase`` (= (ih % sh) * sw + iw % sw):
+    returns (image index as int64, ih, iw, in range)."""
+    rows = tl.cdiv(H, stride_h)
+    cols = tl.cdiv(W, stride_w)
+    a_w = pix % cols
+    t = pix // cols
+    a_h = t % rows
+    b = (t // rows).to(tl.int64)
+    ih = phase // stride_w + stride_h * a_h
+    iw = phase % stride_w + stride_w * a_w
+    ok = (pix < B * rows * cols) & (ih < H) & (iw < W)
+    return b, ih, iw, ok
+
+
+@triton.jit
+def phase_tap(phase, ih, iw, pix_ok, tap, KH: tl.constexpr, KW: tl.constexpr, Ho, Wo,
+              stride_h, stride_w, pad_h, pad_w, dil_h, dil_w):
+    """For tap ``tap`` (= kh*KW + kw) and input pixels of one phase: (whether the tap
+    reaches an output position for this phase at all, oh, ow, per-pixel mask)."""
+    kh = tap // KW
+    kw = tap % KW
+    # Shifted by a multiple of the stride so that % sees a positive number.
+    rest_h = (phase // stride_w + pad_h - kh * dil_h + stride_h * KH * dil_h) % stride_h
+    rest_w = (phase % stride_w + pad_w - kw * dil_w + stride_w * KW * dil_w) % stride_w
+    hits = (rest_h == 0) & (rest_w == 0)
+    th = ih + pad_h - kh * dil_h
+    tw = iw + pad_w - kw * dil_w
+    oh = tl.where(th >= 0, th, 0) // stride_h
+    ow = tl.where(tw >= 0, tw, 0) // stride_w
+    ok = pix_ok & (th >= 0) & (tw >= 0) & (oh < Ho) & (ow < Wo)
+    return hits, oh, ow, ok
