@@ -21,9 +21,10 @@ from ..ops.autotune import (
     measured_choice,
     measuring_enabled,
     rounds_for,
+    synchronizer,
     tuning_key,
 )
-from ..ops.backends import check_backend_name, choose_backend, requested_backend
+from ..ops.backends import check_backend_name, choose_backend, measured_candidates, requested_backend
 from ..ops.conv_geometry import (
     PADDING_MODES,
     check_conv_input,
@@ -191,22 +192,23 @@ class HetConv2d(nn.Module):
         x, padding = pad_for_mode(x, self._padding_pair, self.padding_mode)
         requested = requested_backend(self._backend)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in self.parameters()))
-        if requested == "auto" and x.device.type == "cpu":
-            name = self._auto_on_cpu(x, padding, needs_grad)
+        if requested == "auto" and x.device.type in ("cpu", "cuda"):
+            name = self._auto_measured(x, padding, needs_grad)
         else:
             name = choose_backend(requested, x, self.weight, self.p)
         self.__dict__["last_backend"] = name  # a plain attribute; skips nn.Module.__setattr__ on the hot path
         out = self._run(name, x, padding, needs_grad)
         return out.squeeze(0) if unbatched else out
 
-    def _auto_on_cpu(self, x: torch.Tensor, padding: tuple[int, int], needs_grad: bool) -> str:
-        """``auto`` on the CPU: measured or heuristic (:mod:`leanconv.ops.autotune`),
-        remembered on the layer per input setting so that a repeated setting costs
-        one dictionary lookup (never while tracing or compiling)."""
+    def _auto_measured(self, x: torch.Tensor, padding: tuple[int, int], needs_grad: bool) -> str:
+        """``auto`` on the CPU or a CUDA device: measured or by rule
+        (:mod:`leanconv.ops.autotune`), remembered on the layer per input setting
+        so that a repeated setting costs one dictionary lookup (never while
+        tracing or compiling)."""
         if autotune_tracing():
             return choose_backend("auto", x, self.weight, self.p)
         memo_key = (
-            tuple(x.shape), x.dtype, x.is_contiguous(), x.is_contiguous(memory_format=torch.channels_last),
+            x.device, tuple(x.shape), x.dtype, x.is_contiguous(), x.is_contiguous(memory_format=torch.channels_last),
             needs_grad, padding, autotune_generation(),
         )
         memo = self.__dict__.setdefault("_auto_memo", {})
@@ -215,7 +217,7 @@ class HetConv2d(nn.Module):
             if measuring_enabled(x, self.weight, self.p, self.stride, padding, self.dilation):
                 name = self._measured_backend(x, padding, needs_grad)
             else:
-                name = heuristic_choice(x, self.weight, self.p)
+                name = self._rule_choice(x)
             memo[memo_key] = name
         return name
 
@@ -239,18 +241,22 @@ class HetConv2d(nn.Module):
             p=self.p, layout=self.layout, backend=name,
         )
 
+    def _rule_choice(self, x: torch.Tensor) -> str:
+        """``auto`` without measuring: the CPU heuristic, or the device rule of ``backends``."""
+        if x.device.type == "cpu":
+            return heuristic_choice(x, self.weight, self.p)
+        return choose_backend("auto", x, self.weight, self.p)
+
     def _measured_backend(self, x: torch.Tensor, padding: tuple[int, int], needs_grad: bool) -> str:
-        """The measuring ``auto`` (:mod:`leanconv.ops.autotune`): time the exact CPU
-        candidates on this input once per setting; with autograd, forward and
-        backward on detached copies (the caller's tensors and gradients are untouched)."""
+        """The measuring ``auto`` (:mod:`leanconv.ops.autotune`): time the exact
+        candidates (:func:`leanconv.ops.backends.measured_candidates`; on CUDA
+        ``triton`` among them) on this input once per setting; with autograd,
+        forward and backward on detached copies (the caller's tensors and
+        gradients are untouched)."""
         key = tuning_key(
             x, self.weight, self.p, self.layout, self.stride, padding, self.dilation, self.bias is not None, needs_grad
         )
-        names = ("reference", "split", "masked", "fused") + (() if needs_grad else ("packed",))
-        if needs_grad and not x.is_contiguous(memory_format=torch.channels_last):
-            # The fused form converts an NCHW input and its gradient to channels-last and keeps the
-            # copies for backward: a training step would need more memory than the dense layer's.
-            names = ("reference", "split", "masked")
+        names = measured_candidates(x, needs_grad)
         if needs_grad:
             leaves = [t.detach().requires_grad_() for t in (x, self.weight, self.pointwise_weight)]
             bias = None if self.bias is None else self.bias.detach().requires_grad_()
@@ -275,7 +281,7 @@ class HetConv2d(nn.Module):
         macs = dense_macs(x, self.weight, self.p, self.stride, padding, self.dilation)
         choice = measured_choice(
             key, {name: candidate(name) for name in names}, rounds=rounds_for(macs),
-            prefer=heuristic_choice(x, self.weight, self.p),
+            prefer=self._rule_choice(x), synchronize=synchronizer(x),
         )
         # Keep only the prepared weights of the winner (the losers' were built to be timed).
         prepared = self.__dict__.get("_prepared", {})

@@ -13,17 +13,24 @@ is touched). Results live in memory for the process, and in a JSON file when
 ``LEANCONV_AUTOTUNE_CACHE`` names one (its entries also record torch's version
 and thread count, which are part of the key).
 
-Measuring is off, and the deterministic :func:`heuristic_choice` decides, when
+The same machinery serves the depthwise convolution's ``auto``
+(:mod:`leanconv.ops.depthwise`, keys starting with ``depthwise``). On a CUDA
+device every candidate's run is followed by ``torch.cuda.synchronize()``, so
+the clock sees the kernels, not their launch.
+
+Measuring is off, and a deterministic rule decides (:func:`heuristic_choice` on
+the CPU, the static rule of ``backends`` on a GPU), when
 
 * ``LEANCONV_AUTOTUNE=0`` (``1``, the default, measures),
-* the input is not on the CPU (the GPU choice is made in ``backends``),
+* the input is neither on the CPU nor on a CUDA device,
 * the call is traced, scripted, compiled or exported (the choice must not depend
   on timing there),
 * the layer is small: fewer than ``MIN_MEASURED_MACS`` dense multiply-accumulates
   per call, where timing noise is larger than the differences and measuring would
   cost more than it saves,
-* the dtype is not float32 or bfloat16 (oneDNN runs only those; float64 and
-  float16 take ATen's generic paths, where the split form is the known best).
+* on the CPU, the dtype is not float32 or bfloat16 (oneDNN runs only those;
+  float64 and float16 take ATen's generic paths, where the split form is the
+  known best); on CUDA, not float32, bfloat16 or float16.
 """
 
 from __future__ import annotations
@@ -48,13 +55,17 @@ __all__ = [
     "measuring_enabled",
     "measured_choice",
     "tuning_key",
+    "setting_key",
+    "measured_device",
     "cache_entries",
+    "synchronizer",
 ]
 
 AUTOTUNE_ENV = "LEANCONV_AUTOTUNE"
 CACHE_ENV = "LEANCONV_AUTOTUNE_CACHE"
 MIN_MEASURED_MACS = 20_000_000
 _FAST_DTYPES = (torch.float32, torch.bfloat16)
+_CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _lock = threading.Lock()
 _memory: dict[str, str] = {}
@@ -97,11 +108,18 @@ def measuring_enabled(x: torch.Tensor, weight: torch.Tensor, p: int, stride, pad
     """The deterministic rule deciding whether ``auto`` measures this call (see module docstring)."""
     if os.environ.get(AUTOTUNE_ENV, "1").strip() in ("0", "off", "false", "no"):
         return False
-    if x.device.type != "cpu" or x.dtype not in _FAST_DTYPES or p == 1:
+    if not measured_device(x) or p == 1:
         return False
     if autotune_tracing():
         return False
     return dense_macs(x, weight, p, stride, padding, dilation) >= MIN_MEASURED_MACS
+
+
+def measured_device(x: torch.Tensor) -> bool:
+    """Whether ``auto`` may measure on ``x``'s device and dtype (module docstring)."""
+    if x.device.type == "cpu":
+        return x.dtype in _FAST_DTYPES
+    return x.device.type == "cuda" and x.dtype in _CUDA_DTYPES
 
 
 def heuristic_choice(x: torch.Tensor, weight: torch.Tensor, p: int) -> str:
@@ -137,15 +155,28 @@ def heuristic_choice(x: torch.Tensor, weight: torch.Tensor, p: int) -> str:
     return "masked"
 
 
-def tuning_key(x, weight, p, layout, stride, padding, dilation, has_bias, needs_grad) -> str:
+def setting_key(x: torch.Tensor, *fields, has_bias: bool, needs_grad: bool) -> str:
+    """The cache key of one setting: device (with its name on CUDA), dtype, memory
+    format, input shape, the caller's ``fields``, bias, training, torch version,
+    thread count."""
+    device = x.device.type
+    if device == "cuda":
+        device += ":" + torch.cuda.get_device_name(x.device).replace(" ", "_")
     return "|".join(
         str(v)
         for v in (
-            x.device.type, str(x.dtype).replace("torch.", ""), _memory_format(x), tuple(x.shape),
-            tuple(weight.shape), p, layout, tuple(stride), tuple(padding), tuple(dilation),
+            device, str(x.dtype).replace("torch.", ""), _memory_format(x), tuple(x.shape), *fields,
             "bias" if has_bias else "nobias", "train" if needs_grad else "infer",
             f"torch{torch.__version__}", f"threads{torch.get_num_threads()}",
         )
+    )
+
+
+def tuning_key(x, weight, p, layout, stride, padding, dilation, has_bias, needs_grad) -> str:
+    """HetConv's key (:func:`setting_key` with the weight shape, P, layout and geometry)."""
+    return setting_key(
+        x, tuple(weight.shape), p, layout, tuple(stride), tuple(padding), tuple(dilation),
+        has_bias=has_bias, needs_grad=needs_grad,
     )
 
 
@@ -228,6 +259,7 @@ def measured_choice(
     rounds: int = 3,
     prefer: str | None = None,
     margin: float = 0.02,
+    synchronize: Callable[[], object] | None = None,
 ) -> str:
     """The fastest of ``candidates`` (name -> zero-argument callable running it
     once) for ``key``: measured on first sight, then remembered.
@@ -236,7 +268,10 @@ def measured_choice(
     faster by more than ``margin`` (2%): on a busy machine a lucky sample of a
     worse candidate must not win. (5% kept masked at 0.88x of nn.Conv2d where
     reference ran at 0.97x: VGG-16-CIFAR's 64-channel 32x32 layer, P=16, NCHW
-    training, results/cpu/amd-epyc-2t-layers-vgg-b64 of commit 658aeda.)"""
+    training, results/cpu/amd-epyc-2t-layers-vgg-b64 of commit 658aeda.)
+
+    ``synchronize`` (``torch.cuda.synchronize`` for CUDA inputs) is called before
+    timing and after every run, so asynchronous kernels are timed whole."""
     path = _disk_path()
     with _lock:
         if path is not None:
@@ -244,6 +279,9 @@ def measured_choice(
         known = _memory.get(key)
     if known is not None and known in candidates:
         return known
+    if synchronize is not None:
+        synchronize()
+        candidates = {name: _synchronized(run, synchronize) for name, run in candidates.items()}
     timings = _time_candidates(candidates, rounds)
     choice = min(timings, key=lambda name: (timings[name], name))
     if prefer in timings and timings[choice] > timings[prefer] * (1.0 - margin):
@@ -253,6 +291,21 @@ def measured_choice(
         if path is not None:
             _save_disk(path, key, choice, timings)
     return choice
+
+
+def _synchronized(run: Callable[[], object], synchronize: Callable[[], object]) -> Callable[[], None]:
+    def run_and_wait() -> None:
+        run()
+        synchronize()
+
+    return run_and_wait
+
+
+def synchronizer(x: torch.Tensor) -> Callable[[], object] | None:
+    """What :func:`measured_choice` must call to time work on ``x``'s device (None on the CPU)."""
+    if x.device.type == "cuda":
+        return lambda: torch.cuda.synchronize(x.device)
+    return None
 
 
 def rounds_for(macs: int) -> int:

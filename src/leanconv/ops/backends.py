@@ -39,6 +39,7 @@ __all__ = [
     "use_backend",
     "requested_backend",
     "choose_backend",
+    "measured_candidates",
     "check_backend_name",
 ]
 
@@ -204,6 +205,35 @@ def _triton_measured_win(x: torch.Tensor, weight: torch.Tensor, p: int) -> bool:
     if not (128 <= in_channels <= 256 and height * width <= 28 * 28):
         return False
     return backend.unsupported(x) is None
+
+
+def triton_candidate(x: torch.Tensor) -> bool:
+    """Whether the measuring ``auto`` times ``triton`` on ``x``: on CUDA tensors that
+    the kernels accept (never on the CPU, where it runs only interpreted, for tests)."""
+    backend = _REGISTRY.get("triton")
+    return backend is not None and x.device.type in TRITON_MEASURED_DEVICES and backend.unsupported(x) is None
+
+
+TRITON_MEASURED_DEVICES = ("cuda",)
+
+
+def measured_candidates(x: torch.Tensor, needs_grad: bool) -> tuple[str, ...]:
+    """The backends the measuring ``auto`` times for input ``x``.
+
+    reference, split, masked and fused everywhere; ``packed`` in CPU inference
+    (oneDNN's packed weights); ``triton`` on CUDA where it accepts the input. In
+    training on an NCHW input the fused form is left out: it converts the input
+    and its gradient to channels-last and keeps the copies for backward, so a
+    training step would need more memory than the dense layer's.
+    """
+    names = ["reference", "split", "masked", "fused"]
+    if needs_grad and not x.is_contiguous(memory_format=torch.channels_last):
+        names.remove("fused")
+    if not needs_grad and x.device.type == "cpu":
+        names.append("packed")
+    if triton_candidate(x):
+        names.append("triton")
+    return tuple(names)
 
 
 def _auto_choice(x: torch.Tensor, weight: torch.Tensor, p: int) -> str:
