@@ -3,6 +3,7 @@ that builds any of them from nn.Conv2d-style arguments."""
 
 from .approximate import SeedHetConv2d
 from .blueprint import BSConvS2d, BSConvU2d, bsconv_s_mid_channels, orthonormal_penalty
+from .depthwise import DepthwiseConv2d
 from .factory import CONV_KINDS, KIND_OPTIONS, check_kind_options, make_conv
 from .hetconv import HetConv2d
 from .separable import DSConv2d, GWPWConv2d
@@ -12,6 +13,7 @@ __all__ = [
     "BSConvU2d",
     "CONV_KINDS",
     "DSConv2d",
+    "DepthwiseConv2d",
     "GWPWConv2d",
     "HetConv2d",
     "KIND_OPTIONS",

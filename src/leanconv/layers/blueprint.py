@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from ..ops.conv_geometry import check_conv_input
 from ._common import check_conv_arguments, describe_spatial
+from .depthwise import DepthwiseConv2d
 
 __all__ = ["BSConvU2d", "BSConvS2d", "orthonormal_penalty", "bsconv_s_mid_channels"]
 
@@ -39,8 +40,9 @@ class BSConvU2d(nn.Module):
 
     Submodules (as the official ``BSConvU``): ``pw`` = Conv2d(M, N, 1, bias=False),
     ``bn`` = BatchNorm2d(N, **bn_kwargs) only when ``with_bn``, ``dw`` =
-    Conv2d(N, N, K, stride, padding, dilation, groups=N, bias, padding_mode),
-    which carries the only bias. No activation inside.
+    DepthwiseConv2d(N, N, K, stride, padding, dilation, bias, padding_mode) (an
+    nn.Conv2d with groups=N), which carries the only bias. No activation inside.
+    ``depthwise_backend`` picks its implementation (:class:`leanconv.layers.DepthwiseConv2d`).
 
     Shapes: (B, M, H, W) or (M, H, W) -> (B, N, Ho, Wo) or (N, Ho, Wo).
     Cost: H*W*M*N + Ho*Wo*N*K*K MACs per image (the 1x1 runs at input
@@ -67,6 +69,7 @@ class BSConvU2d(nn.Module):
         with_bn: bool = False,
         bn_kwargs: dict | None = None,
         *,
+        depthwise_backend: str | None = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -77,9 +80,9 @@ class BSConvU2d(nn.Module):
         self.pw = nn.Conv2d(in_channels, out_channels, 1, bias=False, **factory)
         if with_bn:
             self.bn = nn.BatchNorm2d(out_channels, **(bn_kwargs or {}), **factory)
-        self.dw = nn.Conv2d(
-            out_channels, out_channels, kernel_size, stride, padding, dilation, groups=out_channels,
-            bias=bias, padding_mode=padding_mode, **factory,
+        self.dw = DepthwiseConv2d(
+            out_channels, out_channels, kernel_size, stride, padding, dilation,
+            bias=bias, padding_mode=padding_mode, backend=depthwise_backend, **factory,
         )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -101,8 +104,8 @@ class BSConvS2d(nn.Module):
 
     Submodules (as the official ``BSConvS``): ``pw1`` = Conv2d(M, M', 1, bias=False),
     ``bn1`` (with_bn), ``pw2`` = Conv2d(M', N, 1, bias=False), ``bn2`` (with_bn),
-    ``dw`` = Conv2d(N, N, K, ..., groups=N, bias). M' = min(M, max(min_mid_channels,
-    ceil(p*M))). Train with :meth:`orthonormal_penalty` (or
+    ``dw`` = DepthwiseConv2d(N, N, K, ..., bias) (groups=N; ``depthwise_backend``
+    picks its implementation). M' = min(M, max(min_mid_channels, ceil(p*M))). Train with :meth:`orthonormal_penalty` (or
     :func:`orthonormal_penalty` over a model) added to the loss.
 
     Shapes: (B, M, H, W) or (M, H, W) -> (B, N, Ho, Wo) or (N, Ho, Wo).
@@ -131,6 +134,7 @@ class BSConvS2d(nn.Module):
         with_bn: bool = False,
         bn_kwargs: dict | None = None,
         *,
+        depthwise_backend: str | None = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -150,9 +154,9 @@ class BSConvS2d(nn.Module):
         self.pw2 = nn.Conv2d(mid, out_channels, 1, bias=False, **factory)
         if with_bn:
             self.bn2 = nn.BatchNorm2d(out_channels, **(bn_kwargs or {}), **factory)
-        self.dw = nn.Conv2d(
-            out_channels, out_channels, kernel_size, stride, padding, dilation, groups=out_channels,
-            bias=bias, padding_mode=padding_mode, **factory,
+        self.dw = DepthwiseConv2d(
+            out_channels, out_channels, kernel_size, stride, padding, dilation,
+            bias=bias, padding_mode=padding_mode, backend=depthwise_backend, **factory,
         )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:

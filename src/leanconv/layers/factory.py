@@ -21,9 +21,9 @@ CONV_KINDS = ("standard", "hetconv", "dsc", "bsconv_u", "bsconv_s", "gwpw")
 KIND_OPTIONS: dict[str, frozenset[str]] = {
     "standard": frozenset(),
     "hetconv": frozenset({"p", "layout", "backend"}),
-    "dsc": frozenset({"depth_multiplier", "with_bn", "bn_kwargs"}),
-    "bsconv_u": frozenset({"with_bn", "bn_kwargs"}),
-    "bsconv_s": frozenset({"p", "min_mid_channels", "with_bn", "bn_kwargs"}),
+    "dsc": frozenset({"depth_multiplier", "with_bn", "bn_kwargs", "depthwise_backend"}),
+    "bsconv_u": frozenset({"with_bn", "bn_kwargs", "depthwise_backend"}),
+    "bsconv_s": frozenset({"p", "min_mid_channels", "with_bn", "bn_kwargs", "depthwise_backend"}),
     "gwpw": frozenset({"groups", "g", "with_bn", "bn_kwargs"}),
 }
 

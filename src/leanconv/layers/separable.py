@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from ..ops.conv_geometry import check_conv_input
 from ._common import check_conv_arguments, describe_spatial
+from .depthwise import DepthwiseConv2d
 
 __all__ = ["DSConv2d", "GWPWConv2d"]
 
@@ -20,11 +21,13 @@ __all__ = ["DSConv2d", "GWPWConv2d"]
 class DSConv2d(nn.Module):
     r"""Depthwise-separable convolution: depthwise KxK, optional BN, pointwise 1x1.
 
-    Submodules: ``dw`` = Conv2d(M, M*D, K, stride, padding, dilation, groups=M)
-    (D the depth multiplier), ``bn`` = BatchNorm2d(M*D) when ``with_bn`` else
-    None, ``pw`` = Conv2d(M*D, N, 1). No activation inside. With ``bias``, both
-    convolutions have a bias, except ``dw`` when a BN follows it (the BN's shift
-    replaces it).
+    Submodules: ``dw`` = DepthwiseConv2d(M, M*D, K, stride, padding, dilation)
+    (an nn.Conv2d with groups=M; D the depth multiplier), ``bn`` =
+    BatchNorm2d(M*D) when ``with_bn`` else None, ``pw`` = Conv2d(M*D, N, 1). No
+    activation inside. With ``bias``, both convolutions have a bias, except
+    ``dw`` when a BN follows it (the BN's shift replaces it).
+    ``depthwise_backend`` picks the depthwise implementation (``None``/``"auto"``,
+    ``"torch"``, ``"triton"``; see :class:`leanconv.layers.DepthwiseConv2d`).
 
     Shapes: (B, M, H, W) or (M, H, W) -> (B, N, Ho, Wo) or (N, Ho, Wo).
     Cost: Ho*Wo*M*D*(K*K + N) MACs per image; parameters M*D*K*K + M*D*N
@@ -51,6 +54,7 @@ class DSConv2d(nn.Module):
         depth_multiplier: int = 1,
         with_bn: bool = False,
         bn_kwargs: dict | None = None,
+        depthwise_backend: str | None = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -62,9 +66,9 @@ class DSConv2d(nn.Module):
         mid = in_channels * depth_multiplier
         self.in_channels, self.out_channels = in_channels, out_channels
         self.depth_multiplier, self.with_bn, self.has_bias = depth_multiplier, with_bn, bias
-        self.dw = nn.Conv2d(
-            in_channels, mid, kernel_size, stride, padding, dilation, groups=in_channels,
-            bias=bias and not with_bn, padding_mode=padding_mode, **factory,
+        self.dw = DepthwiseConv2d(
+            in_channels, mid, kernel_size, stride, padding, dilation,
+            bias=bias and not with_bn, padding_mode=padding_mode, backend=depthwise_backend, **factory,
         )
         self.bn = nn.BatchNorm2d(mid, **(bn_kwargs or {}), **factory) if with_bn else None
         self.pw = nn.Conv2d(mid, out_channels, 1, bias=bias, **factory)
