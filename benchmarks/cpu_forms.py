@@ -191,7 +191,6 @@ def main(argv=None) -> int:
                 for name in extra:
                     gates[name] = (None, True)
                 candidates = {**candidates, **extra}
-            dense_macs = args.batch * size * size * channels * channels * 9
             for name in candidates:
                 timing = timings.get(name)
                 gate_error, passed = gates[name]

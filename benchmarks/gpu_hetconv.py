@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
+from leanconv.bench import write_atomic  # noqa: E402
 from leanconv.ops.hetconv_reference import hetconv_reference  # noqa: E402
 from leanconv.ops.hetconv_split import hetconv_split  # noqa: E402
 from leanconv.ops.hetconv_triton import hetconv_triton  # noqa: E402
@@ -274,9 +275,7 @@ def main():
                 row["dtype"] = dtype_name
                 rows.append(row)
                 log(json.dumps(row) + f"  [{time.time() - t0:.1f} s]")
-                os.makedirs(args.out, exist_ok=True)
-                with open(os.path.join(args.out, "partial.json"), "w") as fh:
-                    json.dump({"header": header, "rows": rows}, fh, indent=1)
+                write_atomic(os.path.join(args.out, "partial.json"), json.dumps({"header": header, "rows": rows}, indent=1))
 
     table = ["| layer | M→N @HxW s | dtype | dense fwd ms | decomp fwd | split fwd | triton fwd | dense/triton fwd | decomp/triton fwd "
              "| dense fwd+bwd ms | decomp | split | triton | dense/triton f+b | triton TFLOP/s fwd (useful) | dense TFLOP/s fwd |",
@@ -299,11 +298,8 @@ def main():
     log("\n".join(table))
     slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower()
     stem = os.path.join(args.out, f"{slug}-hetconv-p{args.p}-b{args.batch}")
-    os.makedirs(args.out, exist_ok=True)
-    with open(stem + ".json", "w") as fh:
-        json.dump({"header": header, "correct": correct, "rows": rows}, fh, indent=1)
-    with open(stem + ".md", "w") as fh:
-        fh.write("```\n" + "\n".join(lines[:-1]) + "\n```\n\n" + "\n".join(table) + "\n")
+    write_atomic(stem + ".json", json.dumps({"header": header, "correct": correct, "rows": rows}, indent=1))
+    write_atomic(stem + ".md", "```\n" + "\n".join(lines[:-1]) + "\n```\n\n" + "\n".join(table) + "\n")
     log(f"wrote {stem}.json and {stem}.md")
 
 

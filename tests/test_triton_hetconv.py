@@ -12,7 +12,7 @@ checks run on the GPU too (marked ``cuda``).
 from __future__ import annotations
 
 import importlib.util
-import os
+import json
 
 import pytest
 import torch
@@ -37,6 +37,10 @@ CONFIGS = [
     pytest.param(1, 6, 6, 7, 5, 5, 2, "shifted", (1, 2), 2, 1, False, True, id="shifted-k5-p2"),
     pytest.param(2, 4, 8, 4, 4, 1, 2, "blocked", 1, 0, 1, True, True, id="blocked-k1"),
     pytest.param(1, 12, 6, 6, 6, 3, 3, "blocked", 2, 0, 2, False, True, id="blocked-p3-s2-d2-nopad"),
+    # stride phases of the input gradient: stride 3, a map smaller than the stride, padding past the reach
+    pytest.param(1, 8, 8, 7, 8, 3, 2, "blocked", 3, 2, 1, True, True, id="blocked-s3-pad2"),
+    pytest.param(2, 6, 6, 2, 3, 3, 3, "shifted", (3, 2), 1, (1, 2), False, False, id="shifted-map-under-stride"),
+    pytest.param(1, 8, 8, 9, 9, 5, 4, "blocked", 2, 3, 2, True, True, id="blocked-k5-s2-d2-pad3"),
 ]
 
 
@@ -63,7 +67,6 @@ def test_float32_output_and_gradients_match_reference(b, m, n, h, w, k, p, layou
                                                       channels_last):
     leaves = _leaves(b, m, n, h, w, k, p, bias, torch.float32, seed=b * 100 + m + k)
     kw = dict(stride=stride, padding=padding, dilation=dilation, p=p, layout=layout)
-    reference = _run("reference", leaves, torch.zeros(0), False, **kw) if False else None
     y_ref = het_conv2d(*leaves, backend="reference", **kw)
     grad_out = torch.randn(y_ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7)).to(DEVICE)
     reference = _run("reference", leaves, grad_out, False, **kw)
@@ -152,3 +155,46 @@ def test_auto_rule_follows_the_committed_measurements():
                                     torch.zeros(512, 128, 3, 3), 4)
     if DEVICE == "cpu":  # auto never picks triton off CUDA, interpreter or not
         assert _auto_choice(torch.zeros(1, 128, 14, 14, dtype=torch.bfloat16), weight, 4) != "triton"
+
+
+def test_measured_candidates_include_triton_only_where_it_is_measured(monkeypatch):
+    from leanconv.ops import backends
+
+    x = torch.zeros(1, 8, 4, 4, device=DEVICE)
+    channels_last = x.to(memory_format=torch.channels_last)
+    if DEVICE == "cpu":
+        assert "triton" not in backends.measured_candidates(x, needs_grad=False)
+        assert backends.measured_candidates(x, needs_grad=False)[-1] == "packed"  # CPU inference only
+    monkeypatch.setattr(backends, "TRITON_MEASURED_DEVICES", (DEVICE,))
+    assert backends.measured_candidates(x, needs_grad=False)[-1] == "triton"
+    assert "fused" not in backends.measured_candidates(x, needs_grad=True)  # NCHW training: memory
+    assert "fused" in backends.measured_candidates(channels_last, needs_grad=True)
+    assert "triton" not in backends.measured_candidates(x.double(), needs_grad=False)  # refused dtype
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
+def test_measuring_auto_times_triton_where_it_is_measured(monkeypatch, tmp_path, train):
+    """The CUDA path of HetConv's ``auto`` on the interpreter (the CPU listed as a
+    measured device for triton): triton is one of the timed candidates, the
+    choice is remembered, and whatever wins computes HetConv."""
+    from leanconv import HetConv2d
+    from leanconv.ops import autotune, backends
+
+    monkeypatch.setattr(backends, "TRITON_MEASURED_DEVICES", (DEVICE,))
+    monkeypatch.setattr(autotune, "MIN_MEASURED_MACS", 0)
+    cache = tmp_path / "autotune.json"
+    monkeypatch.setenv(autotune.CACHE_ENV, str(cache))
+    autotune.clear_cache()
+    original = autotune._time_candidates
+    monkeypatch.setattr(autotune, "_time_candidates", lambda candidates, rounds: original(candidates, 1))
+    torch.manual_seed(0)
+    layer = HetConv2d(8, 8, 3, padding=1, p=4).to(DEVICE)
+    x = torch.randn(1, 8, 5, 5, device=DEVICE, requires_grad=train).to(memory_format=torch.channels_last)
+    with torch.set_grad_enabled(train):
+        y = layer(x)
+    (key, entry), = json.loads(cache.read_text()).items()
+    assert "triton" in entry["median_seconds"] and entry["choice"] == layer.last_backend
+    with torch.no_grad():
+        expected = het_conv2d(x, layer.weight, layer.pointwise_weight, layer.bias, padding=1, p=4, backend="reference")
+    assert_matches_reference(y.detach(), expected, rtol=1e-5, atol=1e-5)
+    autotune.clear_cache()
