@@ -45,6 +45,8 @@ from triton.testing import do_bench  # noqa: E402
 from leanconv.bench import write_atomic  # noqa: E402
 from leanconv.ops.hetconv_reference import hetconv_reference  # noqa: E402
 from leanconv.ops.hetconv_split import hetconv_split  # noqa: E402
+from leanconv.kernels import conv_common  # noqa: E402
+from leanconv.kernels.hetconv import hetconv_dw_kernel, hetconv_dx_kernel, hetconv_fwd_kernel  # noqa: E402
 from leanconv.ops.hetconv_triton import hetconv_triton  # noqa: E402
 
 # (name, M, N, H=W, stride) at K=3, padding=1
@@ -200,6 +202,9 @@ def bench_shape(name, m, n, hw, stride, dtype, p, batch, k, log):
             torch.autograd.grad(fn(), leaves, gy)
 
         row[f"{cand}_fwdbwd_ms"] = do_bench(train, warmup=25, rep=100, return_mode="median")
+        if cand == "triton":  # the tile configuration (and forward variant) the autotuner kept
+            for kernel_name, kernel in (("fwd", hetconv_fwd_kernel), ("dx", hetconv_dx_kernel), ("dw", hetconv_dw_kernel)):
+                row[f"triton_{kernel_name}_config"] = str(kernel.best_config)
     macs = hetconv_macs(batch, m, n, ho, ho, k, p)
     dense_macs = batch * ho * ho * n * m * k * k
     row["hetconv_gflop_fwd"] = 2 * macs / 1e9
@@ -223,9 +228,13 @@ def main():
     parser.add_argument("--grids", default="vgg16,resnet")
     parser.add_argument("--skip-correctness", action="store_true")
     parser.add_argument("--correctness-only", action="store_true")
+    parser.add_argument("--forward-variant", choices=("auto", "taps", "flat"), default="auto",
+                        help="the forward kernel's reduction loop: autotuned (default), or forced")
     parser.add_argument("--fp32-strict", action="store_true",
                         help="correctness of float32 with TF32 off (IEEE dots), first 3 configurations only")
     args = parser.parse_args()
+    if args.forward_variant != "auto":
+        conv_common.FORCED_VARIANT["FLAT"] = args.forward_variant == "flat"
     torch.backends.cudnn.benchmark = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -245,7 +254,7 @@ def main():
         "gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version(), "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
-        "batch": args.batch, "p": args.p, "kernel_size": 3, "layout": "blocked", "memory_format": "channels_last",
+        "batch": args.batch, "p": args.p, "kernel_size": 3, "forward_variant": args.forward_variant, "layout": "blocked", "memory_format": "channels_last",
         "cudnn.benchmark": True, "allow_tf32": True, "timer": "triton.testing.do_bench median (warmup 25 ms, rep 100 ms)",
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
     }

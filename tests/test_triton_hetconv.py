@@ -62,9 +62,22 @@ def _run(backend, leaves, grad_out, channels_last, **kw):
     return [y.detach(), *grads]
 
 
+@pytest.fixture(params=[False, True], ids=["taps-loop", "flat-loop"])
+def forward_variant(request, monkeypatch):
+    """Run the forward kernel's reduction-loop variant FLAT=False or True (on a GPU the
+    autotuner otherwise picks; under the interpreter the first runs)."""
+    from leanconv.kernels import conv_common
+    from leanconv.kernels.hetconv import hetconv_fwd_kernel
+
+    monkeypatch.setitem(conv_common.FORCED_VARIANT, "FLAT", request.param)
+    hetconv_fwd_kernel.cache.clear()  # the autotuner remembers a configuration per shape
+    yield request.param
+    hetconv_fwd_kernel.cache.clear()
+
+
 @pytest.mark.parametrize("b,m,n,h,w,k,p,layout,stride,padding,dilation,bias,channels_last", CONFIGS)
 def test_float32_output_and_gradients_match_reference(b, m, n, h, w, k, p, layout, stride, padding, dilation, bias,
-                                                      channels_last):
+                                                      channels_last, forward_variant):
     leaves = _leaves(b, m, n, h, w, k, p, bias, torch.float32, seed=b * 100 + m + k)
     kw = dict(stride=stride, padding=padding, dilation=dilation, p=p, layout=layout)
     y_ref = het_conv2d(*leaves, backend="reference", **kw)
@@ -77,10 +90,13 @@ def test_float32_output_and_gradients_match_reference(b, m, n, h, w, k, p, layou
     rtol = 1e-5 if DEVICE == "cpu" else 5e-3  # CUDA: TF32 dots, as F.conv2d under cudnn.allow_tf32
     for name, f, r in zip(names, fast, reference):
         assert_matches_reference(f, r, rtol=rtol, atol=rtol, what=name)
+    from leanconv.kernels.hetconv import hetconv_fwd_kernel
+
+    assert hetconv_fwd_kernel.best_config.kwargs["FLAT"] is forward_variant
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_low_precision_follows_the_policy(dtype):
+def test_low_precision_follows_the_policy(dtype, forward_variant):
     b, m, n, h, w, k, p, layout = 2, 8, 8, 5, 5, 3, 4, "shifted"
     kw = dict(stride=1, padding=1, dilation=1, p=p, layout=layout)
     leaves64 = _leaves(b, m, n, h, w, k, p, True, torch.float64, seed=3)

@@ -19,25 +19,52 @@ import os
 import triton
 import triton.language as tl
 
-__all__ = ["INTERPRETED", "AUTOTUNE", "tile_configs", "phase_count", "phase_pixels", "phase_tap"]
+__all__ = [
+    "INTERPRETED", "AUTOTUNE", "FORCED_VARIANT", "tile_configs", "variant_prune", "phase_count", "phase_pixels", "phase_tap",
+]
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # LEANCONV_TRITON_AUTOTUNE=0: first configuration of each list only (quick correctness runs).
 AUTOTUNE = os.environ.get("LEANCONV_TRITON_AUTOTUNE", "1") != "0"
 
 
-def tile_configs(blocks: list[tuple[int, int, int, int, int]], names: tuple[str, str, str]) -> list[triton.Config]:
-    """``triton.Config`` per (a, b, c, warps, stages) row, the three sizes named by
-    ``names``; a single small tile under the interpreter (it times nothing), the
-    first row only with ``LEANCONV_TRITON_AUTOTUNE=0``."""
-    if INTERPRETED:
-        blocks = [(16, 16, 16, 1, 1)]
-    elif not AUTOTUNE:
-        blocks = blocks[:1]
+def tile_configs(blocks: list[tuple], names: tuple[str, str, str]) -> list[triton.Config]:
+    """``triton.Config`` per (a, b, c, warps, stages[, variant]) row: the three tile
+    sizes named by ``names``, and an optional dict of further constexpr switches
+    (a kernel *variant*, e.g. ``{"FLAT": True}``), tuned like the tile sizes.
+
+    Under the interpreter one small tile per variant (it times nothing; the
+    prune hook of :func:`variant_prune` then keeps one); with
+    ``LEANCONV_TRITON_AUTOTUNE=0`` the first row of each variant only."""
+    def variant(row) -> dict:
+        return dict(row[5]) if len(row) > 5 else {}
+
+    if INTERPRETED or not AUTOTUNE:
+        first: dict[tuple, tuple] = {}
+        for row in blocks:
+            first.setdefault(tuple(sorted(variant(row).items())), row)
+        blocks = list(first.values())
+        if INTERPRETED:
+            blocks = [(16, 16, 16, 1, 1, variant(row)) for row in blocks]
     return [
-        triton.Config({names[0]: a, names[1]: b, names[2]: c}, num_warps=w, num_stages=s)
-        for a, b, c, w, s in blocks
+        triton.Config({names[0]: row[0], names[1]: row[1], names[2]: row[2], **variant(row)},
+                      num_warps=row[3], num_stages=row[4])
+        for row in blocks
     ]
+
+
+# Set by tests and benchmarks to run one kernel variant: e.g. {"FLAT": False}.
+# Empty: the autotuner chooses on a GPU; under the interpreter (which must not
+# benchmark) the first variant runs.
+FORCED_VARIANT: dict = {}
+
+
+def variant_prune(configs: list[triton.Config], keep=lambda config: True) -> list[triton.Config]:
+    """Configurations that pass ``keep`` and match ``FORCED_VARIANT``; under the
+    interpreter only the first of them (a single configuration is not benchmarked)."""
+    kept = [c for c in configs if keep(c) and all(c.kwargs.get(k, v) == v for k, v in FORCED_VARIANT.items())]
+    kept = kept or [c for c in configs if all(c.kwargs.get(k, v) == v for k, v in FORCED_VARIANT.items())] or configs
+    return kept[:1] if INTERPRETED else kept
 
 
 def phase_count(height: int, width: int, stride: tuple[int, int]) -> tuple[int, int]:

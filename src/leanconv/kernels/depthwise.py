@@ -34,7 +34,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .conv_common import INTERPRETED, phase_pixels, phase_tap, tile_configs
+from .conv_common import phase_pixels, phase_tap, tile_configs
 
 __all__ = ["depthwise_fwd_kernel", "depthwise_dx_kernel", "depthwise_dw_kernel"]
 

@@ -33,19 +33,25 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .conv_common import INTERPRETED, phase_pixels, phase_tap, tile_configs
+from .conv_common import INTERPRETED, phase_pixels, phase_tap, tile_configs, variant_prune
 
 __all__ = ["hetconv_fwd_kernel", "hetconv_dx_kernel", "hetconv_dw_kernel"]
 
-# (BLOCK_M pixels, BLOCK_N filters, BLOCK_K channels, warps, stages)
+# (BLOCK_M pixels, BLOCK_N filters, BLOCK_K channels, warps, stages[, variant])
 # Kept short: each configuration is a separate compile per dtype and geometry.
 # _prune drops tiles wider than a group's channels (Mg) or filters (Ng), which
-# would only multiply masked zeros.
+# would only multiply masked zeros. The forward has two variants of its
+# reduction loop (see hetconv_fwd_kernel), tuned like the tiles: FLAT=False was
+# measured on an H100 (notes/gpu_kernels.md); FLAT=True is not yet measured on a GPU.
 _FWD_BLOCKS = [
-    (128, 64, 64, 4, 3),
-    (128, 128, 64, 8, 3),
-    (128, 32, 32, 4, 4),
-    (128, 64, 32, 4, 3),
+    (128, 64, 64, 4, 3, {"FLAT": False}),
+    (128, 128, 64, 8, 3, {"FLAT": False}),
+    (128, 32, 32, 4, 4, {"FLAT": False}),
+    (128, 64, 32, 4, 3, {"FLAT": False}),
+    (128, 64, 32, 4, 4, {"FLAT": True}),
+    (128, 128, 32, 8, 3, {"FLAT": True}),
+    (64, 64, 32, 4, 4, {"FLAT": True}),
+    (128, 32, 32, 4, 4, {"FLAT": True}),
 ]
 # (BLOCK_M input pixels, BLOCK_C channels, BLOCK_N filters, warps, stages)
 _DX_BLOCKS = [
@@ -69,11 +75,11 @@ def _fits(size: int, block: int) -> bool:
 def _prune(channel_block: str | None, filter_block: str):
     def prune(configs, named_args, **kwargs):
         mg, ng = named_args["Mg"], named_args["Ng"]
-        kept = [
-            c for c in configs
-            if _fits(ng, c.kwargs[filter_block]) and (channel_block is None or _fits(mg, c.kwargs[channel_block]))
-        ]
-        return kept or configs[:1]
+
+        def fits(c):
+            return _fits(ng, c.kwargs[filter_block]) and (channel_block is None or _fits(mg, c.kwargs[channel_block]))
+
+        return variant_prune(configs, fits)
 
     return {"early_config_prune": prune}
 
@@ -115,9 +121,17 @@ def hetconv_fwd_kernel(
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     P: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     SHIFTED: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FLAT: tl.constexpr,
 ):
-    """y[pixel tile, filter tile of group g] = KxK taps on g's channels + centre 1x1 on the rest."""
+    """y[pixel tile, filter tile of group g] = KxK taps on g's channels + centre 1x1 on the rest.
+
+    The reduction runs over KH*KW*Mg KxK rows then M - Mg pointwise rows. FLAT=False:
+    one loop over g's channels per tap (unrolled), then one over the others;
+    with few channels per group each of these loops has one or two iterations,
+    which leaves the software pipeline nothing to overlap. FLAT=True: a single
+    loop over every (tap, channel chunk) step and the pointwise chunks, one
+    BLOCK_K-deep step each, so loads of the next steps overlap the current dot
+    (the loop shape of implicit-GEMM convolution kernels)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     tiles_n = tl.cdiv(Ng, BLOCK_N)
@@ -137,35 +151,56 @@ def hetconv_fwd_kernel(
     ck = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
-    for tap in tl.static_range(KH * KW):
-        ih = ih0 + (tap // KW) * dil_h
-        iw = iw0 + (tap % KW) * dil_w
+    if FLAT:
+        others = M - Mg
+        kxk_chunks = tl.cdiv(Mg, BLOCK_K)
+        kxk_steps = KH * KW * kxk_chunks
+        centre = (KH // 2) * KW + KW // 2
+        for step in range(0, kxk_steps + tl.cdiv(others, BLOCK_K)):
+            is_kxk = step < kxk_steps
+            tap = tl.where(is_kxk, step // kxk_chunks, centre)
+            r = tl.where(is_kxk, (step % kxk_chunks) * BLOCK_K, (step - kxk_steps) * BLOCK_K) + ck
+            r_ok = r < tl.where(is_kxk, Mg, others)
+            cg = tl.where(is_kxk, g * Mg + r, tl.where(r < g * Mg, r, r + Mg))
+            c = _real_channel(cg, Mg, P, SHIFTED)
+            ih = ih0 + (tap // KW) * dil_h
+            iw = iw0 + (tap % KW) * dil_w
+            ok = pix_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            xt = tl.load(x_img[:, None] + (ih * sxh + iw * sxw)[:, None] + c[None, :] * sxc,
+                         mask=ok[:, None] & r_ok[None, :], other=0.0)
+            w_rows = tl.where(is_kxk, wk_ptr + ((g * (KH * KW) + tap) * Mg + r) * Ng, wp_ptr + (g * others + r) * Ng)
+            wt = tl.load(w_rows[:, None] + j[None, :], mask=r_ok[:, None] & j_ok[None, :], other=0.0)
+            acc = _dot(xt, wt, acc, PRECISION)
+    else:
+        for tap in tl.static_range(KH * KW):
+            ih = ih0 + (tap // KW) * dil_h
+            iw = iw0 + (tap % KW) * dil_w
+            ok = pix_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            base = x_img + ih * sxh + iw * sxw
+            for c0 in range(0, Mg, BLOCK_K):
+                i = c0 + ck
+                i_ok = i < Mg
+                c = _real_channel(g * Mg + i, Mg, P, SHIFTED)
+                xt = tl.load(base[:, None] + c[None, :] * sxc, mask=ok[:, None] & i_ok[None, :], other=0.0)
+                row = (g * (KH * KW) + tap) * Mg + i
+                wt = tl.load(wk_ptr + row[:, None] * Ng + j[None, :], mask=i_ok[:, None] & j_ok[None, :], other=0.0)
+                acc = _dot(xt, wt, acc, PRECISION)
+
+        centre = (KH // 2) * KW + KW // 2
+        ih = ih0 + (centre // KW) * dil_h
+        iw = iw0 + (centre % KW) * dil_w
         ok = pix_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         base = x_img + ih * sxh + iw * sxw
-        for c0 in range(0, Mg, BLOCK_K):
-            i = c0 + ck
-            i_ok = i < Mg
-            c = _real_channel(g * Mg + i, Mg, P, SHIFTED)
-            xt = tl.load(base[:, None] + c[None, :] * sxc, mask=ok[:, None] & i_ok[None, :], other=0.0)
-            row = (g * (KH * KW) + tap) * Mg + i
-            wt = tl.load(wk_ptr + row[:, None] * Ng + j[None, :], mask=i_ok[:, None] & j_ok[None, :], other=0.0)
+        others = M - Mg
+        for c0 in range(0, others, BLOCK_K):
+            k = c0 + ck
+            k_ok = k < others
+            cg = tl.where(k < g * Mg, k, k + Mg)
+            c = _real_channel(cg, Mg, P, SHIFTED)
+            xt = tl.load(base[:, None] + c[None, :] * sxc, mask=ok[:, None] & k_ok[None, :], other=0.0)
+            row = g * others + k
+            wt = tl.load(wp_ptr + row[:, None] * Ng + j[None, :], mask=k_ok[:, None] & j_ok[None, :], other=0.0)
             acc = _dot(xt, wt, acc, PRECISION)
-
-    centre = (KH // 2) * KW + KW // 2
-    ih = ih0 + (centre // KW) * dil_h
-    iw = iw0 + (centre % KW) * dil_w
-    ok = pix_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-    base = x_img + ih * sxh + iw * sxw
-    others = M - Mg
-    for c0 in range(0, others, BLOCK_K):
-        k = c0 + ck
-        k_ok = k < others
-        cg = tl.where(k < g * Mg, k, k + Mg)
-        c = _real_channel(cg, Mg, P, SHIFTED)
-        xt = tl.load(base[:, None] + c[None, :] * sxc, mask=ok[:, None] & k_ok[None, :], other=0.0)
-        row = g * others + k
-        wt = tl.load(wp_ptr + row[:, None] * Ng + j[None, :], mask=k_ok[:, None] & j_ok[None, :], other=0.0)
-        acc = _dot(xt, wt, acc, PRECISION)
 
     n = _real_channel(g * Ng + j, Ng, P, SHIFTED)
     if HAS_BIAS:
