@@ -214,3 +214,29 @@ def test_measuring_auto_times_triton_where_it_is_measured(monkeypatch, tmp_path,
         expected = het_conv2d(x, layer.weight, layer.pointwise_weight, layer.bias, padding=1, p=4, backend="reference")
     assert_matches_reference(y.detach(), expected, rtol=1e-5, atol=1e-5)
     autotune.clear_cache()
+
+
+@pytest.mark.parametrize("layout", ["blocked", "shifted"])
+def test_layer_inference_packs_weights_once_until_they_change(layout):
+    from leanconv import HetConv2d
+
+    torch.manual_seed(0)
+    layer = HetConv2d(8, 12, 3, padding=1, p=4, layout=layout, backend="triton").to(DEVICE).eval()
+    x = torch.randn(2, 8, 5, 5, device=DEVICE)
+
+    def expected():
+        return het_conv2d(x, layer.weight, layer.pointwise_weight, layer.bias, padding=1, p=4, layout=layout,
+                          backend="reference")
+
+    with torch.no_grad():
+        first = layer(x)
+        packed = layer.__dict__["_prepared"]["triton"][1]
+        second = layer(x)
+        assert layer.__dict__["_prepared"]["triton"][1] is packed, "reused while the weights are unchanged"
+        assert_matches_reference(first, expected(), rtol=1e-5, atol=1e-5)
+        assert torch.equal(first, second)
+        layer.weight.mul_(-1.0)
+        layer.pointwise_weight.add_(0.5)
+        changed = layer(x)
+        assert layer.__dict__["_prepared"]["triton"][1] is not packed, "rebuilt after an in-place update"
+        assert_matches_reference(changed, expected(), rtol=1e-5, atol=1e-5, what="output after the update")

@@ -236,6 +236,13 @@ class HetConv2d(nn.Module):
                 return hetconv_masked_prepared(x, prepared, self.bias, self.kernel_size, self.stride, padding, self.dilation)
             if name == "reference":
                 return F.conv2d(x, self.prepared_weights("reference", x, padding), self.bias, self.stride, padding, self.dilation)
+            if name == "triton":
+                from ..ops.hetconv_triton import hetconv_triton_packed  # imports Triton: only where it runs
+
+                wk, wp = self.prepared_weights("triton", x, padding)
+                return hetconv_triton_packed(
+                    x, wk, wp, self.bias, self.stride, padding, self.dilation, self.p, self.kernel_size, self.layout,
+                )
         return het_conv2d(
             x, self.weight, self.pointwise_weight, self.bias, self.stride, padding, self.dilation,
             p=self.p, layout=self.layout, backend=name,
@@ -305,7 +312,8 @@ class HetConv2d(nn.Module):
         ``kind``: ``"reference"`` (the dense (N, M, kh, kw) weight), ``"masked"``
         or ``"masked_packed"`` (:class:`leanconv.ops.hetconv_masked.MaskedWeights`), ``"fused"``
         or ``"packed"`` (:class:`leanconv.ops.hetconv_fused.FusedWeights`; packed
-        weights are also keyed on the input's shape, which oneDNN packs for).
+        weights are also keyed on the input's shape, which oneDNN packs for),
+        ``"triton"`` (the Triton kernels' (wk, wp) layout, :func:`leanconv.ops.hetconv_triton.pack_weights`).
         Only for calls without autograd: under autograd backends rebuild these
         from the parameters on every call, so gradients flow to them.
         """
@@ -326,6 +334,10 @@ class HetConv2d(nn.Module):
                     self.weight, self.pointwise_weight, self.p, self.layout, packed=kind == "masked_packed",
                     padding=padding, stride=self.stride, dilation=self.dilation, input_size=tuple(x.shape),
                 )
+            elif kind == "triton":
+                from ..ops.hetconv_triton import pack_weights
+
+                value = pack_weights(self.weight, self.pointwise_weight, self.p, self.layout)
             else:
                 value = prepare_fused(
                     self.weight, self.pointwise_weight, self.p, self.layout, packed=kind == "packed",

@@ -31,7 +31,7 @@ from ..kernels.conv_common import phase_count
 from ..kernels.hetconv import hetconv_dw_kernel, hetconv_dx_kernel, hetconv_fwd_kernel
 from .hetconv_layout import group_filter_order, pointwise_channel_index
 
-__all__ = ["hetconv_triton", "unsupported", "register", "SUPPORTED_DTYPES"]
+__all__ = ["hetconv_triton", "hetconv_triton_packed", "pack_weights", "unsupported", "register", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -218,6 +218,24 @@ class _HetConvTritonFunction(torch.autograd.Function):
         return dx, dwk, dwp, dbias, None, None, None, None, None, None
 
 
+def _cast_and_check(x: torch.Tensor, **tensors: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """Refuse inputs the kernels cannot run; under autocast, cast everything to its dtype."""
+    reason = unsupported(x)
+    if reason is not None:
+        raise ValueError(reason)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x = x.to(dtype)
+        tensors = {name: t.to(dtype) if t is not None else None for name, t in tensors.items()}
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.dtype != x.dtype:
+            raise TypeError(f"triton backend: input is {x.dtype} but {name} is {tensor.dtype}")
+        if tensor is not None and tensor.device != x.device:
+            raise ValueError(f"triton backend: input is on {x.device} but {name} is on {tensor.device}")
+    return (x, *tensors.values())
+
+
 def hetconv_triton(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -232,23 +250,28 @@ def hetconv_triton(
     """HetConv of a (B, M, H, W) input (zero padding) -> (B, N, Ho, Wo) by the Triton kernels.
 
     The output has the input's memory format (channels_last in, channels_last out)."""
-    reason = unsupported(x)
-    if reason is not None:
-        raise ValueError(reason)
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        x, weight, pointwise_weight = x.to(dtype), weight.to(dtype), pointwise_weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    for name, tensor in (("weight", weight), ("pointwise_weight", pointwise_weight), ("bias", bias)):
-        if tensor is not None and tensor.dtype != x.dtype:
-            raise TypeError(f"triton backend: input is {x.dtype} but {name} is {tensor.dtype}")
-        if tensor is not None and tensor.device != x.device:
-            raise ValueError(f"triton backend: input is on {x.device} but {name} is on {tensor.device}")
+    x, weight, pointwise_weight, bias = _cast_and_check(x, weight=weight, pointwise_weight=pointwise_weight, bias=bias)
     wk, wp = pack_weights(weight, pointwise_weight, p, layout)
+    return hetconv_triton_packed(x, wk, wp, bias, stride, padding, dilation, p, (weight.shape[2], weight.shape[3]), layout)
+
+
+def hetconv_triton_packed(
+    x: torch.Tensor,
+    wk: torch.Tensor,
+    wp: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    p: int,
+    kernel_size: tuple[int, int],
+    layout: str,
+) -> torch.Tensor:
+    """:func:`hetconv_triton` from weights already packed by :func:`pack_weights`
+    (``HetConv2d`` packs once for inference and reuses them until the parameters change)."""
+    x, wk, wp, bias = _cast_and_check(x, wk=wk, wp=wp, bias=bias)
     return _HetConvTritonFunction.apply(
-        x, wk, wp, bias, tuple(stride), tuple(padding), tuple(dilation), p,
-        (weight.shape[2], weight.shape[3]), layout == "shifted",
+        x, wk, wp, bias, tuple(stride), tuple(padding), tuple(dilation), p, tuple(kernel_size), layout == "shifted",
     )
 
 
