@@ -15,6 +15,7 @@ import json
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from helpers import assert_lowp_policy, assert_matches_reference
 
@@ -263,3 +264,27 @@ def test_gpu_benchmark_script_runs_in_smoke_mode(tmp_path):
     rows = json.loads(written.read_text())["rows"]
     assert [r["layer"] for r in rows] == ["smoke.tiny", "smoke.tiny_s2"]
     assert all(r["gate"] and r["triton_fwdbwd_ms"] > 0 for r in rows)
+
+
+def test_autocast_and_torch_compile():
+    torch.manual_seed(0)
+    layer = DepthwiseConv2d(6, 12, 3, padding=1, backend="triton").to(DEVICE)
+    x = torch.randn(2, 6, 5, 5, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        y = layer(x)
+        expected = F.conv2d(x, layer.weight, layer.bias, 1, 1, 1, 6)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32 and layer.bias.grad.dtype == torch.float32
+    assert ((y.float() - expected.float()).norm() / expected.float().norm()).item() < 2e-2
+
+    model = torch.nn.Sequential(layer, torch.nn.ReLU())
+    compiled = torch.compile(model, backend="aot_eager")
+    x.requires_grad_()
+    eager = model(x)
+    (grad_eager,) = torch.autograd.grad(eager.sum(), x)
+    out = compiled(x)
+    (grad_compiled,) = torch.autograd.grad(out.sum(), x)
+    assert layer.last_backend == "triton"
+    assert_matches_reference(out, eager, rtol=1e-5, atol=1e-5)
+    assert_matches_reference(grad_compiled, grad_eager, rtol=1e-5, atol=1e-5, what="input gradient")

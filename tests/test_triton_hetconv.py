@@ -240,3 +240,33 @@ def test_layer_inference_packs_weights_once_until_they_change(layout):
         changed = layer(x)
         assert layer.__dict__["_prepared"]["triton"][1] is not packed, "rebuilt after an in-place update"
         assert_matches_reference(changed, expected(), rtol=1e-5, atol=1e-5, what="output after the update")
+
+
+def test_autocast_and_torch_compile():
+    """AMP: float32 parameters, bfloat16 compute, float32 gradients. torch.compile: the
+    same values and gradients as eager (under the interpreter the kernels run outside
+    the graph; on a GPU TorchDynamo captures them)."""
+    from leanconv import HetConv2d
+
+    torch.manual_seed(0)
+    layer = HetConv2d(8, 8, 3, padding=1, p=4, backend="triton").to(DEVICE)
+    x = torch.randn(2, 8, 5, 5, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        y = layer(x)
+        expected = het_conv2d(x, layer.weight, layer.pointwise_weight, layer.bias, padding=1, p=4, backend="reference")
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32 and layer.pointwise_weight.grad.dtype == torch.float32
+    rel = ((y.float() - expected.float()).norm() / expected.float().norm()).item()
+    assert rel < 2e-2
+
+    layer.zero_grad()
+    model = torch.nn.Sequential(layer, torch.nn.ReLU())
+    compiled = torch.compile(model, backend="aot_eager")
+    x.requires_grad_()
+    eager = model(x)
+    (grad_eager,) = torch.autograd.grad(eager.sum(), x)
+    out = compiled(x)
+    (grad_compiled,) = torch.autograd.grad(out.sum(), x)
+    assert_matches_reference(out, eager, rtol=1e-5, atol=1e-5)
+    assert_matches_reference(grad_compiled, grad_eager, rtol=1e-5, atol=1e-5, what="input gradient")

@@ -173,7 +173,21 @@ def depthwise_triton(
             raise ValueError(f"triton depthwise backend: input is on {x.device} but {name} is on {tensor.device}")
     kernel_size = (weight.shape[2], weight.shape[3])
     w = weight.reshape(weight.shape[0], kernel_size[0] * kernel_size[1])
-    return _DepthwiseTritonFunction.apply(
-        x, w.contiguous(), bias, tuple(stride), tuple(padding), tuple(dilation),
+    return _apply(
+        _DepthwiseTritonFunction, x, w.contiguous(), bias, tuple(stride), tuple(padding), tuple(dilation),
         weight.shape[0] // channels, kernel_size,
     )
+
+
+@torch.compiler.disable
+def _interpreted_apply(function, *args):
+    return function.apply(*args)
+
+
+def _apply(function, *args):
+    """``function.apply(*args)``; under ``TRITON_INTERPRET=1`` outside of torch.compile's
+    graph (TorchDynamo would trace into the interpreter's Python; on a GPU it
+    captures the Triton kernels themselves)."""
+    if _interpreted():
+        return _interpreted_apply(function, *args)
+    return function.apply(*args)

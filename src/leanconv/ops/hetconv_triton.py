@@ -31,7 +31,7 @@ from ..kernels.conv_common import phase_count
 from ..kernels.hetconv import hetconv_dw_kernel, hetconv_dx_kernel, hetconv_fwd_kernel
 from .hetconv_layout import group_filter_order, pointwise_channel_index
 
-__all__ = ["hetconv_triton", "hetconv_triton_packed", "pack_weights", "unsupported", "register", "SUPPORTED_DTYPES"]
+__all__ = ["hetconv_triton", "hetconv_triton_packed", "pack_weights", "unsupported", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -270,16 +270,21 @@ def hetconv_triton_packed(
     """:func:`hetconv_triton` from weights already packed by :func:`pack_weights`
     (``HetConv2d`` packs once for inference and reuses them until the parameters change)."""
     x, wk, wp, bias = _cast_and_check(x, wk=wk, wp=wp, bias=bias)
-    return _HetConvTritonFunction.apply(
-        x, wk, wp, bias, tuple(stride), tuple(padding), tuple(dilation), p, tuple(kernel_size), layout == "shifted",
+    return _apply(
+        _HetConvTritonFunction, x, wk, wp, bias, tuple(stride), tuple(padding), tuple(dilation), p,
+        tuple(kernel_size), layout == "shifted",
     )
 
 
-def register() -> None:
-    """Add the ``triton`` backend to the registry (called by ``backends.py`` where Triton is found)."""
-    from .backends import HetConvBackend, register_backend
+@torch.compiler.disable
+def _interpreted_apply(function, *args):
+    return function.apply(*args)
 
-    register_backend(HetConvBackend(
-        "triton", hetconv_triton, unsupported,
-        description="direct HetConv: Triton implicit-GEMM forward, input- and weight-gradient kernels (CUDA)",
-    ))
+
+def _apply(function, *args):
+    """``function.apply(*args)``; under ``TRITON_INTERPRET=1`` outside of torch.compile's
+    graph (TorchDynamo would trace into the interpreter's Python; on a GPU it
+    captures the Triton kernels themselves)."""
+    if _interpreted():
+        return _interpreted_apply(function, *args)
+    return function.apply(*args)
