@@ -161,6 +161,7 @@ def test_layer_is_an_nn_conv2d_with_its_state_dict_and_arguments_checked():
     assert "backend='triton'" in repr(layer)
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 def test_uneven_same_padding_needs_torch():
     layer = DepthwiseConv2d(2, 2, 2, padding="same", backend="triton")
     with pytest.raises(ValueError, match="symmetric padding"):
