@@ -297,3 +297,16 @@ def test_layers_with_cached_packed_weights_copy_and_pickle():
         for other in (clone, loaded):
             assert "_prepared" not in other.__dict__ or not other.__dict__["_prepared"]
             assert torch.equal(other(x), expected)
+
+
+def test_a_backend_that_fails_while_measured_is_left_out_with_a_warning(monkeypatch):
+    def broken():
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    candidates = {"reference": lambda: None, "triton": broken}
+    with pytest.warns(RuntimeWarning, match="backend 'triton' failed while being measured"):
+        assert autotune.measured_choice("failing-key", candidates, rounds=1) == "reference"
+    assert autotune.cache_entries()["failing-key"] == "reference"
+    with pytest.raises(RuntimeError, match="no kernel image"), pytest.warns(RuntimeWarning):
+        autotune.measured_choice("all-failing-key", {"triton": broken}, rounds=1)
+    autotune.clear_cache()

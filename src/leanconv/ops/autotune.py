@@ -40,6 +40,7 @@ import os
 import tempfile
 import threading
 import time
+import warnings
 from typing import Callable, Mapping
 
 import torch
@@ -238,12 +239,35 @@ def clear_cache() -> None:
         _generation[0] += 1
 
 
+def _runnable(candidates: Mapping[str, Callable[[], object]]) -> dict[str, Callable[[], object]]:
+    """Run each candidate once (the warm-up) and keep those that ran. A backend that
+    fails on this device or input (say, a kernel that does not compile for this
+    GPU) is left out with a warning naming it, rather than failing the caller's
+    call: every other candidate computes the same function. If all fail, the last
+    error is raised."""
+    kept, error = {}, None
+    for name, run in candidates.items():
+        try:
+            run()
+        except Exception as caught:  # noqa: BLE001 - reported, and the exact alternatives remain
+            error = caught
+            warnings.warn(
+                f"leanconv auto: backend {name!r} failed while being measured and is not used for this "
+                f"setting ({type(caught).__name__}: {str(caught)[:300]})",
+                RuntimeWarning, stacklevel=4,
+            )
+            continue
+        kept[name] = run
+    if not kept and error is not None:
+        raise error
+    return kept
+
+
 def _time_candidates(candidates: Mapping[str, Callable[[], object]], rounds: int) -> dict[str, float]:
     """Fastest seconds per candidate over ``rounds`` interleaved rounds after one warm-up each
     (the minimum: other processes only ever add time, so it is the least noisy estimate)."""
+    candidates = _runnable(candidates)
     samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for run in candidates.values():
-        run()
     for _ in range(rounds):
         for name, run in candidates.items():
             start = time.perf_counter()
