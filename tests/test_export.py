@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+import leanconv
+import leanconv.ops.depthwise
 from leanconv.convert import convert
 from leanconv.export import HetConvExportForm, export_onnx, export_program, export_torchscript, prepare_for_export, run_onnx
 from leanconv.layers import HetConv2d, SeedHetConv2d, make_conv
@@ -229,3 +231,19 @@ def test_cli_export_errors(user_module, tmp_path, capsys):
     assert "--input-size" in capsys.readouterr().err
     assert main(["export", user_module, "--conv", "dsc", "--input-size", "3,8,8"]) == 2
     assert "nothing to do" in capsys.readouterr().err
+
+
+def test_prepare_turns_depthwise_layers_into_plain_convolutions():
+    from leanconv.layers import DepthwiseConv2d
+
+    backend = "triton" if "triton" in leanconv.ops.depthwise.depthwise_backend_names() else "torch"
+    model = nn.Sequential(
+        leanconv.DSConv2d(3, 8, 3, padding=1, with_bn=True, depthwise_backend=backend),
+        leanconv.BSConvU2d(8, 8, 3, padding=1, depthwise_backend=backend),
+    )
+    prepared = prepare_for_export(model)
+    assert not any(isinstance(m, DepthwiseConv2d) for m in prepared.modules())
+    assert sum(type(m) is nn.Conv2d and m.groups > 1 for m in prepared.modules()) == 2
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert_matches_reference(prepared(x), model.eval()(x))

@@ -33,7 +33,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .layers import HetConv2d
+from .layers import DepthwiseConv2d, HetConv2d
 from .ops.hetconv_layout import group_channel_order, group_filter_order, materialize_pointwise_matrix
 
 __all__ = [
@@ -133,10 +133,32 @@ def _replace_hetconv(model: nn.Module, hetconv_form: str) -> nn.Module:
     return model
 
 
+def _plain_depthwise(model: nn.Module) -> nn.Module:
+    """Each DepthwiseConv2d as the nn.Conv2d it is (same parameters), so that no
+    backend choice (``triton``, ``LEANCONV_DEPTHWISE_BACKEND``) reaches the exporter."""
+    def plain(layer: DepthwiseConv2d) -> nn.Conv2d:
+        conv = nn.Conv2d(
+            layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+            groups=layer.groups, bias=layer.bias is not None, padding_mode=layer.padding_mode,
+            device=layer.weight.device, dtype=layer.weight.dtype,
+        )
+        conv.load_state_dict(layer.state_dict())
+        return conv.train(layer.training)
+
+    if isinstance(model, DepthwiseConv2d):
+        return plain(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if isinstance(child, DepthwiseConv2d):
+                parent._modules[name] = plain(child)
+    return model
+
+
 def prepare_for_export(model: nn.Module, *, hetconv_form: str = "split", fuse: bool = True) -> nn.Module:
     """An eval-mode copy of ``model`` made of exportable standard operators:
-    BatchNorm folded (``fuse=True``, via :func:`leanconv.fuse`) and each
-    HetConv2d in ``hetconv_form`` ("split" or "dense"; see the module docstring).
+    BatchNorm folded (``fuse=True``, via :func:`leanconv.fuse`), each
+    HetConv2d in ``hetconv_form`` ("split" or "dense"; see the module docstring)
+    and each DepthwiseConv2d as a plain nn.Conv2d.
     Outputs equal ``model.eval()``'s within float32 rounding."""
     if hetconv_form not in HETCONV_FORMS:
         raise ValueError(f"hetconv_form must be one of {HETCONV_FORMS}, got {hetconv_form!r}")
@@ -145,7 +167,7 @@ def prepare_for_export(model: nn.Module, *, hetconv_form: str = "split", fuse: b
         from .fuse import fuse as fuse_model
 
         prepared = fuse_model(prepared, inplace=True)
-    return _replace_hetconv(prepared, hetconv_form).eval()
+    return _replace_hetconv(_plain_depthwise(prepared), hetconv_form).eval()
 
 
 def _example(model: nn.Module, example_input, input_size) -> torch.Tensor:
