@@ -258,3 +258,15 @@ def test_inplace_fold_invalidates_prepared_weights(backend):
         expected = model(x)  # fills the cache
         fuse(model, inplace=True)
         assert_matches_reference(model(x), expected)
+
+
+def test_batchnorm_after_a_standalone_depthwise_layer_is_folded():
+    from leanconv.layers import DepthwiseConv2d
+
+    model = randomize_bn(nn.Sequential(DepthwiseConv2d(4, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())).eval()
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        expected = model(x)
+        fused = fuse(model)
+        assert n_bn(fused) == 0 and isinstance(fused[0], DepthwiseConv2d) and fused[0].bias is not None
+        assert_matches_reference(fused(x), expected)

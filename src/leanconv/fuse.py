@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .layers import BSConvS2d, BSConvU2d, DSConv2d, GWPWConv2d, HetConv2d, SeedHetConv2d
+from .layers import BSConvS2d, BSConvU2d, DepthwiseConv2d, DSConv2d, GWPWConv2d, HetConv2d, SeedHetConv2d
 
 __all__ = ["FuseReport", "fuse", "fold_batchnorm"]
 
@@ -121,7 +121,7 @@ def _is_official_bsconv(module: nn.Module) -> bool:
 def _absorber(module: nn.Module) -> nn.Module | None:
     """The convolution inside ``module`` whose outputs are ``module``'s outputs
     channel by channel (so a following BN folds into it), or None."""
-    if type(module) is nn.Conv2d or isinstance(module, HetConv2d):
+    if type(module) in (nn.Conv2d, DepthwiseConv2d) or isinstance(module, HetConv2d):
         return module
     if isinstance(module, (DSConv2d, GWPWConv2d)):
         return module.pw
