@@ -479,3 +479,21 @@ def test_functional_validates_weight_shapes():
         het_conv2d(x, torch.randn(4, 2, 3, 3), torch.randn(4, 5), p=4)
     with pytest.raises(ValueError, match="expected input with 8 channels"):
         het_conv2d(torch.randn(1, 6, 5, 5), torch.randn(4, 2, 3, 3), torch.randn(4, 6), p=4)
+
+
+def test_index_tables_carry_the_mark_of_assume_constant_result():
+    """ops/hetconv_layout.py marks its table function without importing TorchDynamo;
+    the public decorator must still set exactly that mark. (Also: compiling a shifted
+    HetConv, which reads the tables, gives one graph without breaks.)"""
+    from leanconv.ops import hetconv_layout
+
+    def probe():
+        return None
+
+    torch.compiler.assume_constant_result(probe)
+    assert set(vars(probe)) == {"_dynamo_marked_constant"} and probe._dynamo_marked_constant is True
+    assert hetconv_layout._tables._dynamo_marked_constant is True
+
+    layer = leanconv.HetConv2d(8, 8, 3, padding=1, p=4, layout="shifted", backend="split")
+    explained = torch._dynamo.explain(layer)(torch.randn(1, 8, 5, 5))
+    assert explained.graph_break_count == 0, explained.break_reasons

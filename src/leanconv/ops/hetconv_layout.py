@@ -26,6 +26,7 @@ blocked layer B with ``B.dense[sigma_N(n), sigma_M(c)] = S.dense[n, c]`` satisfy
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 
@@ -110,8 +111,20 @@ def _index_tables_on(in_channels: int, out_channels: int, p: int, layout: str, d
     return tuple(t.to(device) for t in _index_tables(in_channels, out_channels, p, layout))
 
 
+def assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without importing TorchDynamo when
+    leanconv is imported (that import costs ~1.2 s of every ``import leanconv`` and
+    CLI start). The public decorator only marks ``fn`` with the attribute Dynamo
+    reads when it traces; tests/test_hetconv.py checks that it still marks exactly
+    this attribute. Once Dynamo is loaded, the public decorator is used."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 # A pure function of Python ints: torch.compile runs it once and keeps the result.
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _tables(in_channels, out_channels, p, layout, device):
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "cpu":
