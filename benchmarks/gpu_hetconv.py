@@ -306,7 +306,8 @@ def main():
         )
     log("\n".join(table))
     slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower()
-    stem = os.path.join(args.out, f"{slug}-hetconv-p{args.p}-b{args.batch}")
+    variant = "" if args.forward_variant == "auto" else f"-{args.forward_variant}"
+    stem = os.path.join(args.out, f"{slug}-hetconv-p{args.p}-b{args.batch}{variant}")
     write_atomic(stem + ".json", json.dumps({"header": header, "correct": correct, "rows": rows}, indent=1))
     write_atomic(stem + ".md", "```\n" + "\n".join(lines[:-1]) + "\n```\n\n" + "\n".join(table) + "\n")
     log(f"wrote {stem}.json and {stem}.md")
