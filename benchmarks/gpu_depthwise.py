@@ -34,9 +34,6 @@ import datetime
 import json
 import os
 import platform
-import re
-import statistics
-import subprocess
 import sys
 import time
 
@@ -46,6 +43,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 import triton  # noqa: E402
+from gpu_common import CUDA_TIMER, SMOKE_TIMER, commit, machine_name, make_timer, pick_device, slug  # noqa: E402
 
 from leanconv.bench import markdown_table, write_atomic  # noqa: E402
 from leanconv.ops.depthwise_triton import depthwise_triton  # noqa: E402
@@ -122,24 +120,6 @@ def check_correctness(device, log) -> bool:
 
 
 # ----------------------------------------------------------------------------- speed
-def make_timer(device):
-    if device == "cuda":
-        from triton.testing import do_bench
-
-        return lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-    def wall_clock(fn, rounds=3):
-        fn()
-        samples = []
-        for _ in range(rounds):
-            start = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(samples)
-
-    return wall_clock
-
-
 def bench_shape(grid, name, channels, hw, stride, dtype, batch, device, timer, log):
     torch.manual_seed(0)
     x = torch.randn(batch, channels, hw, hw, device=device, dtype=dtype).to(memory_format=torch.channels_last)
@@ -194,33 +174,24 @@ def main():
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes on the CPU under TRITON_INTERPRET=1 (checks the script, times nothing useful)")
     args = parser.parse_args()
+    device = pick_device(parser, args.smoke)
     if args.smoke:
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            parser.error("--smoke needs TRITON_INTERPRET=1 in the environment (the kernels then run on the CPU)")
-        device, args.batch, args.grids = "cpu", 2, "smoke"
-    elif torch.cuda.is_available():
-        device = "cuda"
-        torch.backends.cudnn.benchmark = True
+        args.batch, args.grids = 2, "smoke"
     else:
-        parser.error("needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1 to check the script on the CPU)")
+        torch.backends.cudnn.benchmark = True
     lines = []
 
     def log(text):
         print(text, flush=True)
         lines.append(text)
 
-    machine = torch.cuda.get_device_name() if device == "cuda" else f"cpu-interpreter-{platform.machine()}"
-    try:
-        commit = os.environ.get("LEANCONV_COMMIT") or subprocess.check_output(
-            ["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        commit = "unknown"
+    machine = machine_name(device)
     header = {
         "device": machine, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if device == "cuda" else None, "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
         "batch": args.batch, "kernel_size": 3, "memory_format": "channels_last",
-        "timer": "triton.testing.do_bench median (warmup 25 ms, rep 100 ms)" if device == "cuda" else "wall clock, median of 3",
+        "timer": CUDA_TIMER if device == "cuda" else SMOKE_TIMER,
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
     }
     log(json.dumps(header))
@@ -240,8 +211,7 @@ def main():
                 log(json.dumps(row))
     table = markdown_table(rows, COLUMNS)
     log(table)
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", machine).strip("-").lower()
-    stem = os.path.join(args.out, f"{slug}-depthwise-b{args.batch}")
+    stem = os.path.join(args.out, f"{slug(machine)}-depthwise-b{args.batch}")
     write_atomic(stem + ".json", json.dumps({"header": header, "correct": correct, "rows": rows}, indent=1))
     write_atomic(stem + ".md", "```\n" + "\n".join(lines[:-1]) + "\n```\n\n" + table)
     log(f"wrote {stem}.json and {stem}.md")

@@ -29,8 +29,6 @@ import datetime
 import json
 import os
 import platform
-import re
-import subprocess
 import sys
 import time
 
@@ -40,7 +38,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 import triton  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
+from gpu_common import CUDA_TIMER, SMOKE_TIMER, commit, machine_name, make_timer, pick_device, slug  # noqa: E402
 
 from leanconv.bench import write_atomic  # noqa: E402
 from leanconv.ops.hetconv_reference import hetconv_reference  # noqa: E402
@@ -64,7 +62,11 @@ SHAPES = {
         ("layer3", 256, 256, 14, 1),
         ("layer4", 512, 512, 7, 1),
     ],
+    "smoke": [("tiny_s2", 8, 16, 7, 2)],
 }
+# Set by main(): "cuda", or "cpu" for --smoke runs under TRITON_INTERPRET=1.
+DEVICE = "cuda"
+TIMER = None
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
 
 
@@ -81,15 +83,17 @@ def check_correctness(log, dtypes=(torch.float32, torch.bfloat16, torch.float16)
         (4, 128, 128, 14, 14, 3, 4, "blocked", (1, 1), (1, 1), (1, 1), True, True),
         (2, 64, 128, 15, 15, 3, 4, "blocked", (2, 2), (1, 1), (1, 1), False, True),
     ]
+    if DEVICE == "cpu":  # smoke run on the interpreter: one small configuration
+        configs = [(2, 8, 8, 5, 5, 3, 4, "shifted", (2, 1), (1, 1), (1, 1), True, True)]
     configs = configs[:limit]
     ok_all = True
     for dtype in dtypes:
         for cfg in configs:
             b, m, n, h, w, k, p, layout, stride, padding, dilation, with_bias, cl = cfg
-            x64 = torch.randn(b, m, h, w, device="cuda", dtype=torch.float64)
-            w64 = torch.randn(n, m // p, k, k, device="cuda", dtype=torch.float64) / (m // p * k * k) ** 0.5
-            pw64 = torch.randn(n, m - m // p, device="cuda", dtype=torch.float64) / m**0.5
-            b64 = torch.randn(n, device="cuda", dtype=torch.float64) if with_bias else None
+            x64 = torch.randn(b, m, h, w, device=DEVICE, dtype=torch.float64)
+            w64 = torch.randn(n, m // p, k, k, device=DEVICE, dtype=torch.float64) / (m // p * k * k) ** 0.5
+            pw64 = torch.randn(n, m - m // p, device=DEVICE, dtype=torch.float64) / m**0.5
+            b64 = torch.randn(n, device=DEVICE, dtype=torch.float64) if with_bias else None
             args = (stride, padding, dilation, p, layout)
 
             def run(fn, dt):
@@ -99,7 +103,7 @@ def check_correctness(log, dtypes=(torch.float32, torch.bfloat16, torch.float16)
                     xin = xin.to(memory_format=torch.channels_last)
                 y = fn(xin, leaves[1], leaves[2], leaves[3], *args)
                 torch.manual_seed(1)
-                gy = torch.randn(y.shape, device="cuda", dtype=torch.float64)
+                gy = torch.randn(y.shape, device=DEVICE, dtype=torch.float64)
                 grads = torch.autograd.grad(y, [t for t in leaves if t is not None], gy.to(dt))
                 return [y, *grads]
 
@@ -121,10 +125,10 @@ def check_correctness(log, dtypes=(torch.float32, torch.bfloat16, torch.float16)
         return ok_all
 
     # autocast (AMP): float32 leaves, bf16 compute, gradients flow back to float32 parameters
-    x = torch.randn(4, 64, 16, 16, device="cuda").to(memory_format=torch.channels_last).requires_grad_()
-    wt = torch.randn(64, 16, 3, 3, device="cuda", requires_grad=True)
-    pw = torch.randn(64, 48, device="cuda", requires_grad=True)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    x = torch.randn(4, 64, 16, 16, device=DEVICE).to(memory_format=torch.channels_last).requires_grad_()
+    wt = torch.randn(64, 16, 3, 3, device=DEVICE, requires_grad=True)
+    pw = torch.randn(64, 48, device=DEVICE, requires_grad=True)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         y = hetconv_triton(x, wt, pw, None, (1, 1), (1, 1), (1, 1), 4, "blocked")
         r = hetconv_reference(x, wt, pw, None, (1, 1), (1, 1), (1, 1), 4, "blocked")
     y.float().sum().backward()
@@ -164,14 +168,14 @@ def hetconv_macs(b, m, n, ho, wo, k, p):
 def bench_shape(name, m, n, hw, stride, dtype, p, batch, k, log):
     torch.manual_seed(0)
     pad = k // 2
-    x = torch.randn(batch, m, hw, hw, device="cuda", dtype=dtype).to(memory_format=torch.channels_last)
+    x = torch.randn(batch, m, hw, hw, device=DEVICE, dtype=dtype).to(memory_format=torch.channels_last)
     ho = (hw + 2 * pad - k) // stride + 1
     mg = m // p
-    w_het = (torch.randn(n, mg, k, k, device="cuda", dtype=dtype) / (mg * k * k) ** 0.5).requires_grad_()
-    pw = (torch.randn(n, m - mg, device="cuda", dtype=dtype) / m**0.5).requires_grad_()
-    w_dense = (torch.randn(n, m, k, k, device="cuda", dtype=dtype) / (m * k * k) ** 0.5).requires_grad_()
-    w_group = (torch.randn(n, mg, k, k, device="cuda", dtype=dtype) / (mg * k * k) ** 0.5).requires_grad_()
-    w_1x1 = (torch.randn(n, m, 1, 1, device="cuda", dtype=dtype) / m**0.5).requires_grad_()
+    w_het = (torch.randn(n, mg, k, k, device=DEVICE, dtype=dtype) / (mg * k * k) ** 0.5).requires_grad_()
+    pw = (torch.randn(n, m - mg, device=DEVICE, dtype=dtype) / m**0.5).requires_grad_()
+    w_dense = (torch.randn(n, m, k, k, device=DEVICE, dtype=dtype) / (m * k * k) ** 0.5).requires_grad_()
+    w_group = (torch.randn(n, mg, k, k, device=DEVICE, dtype=dtype) / (mg * k * k) ** 0.5).requires_grad_()
+    w_1x1 = (torch.randn(n, m, 1, 1, device=DEVICE, dtype=dtype) / m**0.5).requires_grad_()
     x.requires_grad_()
     geometry = ((stride, stride), (pad, pad), (1, 1), p, "blocked")
 
@@ -191,17 +195,17 @@ def bench_shape(name, m, n, hw, stride, dtype, p, batch, k, log):
            "triton_vs_split_rel_err": rel, "gate": gated}
     if not gated:
         log(f"GATE FAILED {name} {dtype}: triton vs split rel err {rel:.3g}; triton not timed")
-    gy = torch.randn(batch, n, ho, ho, device="cuda", dtype=dtype).to(memory_format=torch.channels_last)
+    gy = torch.randn(batch, n, ho, ho, device=DEVICE, dtype=dtype).to(memory_format=torch.channels_last)
     for cand, (fn, leaves) in candidates.items():
         if cand == "triton" and not gated:
             continue
         with torch.no_grad():
-            row[f"{cand}_fwd_ms"] = do_bench(fn, warmup=25, rep=100, return_mode="median")
+            row[f"{cand}_fwd_ms"] = TIMER(fn)
 
         def train(fn=fn, leaves=leaves):
             torch.autograd.grad(fn(), leaves, gy)
 
-        row[f"{cand}_fwdbwd_ms"] = do_bench(train, warmup=25, rep=100, return_mode="median")
+        row[f"{cand}_fwdbwd_ms"] = TIMER(train)
         if cand == "triton":  # the tile configuration (and forward variant) the autotuner kept
             for kernel_name, kernel in (("fwd", hetconv_fwd_kernel), ("dx", hetconv_dx_kernel), ("dw", hetconv_dw_kernel)):
                 row[f"triton_{kernel_name}_config"] = str(kernel.best_config)
@@ -230,9 +234,16 @@ def main():
     parser.add_argument("--correctness-only", action="store_true")
     parser.add_argument("--forward-variant", choices=("auto", "taps", "flat"), default="auto",
                         help="the forward kernel's reduction loop: autotuned (default), or forced")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes on the CPU under TRITON_INTERPRET=1 (checks the script, times nothing useful)")
     parser.add_argument("--fp32-strict", action="store_true",
                         help="correctness of float32 with TF32 off (IEEE dots), first 3 configurations only")
     args = parser.parse_args()
+    global DEVICE, TIMER
+    DEVICE = pick_device(parser, args.smoke)
+    TIMER = make_timer(DEVICE)
+    if args.smoke:
+        args.batch, args.grids = 2, "smoke"
     if args.forward_variant != "auto":
         conv_common.FORCED_VARIANT["FLAT"] = args.forward_variant == "flat"
     torch.backends.cudnn.benchmark = True
@@ -244,18 +255,13 @@ def main():
         print(text, flush=True)
         lines.append(text)
 
-    gpu = torch.cuda.get_device_name()
-    try:
-        commit = os.environ.get("LEANCONV_COMMIT") or subprocess.check_output(
-            ["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        commit = "unknown"
+    gpu = machine_name(DEVICE)
     header = {
         "gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version(), "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
+        "cudnn": torch.backends.cudnn.version() if DEVICE == "cuda" else None, "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
         "batch": args.batch, "p": args.p, "kernel_size": 3, "forward_variant": args.forward_variant, "layout": "blocked", "memory_format": "channels_last",
-        "cudnn.benchmark": True, "allow_tf32": True, "timer": "triton.testing.do_bench median (warmup 25 ms, rep 100 ms)",
+        "cudnn.benchmark": True, "allow_tf32": True, "timer": CUDA_TIMER if DEVICE == "cuda" else SMOKE_TIMER,
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
     }
     log(json.dumps(header))
@@ -270,7 +276,7 @@ def main():
         return
     if not args.skip_correctness:
         t0 = time.time()
-        correct = check_correctness(log)
+        correct = check_correctness(log, limit=1 if args.smoke else None)
         log(f"correctness section: {time.time() - t0:.1f} s")
         if args.correctness_only:
             return
@@ -305,11 +311,13 @@ def main():
             f"{r.get('triton_fwd_tflops', 0):.0f} | {r.get('dense_fwd_tflops', 0):.0f} |"
         )
     log("\n".join(table))
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-").lower()
     variant = "" if args.forward_variant == "auto" else f"-{args.forward_variant}"
-    stem = os.path.join(args.out, f"{slug}-hetconv-p{args.p}-b{args.batch}{variant}")
+    stem = os.path.join(args.out, f"{slug(gpu)}-hetconv-p{args.p}-b{args.batch}{variant}")
     write_atomic(stem + ".json", json.dumps({"header": header, "correct": correct, "rows": rows}, indent=1))
     write_atomic(stem + ".md", "```\n" + "\n".join(lines[:-1]) + "\n```\n\n" + "\n".join(table) + "\n")
+    partial = os.path.join(args.out, "partial.json")
+    if os.path.exists(partial):  # the progress file of this run, superseded
+        os.remove(partial)
     log(f"wrote {stem}.json and {stem}.md")
 
 

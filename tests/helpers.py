@@ -37,3 +37,22 @@ def cuda_available() -> bool:
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def run_gpu_benchmark_smoke(script: str, out_dir, *args: str) -> dict:
+    """Run ``benchmarks/<script> --smoke`` on the CPU interpreter (TRITON_INTERPRET=1),
+    assert it succeeded and return its JSON result (header, correct, rows)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, os.path.join(root, "benchmarks", script), "--smoke", "--out", str(out_dir), *args],
+        capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (written,) = [name for name in os.listdir(out_dir) if name.endswith(".json")]
+    with open(os.path.join(out_dir, written)) as handle:
+        return json.load(handle)

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helpers import assert_lowp_policy, assert_matches_reference
+from helpers import assert_lowp_policy, assert_matches_reference, run_gpu_benchmark_smoke
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (pip install 'leanconv[triton]')")
@@ -248,23 +248,10 @@ def test_auto_does_not_measure_when_switched_off(monkeypatch):
 @pytest.mark.skipif(DEVICE != "cpu", reason="the smoke mode runs on the CPU interpreter")
 def test_gpu_benchmark_script_runs_in_smoke_mode(tmp_path):
     """benchmarks/gpu_depthwise.py end to end on tiny shapes (its GPU timings are taken on a GPU)."""
-    import os
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run(
-        [sys.executable, os.path.join(root, "benchmarks", "gpu_depthwise.py"), "--smoke", "--dtypes", "float32",
-         "--out", str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "correctness (output and all gradients" in result.stdout and "PASS" in result.stdout
-    (written,) = [p for p in tmp_path.iterdir() if p.suffix == ".json"]
-    rows = json.loads(written.read_text())["rows"]
-    assert [r["layer"] for r in rows] == ["smoke.tiny", "smoke.tiny_s2"]
-    assert all(r["gate"] and r["triton_fwdbwd_ms"] > 0 for r in rows)
+    result = run_gpu_benchmark_smoke("gpu_depthwise.py", tmp_path, "--dtypes", "float32")
+    assert result["correct"] is True
+    assert [r["layer"] for r in result["rows"]] == ["smoke.tiny", "smoke.tiny_s2"]
+    assert all(r["gate"] and r["triton_fwdbwd_ms"] > 0 for r in result["rows"])
 
 
 def test_autocast_and_torch_compile():

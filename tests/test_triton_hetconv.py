@@ -17,7 +17,7 @@ import json
 import pytest
 import torch
 
-from helpers import assert_lowp_policy, assert_matches_reference
+from helpers import assert_lowp_policy, assert_matches_reference, run_gpu_benchmark_smoke
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (pip install 'leanconv[triton]')")
@@ -270,3 +270,12 @@ def test_autocast_and_torch_compile():
     (grad_compiled,) = torch.autograd.grad(out.sum(), x)
     assert_matches_reference(out, eager, rtol=1e-5, atol=1e-5)
     assert_matches_reference(grad_compiled, grad_eager, rtol=1e-5, atol=1e-5, what="input gradient")
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the smoke mode runs on the CPU interpreter")
+def test_gpu_benchmark_script_runs_in_smoke_mode(tmp_path):
+    """benchmarks/gpu_hetconv.py end to end on a tiny shape (its GPU timings are taken on a GPU)."""
+    result = run_gpu_benchmark_smoke("gpu_hetconv.py", tmp_path, "--dtypes", "bfloat16")
+    assert result["correct"] is True
+    (row,) = result["rows"]
+    assert row["gate"] and row["triton_fwdbwd_ms"] > 0 and "FLAT" in row["triton_fwd_config"]
