@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from ..ops.autotune import autotune_generation, autotune_tracing
 from ..ops.conv_geometry import pad_for_mode
+from ..ops import depthwise as depthwise_ops
 from ..ops.depthwise import (
     check_depthwise_backend,
     choose_depthwise_backend,
@@ -97,7 +98,7 @@ class DepthwiseConv2d(nn.Conv2d):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         requested = requested_depthwise_backend(self._backend)
         padding = self._symmetric_padding()
-        plain = requested == "auto" and (input.device.type != "cuda" or autotune_tracing())
+        plain = requested == "auto" and (input.device.type not in depthwise_ops.MEASURED_DEVICES or autotune_tracing())
         if requested == "torch" or plain or padding is None:
             if requested == "triton" and padding is None:
                 raise ValueError(
@@ -116,7 +117,7 @@ class DepthwiseConv2d(nn.Conv2d):
         return out.squeeze(0) if unbatched else out
 
     def _auto(self, x: torch.Tensor, padding: tuple[int, int]) -> str:
-        """``auto`` on CUDA, remembered per input setting on the layer."""
+        """``auto`` where it measures (CUDA), remembered per input setting on the layer."""
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in self.parameters()))
         memo_key = (
             x.device, tuple(x.shape), x.dtype, x.is_contiguous(), x.is_contiguous(memory_format=torch.channels_last),
