@@ -310,3 +310,13 @@ def test_a_backend_that_fails_while_measured_is_left_out_with_a_warning(monkeypa
     with pytest.raises(RuntimeError, match="no kernel image"), pytest.warns(RuntimeWarning):
         autotune.measured_choice("all-failing-key", {"triton": broken}, rounds=1)
     autotune.clear_cache()
+
+
+def test_tuning_key_and_layer_memo_separate_autocast():
+    x, w = torch.randn(2, 8, 6, 6), torch.randn(8, 2, 3, 3)
+    plain = autotune.tuning_key(x, w, 4, "blocked", (1, 1), (1, 1), (1, 1), True, False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = autotune.tuning_key(x, w, 4, "blocked", (1, 1), (1, 1), (1, 1), True, False)
+        assert autotune.autocast_dtype(x) == torch.bfloat16
+    assert plain != mixed and "autocast-None" in plain and "autocast-bfloat16" in mixed
+    assert autotune.autocast_dtype(x) is None and not autotune.stream_capturing(x)

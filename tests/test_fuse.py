@@ -263,10 +263,20 @@ def test_inplace_fold_invalidates_prepared_weights(backend):
 def test_batchnorm_after_a_standalone_depthwise_layer_is_folded():
     from leanconv.layers import DepthwiseConv2d
 
-    model = randomize_bn(nn.Sequential(DepthwiseConv2d(4, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())).eval()
+    class Net(nn.Module):  # a custom forward: pairs are found by torch.fx, with the layer as a leaf
+        def __init__(self):
+            super().__init__()
+            self.dw, self.bn = DepthwiseConv2d(4, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+            self.conv, self.bn2 = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            return self.bn2(self.conv(torch.relu(self.bn(self.dw(x)))))
+
+    model = randomize_bn(Net()).eval()
     x = torch.randn(2, 4, 6, 6)
     with torch.no_grad():
         expected = model(x)
-        fused = fuse(model)
-        assert n_bn(fused) == 0 and isinstance(fused[0], DepthwiseConv2d) and fused[0].bias is not None
+        fused, report = fuse(model, return_report=True)
+        assert n_bn(fused) == 0 and isinstance(fused.dw, DepthwiseConv2d) and fused.dw.bias is not None
+        assert report.pair_search == "torch.fx tracing"
         assert_matches_reference(fused(x), expected)

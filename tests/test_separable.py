@@ -193,3 +193,19 @@ def test_torch_compile_handles_every_layer_kind():
     compiled = torch.compile(model)
     with torch.no_grad():
         assert_matches_reference(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_depthwise_layer_checks_its_input_and_mirrors_nn_conv2d_arguments():
+    from leanconv.layers import DepthwiseConv2d
+
+    layer = DepthwiseConv2d(16, 32, 3, 1, 1, 1, 16, False)  # nn.Conv2d's positional order, groups included
+    reference = nn.Conv2d(16, 32, 3, 1, 1, 1, 16, False)
+    assert layer.groups == 16 and layer.bias is None and layer.weight.shape == reference.weight.shape
+    with pytest.raises(ValueError, match="expected input with 16 channels"):
+        layer(torch.randn(1, 8, 5, 5))
+    with pytest.raises(ValueError, match="groups must equal in_channels"):
+        DepthwiseConv2d(16, 32, 3, groups=4)
+    layer.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 16, 5, 5)
+    assert_matches_reference(layer(x), reference(x))
+    assert layer.last_backend == "torch"  # auto off CUDA

@@ -276,3 +276,29 @@ def test_autocast_and_torch_compile():
     assert layer.last_backend == "triton"
     assert_matches_reference(out, eager, rtol=1e-5, atol=1e-5)
     assert_matches_reference(grad_compiled, grad_eager, rtol=1e-5, atol=1e-5, what="input gradient")
+
+
+def test_geometry_errors_and_non_contiguous_bias():
+    x, weight, bias = (t.float() for t in _leaves(1, 4, 1, 3, 3, (3, 3), True, seed=8))
+    with pytest.raises(ValueError, match="smaller than the kernel's reach"):
+        depthwise_conv2d(x, weight, bias, (1, 1), (0, 0), (2, 2), "triton")
+    with pytest.raises(ValueError, match="padding must be a pair of ints >= 0"):
+        depthwise_conv2d(x, weight, bias, (1, 1), (-1, 0), (1, 1), "triton")
+    with pytest.raises(ValueError, match="stride must be a pair of ints >= 1"):
+        depthwise_conv2d(x, weight, bias, (0, 1), (1, 1), (1, 1), "triton")
+    with pytest.raises(ValueError, match=r"bias must have shape \(4,\)"):
+        depthwise_conv2d(x, weight, bias[:3], (1, 1), (1, 1), (1, 1), "triton")
+    with pytest.raises(ValueError, match="smaller than the kernel's reach"):
+        DepthwiseConv2d(4, 4, 5, backend="triton").to(DEVICE)(x)
+    strided_bias = torch.randn(8, device=DEVICE)[::2]
+    expected = F.conv2d(x, weight, strided_bias, 1, 1, 1, 4)
+    assert_matches_reference(depthwise_conv2d(x, weight, strided_bias, (1, 1), (1, 1), (1, 1), "triton"), expected)
+
+
+def test_double_backward_is_refused_clearly():
+    x, weight, _ = (t.float() if t is not None else None for t in _leaves(1, 4, 1, 4, 4, (3, 3), False, seed=9))
+    x.requires_grad_()
+    y = depthwise_conv2d(x, weight, None, (1, 1), (1, 1), (1, 1), "triton")
+    (grad,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()

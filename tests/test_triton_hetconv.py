@@ -41,6 +41,8 @@ CONFIGS = [
     pytest.param(1, 8, 8, 7, 8, 3, 2, "blocked", 3, 2, 1, True, True, id="blocked-s3-pad2"),
     pytest.param(2, 6, 6, 2, 3, 3, 3, "shifted", (3, 2), 1, (1, 2), False, False, id="shifted-map-under-stride"),
     pytest.param(1, 8, 8, 9, 9, 5, 4, "blocked", 2, 3, 2, True, True, id="blocked-k5-s2-d2-pad3"),
+    # more channels and filters per group than one 16-wide interpreter tile: every loop takes several chunks
+    pytest.param(1, 40, 36, 5, 4, 3, 2, "shifted", 1, 1, 1, True, True, id="shifted-multi-chunk"),
 ]
 
 
@@ -279,3 +281,25 @@ def test_gpu_benchmark_script_runs_in_smoke_mode(tmp_path):
     assert result["correct"] is True
     (row,) = result["rows"]
     assert row["gate"] and row["triton_fwdbwd_ms"] > 0 and "FLAT" in row["triton_fwd_config"]
+
+
+def test_geometry_and_argument_errors_name_the_problem():
+    leaves = _leaves(1, 4, 4, 3, 3, 3, 2, True, torch.float32, seed=4)
+    with pytest.raises(ValueError, match="smaller than the kernel's reach 5"):
+        het_conv2d(*leaves, padding=0, dilation=2, p=2, backend="triton")
+    with pytest.raises(TypeError, match="weight is torch.float64"):
+        het_conv2d(leaves[0], leaves[1].double(), leaves[2], leaves[3], padding=1, p=2, backend="triton")
+
+
+def test_non_contiguous_bias_and_double_backward():
+    leaves = _leaves(2, 8, 8, 4, 4, 3, 4, False, torch.float32, seed=6)
+    bias = torch.randn(16, device=DEVICE)[::2]
+    assert not bias.is_contiguous()
+    kw = dict(padding=1, p=4)
+    expected = het_conv2d(leaves[0], leaves[1], leaves[2], bias, backend="reference", **kw)
+    assert_matches_reference(het_conv2d(leaves[0], leaves[1], leaves[2], bias, backend="triton", **kw), expected)
+    x = leaves[0].clone().requires_grad_()
+    y = het_conv2d(x, leaves[1], leaves[2], None, backend="triton", **kw)
+    (grad,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()

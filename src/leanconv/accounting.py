@@ -45,6 +45,7 @@ from fractions import Fraction
 import torch
 import torch.nn as nn
 
+from .layers.depthwise import DepthwiseConv2d
 from .layers.hetconv import HetConv2d
 
 __all__ = ["CONVENTIONS", "LayerCost", "CostReport", "count", "hetconv_mac_ratio", "format_macs"]
@@ -218,7 +219,8 @@ def count(model: nn.Module, input_size, convention: str = "exact") -> CostReport
 
     The model is not modified: a copy runs the counting pass in eval mode
     under ``torch.no_grad``, with HetConv layers on their ``reference``
-    backend (counting needs only shapes, so no backend measures or compiles).
+    backend and depthwise layers on ``torch`` (counting needs only shapes, so
+    no backend measures or compiles).
 
     Example::
 
@@ -238,9 +240,9 @@ def count(model: nn.Module, input_size, convention: str = "exact") -> CostReport
     flags = {module: module.training for module in runner.modules()}
     backends = {}
     for module in runner.modules():
-        if isinstance(module, HetConv2d):
+        if isinstance(module, (HetConv2d, DepthwiseConv2d)):
             backends[module] = module.backend
-            module.backend = "reference"
+            module.backend = "reference" if isinstance(module, HetConv2d) else "torch"
     report = CostReport(convention, tuple(example.shape), params=params)
     calls: dict[str, int] = {}
 

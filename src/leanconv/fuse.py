@@ -25,7 +25,7 @@ from .layers import BSConvS2d, BSConvU2d, DepthwiseConv2d, DSConv2d, GWPWConv2d,
 
 __all__ = ["FuseReport", "fuse", "fold_batchnorm"]
 
-_LEAF_LAYERS = (HetConv2d, DSConv2d, GWPWConv2d, BSConvU2d, BSConvS2d, SeedHetConv2d)
+_LEAF_LAYERS = (HetConv2d, DepthwiseConv2d, DSConv2d, GWPWConv2d, BSConvU2d, BSConvS2d, SeedHetConv2d)
 
 
 @dataclass

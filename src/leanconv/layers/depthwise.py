@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..ops.autotune import autotune_generation, autotune_tracing
-from ..ops.conv_geometry import pad_for_mode
+from ..ops.autotune import autocast_dtype, autotune_generation, autotune_tracing
+from ..ops.conv_geometry import check_conv_input, pad_for_mode
 from ..ops import depthwise as depthwise_ops
 from ..ops.depthwise import (
     check_depthwise_backend,
@@ -35,8 +35,15 @@ class DepthwiseConv2d(nn.Conv2d):
     ``auto`` runs ``torch`` except on CUDA, where it measures both once per input
     setting and keeps the faster. ``last_backend`` names the one that ran last.
 
-    Shapes and cost as nn.Conv2d: (B, M, H, W) or (M, H, W) -> (B, M*D, Ho, Wo);
-    Ho*Wo*M*D*kh*kw MACs per image, M*D*kh*kw (+ M*D) parameters.
+    Arguments in nn.Conv2d's order (``groups``, if given, must be ``in_channels``),
+    then the keyword ``backend``. Shapes and cost as nn.Conv2d: (B, M, H, W) or
+    (M, H, W) -> (B, M*D, Ho, Wo); Ho*Wo*M*D*kh*kw MACs per image, M*D*kh*kw (+ M*D)
+    parameters.
+
+    Being a subclass, it is not what code matching ``type(m) is nn.Conv2d`` looks
+    for: eager-mode quantization (``torch.ao.quantization.fuse_modules``) does not
+    know it; :func:`leanconv.export.prepare_for_export` turns it into a plain
+    ``nn.Conv2d``, and :func:`leanconv.fuse` folds a following BatchNorm into it.
 
     Example::
 
@@ -52,13 +59,18 @@ class DepthwiseConv2d(nn.Conv2d):
         stride=1,
         padding=0,
         dilation=1,
+        groups: int | None = None,
         bias: bool = True,
         padding_mode: str = "zeros",
-        *,
-        backend: str | None = None,
         device=None,
         dtype=None,
+        *,
+        backend: str | None = None,
     ) -> None:
+        if groups is not None and groups != in_channels:
+            raise ValueError(
+                f"DepthwiseConv2d: groups must equal in_channels ({in_channels}) or be left out, got groups={groups!r}"
+            )
         if isinstance(in_channels, int) and isinstance(out_channels, int) and in_channels > 0 and out_channels % in_channels:
             raise ValueError(
                 f"DepthwiseConv2d: out_channels must be a multiple of in_channels (the depth multiplier), "
@@ -96,6 +108,7 @@ class DepthwiseConv2d(nn.Conv2d):
         return tuple(self.padding)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        check_conv_input(input, self.in_channels, "DepthwiseConv2d")
         requested = requested_depthwise_backend(self._backend)
         padding = self._symmetric_padding()
         plain = requested == "auto" and (input.device.type not in depthwise_ops.MEASURED_DEVICES or autotune_tracing())
@@ -120,8 +133,8 @@ class DepthwiseConv2d(nn.Conv2d):
         """``auto`` where it measures (CUDA), remembered per input setting on the layer."""
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in self.parameters()))
         memo_key = (
-            x.device, tuple(x.shape), x.dtype, x.is_contiguous(), x.is_contiguous(memory_format=torch.channels_last),
-            needs_grad, padding, autotune_generation(),
+            x.device, tuple(x.shape), x.dtype, autocast_dtype(x), x.is_contiguous(),
+            x.is_contiguous(memory_format=torch.channels_last), needs_grad, padding, autotune_generation(),
         )
         memo = self.__dict__.setdefault("_auto_memo", {})
         name = memo.get(memo_key)

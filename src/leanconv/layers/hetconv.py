@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..functional import het_conv2d
 from ..ops.autotune import (
+    autocast_dtype,
     autotune_generation,
     autotune_tracing,
     dense_macs,
@@ -208,8 +209,8 @@ class HetConv2d(nn.Module):
         if autotune_tracing():
             return choose_backend("auto", x, self.weight, self.p)
         memo_key = (
-            x.device, tuple(x.shape), x.dtype, x.is_contiguous(), x.is_contiguous(memory_format=torch.channels_last),
-            needs_grad, padding, autotune_generation(),
+            x.device, tuple(x.shape), x.dtype, autocast_dtype(x), x.is_contiguous(),
+            x.is_contiguous(memory_format=torch.channels_last), needs_grad, padding, autotune_generation(),
         )
         memo = self.__dict__.setdefault("_auto_memo", {})
         name = memo.get(memo_key)

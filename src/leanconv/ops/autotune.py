@@ -14,7 +14,7 @@ is touched). Results live in memory for the process, and in a JSON file when
 and thread count, which are part of the key).
 
 The same machinery serves the depthwise convolution's ``auto``
-(:mod:`leanconv.ops.depthwise`, keys starting with ``depthwise``). On a CUDA
+(:mod:`leanconv.ops.depthwise`, keys with a ``depthwise`` field). On a CUDA
 device every candidate's run is followed by ``torch.cuda.synchronize()``, so
 the clock sees the kernels, not their launch.
 
@@ -24,7 +24,7 @@ the CPU, the static rule of ``backends`` on a GPU), when
 * ``LEANCONV_AUTOTUNE=0`` (``1``, the default, measures),
 * the input is neither on the CPU nor on a CUDA device,
 * the call is traced, scripted, compiled or exported (the choice must not depend
-  on timing there),
+  on timing there), or a CUDA graph is being captured,
 * the layer is small: fewer than ``MIN_MEASURED_MACS`` dense multiply-accumulates
   per call, where timing noise is larger than the differences and measuring would
   cost more than it saves,
@@ -49,6 +49,8 @@ __all__ = [
     "AUTOTUNE_ENV",
     "autotune_generation",
     "autotune_tracing",
+    "autocast_dtype",
+    "stream_capturing",
     "CACHE_ENV",
     "MIN_MEASURED_MACS",
     "clear_cache",
@@ -92,6 +94,20 @@ def dense_macs(x: torch.Tensor, weight: torch.Tensor, p: int, stride, padding, d
     return x.shape[0] * max(out_h, 0) * max(out_w, 0) * weight.shape[0] * weight.shape[1] * p * kh * kw
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast computes in on ``x``'s device, or None when autocast is off:
+    part of every key, since it, not ``x.dtype``, is what the kernels run in."""
+    device_type = x.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def stream_capturing(x: torch.Tensor) -> bool:
+    """True while a CUDA graph is being captured on the current stream (no timing, no synchronize then)."""
+    return x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def autotune_tracing() -> bool:
     """True while TorchScript traces/scripts or torch.compile / torch.export
     (and so both ONNX exporters) capture a graph: no measuring then."""
@@ -111,7 +127,7 @@ def measuring_enabled(x: torch.Tensor, weight: torch.Tensor, p: int, stride, pad
         return False
     if not measured_device(x) or p == 1:
         return False
-    if autotune_tracing():
+    if autotune_tracing() or stream_capturing(x):
         return False
     return dense_macs(x, weight, p, stride, padding, dilation) >= MIN_MEASURED_MACS
 
@@ -157,16 +173,17 @@ def heuristic_choice(x: torch.Tensor, weight: torch.Tensor, p: int) -> str:
 
 
 def setting_key(x: torch.Tensor, *fields, has_bias: bool, needs_grad: bool) -> str:
-    """The cache key of one setting: device (with its name on CUDA), dtype, memory
-    format, input shape, the caller's ``fields``, bias, training, torch version,
-    thread count."""
+    """The cache key of one setting: device (with its name on CUDA), dtype, autocast
+    dtype, memory format, input shape, the caller's ``fields``, bias, training,
+    torch version, thread count."""
     device = x.device.type
     if device == "cuda":
         device += ":" + torch.cuda.get_device_name(x.device).replace(" ", "_")
     return "|".join(
         str(v)
         for v in (
-            device, str(x.dtype).replace("torch.", ""), _memory_format(x), tuple(x.shape), *fields,
+            device, str(x.dtype).replace("torch.", ""), f"autocast-{autocast_dtype(x)}".replace("torch.", ""),
+            _memory_format(x), tuple(x.shape), *fields,
             "bias" if has_bias else "nobias", "train" if needs_grad else "infer",
             f"torch{torch.__version__}", f"threads{torch.get_num_threads()}",
         )

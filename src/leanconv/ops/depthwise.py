@@ -13,7 +13,7 @@ The choice, in order of precedence: the layer's ``backend=`` argument, the
 environment variable ``LEANCONV_DEPTHWISE_BACKEND``, else ``auto``. ``auto``
 runs ``torch`` except on a CUDA device where measuring is enabled
 (:func:`leanconv.ops.autotune.measuring_enabled`'s switches: ``LEANCONV_AUTOTUNE``,
-not while tracing or compiling, at least ``MIN_MEASURED_MACS`` per call): there
+not while tracing, compiling or capturing a CUDA graph, at least ``MIN_MEASURED_MACS`` per call): there
 it times both once per setting (inference, or forward + backward when autograd
 will run) and keeps ``triton`` only where it was faster on that GPU.
 """
@@ -31,6 +31,7 @@ from .autotune import (
     MIN_MEASURED_MACS,
     autotune_tracing,
     measured_choice,
+    stream_capturing,
     setting_key,
     synchronizer,
 )
@@ -122,7 +123,7 @@ def depthwise_conv2d(
 def _measuring(x: torch.Tensor, macs: int) -> bool:
     if os.environ.get(AUTOTUNE_ENV, "1").strip() in ("0", "off", "false", "no"):
         return False
-    if x.device.type not in MEASURED_DEVICES or autotune_tracing() or macs < MIN_MEASURED_MACS:
+    if x.device.type not in MEASURED_DEVICES or autotune_tracing() or stream_capturing(x) or macs < MIN_MEASURED_MACS:
         return False
     return depthwise_unsupported(x) is None
 

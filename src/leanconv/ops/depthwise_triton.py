@@ -11,57 +11,40 @@ backend is used.
 
 from __future__ import annotations
 
-import os
-
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..kernels.conv_common import phase_count
 from ..kernels.depthwise import depthwise_dw_kernel, depthwise_dx_kernel, depthwise_fwd_kernel
+from .triton_launch import (
+    SUPPORTED_DTYPES,
+    apply_function,
+    cast_and_check,
+    cdiv,
+    device_unsupported,
+    empty_like_format,
+    interpreted,
+    output_size,
+    strides_nhwc,
+)
 
 __all__ = ["depthwise_triton", "unsupported", "SUPPORTED_DTYPES"]
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+BACKEND = "triton depthwise"
 
 
 def unsupported(x: torch.Tensor) -> str | None:
     """None when the kernels can run on ``x``, else the reason (a sentence)."""
-    if x.device.type != "cuda" and not (x.device.type == "cpu" and _interpreted()):
-        return f"the triton depthwise backend needs a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1), got {x.device}"
-    if x.dtype not in SUPPORTED_DTYPES and not (torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32):
-        return f"the triton depthwise backend supports {', '.join(map(str, SUPPORTED_DTYPES))}, got {x.dtype}"
-    if x.dim() != 4:
-        return f"the triton depthwise backend takes a 4-D (B, C, H, W) input, got {x.dim()}-D"
-    if x.shape[1] * x.shape[2] * x.shape[3] >= 2**31:
-        return "one image has 2**31 elements or more (the kernels index within an image in int32)"
-    return None
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _strides_nhwc(t: torch.Tensor) -> tuple[int, int, int, int]:
-    sb, sc, sh, sw = t.stride()
-    return sb, sh, sw, sc
-
-
-def _empty_like_format(shape, like: torch.Tensor) -> torch.Tensor:
-    channels_last = like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
+    return device_unsupported(x, BACKEND)
 
 
 def _dw_split(channel_tiles: int, taps: int, pixels: int, device: torch.device) -> int:
     """Slices of the pixel reduction of the weight gradient: enough programs to fill the GPU."""
-    if _interpreted():
+    if interpreted():
         return 1 if pixels <= 64 else 2
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    split = max(1, _cdiv(4 * sms, channel_tiles * taps))
-    return max(1, min(split, _cdiv(pixels, 1024)))
+    split = max(1, cdiv(4 * sms, channel_tiles * taps))
+    return max(1, min(split, cdiv(pixels, 1024)))
 
 
 class _DepthwiseTritonFunction(torch.autograd.Function):
@@ -71,27 +54,27 @@ class _DepthwiseTritonFunction(torch.autograd.Function):
     def forward(ctx, x, w, bias, stride, padding, dilation, multiplier, kernel_size):
         batch, channels, height, width = x.shape
         kh, kw = kernel_size
-        out_h = (height + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-        out_w = (width + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-        y = _empty_like_format((batch, channels * multiplier, max(out_h, 0), max(out_w, 0)), x)
+        out_h, out_w = output_size(x, kernel_size, stride, padding, dilation, channels * multiplier)
+        y = empty_like_format((batch, channels * multiplier, out_h, out_w), x)
         ctx.save_for_backward(x, w)
         ctx.geometry = (stride, padding, dilation, multiplier, kernel_size, bias is not None)
         if y.numel() == 0:
             return y
 
         def grid(meta):
-            return (_cdiv(batch * out_h * out_w, meta["BLOCK_M"]), _cdiv(channels * multiplier, meta["BLOCK_C"]))
+            return (cdiv(batch * out_h * out_w, meta["BLOCK_M"]), cdiv(channels * multiplier, meta["BLOCK_C"]))
 
         depthwise_fwd_kernel[grid](
             x, w, bias if bias is not None else w, y,
             batch, height, width, out_h, out_w, channels, multiplier,
-            *_strides_nhwc(x), *_strides_nhwc(y),
+            *strides_nhwc(x), *strides_nhwc(y),
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
             KH=kh, KW=kw, HAS_BIAS=bias is not None,
         )
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
         stride, padding, dilation, multiplier, (kh, kw), has_bias = ctx.geometry
@@ -109,27 +92,27 @@ class _DepthwiseTritonFunction(torch.autograd.Function):
             return dx, dw, dbias, None, None, None, None, None
 
         if ctx.needs_input_grad[0]:
-            dx = _empty_like_format(x.shape, x)
+            dx = empty_like_format(x.shape, x)
             per_phase, phases = phase_count(height, width, stride)
 
             def grid_dx(meta):
-                return (_cdiv(batch * per_phase, meta["BLOCK_M"]), _cdiv(channels, meta["BLOCK_C"]), phases)
+                return (cdiv(batch * per_phase, meta["BLOCK_M"]), cdiv(channels, meta["BLOCK_C"]), phases)
 
             depthwise_dx_kernel[grid_dx](
-                dy, w, dx, *shape_args, *_strides_nhwc(dy), *_strides_nhwc(dx), *geometry, KH=kh, KW=kw,
+                dy, w, dx, *shape_args, *strides_nhwc(dy), *strides_nhwc(dx), *geometry, KH=kh, KW=kw,
             )
 
         if ctx.needs_input_grad[1]:
             outputs, taps, pixels = channels * multiplier, kh * kw, batch * out_h * out_w
-            split = _dw_split(_cdiv(outputs, 64), taps, pixels, x.device)
-            per_split = _cdiv(pixels, split)
+            split = _dw_split(cdiv(outputs, 64), taps, pixels, x.device)
+            per_split = cdiv(pixels, split)
             part = torch.empty((split, outputs, taps), dtype=torch.float32, device=x.device)
 
             def grid_dw(meta):
-                return (_cdiv(outputs, meta["BLOCK_C"]), taps, split)
+                return (cdiv(outputs, meta["BLOCK_C"]), taps, split)
 
             depthwise_dw_kernel[grid_dw](
-                x, dy, part, *shape_args, split, per_split, *_strides_nhwc(x), *_strides_nhwc(dy), *geometry,
+                x, dy, part, *shape_args, split, per_split, *strides_nhwc(x), *strides_nhwc(dy), *geometry,
                 KH=kh, KW=kw,
             )
             dw = (part.sum(0) if split > 1 else part[0]).to(w.dtype)
@@ -152,42 +135,18 @@ def depthwise_triton(
 
     Equals ``F.conv2d(x, weight, bias, stride, padding, dilation, groups=C)``; the
     output has the input's memory format."""
-    reason = unsupported(x)
-    if reason is not None:
-        raise ValueError(reason)
+    x, weight, bias = cast_and_check(x, BACKEND, weight=weight, bias=bias)
     channels = x.shape[1]
-    if weight.dim() != 4 or weight.shape[1] != 1 or weight.shape[0] % channels:
+    if weight.dim() != 4 or weight.shape[1] != 1 or channels == 0 or weight.shape[0] % channels:
         raise ValueError(
             f"depthwise weight must be (C*D, 1, KH, KW) for an input of C={channels} channels, "
             f"got {tuple(weight.shape)}"
         )
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    for name, tensor in (("weight", weight), ("bias", bias)):
-        if tensor is not None and tensor.dtype != x.dtype:
-            raise TypeError(f"triton depthwise backend: input is {x.dtype} but {name} is {tensor.dtype}")
-        if tensor is not None and tensor.device != x.device:
-            raise ValueError(f"triton depthwise backend: input is on {x.device} but {name} is on {tensor.device}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"depthwise bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     kernel_size = (weight.shape[2], weight.shape[3])
     w = weight.reshape(weight.shape[0], kernel_size[0] * kernel_size[1])
-    return _apply(
-        _DepthwiseTritonFunction, x, w.contiguous(), bias, tuple(stride), tuple(padding), tuple(dilation),
+    return apply_function(
+        _DepthwiseTritonFunction, x, w, bias, tuple(stride), tuple(padding), tuple(dilation),
         weight.shape[0] // channels, kernel_size,
     )
-
-
-@torch.compiler.disable
-def _interpreted_apply(function, *args):
-    return function.apply(*args)
-
-
-def _apply(function, *args):
-    """``function.apply(*args)``; under ``TRITON_INTERPRET=1`` outside of torch.compile's
-    graph (TorchDynamo would trace into the interpreter's Python; on a GPU it
-    captures the Triton kernels themselves)."""
-    if _interpreted():
-        return _interpreted_apply(function, *args)
-    return function.apply(*args)

@@ -23,34 +23,33 @@ Example (CUDA)::
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..kernels.conv_common import phase_count
 from ..kernels.hetconv import hetconv_dw_kernel, hetconv_dx_kernel, hetconv_fwd_kernel
 from .hetconv_layout import group_filter_order, pointwise_channel_index
+from .triton_launch import (
+    SUPPORTED_DTYPES,
+    apply_function,
+    cast_and_check,
+    cdiv,
+    device_unsupported,
+    empty_like_format,
+    interpreted,
+    output_size,
+    strides_nhwc,
+)
 
 __all__ = ["hetconv_triton", "hetconv_triton_packed", "pack_weights", "unsupported", "SUPPORTED_DTYPES"]
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+BACKEND = "triton"
 
 
 def unsupported(x: torch.Tensor) -> str | None:
     """None when the kernels can run on ``x``, else the reason (a sentence)."""
-    if x.device.type != "cuda" and not (x.device.type == "cpu" and _interpreted()):
-        return f"the triton backend needs a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1), got {x.device}"
-    if x.dtype not in SUPPORTED_DTYPES and not (torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32):
-        return f"the triton backend supports {', '.join(map(str, SUPPORTED_DTYPES))}, got {x.dtype}"
-    if x.dim() != 4:
-        return f"the triton backend takes a 4-D (B, M, H, W) input, got {x.dim()}-D"
-    if x.shape[1] * x.shape[2] * x.shape[3] >= 2**31:
-        return "one image has 2**31 elements or more (the kernels index within an image in int32)"
-    return None
+    return device_unsupported(x, BACKEND)
 
 
 @functools.lru_cache(maxsize=256)
@@ -97,37 +96,19 @@ def pack_weights(
 
 
 def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not _interpreted():
+    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not interpreted():
         return "tf32"
     return "ieee"
 
 
-def _strides_nhwc(t: torch.Tensor) -> tuple[int, int, int, int]:
-    sb, sc, sh, sw = t.stride()
-    return sb, sh, sw, sc
-
-
-def _empty_like_format(shape, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    fmt = torch.channels_last if _is_channels_last(like) else torch.contiguous_format
-    return torch.empty(shape, dtype=dtype, device=like.device, memory_format=fmt)
-
-
-def _is_channels_last(t: torch.Tensor) -> bool:
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-
-
 def _dw_split(rows: int, ng: int, p: int, pixels: int, device: torch.device) -> int:
     """Slices of the pixel reduction for the weight gradient: enough programs to fill the GPU."""
-    if _interpreted():
+    if interpreted():
         return 1 if pixels <= 64 else 2
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    tiles = p * triton_cdiv(rows, 64) * triton_cdiv(ng, 64)
-    split = max(1, triton_cdiv(4 * sms, tiles))
-    return max(1, min(split, triton_cdiv(pixels, 512)))
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+    tiles = p * cdiv(rows, 64) * cdiv(ng, 64)
+    split = max(1, cdiv(4 * sms, tiles))
+    return max(1, min(split, cdiv(pixels, 512)))
 
 
 class _HetConvTritonFunction(torch.autograd.Function):
@@ -138,9 +119,8 @@ class _HetConvTritonFunction(torch.autograd.Function):
         batch, in_channels, height, width = x.shape
         out_channels = wk.shape[1] * p
         kh, kw = kernel_size
-        out_h = (height + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-        out_w = (width + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-        y = _empty_like_format((batch, out_channels, out_h, out_w), x, x.dtype)
+        out_h, out_w = output_size(x, kernel_size, stride, padding, dilation, out_channels)
+        y = empty_like_format((batch, out_channels, out_h, out_w), x)
         ctx.save_for_backward(x, wk, wp)
         ctx.geometry = (stride, padding, dilation, p, kernel_size, shifted, bias is not None)
         if y.numel() == 0:
@@ -148,18 +128,19 @@ class _HetConvTritonFunction(torch.autograd.Function):
         mg, ng = in_channels // p, out_channels // p
 
         def grid(meta):
-            return (triton_cdiv(batch * out_h * out_w, meta["BLOCK_M"]), p * triton_cdiv(ng, meta["BLOCK_N"]))
+            return (cdiv(batch * out_h * out_w, meta["BLOCK_M"]), p * cdiv(ng, meta["BLOCK_N"]))
 
         hetconv_fwd_kernel[grid](
             x, wk, wp, bias if bias is not None else wk, y,
             batch, height, width, out_h, out_w, in_channels, out_channels, mg, ng,
-            *_strides_nhwc(x), *_strides_nhwc(y),
+            *strides_nhwc(x), *strides_nhwc(y),
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
             P=p, KH=kh, KW=kw, SHIFTED=shifted, HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype),
         )
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, wk, wp = ctx.saved_tensors
         stride, padding, dilation, p, kernel_size, shifted, has_bias = ctx.geometry
@@ -182,15 +163,15 @@ class _HetConvTritonFunction(torch.autograd.Function):
             return dx, dwk, dwp, dbias, None, None, None, None, None, None
 
         if ctx.needs_input_grad[0]:
-            dx = _empty_like_format(x.shape, x, x.dtype)
+            dx = empty_like_format(x.shape, x, x.dtype)
 
             per_phase, phases = phase_count(height, width, stride)
 
             def grid_dx(meta):
-                return (triton_cdiv(batch * per_phase, meta["BLOCK_M"]), p * triton_cdiv(mg, meta["BLOCK_C"]), phases)
+                return (cdiv(batch * per_phase, meta["BLOCK_M"]), p * cdiv(mg, meta["BLOCK_C"]), phases)
 
             hetconv_dx_kernel[grid_dx](
-                dy, wk, wp, dx, *shape_args, *_strides_nhwc(dy), *_strides_nhwc(dx), *geometry,
+                dy, wk, wp, dx, *shape_args, *strides_nhwc(dy), *strides_nhwc(dx), *geometry,
                 P=p, KH=kh, KW=kw, SHIFTED=shifted, PRECISION=precision,
             )
 
@@ -199,14 +180,14 @@ class _HetConvTritonFunction(torch.autograd.Function):
             rows = kxk_rows + in_channels - mg
             pixels = batch * out_h * out_w
             split = _dw_split(rows, ng, p, pixels, x.device)
-            per_split = triton_cdiv(pixels, split)
+            per_split = cdiv(pixels, split)
             part = torch.empty((split, p, rows, ng), dtype=torch.float32, device=x.device)
 
             def grid_dw(meta):
-                return (p * triton_cdiv(rows, meta["BLOCK_R"]), triton_cdiv(ng, meta["BLOCK_N"]), split)
+                return (p * cdiv(rows, meta["BLOCK_R"]), cdiv(ng, meta["BLOCK_N"]), split)
 
             hetconv_dw_kernel[grid_dw](
-                x, dy, part, *shape_args, split, per_split, *_strides_nhwc(x), *_strides_nhwc(dy), *geometry,
+                x, dy, part, *shape_args, split, per_split, *strides_nhwc(x), *strides_nhwc(dy), *geometry,
                 P=p, KH=kh, KW=kw, SHIFTED=shifted, PRECISION=precision,
             )
             grad = part.sum(0) if split > 1 else part[0]
@@ -216,24 +197,6 @@ class _HetConvTritonFunction(torch.autograd.Function):
         if has_bias and ctx.needs_input_grad[3]:
             dbias = dy.sum(dim=(0, 2, 3), dtype=torch.float32).to(x.dtype)
         return dx, dwk, dwp, dbias, None, None, None, None, None, None
-
-
-def _cast_and_check(x: torch.Tensor, **tensors: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-    """Refuse inputs the kernels cannot run; under autocast, cast everything to its dtype."""
-    reason = unsupported(x)
-    if reason is not None:
-        raise ValueError(reason)
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        x = x.to(dtype)
-        tensors = {name: t.to(dtype) if t is not None else None for name, t in tensors.items()}
-    for name, tensor in tensors.items():
-        if tensor is not None and tensor.dtype != x.dtype:
-            raise TypeError(f"triton backend: input is {x.dtype} but {name} is {tensor.dtype}")
-        if tensor is not None and tensor.device != x.device:
-            raise ValueError(f"triton backend: input is on {x.device} but {name} is on {tensor.device}")
-    return (x, *tensors.values())
 
 
 def hetconv_triton(
@@ -250,7 +213,9 @@ def hetconv_triton(
     """HetConv of a (B, M, H, W) input (zero padding) -> (B, N, Ho, Wo) by the Triton kernels.
 
     The output has the input's memory format (channels_last in, channels_last out)."""
-    x, weight, pointwise_weight, bias = _cast_and_check(x, weight=weight, pointwise_weight=pointwise_weight, bias=bias)
+    x, weight, pointwise_weight, bias = cast_and_check(
+        x, BACKEND, weight=weight, pointwise_weight=pointwise_weight, bias=bias,
+    )
     wk, wp = pack_weights(weight, pointwise_weight, p, layout)
     return hetconv_triton_packed(x, wk, wp, bias, stride, padding, dilation, p, (weight.shape[2], weight.shape[3]), layout)
 
@@ -269,22 +234,9 @@ def hetconv_triton_packed(
 ) -> torch.Tensor:
     """:func:`hetconv_triton` from weights already packed by :func:`pack_weights`
     (``HetConv2d`` packs once for inference and reuses them until the parameters change)."""
-    x, wk, wp, bias = _cast_and_check(x, wk=wk, wp=wp, bias=bias)
-    return _apply(
+    # The packed tensors are the layer's weight and pointwise_weight, so errors name those.
+    x, wk, wp, bias = cast_and_check(x, BACKEND, weight=wk, pointwise_weight=wp, bias=bias)
+    return apply_function(
         _HetConvTritonFunction, x, wk, wp, bias, tuple(stride), tuple(padding), tuple(dilation), p,
         tuple(kernel_size), layout == "shifted",
     )
-
-
-@torch.compiler.disable
-def _interpreted_apply(function, *args):
-    return function.apply(*args)
-
-
-def _apply(function, *args):
-    """``function.apply(*args)``; under ``TRITON_INTERPRET=1`` outside of torch.compile's
-    graph (TorchDynamo would trace into the interpreter's Python; on a GPU it
-    captures the Triton kernels themselves)."""
-    if _interpreted():
-        return _interpreted_apply(function, *args)
-    return function.apply(*args)
