@@ -320,3 +320,22 @@ def test_tuning_key_and_layer_memo_separate_autocast():
         assert autotune.autocast_dtype(x) == torch.bfloat16
     assert plain != mixed and "autocast-None" in plain and "autocast-bfloat16" in mixed
     assert autotune.autocast_dtype(x) is None and not autotune.stream_capturing(x)
+
+
+def test_auto_on_a_gpu_without_triton_warns_once_and_goes_on(monkeypatch):
+    """Where Triton is not installed, auto on a GPU measures the other backends and
+    says once why the kernels are skipped (the CPU stands in for the GPU here)."""
+    import warnings
+
+    from leanconv.ops import backends
+
+    monkeypatch.setattr(backends, "TRITON_MEASURED_DEVICES", ("cpu",))
+    monkeypatch.delitem(backends._REGISTRY, "triton", raising=False)
+    monkeypatch.setattr(backends, "_warned", set())
+    x = torch.zeros(1, 8, 4, 4)
+    with pytest.warns(RuntimeWarning, match="triton backends are skipped.*pip install"):
+        names = backends.measured_candidates(x, needs_grad=False)
+    assert "triton" not in names and "reference" in names
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        backends.measured_candidates(x, needs_grad=False)  # said once

@@ -18,6 +18,7 @@ import contextlib
 import importlib.util
 import os
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -207,11 +208,31 @@ def _triton_measured_win(x: torch.Tensor, weight: torch.Tensor, p: int) -> bool:
     return backend.unsupported(x) is None
 
 
+_warned: set[str] = set()
+
+
+def warn_triton_skipped(reason: str) -> None:
+    """Say once per process why ``auto`` leaves the Triton kernels out on a GPU."""
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"leanconv: the triton backends are skipped: {reason}", RuntimeWarning, stacklevel=3)
+
+
 def triton_candidate(x: torch.Tensor) -> bool:
     """Whether the measuring ``auto`` times ``triton`` on ``x``: on CUDA tensors that
-    the kernels accept (never on the CPU, where it runs only interpreted, for tests)."""
+    the kernels accept (never on the CPU, where it runs only interpreted, for tests).
+    Where Triton is missing or broken on a GPU, ``auto`` goes on without it and
+    warns once."""
+    if x.device.type not in TRITON_MEASURED_DEVICES:
+        return False
     backend = _REGISTRY.get("triton")
-    return backend is not None and x.device.type in TRITON_MEASURED_DEVICES and backend.unsupported(x) is None
+    if backend is None:
+        warn_triton_skipped(TRITON_MISSING)
+        return False
+    reason = backend.unsupported(x)
+    if reason is not None and reason.startswith("Triton is installed but"):
+        warn_triton_skipped(reason)
+    return reason is None
 
 
 TRITON_MEASURED_DEVICES = ("cuda",)

@@ -125,7 +125,12 @@ def _measuring(x: torch.Tensor, macs: int) -> bool:
         return False
     if x.device.type not in MEASURED_DEVICES or autotune_tracing() or stream_capturing(x) or macs < MIN_MEASURED_MACS:
         return False
-    return depthwise_unsupported(x) is None
+    reason = depthwise_unsupported(x)
+    if reason is not None and reason.startswith(("Triton is not installed", "Triton is installed but")):
+        from .backends import TRITON_MISSING, warn_triton_skipped
+
+        warn_triton_skipped(TRITON_MISSING if reason.startswith("Triton is not") else reason)
+    return reason is None
 
 
 def choose_depthwise_backend(
