@@ -108,12 +108,15 @@ class DepthwiseConv2d(nn.Conv2d):
         return tuple(self.padding)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        requested = self._backend or requested_depthwise_backend(None)
+        if requested == "torch" or (requested == "auto" and input.device.type not in depthwise_ops.MEASURED_DEVICES):
+            # The common path, kept short: nn.Conv2d itself (which checks its input).
+            self.__dict__["last_backend"] = "torch"
+            return super().forward(input)
         check_conv_input(input, self.in_channels, "DepthwiseConv2d")
-        requested = requested_depthwise_backend(self._backend)
         padding = self._symmetric_padding()
-        plain = requested == "auto" and (input.device.type not in depthwise_ops.MEASURED_DEVICES or autotune_tracing())
-        if requested == "torch" or plain or padding is None:
-            if requested == "triton" and padding is None:
+        if padding is None or (requested == "auto" and autotune_tracing()):
+            if requested == "triton":
                 raise ValueError(
                     f"DepthwiseConv2d: backend 'triton' needs symmetric padding; padding='same' with "
                     f"kernel_size={self.kernel_size}, dilation={self.dilation} pads unevenly (use backend='torch')"
