@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 
+import os
+
 import pytest
 import torch
 import torch.nn as nn
@@ -209,3 +211,39 @@ def test_depthwise_layer_checks_its_input_and_mirrors_nn_conv2d_arguments():
     x = torch.randn(2, 16, 5, 5)
     assert_matches_reference(layer(x), reference(x))
     assert layer.last_backend == "torch"  # auto off CUDA
+
+
+def test_the_library_works_where_triton_cannot_be_imported(tmp_path):
+    """In a process where importing Triton fails, nothing lists or imports it, every
+    layer runs, and asking for the triton backends says how to install Triton."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent('''
+        import importlib.abc, sys
+        class NoTriton(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "triton" or name.startswith("triton."):
+                    raise ModuleNotFoundError(name)
+        sys.meta_path.insert(0, NoTriton())
+        import torch, leanconv
+        from leanconv.ops.depthwise import depthwise_backend_names
+        assert "triton" not in leanconv.backend_names() and depthwise_backend_names() == ("auto", "torch")
+        model = torch.nn.Sequential(leanconv.DSConv2d(8, 8, 3, padding=1), leanconv.HetConv2d(8, 8, 3, padding=1, p=4),
+                                    leanconv.BSConvU2d(8, 8, 3, padding=1), leanconv.BSConvS2d(8, 8, 3, padding=1))
+        assert model(torch.randn(2, 8, 6, 6)).shape == (2, 8, 6, 6)
+        for build in (lambda: leanconv.HetConv2d(8, 8, 3, p=4, backend="triton"),
+                      lambda: leanconv.DSConv2d(8, 8, 3, depthwise_backend="triton")):
+            try:
+                build()
+            except ValueError as error:
+                assert "pip install 'leanconv[triton]'" in str(error), error
+            else:
+                raise AssertionError("backend 'triton' was accepted without Triton")
+        assert "triton" not in sys.modules
+        print("ok")
+    ''')
+    env = {k: v for k, v in os.environ.items() if k not in ("LEANCONV_BACKEND", "LEANCONV_DEPTHWISE_BACKEND")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
