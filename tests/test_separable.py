@@ -5,7 +5,6 @@ bsconv package, the orthonormality penalty, and bad input."""
 from __future__ import annotations
 
 import math
-
 import os
 
 import pytest
