@@ -234,6 +234,8 @@ def main():
     parser.add_argument("--correctness-only", action="store_true")
     parser.add_argument("--forward-variant", choices=("auto", "taps", "flat"), default="auto",
                         help="the forward kernel's reduction loop: autotuned (default), or forced")
+    parser.add_argument("--dw-variant", choices=("auto", "gather", "aligned"), default="auto",
+                        help="the weight-gradient kernel's row tiles: autotuned (default), or forced")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes on the CPU under TRITON_INTERPRET=1 (checks the script, times nothing useful)")
     parser.add_argument("--fp32-strict", action="store_true",
@@ -246,6 +248,8 @@ def main():
         args.batch, args.grids = 2, "smoke"
     if args.forward_variant != "auto":
         conv_common.FORCED_VARIANT["FLAT"] = args.forward_variant == "flat"
+    if args.dw_variant != "auto":
+        conv_common.FORCED_VARIANT["ALIGNED"] = args.dw_variant == "aligned"
     torch.backends.cudnn.benchmark = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -260,7 +264,7 @@ def main():
         "gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if DEVICE == "cuda" else None, "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
-        "batch": args.batch, "p": args.p, "kernel_size": 3, "forward_variant": args.forward_variant, "layout": "blocked", "memory_format": "channels_last",
+        "batch": args.batch, "p": args.p, "kernel_size": 3, "forward_variant": args.forward_variant, "dw_variant": args.dw_variant, "layout": "blocked", "memory_format": "channels_last",
         "cudnn.benchmark": True, "allow_tf32": True, "timer": CUDA_TIMER if DEVICE == "cuda" else SMOKE_TIMER,
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
     }
@@ -311,7 +315,7 @@ def main():
             f"{r.get('triton_fwd_tflops', 0):.0f} | {r.get('dense_fwd_tflops', 0):.0f} |"
         )
     log("\n".join(table))
-    variant = "" if args.forward_variant == "auto" else f"-{args.forward_variant}"
+    variant = "".join(f"-{v}" for v in (args.forward_variant, args.dw_variant) if v != "auto")
     stem = os.path.join(args.out, f"{slug(gpu)}-hetconv-p{args.p}-b{args.batch}{variant}")
     write_atomic(stem + ".json", json.dumps({"header": header, "correct": correct, "rows": rows}, indent=1))
     write_atomic(stem + ".md", "```\n" + "\n".join(lines[:-1]) + "\n```\n\n" + "\n".join(table) + "\n")

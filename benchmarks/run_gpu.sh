@@ -3,7 +3,8 @@
 # machine (H100/H200 class) with torch and Triton installed:
 #   1. the kernel tests on the GPU (skipped when pytest is missing),
 #   2. HetConv kernels: correctness + speed vs cuDNN dense / decomposition / split,
-#      autotuned (both forward loop variants compete), then each variant forced,
+#      autotuned (the kernel variants compete), then the first and the second
+#      variants forced (forward taps/flat loop, weight-gradient gather/aligned tiles),
 #   3. depthwise kernels: correctness + speed vs cuDNN,
 #   4. HetConv float32 with TF32 off (IEEE dots), a correctness check.
 # Knobs: PYTHON (python3), OUT (results/gpu). Each step prints its wall time.
@@ -27,7 +28,7 @@ else
   echo "== tests: pytest is not installed here, skipped"
 fi
 step hetconv "$PYTHON" benchmarks/gpu_hetconv.py --out "$OUT"
-step hetconv-taps "$PYTHON" benchmarks/gpu_hetconv.py --skip-correctness --forward-variant taps --dtypes bfloat16 --out "$OUT"
-step hetconv-flat "$PYTHON" benchmarks/gpu_hetconv.py --skip-correctness --forward-variant flat --dtypes bfloat16 --out "$OUT"
+step hetconv-first-variants "$PYTHON" benchmarks/gpu_hetconv.py --skip-correctness --forward-variant taps --dw-variant gather --dtypes bfloat16 --out "$OUT"
+step hetconv-second-variants "$PYTHON" benchmarks/gpu_hetconv.py --skip-correctness --forward-variant flat --dw-variant aligned --dtypes bfloat16 --out "$OUT"
 step depthwise "$PYTHON" benchmarks/gpu_depthwise.py --out "$OUT"
 step fp32-strict "$PYTHON" benchmarks/gpu_hetconv.py --fp32-strict

@@ -41,5 +41,5 @@ def test_every_kernel_and_variant_compiles_for_sm90():
     built = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("ok ")]
     assert sorted(set(built)) == ["depthwise_dw", "depthwise_dx", "depthwise_fwd", "hetconv_dw", "hetconv_dx",
                                   "hetconv_fwd"]
-    assert built.count("hetconv_fwd") == 2, "both forward loop variants"
+    assert built.count("hetconv_fwd") == 2 and built.count("hetconv_dw") == 2, "both variants of each"
     assert result.stdout.rstrip().endswith("0 failed")

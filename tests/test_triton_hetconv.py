@@ -64,17 +64,21 @@ def _run(backend, leaves, grad_out, channels_last, **kw):
     return [y.detach(), *grads]
 
 
-@pytest.fixture(params=[False, True], ids=["taps-loop", "flat-loop"])
+@pytest.fixture(params=[False, True], ids=["first-variants", "second-variants"])
 def forward_variant(request, monkeypatch):
-    """Run the forward kernel's reduction-loop variant FLAT=False or True (on a GPU the
-    autotuner otherwise picks; under the interpreter the first runs)."""
+    """Run the kernels' variants: forward FLAT=False/True and weight gradient
+    ALIGNED=False/True together (on a GPU the autotuner otherwise picks; under the
+    interpreter the first runs). Yields the forward's FLAT."""
     from leanconv.kernels import conv_common
-    from leanconv.kernels.hetconv import hetconv_fwd_kernel
+    from leanconv.kernels.hetconv import hetconv_dw_kernel, hetconv_fwd_kernel
 
     monkeypatch.setitem(conv_common.FORCED_VARIANT, "FLAT", request.param)
-    hetconv_fwd_kernel.cache.clear()  # the autotuner remembers a configuration per shape
+    monkeypatch.setitem(conv_common.FORCED_VARIANT, "ALIGNED", request.param)
+    for kernel in (hetconv_fwd_kernel, hetconv_dw_kernel):  # the autotuner remembers a configuration per shape
+        kernel.cache.clear()
     yield request.param
-    hetconv_fwd_kernel.cache.clear()
+    for kernel in (hetconv_fwd_kernel, hetconv_dw_kernel):
+        kernel.cache.clear()
 
 
 @pytest.mark.parametrize("b,m,n,h,w,k,p,layout,stride,padding,dilation,bias,channels_last", CONFIGS)
@@ -92,9 +96,10 @@ def test_float32_output_and_gradients_match_reference(b, m, n, h, w, k, p, layou
     rtol = 1e-5 if DEVICE == "cpu" else 5e-3  # CUDA: TF32 dots, as F.conv2d under cudnn.allow_tf32
     for name, f, r in zip(names, fast, reference):
         assert_matches_reference(f, r, rtol=rtol, atol=rtol, what=name)
-    from leanconv.kernels.hetconv import hetconv_fwd_kernel
+    from leanconv.kernels.hetconv import hetconv_dw_kernel, hetconv_fwd_kernel
 
     assert hetconv_fwd_kernel.best_config.kwargs["FLAT"] is forward_variant
+    assert hetconv_dw_kernel.best_config.kwargs["ALIGNED"] is forward_variant
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

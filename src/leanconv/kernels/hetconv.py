@@ -61,10 +61,13 @@ _DX_BLOCKS = [
     (128, 64, 32, 4, 3),
 ]
 # (BLOCK_R weight rows, BLOCK_N filters, BLOCK_Q pixels, warps, stages)
+# ALIGNED (see hetconv_dw_kernel): tiles of rows within one tap; not yet measured on a GPU.
 _DW_BLOCKS = [
-    (64, 64, 64, 4, 3),
-    (128, 64, 64, 8, 3),
-    (64, 32, 64, 4, 3),
+    (64, 64, 64, 4, 3, {"ALIGNED": False}),
+    (128, 64, 64, 8, 3, {"ALIGNED": False}),
+    (64, 32, 64, 4, 3, {"ALIGNED": False}),
+    (64, 64, 64, 4, 3, {"ALIGNED": True}),
+    (32, 64, 64, 4, 3, {"ALIGNED": True}),
 ]
 
 
@@ -292,13 +295,19 @@ def hetconv_dw_kernel(
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     P: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     SHIFTED: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """Partial weight gradient of group g over one slice of the output pixels.
 
     Rows r < KH*KW*Mg are the packed KxK weights (tap r // Mg, channel r % Mg),
     the following M - Mg rows the packed 1x1 weights; part[s, g, r, j] holds
     slice s's sum, reduced over s by the launcher (deterministic, no atomics).
+
+    ALIGNED=False: a tile is BLOCK_R consecutive rows, which may span taps, so the
+    input tile is gathered with a spatial offset per (row, pixel). ALIGNED=True:
+    a tile holds rows of one tap only (the launcher's grid has KH*KW*cdiv(Mg,
+    BLOCK_R) + cdiv(M - Mg, BLOCK_R) tiles per group): the offset is one per
+    pixel and the tile is a plain channels x pixels slab of the shifted input.
     """
     pid_r = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -306,20 +315,33 @@ def hetconv_dw_kernel(
     kxk_rows = KH * KW * Mg
     others = M - Mg
     rows = kxk_rows + others
-    tiles_r = tl.cdiv(rows, BLOCK_R)
-    g = pid_r // tiles_r
-    r = (pid_r % tiles_r) * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_ok = r < rows
+    centre = (KH // 2) * KW + KW // 2
     j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     j_ok = j < Ng
-
-    is_kxk = r < kxk_rows
-    centre = (KH // 2) * KW + KW // 2
-    tap = tl.where(is_kxk, r // Mg, centre)
-    kh = tap // KW
-    kw = tap % KW
-    k = r - kxk_rows
-    cg = tl.where(is_kxk, g * Mg + r % Mg, tl.where(k < g * Mg, k, k + Mg))
+    if ALIGNED:
+        chunks = tl.cdiv(Mg, BLOCK_R)
+        tiles_g = KH * KW * chunks + tl.cdiv(others, BLOCK_R)
+        g = pid_r // tiles_g
+        tile = pid_r % tiles_g
+        tile_kxk = tile < KH * KW * chunks
+        tap_s = tl.where(tile_kxk, tile // chunks, centre)
+        i = tl.where(tile_kxk, (tile % chunks) * BLOCK_R, (tile - KH * KW * chunks) * BLOCK_R) + tl.arange(0, BLOCK_R)
+        r_ok = i < tl.where(tile_kxk, Mg, others)
+        r = tl.where(tile_kxk, tap_s * Mg + i, kxk_rows + i)
+        cg = tl.where(tile_kxk, g * Mg + i, tl.where(i < g * Mg, i, i + Mg))
+        kh_s = tap_s // KW
+        kw_s = tap_s % KW
+    else:
+        tiles_r = tl.cdiv(rows, BLOCK_R)
+        g = pid_r // tiles_r
+        r = (pid_r % tiles_r) * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_ok = r < rows
+        is_kxk = r < kxk_rows
+        tap = tl.where(is_kxk, r // Mg, centre)
+        kh = tap // KW
+        kw = tap % KW
+        k = r - kxk_rows
+        cg = tl.where(is_kxk, g * Mg + r % Mg, tl.where(k < g * Mg, k, k + Mg))
     c = _real_channel(cg, Mg, P, SHIFTED)
     n = _real_channel(g * Ng + j, Ng, P, SHIFTED)
 
@@ -335,10 +357,17 @@ def hetconv_dw_kernel(
         t = q // Wo
         oh = t % Ho
         b = (t // Ho).to(tl.int64)
-        ih = oh[None, :] * stride_h - pad_h + kh[:, None] * dil_h
-        iw = ow[None, :] * stride_w - pad_w + kw[:, None] * dil_w
-        ok = q_ok[None, :] & r_ok[:, None] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        xt = tl.load(x_ptr + b[None, :] * sxb + ih * sxh + iw * sxw + c[:, None] * sxc, mask=ok, other=0.0)
+        if ALIGNED:
+            ih = oh * stride_h - pad_h + kh_s * dil_h
+            iw = ow * stride_w - pad_w + kw_s * dil_w
+            ok = q_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            pixel = b * sxb + ih * sxh + iw * sxw
+            xt = tl.load(x_ptr + pixel[None, :] + c[:, None] * sxc, mask=r_ok[:, None] & ok[None, :], other=0.0)
+        else:
+            ih = oh[None, :] * stride_h - pad_h + kh[:, None] * dil_h
+            iw = ow[None, :] * stride_w - pad_w + kw[:, None] * dil_w
+            ok = q_ok[None, :] & r_ok[:, None] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            xt = tl.load(x_ptr + b[None, :] * sxb + ih * sxh + iw * sxw + c[:, None] * sxc, mask=ok, other=0.0)
         dyt = tl.load(dy_ptr + b[:, None] * sdb + oh[:, None] * sdh + ow[:, None] * sdw + n[None, :] * sdc,
                       mask=q_ok[:, None] & j_ok[None, :], other=0.0)
         acc = _dot(xt, dyt, acc, PRECISION)

@@ -184,7 +184,11 @@ class _HetConvTritonFunction(torch.autograd.Function):
             part = torch.empty((split, p, rows, ng), dtype=torch.float32, device=x.device)
 
             def grid_dw(meta):
-                return (p * cdiv(rows, meta["BLOCK_R"]), cdiv(ng, meta["BLOCK_N"]), split)
+                if meta["ALIGNED"]:  # row tiles within one tap: KxK chunks per tap, then the pointwise rows
+                    tiles = kh * kw * cdiv(mg, meta["BLOCK_R"]) + cdiv(in_channels - mg, meta["BLOCK_R"])
+                else:
+                    tiles = cdiv(rows, meta["BLOCK_R"])
+                return (p * tiles, cdiv(ng, meta["BLOCK_N"]), split)
 
             hetconv_dw_kernel[grid_dw](
                 x, dy, part, *shape_args, split, per_split, *strides_nhwc(x), *strides_nhwc(dy), *geometry,
