@@ -1,8 +1,8 @@
 """What the GPU benchmark scripts share: the timer, the machine's name and commit.
 
 On a CUDA device the timer is ``triton.testing.do_bench`` (CUDA events, median);
-in ``--smoke`` runs on the CPU under ``TRITON_INTERPRET=1`` a wall-clock median,
-only to check that a script still runs end to end.
+in ``--smoke`` runs on the CPU under ``TRITON_INTERPRET=1`` one wall-clock sample
+after a warm-up call, only to check that a script still runs end to end.
 """
 
 from __future__ import annotations

@@ -215,7 +215,8 @@ def main():
     write_atomic(stem + ".json", json.dumps({"header": header, "correct": correct, "rows": rows}, indent=1))
     write_atomic(stem + ".md", "```\n" + "\n".join(lines[:-1]) + "\n```\n\n" + table)
     log(f"wrote {stem}.json and {stem}.md")
+    return 1 if correct is False else 0  # a failed correctness check fails the run (after writing it)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -7,19 +7,27 @@
 #      variants forced (forward taps/flat loop, weight-gradient gather/aligned tiles),
 #   3. depthwise kernels: correctness + speed vs cuDNN,
 #   4. HetConv float32 with TF32 off (IEEE dots), a correctness check.
-# Knobs: PYTHON (python3), OUT (results/gpu). Each step prints its wall time.
-set -euo pipefail
+# A failing step does not stop the later ones; the exit status says whether all
+# passed. Knobs: PYTHON (python3), OUT (default results/gpu/run-<commit>, so the
+# committed result files are never overwritten). Each step prints its wall time.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-OUT=${OUT:-results/gpu}
 export LEANCONV_COMMIT=${LEANCONV_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+OUT=${OUT:-results/gpu/run-$LEANCONV_COMMIT}
+mkdir -p "$OUT"
+failed=()
 
 step() {
   local name=$1; shift
   local start=$SECONDS
   echo "== $name: $*"
-  "$@"
-  echo "== $name: $((SECONDS - start)) s"
+  if "$@"; then
+    echo "== $name: passed, $((SECONDS - start)) s"
+  else
+    echo "== $name: FAILED (exit $?), $((SECONDS - start)) s"
+    failed+=("$name")
+  fi
 }
 
 if "$PYTHON" -c "import pytest" 2>/dev/null; then
@@ -28,7 +36,13 @@ else
   echo "== tests: pytest is not installed here, skipped"
 fi
 step hetconv "$PYTHON" benchmarks/gpu_hetconv.py --out "$OUT"
-step hetconv-first-variants "$PYTHON" benchmarks/gpu_hetconv.py --skip-correctness --forward-variant taps --dw-variant gather --dtypes bfloat16 --out "$OUT"
-step hetconv-second-variants "$PYTHON" benchmarks/gpu_hetconv.py --skip-correctness --forward-variant flat --dw-variant aligned --dtypes bfloat16 --out "$OUT"
+step hetconv-first-variants "$PYTHON" benchmarks/gpu_hetconv.py --forward-variant taps --dw-variant gather --dtypes bfloat16 --out "$OUT"
+step hetconv-second-variants "$PYTHON" benchmarks/gpu_hetconv.py --forward-variant flat --dw-variant aligned --dtypes bfloat16 --out "$OUT"
 step depthwise "$PYTHON" benchmarks/gpu_depthwise.py --out "$OUT"
-step fp32-strict "$PYTHON" benchmarks/gpu_hetconv.py --fp32-strict
+step fp32-strict "$PYTHON" benchmarks/gpu_hetconv.py --fp32-strict --out "$OUT"
+
+if ((${#failed[@]})); then
+  echo "== FAILED steps: ${failed[*]} (results in $OUT)"
+  exit 1
+fi
+echo "== all steps passed (results in $OUT)"

@@ -294,6 +294,16 @@ def test_geometry_and_argument_errors_name_the_problem():
         het_conv2d(*leaves, padding=0, dilation=2, p=2, backend="triton")
     with pytest.raises(TypeError, match="weight is torch.float64"):
         het_conv2d(leaves[0], leaves[1].double(), leaves[2], leaves[3], padding=1, p=2, backend="triton")
+    from leanconv.ops.hetconv_triton import hetconv_triton
+
+    x, weight, pointwise, bias = leaves
+    geometry = ((1, 1), (1, 1), (1, 1), 2, "blocked")
+    with pytest.raises(ValueError, match=r"bias must have shape \(4,\)"):
+        hetconv_triton(x, weight, pointwise, bias[:3], *geometry)
+    with pytest.raises(ValueError, match=r"pointwise_weight must be \(N, M - M/P\)"):
+        hetconv_triton(x, weight, pointwise[:, :1], bias, *geometry)
+    with pytest.raises(ValueError, match="weight must be"):
+        hetconv_triton(x, weight[:3], pointwise, bias, *geometry)
 
 
 def test_non_contiguous_bias_and_double_backward():
@@ -308,3 +318,17 @@ def test_non_contiguous_bias_and_double_backward():
     (grad,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         grad.sum().backward()
+
+
+def test_no_choice_is_remembered_while_a_cuda_graph_is_captured(monkeypatch):
+    """Under capture auto must not measure; what it runs then is not kept for later calls."""
+    import leanconv.layers.hetconv as hetconv_layer
+    from leanconv import HetConv2d
+
+    layer = HetConv2d(8, 8, 3, padding=1, p=4).to(DEVICE)
+    monkeypatch.setattr(hetconv_layer, "stream_capturing", lambda x: True)
+    layer(torch.randn(1, 8, 5, 5, device=DEVICE))
+    assert not layer.__dict__.get("_auto_memo")
+    monkeypatch.setattr(hetconv_layer, "stream_capturing", lambda x: False)
+    layer(torch.randn(1, 8, 5, 5, device=DEVICE))
+    assert len(layer.__dict__["_auto_memo"]) == 1

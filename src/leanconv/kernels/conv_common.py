@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# LEANCONV_TRITON_AUTOTUNE=0: first configuration of each list only (quick correctness runs).
+# LEANCONV_TRITON_AUTOTUNE=0: the first configuration of each kernel variant only (quicker first calls).
 AUTOTUNE = os.environ.get("LEANCONV_TRITON_AUTOTUNE", "1") != "0"
 
 

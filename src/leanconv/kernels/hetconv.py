@@ -39,8 +39,9 @@ __all__ = ["hetconv_fwd_kernel", "hetconv_dx_kernel", "hetconv_dw_kernel"]
 
 # (BLOCK_M pixels, BLOCK_N filters, BLOCK_K channels, warps, stages[, variant])
 # Kept short: each configuration is a separate compile per dtype and geometry.
-# _prune drops tiles wider than a group's channels (Mg) or filters (Ng), which
-# would only multiply masked zeros. The forward has two variants of its
+# _prune drops tiles wider than a group's filters (Ng) or, where a tile runs over
+# one group's channels (forward, input gradient, aligned weight-gradient tiles),
+# its channels (Mg): they would only multiply masked zeros. The forward has two variants of its
 # reduction loop (see hetconv_fwd_kernel), tuned like the tiles: FLAT=False was
 # measured on an H100 (notes/gpu_kernels.md); FLAT=True is not yet measured on a GPU.
 _FWD_BLOCKS = [
@@ -61,13 +62,15 @@ _DX_BLOCKS = [
     (128, 64, 32, 4, 3),
 ]
 # (BLOCK_R weight rows, BLOCK_N filters, BLOCK_Q pixels, warps, stages)
-# ALIGNED (see hetconv_dw_kernel): tiles of rows within one tap; not yet measured on a GPU.
+# ALIGNED (see hetconv_dw_kernel): tiles of rows within one tap, so their BLOCK_R is
+# also pruned to the group's channels (Mg); not yet measured on a GPU.
 _DW_BLOCKS = [
     (64, 64, 64, 4, 3, {"ALIGNED": False}),
     (128, 64, 64, 8, 3, {"ALIGNED": False}),
     (64, 32, 64, 4, 3, {"ALIGNED": False}),
     (64, 64, 64, 4, 3, {"ALIGNED": True}),
     (32, 64, 64, 4, 3, {"ALIGNED": True}),
+    (32, 32, 64, 4, 3, {"ALIGNED": True}),
 ]
 
 
@@ -80,7 +83,8 @@ def _prune(channel_block: str | None, filter_block: str):
         mg, ng = named_args["Mg"], named_args["Ng"]
 
         def fits(c):
-            return _fits(ng, c.kwargs[filter_block]) and (channel_block is None or _fits(mg, c.kwargs[channel_block]))
+            block = channel_block or ("BLOCK_R" if c.kwargs.get("ALIGNED") else None)
+            return _fits(ng, c.kwargs[filter_block]) and (block is None or _fits(mg, c.kwargs[block]))
 
         return variant_prune(configs, fits)
 

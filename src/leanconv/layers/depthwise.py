@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..ops.autotune import autocast_dtype, autotune_generation, autotune_tracing
+from ..ops.autotune import autocast_dtype, autotune_generation, autotune_tracing, stream_capturing
 from ..ops.conv_geometry import check_conv_input, pad_for_mode
 from ..ops import depthwise as depthwise_ops
 from ..ops.depthwise import (
@@ -143,7 +143,8 @@ class DepthwiseConv2d(nn.Conv2d):
         name = memo.get(memo_key)
         if name is None:
             name = choose_depthwise_backend(x, self.weight, self.bias, self.stride, padding, self.dilation, needs_grad)
-            memo[memo_key] = name
+            if not stream_capturing(x):  # a choice made without measuring only for the capture
+                memo[memo_key] = name
         return name
 
     def __getstate__(self):

@@ -22,6 +22,7 @@ from ..ops.autotune import (
     measured_choice,
     measuring_enabled,
     rounds_for,
+    stream_capturing,
     synchronizer,
     tuning_key,
 )
@@ -219,7 +220,8 @@ class HetConv2d(nn.Module):
                 name = self._measured_backend(x, padding, needs_grad)
             else:
                 name = self._rule_choice(x)
-            memo[memo_key] = name
+            if not stream_capturing(x):  # a choice made without measuring only for the capture
+                memo[memo_key] = name
         return name
 
     def _run(self, name: str, x: torch.Tensor, padding: tuple[int, int], needs_grad: bool) -> torch.Tensor:

@@ -23,6 +23,7 @@ from .triton_launch import (
     cdiv,
     device_unsupported,
     empty_like_format,
+    int_pair,
     interpreted,
     output_size,
     strides_nhwc,
@@ -147,6 +148,6 @@ def depthwise_triton(
     kernel_size = (weight.shape[2], weight.shape[3])
     w = weight.reshape(weight.shape[0], kernel_size[0] * kernel_size[1])
     return apply_function(
-        _DepthwiseTritonFunction, x, w, bias, tuple(stride), tuple(padding), tuple(dilation),
+        _DepthwiseTritonFunction, x, w, bias, int_pair(stride), int_pair(padding), int_pair(dilation),
         weight.shape[0] // channels, kernel_size,
     )

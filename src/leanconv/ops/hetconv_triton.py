@@ -37,6 +37,7 @@ from .triton_launch import (
     cdiv,
     device_unsupported,
     empty_like_format,
+    int_pair,
     interpreted,
     output_size,
     strides_nhwc,
@@ -220,6 +221,15 @@ def hetconv_triton(
     x, weight, pointwise_weight, bias = cast_and_check(
         x, BACKEND, weight=weight, pointwise_weight=pointwise_weight, bias=bias,
     )
+    if weight.dim() != 4 or weight.shape[0] % p or x.shape[1] != weight.shape[1] * p:
+        raise ValueError(
+            f"triton backend: weight must be (N, M/P, kh, kw) with N divisible by p={p} and M/P = "
+            f"{x.shape[1]}/{p} for an input of {x.shape[1]} channels, got {tuple(weight.shape)}"
+        )
+    expected = (weight.shape[0], x.shape[1] - weight.shape[1])
+    if tuple(pointwise_weight.shape) != expected:
+        raise ValueError(f"triton backend: pointwise_weight must be (N, M - M/P) = {expected}, "
+                         f"got {tuple(pointwise_weight.shape)}")
     wk, wp = pack_weights(weight, pointwise_weight, p, layout)
     return hetconv_triton_packed(x, wk, wp, bias, stride, padding, dilation, p, (weight.shape[2], weight.shape[3]), layout)
 
@@ -240,7 +250,18 @@ def hetconv_triton_packed(
     (``HetConv2d`` packs once for inference and reuses them until the parameters change)."""
     # The packed tensors are the layer's weight and pointwise_weight, so errors name those.
     x, wk, wp, bias = cast_and_check(x, BACKEND, weight=wk, pointwise_weight=wp, bias=bias)
+    channels, taps = x.shape[1], kernel_size[0] * kernel_size[1]
+    if channels % p or wk.dim() != 2 or wk.shape[0] != taps * channels or wp.dim() != 2:
+        raise ValueError(
+            f"triton backend: packed weight must be (P*kh*kw*M/P, N/P) = ({taps * channels}, N/P) for an input "
+            f"of {channels} channels, got {tuple(wk.shape)}"
+        )
+    if tuple(wp.shape) != (p * (channels - channels // p), wk.shape[1]):
+        raise ValueError(f"triton backend: packed pointwise_weight must be ({p * (channels - channels // p)}, "
+                         f"{wk.shape[1]}), got {tuple(wp.shape)}")
+    if bias is not None and tuple(bias.shape) != (wk.shape[1] * p,):
+        raise ValueError(f"triton backend: bias must have shape ({wk.shape[1] * p},), got {tuple(bias.shape)}")
     return apply_function(
-        _HetConvTritonFunction, x, wk, wp, bias, tuple(stride), tuple(padding), tuple(dilation), p,
+        _HetConvTritonFunction, x, wk, wp, bias, int_pair(stride), int_pair(padding), int_pair(dilation), p,
         tuple(kernel_size), layout == "shifted",
     )

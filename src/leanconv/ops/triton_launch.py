@@ -10,6 +10,7 @@ messages that name the argument.
 
 from __future__ import annotations
 
+import operator
 import os
 from typing import Callable
 
@@ -21,6 +22,7 @@ __all__ = [
     "device_unsupported",
     "cast_and_check",
     "output_size",
+    "int_pair",
     "strides_nhwc",
     "empty_like_format",
     "cdiv",
@@ -78,8 +80,14 @@ def output_size(
 ) -> tuple[int, int]:
     """(Ho, Wo) of the convolution, after checking the geometry as ``F.conv2d`` does
     and that the kernels' int32 indices cannot overflow."""
-    for name, value, least in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
-        if len(value) != 2 or any(not isinstance(v, int) or v < least for v in value):
+    for name, value, least in (
+        ("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1),
+    ):
+        try:
+            pair = [operator.index(v) for v in value]
+        except TypeError:
+            pair = None
+        if pair is None or len(pair) != 2 or min(pair) < least:
             raise ValueError(f"{name} must be a pair of ints >= {least}, got {tuple(value)!r}")
     sizes = []
     for axis, (size, k, s, p, d) in enumerate(zip(x.shape[2:], kernel_size, stride, padding, dilation)):
@@ -94,6 +102,11 @@ def output_size(
     if out_channels * out_h * out_w >= _INT32 or x.shape[0] * max(out_h * out_w, x.shape[2] * x.shape[3]) >= _INT32:
         raise ValueError("the output of one image, or the pixels of the batch, reach 2**31 (int32 indices)")
     return out_h, out_w
+
+
+def int_pair(value) -> tuple[int, ...]:
+    """A geometry pair as Python ints (numpy or other integer types too), as the kernels take them."""
+    return tuple(operator.index(v) for v in value)
 
 
 def strides_nhwc(t: torch.Tensor) -> tuple[int, int, int, int]:
