@@ -161,7 +161,6 @@ def test_layer_is_an_nn_conv2d_with_its_state_dict_and_arguments_checked():
     assert "backend='triton'" in repr(layer)
 
 
-@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 def test_wrong_channel_count_is_refused_on_every_path(monkeypatch):
     layer = DepthwiseConv2d(16, 32, 3, padding=1, backend="triton").to(DEVICE)
     with pytest.raises(ValueError, match="expected input with 16 channels"):
@@ -172,6 +171,7 @@ def test_wrong_channel_count_is_refused_on_every_path(monkeypatch):
         layer(torch.randn(1, 8, 5, 5, device=DEVICE))
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 def test_uneven_same_padding_needs_torch():
     layer = DepthwiseConv2d(2, 2, 2, padding="same", backend="triton")
     with pytest.raises(ValueError, match="symmetric padding"):
