@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 __all__ = [
-    "INTERPRETED", "AUTOTUNE", "FORCED_VARIANT", "tile_configs", "variant_prune", "phase_count", "phase_pixels", "phase_tap",
+    "INTERPRETED", "AUTOTUNE", "FORCED_VARIANT", "tile_configs", "variant_prune", "phase_count", "output_pixels",
+    "phase_pixels", "phase_tap",
 ]
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -72,6 +73,15 @@ def phase_count(height: int, width: int, stride: tuple[int, int]) -> tuple[int, 
     gradient launch: grid = (cdiv(B * first, BLOCK_M), ..., second)."""
     per_phase = -(-height // stride[0]) * -(-width // stride[1])
     return per_phase, stride[0] * stride[1]
+
+
+@triton.jit
+def output_pixels(pix, Ho, Wo):
+    """Output pixels number ``pix`` (row-major over batch, rows, columns):
+    returns (image index as int64, oh, ow)."""
+    ow = pix % Wo
+    t = pix // Wo
+    return (t // Ho).to(tl.int64), t % Ho, ow
 
 
 @triton.jit

@@ -34,7 +34,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .conv_common import phase_pixels, phase_tap, tile_configs
+from .conv_common import output_pixels, phase_pixels, phase_tap, tile_configs
 
 __all__ = ["depthwise_fwd_kernel", "depthwise_dx_kernel", "depthwise_dw_kernel"]
 
@@ -76,10 +76,7 @@ def depthwise_fwd_kernel(
 
     pix = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pix_ok = pix < B * Ho * Wo
-    ow = pix % Wo
-    t = pix // Wo
-    oh = t % Ho
-    b = (t // Ho).to(tl.int64)
+    b, oh, ow = output_pixels(pix, Ho, Wo)
     ih0 = oh * stride_h - pad_h
     iw0 = ow * stride_w - pad_w
     x_img = x_ptr + b * sxb
@@ -162,10 +159,7 @@ def depthwise_dw_kernel(
     for q0 in range(start, stop, BLOCK_Q):
         q = q0 + cq
         q_ok = q < stop
-        ow = q % Wo
-        t = q // Wo
-        oh = t % Ho
-        b = (t // Ho).to(tl.int64)
+        b, oh, ow = output_pixels(q, Ho, Wo)
         ih = oh * stride_h - pad_h + kh * dil_h
         iw = ow * stride_w - pad_w + kw * dil_w
         ok = q_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .conv_common import INTERPRETED, phase_pixels, phase_tap, tile_configs, variant_prune
+from .conv_common import INTERPRETED, output_pixels, phase_pixels, phase_tap, tile_configs, variant_prune
 
 __all__ = ["hetconv_fwd_kernel", "hetconv_dx_kernel", "hetconv_dw_kernel"]
 
@@ -148,10 +148,7 @@ def hetconv_fwd_kernel(
 
     pix = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pix_ok = pix < B * Ho * Wo
-    ow = pix % Wo
-    t = pix // Wo
-    oh = t % Ho
-    b = (t // Ho).to(tl.int64)
+    b, oh, ow = output_pixels(pix, Ho, Wo)
     ih0 = oh * stride_h - pad_h
     iw0 = ow * stride_w - pad_w
     x_img = x_ptr + b * sxb
@@ -357,10 +354,7 @@ def hetconv_dw_kernel(
     for q0 in range(start, stop, BLOCK_Q):
         q = q0 + cq
         q_ok = q < stop
-        ow = q % Wo
-        t = q // Wo
-        oh = t % Ho
-        b = (t // Ho).to(tl.int64)
+        b, oh, ow = output_pixels(q, Ho, Wo)
         if ALIGNED:
             ih = oh * stride_h - pad_h + kh_s * dil_h
             iw = ow * stride_w - pad_w + kw_s * dil_w
