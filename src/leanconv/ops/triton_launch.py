@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import operator
 import os
-from typing import Callable
 
 import torch
 
@@ -131,7 +130,7 @@ def _apply_eagerly(function, *args):
     return function.apply(*args)
 
 
-def apply_function(function: type[torch.autograd.Function], *args) -> Callable:
+def apply_function(function: type[torch.autograd.Function], *args) -> torch.Tensor:
     """``function.apply(*args)``; under ``TRITON_INTERPRET=1`` outside torch.compile's
     graph (TorchDynamo would trace into the interpreter's Python). On a GPU Dynamo
     handles the Triton kernel launches itself (measured for the HetConv kernels on
