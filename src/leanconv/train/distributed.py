@@ -29,6 +29,11 @@ class DistributedContext:
     def active(self) -> bool:
         return self.world_size > 1
 
+    def barrier(self) -> None:
+        """Wait for every rank (nothing when not distributed)."""
+        if self.active and dist.is_initialized():
+            dist.barrier()
+
     def close(self) -> None:
         if self.initialized_here and dist.is_initialized():
             dist.destroy_process_group()

@@ -164,7 +164,11 @@ def train(
     ctx = init_distributed(config.device)
     try:
         with _hetconv_autotune(config.hetconv_autotune):
-            return _train(config, ctx, resume, train_data, test_data, log if ctx.is_main else (lambda _: None))
+            summary = _train(config, ctx, resume, train_data, test_data, log if ctx.is_main else (lambda _: None))
+        # Every rank waits for rank 0's last writes before the process group goes away
+        # (a rank tearing gloo down while its peer still uses it aborted the peer).
+        ctx.barrier()
+        return summary
     finally:
         ctx.close()
 
