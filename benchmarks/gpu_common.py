@@ -7,11 +7,13 @@ after a warm-up call, only to check that a script still runs end to end.
 
 from __future__ import annotations
 
+import datetime
 import os
 import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 
 import torch
@@ -53,6 +55,22 @@ def commit() -> str:
             ["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
     except Exception:
         return "unknown"
+
+
+def run_header(device: str, **settings) -> dict:
+    """The self-description every GPU result file starts with: the machine, torch,
+    Triton, CUDA and cuDNN versions, date, commit, timer and command, then ``settings``."""
+    import triton
+
+    return {
+        "device": machine_name(device), "torch": torch.__version__, "triton": triton.__version__,
+        "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if device == "cuda" else None,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
+        "timer": CUDA_TIMER if device == "cuda" else SMOKE_TIMER,
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        **settings,
+    }
 
 
 def pick_device(parser, smoke: bool) -> str:

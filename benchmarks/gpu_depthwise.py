@@ -30,10 +30,8 @@ suite uses it to keep the script working. Its timings mean nothing.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import time
 
@@ -42,8 +40,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-import triton  # noqa: E402
-from gpu_common import CUDA_TIMER, SMOKE_TIMER, commit, machine_name, make_timer, pick_device, slug  # noqa: E402
+from gpu_common import machine_name, make_timer, pick_device, run_header, slug  # noqa: E402
 
 from leanconv.bench import markdown_table, write_atomic  # noqa: E402
 from leanconv.ops.depthwise_triton import depthwise_triton  # noqa: E402
@@ -186,14 +183,7 @@ def main():
         lines.append(text)
 
     machine = machine_name(device)
-    header = {
-        "device": machine, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if device == "cuda" else None, "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
-        "batch": args.batch, "kernel_size": 3, "memory_format": "channels_last",
-        "timer": CUDA_TIMER if device == "cuda" else SMOKE_TIMER,
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-    }
+    header = run_header(device, batch=args.batch, kernel_size=3, memory_format="channels_last")
     log(json.dumps(header))
     correct = None
     if not args.skip_correctness:

@@ -25,10 +25,8 @@ B*Ho*Wo*N*M*K*K MACs) is printed beside it.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import time
 
@@ -37,8 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-import triton  # noqa: E402
-from gpu_common import CUDA_TIMER, SMOKE_TIMER, commit, machine_name, make_timer, pick_device, slug  # noqa: E402
+from gpu_common import machine_name, make_timer, pick_device, run_header, slug  # noqa: E402
 
 from leanconv.bench import write_atomic  # noqa: E402
 from leanconv.ops.hetconv_reference import hetconv_reference  # noqa: E402
@@ -262,14 +259,11 @@ def main():
         lines.append(text)
 
     gpu = machine_name(DEVICE)
-    header = {
-        "gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if DEVICE == "cuda" else None, "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
-        "batch": args.batch, "p": args.p, "kernel_size": 3, "forward_variant": args.forward_variant, "dw_variant": args.dw_variant, "layout": "blocked", "memory_format": "channels_last",
-        "cudnn.benchmark": True, "allow_tf32": True, "timer": CUDA_TIMER if DEVICE == "cuda" else SMOKE_TIMER,
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-    }
+    header = run_header(
+        DEVICE, batch=args.batch, p=args.p, kernel_size=3, forward_variant=args.forward_variant,
+        dw_variant=args.dw_variant, layout="blocked", memory_format="channels_last",
+        **{"cudnn.benchmark": True, "allow_tf32": True},
+    )
     log(json.dumps(header))
     correct = None  # not checked in this run (--skip-correctness)
     if args.fp32_strict:

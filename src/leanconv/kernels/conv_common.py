@@ -21,7 +21,7 @@ import triton.language as tl
 
 __all__ = [
     "INTERPRETED", "AUTOTUNE", "FORCED_VARIANT", "tile_configs", "variant_prune", "phase_count", "output_pixels",
-    "phase_pixels", "phase_tap",
+    "pixel_slice", "phase_pixels", "phase_tap",
 ]
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -82,6 +82,14 @@ def output_pixels(pix, Ho, Wo):
     ow = pix % Wo
     t = pix // Wo
     return (t // Ho).to(tl.int64), t % Ho, ow
+
+
+@triton.jit
+def pixel_slice(s, pixels_per_split, total):
+    """[start, stop) of slice ``s`` of the ``total`` output pixels (weight-gradient kernels
+    split the pixel reduction into slices that the launcher sums)."""
+    start = s * pixels_per_split
+    return start, tl.minimum(start + pixels_per_split, total)
 
 
 @triton.jit

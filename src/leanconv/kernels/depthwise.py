@@ -34,7 +34,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .conv_common import output_pixels, phase_pixels, phase_tap, tile_configs
+from .conv_common import output_pixels, phase_pixels, phase_tap, pixel_slice, tile_configs
 
 __all__ = ["depthwise_fwd_kernel", "depthwise_dx_kernel", "depthwise_dw_kernel"]
 
@@ -151,9 +151,7 @@ def depthwise_dw_kernel(
     kh = tap // KW
     kw = tap % KW
 
-    total = B * Ho * Wo
-    start = s * pixels_per_split
-    stop = tl.minimum(start + pixels_per_split, total)
+    start, stop = pixel_slice(s, pixels_per_split, B * Ho * Wo)
     cq = tl.arange(0, BLOCK_Q)
     acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=tl.float32)
     for q0 in range(start, stop, BLOCK_Q):

@@ -33,7 +33,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .conv_common import INTERPRETED, output_pixels, phase_pixels, phase_tap, tile_configs, variant_prune
+from .conv_common import (
+    INTERPRETED, output_pixels, phase_pixels, phase_tap, pixel_slice, tile_configs, variant_prune,
+)
 
 __all__ = ["hetconv_fwd_kernel", "hetconv_dx_kernel", "hetconv_dw_kernel"]
 
@@ -346,9 +348,7 @@ def hetconv_dw_kernel(
     c = _real_channel(cg, Mg, P, SHIFTED)
     n = _real_channel(g * Ng + j, Ng, P, SHIFTED)
 
-    total = B * Ho * Wo
-    start = s * pixels_per_split
-    stop = tl.minimum(start + pixels_per_split, total)
+    start, stop = pixel_slice(s, pixels_per_split, B * Ho * Wo)
     cq = tl.arange(0, BLOCK_Q)
     acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
     for q0 in range(start, stop, BLOCK_Q):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..ops.autotune import autocast_dtype, autotune_generation, autotune_tracing, stream_capturing
+from ..ops.autotune import autotune_tracing, layer_memo_key, needs_autograd, stream_capturing
 from ..ops.conv_geometry import check_conv_input, pad_for_mode
 from ..ops import depthwise as depthwise_ops
 from ..ops.depthwise import (
@@ -134,11 +134,8 @@ class DepthwiseConv2d(nn.Conv2d):
 
     def _auto(self, x: torch.Tensor, padding: tuple[int, int]) -> str:
         """``auto`` where it measures (CUDA), remembered per input setting on the layer."""
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in self.parameters()))
-        memo_key = (
-            x.device, tuple(x.shape), x.dtype, autocast_dtype(x), x.is_contiguous(),
-            x.is_contiguous(memory_format=torch.channels_last), needs_grad, padding, autotune_generation(),
-        )
+        needs_grad = needs_autograd(x, self)
+        memo_key = layer_memo_key(x, needs_grad, padding)
         memo = self.__dict__.setdefault("_auto_memo", {})
         name = memo.get(memo_key)
         if name is None:

@@ -14,13 +14,14 @@ import torch.nn.functional as F
 
 from ..functional import het_conv2d
 from ..ops.autotune import (
-    autocast_dtype,
-    autotune_generation,
     autotune_tracing,
     dense_macs,
+    forward_backward,
     heuristic_choice,
+    layer_memo_key,
     measured_choice,
     measuring_enabled,
+    needs_autograd,
     rounds_for,
     stream_capturing,
     synchronizer,
@@ -193,7 +194,7 @@ class HetConv2d(nn.Module):
         x = input.unsqueeze(0) if unbatched else input
         x, padding = pad_for_mode(x, self._padding_pair, self.padding_mode)
         requested = requested_backend(self._backend)
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in self.parameters()))
+        needs_grad = needs_autograd(x, self)
         if requested == "auto" and x.device.type in ("cpu", "cuda"):
             name = self._auto_measured(x, padding, needs_grad)
         else:
@@ -209,10 +210,7 @@ class HetConv2d(nn.Module):
         tracing or compiling)."""
         if autotune_tracing():
             return choose_backend("auto", x, self.weight, self.p)
-        memo_key = (
-            x.device, tuple(x.shape), x.dtype, autocast_dtype(x), x.is_contiguous(),
-            x.is_contiguous(memory_format=torch.channels_last), needs_grad, padding, autotune_generation(),
-        )
+        memo_key = layer_memo_key(x, needs_grad, padding)
         memo = self.__dict__.setdefault("_auto_memo", {})
         name = memo.get(memo_key)
         if name is None:
@@ -268,19 +266,14 @@ class HetConv2d(nn.Module):
         )
         names = measured_candidates(x, needs_grad)
         if needs_grad:
-            leaves = [t.detach().requires_grad_() for t in (x, self.weight, self.pointwise_weight)]
-            bias = None if self.bias is None else self.bias.detach().requires_grad_()
-            inputs = leaves + ([bias] if bias is not None else [])
-
             def candidate(name):
-                def run():
-                    with torch.enable_grad():
-                        out = het_conv2d(
-                            leaves[0], leaves[1], leaves[2], bias, self.stride, padding, self.dilation,
-                            p=self.p, layout=self.layout, backend=name,
-                        )
-                        torch.autograd.grad(out, inputs, torch.ones_like(out))
-                return run
+                return forward_backward(
+                    lambda x, weight, pointwise, bias: het_conv2d(
+                        x, weight, pointwise, bias, self.stride, padding, self.dilation,
+                        p=self.p, layout=self.layout, backend=name,
+                    ),
+                    (x, self.weight, self.pointwise_weight, self.bias),
+                )
         else:
             def candidate(name):
                 def run():

@@ -51,11 +51,15 @@ __all__ = [
     "autotune_tracing",
     "autocast_dtype",
     "stream_capturing",
+    "needs_autograd",
+    "layer_memo_key",
+    "forward_backward",
     "CACHE_ENV",
     "MIN_MEASURED_MACS",
     "clear_cache",
     "heuristic_choice",
     "measuring_enabled",
+    "measuring_allowed",
     "measured_choice",
     "tuning_key",
     "setting_key",
@@ -108,6 +112,36 @@ def stream_capturing(x: torch.Tensor) -> bool:
     return x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def needs_autograd(x: torch.Tensor, module: torch.nn.Module) -> bool:
+    """Whether autograd will run a backward pass through ``module``'s call on ``x``."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in module.parameters()))
+
+
+def layer_memo_key(x: torch.Tensor, needs_grad: bool, padding) -> tuple:
+    """What a layer's own memo of ``auto``'s choice is keyed on: the input's device,
+    shape, dtype, autocast dtype and memory format, training, padding, and
+    :func:`autotune_generation` (the layer's weights and geometry are its own)."""
+    return (
+        x.device, tuple(x.shape), x.dtype, autocast_dtype(x), x.is_contiguous(),
+        x.is_contiguous(memory_format=torch.channels_last), needs_grad, padding, autotune_generation(),
+    )
+
+
+def forward_backward(forward: Callable[..., torch.Tensor], tensors) -> Callable[[], None]:
+    """A candidate for :func:`measured_choice` in training: ``forward`` on detached
+    copies of ``tensors`` (None kept as None) and the backward to all of them; the
+    caller's tensors and gradients are untouched."""
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in tensors]
+    inputs = [t for t in leaves if t is not None]
+
+    def run() -> None:
+        with torch.enable_grad():
+            out = forward(*leaves)
+            torch.autograd.grad(out, inputs, torch.ones_like(out))
+
+    return run
+
+
 def autotune_tracing() -> bool:
     """True while TorchScript traces/scripts or torch.compile / torch.export
     (and so both ONNX exporters) capture a graph: no measuring then."""
@@ -121,13 +155,17 @@ def autotune_generation() -> tuple:
     return (os.environ.get(AUTOTUNE_ENV), os.environ.get(CACHE_ENV), torch.get_num_threads(), _generation[0])
 
 
-def measuring_enabled(x: torch.Tensor, weight: torch.Tensor, p: int, stride, padding, dilation) -> bool:
-    """The deterministic rule deciding whether ``auto`` measures this call (see module docstring)."""
+def measuring_allowed(x: torch.Tensor) -> bool:
+    """The switches every measuring ``auto`` obeys: ``LEANCONV_AUTOTUNE`` is not off,
+    and no graph is being traced, compiled or captured."""
     if os.environ.get(AUTOTUNE_ENV, "1").strip() in ("0", "off", "false", "no"):
         return False
-    if not measured_device(x) or p == 1:
-        return False
-    if autotune_tracing() or stream_capturing(x):
+    return not (autotune_tracing() or stream_capturing(x))
+
+
+def measuring_enabled(x: torch.Tensor, weight: torch.Tensor, p: int, stride, padding, dilation) -> bool:
+    """The deterministic rule deciding whether ``auto`` measures this call (see module docstring)."""
+    if not measured_device(x) or p == 1 or not measuring_allowed(x):
         return False
     return dense_macs(x, weight, p, stride, padding, dilation) >= MIN_MEASURED_MACS
 

@@ -15,7 +15,6 @@ chooses among registered backends, all of which are exact.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import threading
 import warnings
@@ -30,6 +29,7 @@ from .hetconv_loop import hetconv_loop
 from .hetconv_masked import hetconv_masked
 from .hetconv_reference import hetconv_reference
 from .hetconv_split import hetconv_split
+from .triton_launch import TRITON_MISSING, triton_installed
 
 __all__ = [
     "ENV_VAR",
@@ -89,10 +89,6 @@ register_backend(HetConvBackend(
 ))
 
 
-TRITON_MISSING = (
-    "backend 'triton' needs the Triton package, which is not installed here "
-    "(pip install 'leanconv[triton]'; it runs on CUDA GPUs, or on the CPU under TRITON_INTERPRET=1)"
-)
 
 
 def _register_triton_lazily() -> None:
@@ -101,11 +97,7 @@ def _register_triton_lazily() -> None:
     ``ops/hetconv_triton.py`` (and Triton) are imported on the backend's first
     use; a broken Triton install then shows as the backend's ``unsupported`` reason.
     """
-    try:
-        found = importlib.util.find_spec("triton") is not None
-    except (ImportError, ValueError):
-        found = False
-    if not found:
+    if not triton_installed():
         return
 
     def forward(*args):

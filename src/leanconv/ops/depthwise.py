@@ -20,21 +20,21 @@ will run) and keeps ``triton`` only where it was faster on that GPU.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import torch
 import torch.nn.functional as F
 
 from .autotune import (
-    AUTOTUNE_ENV,
     MIN_MEASURED_MACS,
-    autotune_tracing,
+    forward_backward,
     measured_choice,
-    stream_capturing,
+    measuring_allowed,
     setting_key,
     synchronizer,
 )
+from .conv_geometry import conv_output_size
+from .triton_launch import TRITON_MISSING, triton_installed
 
 __all__ = [
     "DEPTHWISE_ENV",
@@ -51,26 +51,16 @@ DEPTHWISE_ENV = "LEANCONV_DEPTHWISE_BACKEND"
 MEASURED_DEVICES = ("cuda",)
 
 
-def _triton_found() -> bool:
-    try:
-        return importlib.util.find_spec("triton") is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def depthwise_backend_names() -> tuple[str, ...]:
     """Names accepted by ``backend=`` of DepthwiseConv2d: auto, torch, and triton where installed."""
-    return ("auto", "torch") + (("triton",) if _triton_found() else ())
+    return ("auto", "torch") + (("triton",) if triton_installed() else ())
 
 
 def check_depthwise_backend(name: str | None, source: str = "backend") -> str | None:
     if name is None:
         return None
-    if name == "triton" and not _triton_found():
-        raise ValueError(
-            f"{source}: backend 'triton' needs the Triton package, which is not installed here "
-            "(pip install 'leanconv[triton]')"
-        )
+    if name == "triton" and not triton_installed():
+        raise ValueError(f"{source}: {TRITON_MISSING}")
     if not isinstance(name, str) or name not in depthwise_backend_names():
         raise ValueError(f"{source} must be one of {depthwise_backend_names()}, got {name!r}")
     return name
@@ -88,8 +78,8 @@ def requested_depthwise_backend(argument: str | None) -> str:
 
 def depthwise_unsupported(x: torch.Tensor) -> str | None:
     """None when the ``triton`` depthwise backend can run on ``x``, else why not."""
-    if not _triton_found():
-        return "Triton is not installed"
+    if not triton_installed():
+        return TRITON_MISSING
     try:
         from .depthwise_triton import unsupported
     except Exception as error:  # a broken install must not break auto
@@ -121,15 +111,13 @@ def depthwise_conv2d(
 
 
 def _measuring(x: torch.Tensor, macs: int) -> bool:
-    if os.environ.get(AUTOTUNE_ENV, "1").strip() in ("0", "off", "false", "no"):
-        return False
-    if x.device.type not in MEASURED_DEVICES or autotune_tracing() or stream_capturing(x) or macs < MIN_MEASURED_MACS:
+    if x.device.type not in MEASURED_DEVICES or macs < MIN_MEASURED_MACS or not measuring_allowed(x):
         return False
     reason = depthwise_unsupported(x)
-    if reason is not None and reason.startswith(("Triton is not installed", "Triton is installed but")):
-        from .backends import TRITON_MISSING, warn_triton_skipped
+    if reason is not None and (reason == TRITON_MISSING or reason.startswith("Triton is installed but")):
+        from .backends import warn_triton_skipped
 
-        warn_triton_skipped(TRITON_MISSING if reason.startswith("Triton is not") else reason)
+        warn_triton_skipped(reason)
     return reason is None
 
 
@@ -144,8 +132,8 @@ def choose_depthwise_backend(
 ) -> str:
     """``auto`` for one call: ``torch``, or the faster of ``torch`` and ``triton``
     measured on this setting (module docstring)."""
-    out_h = (x.shape[2] + 2 * padding[0] - dilation[0] * (weight.shape[2] - 1) - 1) // stride[0] + 1
-    out_w = (x.shape[3] + 2 * padding[1] - dilation[1] * (weight.shape[3] - 1) - 1) // stride[1] + 1
+    out_h, out_w = (conv_output_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i])
+                    for i in (0, 1))
     macs = x.shape[0] * max(out_h, 0) * max(out_w, 0) * weight.shape[0] * weight.shape[2] * weight.shape[3]
     if not _measuring(x, macs):
         return "torch"
@@ -154,17 +142,11 @@ def choose_depthwise_backend(
         has_bias=bias is not None, needs_grad=needs_grad,
     )
     if needs_grad:
-        leaves = [t.detach().requires_grad_() for t in (x, weight)]
-        if bias is not None:
-            leaves.append(bias.detach().requires_grad_())
-
         def candidate(name):
-            def run():
-                with torch.enable_grad():
-                    out = depthwise_conv2d(leaves[0], leaves[1], leaves[2] if bias is not None else None,
-                                           stride, padding, dilation, name)
-                    torch.autograd.grad(out, leaves, torch.ones_like(out))
-            return run
+            return forward_backward(
+                lambda x, weight, bias: depthwise_conv2d(x, weight, bias, stride, padding, dilation, name),
+                (x, weight, bias),
+            )
     else:
         def candidate(name):
             def run():

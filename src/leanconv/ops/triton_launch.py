@@ -10,13 +10,18 @@ messages that name the argument.
 
 from __future__ import annotations
 
+import importlib.util
 import operator
 import os
 
 import torch
 
+from .conv_geometry import conv_output_size
+
 __all__ = [
     "SUPPORTED_DTYPES",
+    "triton_installed",
+    "TRITON_MISSING",
     "interpreted",
     "device_unsupported",
     "cast_and_check",
@@ -30,6 +35,21 @@ __all__ = [
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INT32 = 2**31
+
+
+TRITON_MISSING = (
+    "the triton backends need the Triton package, which is not installed here "
+    "(pip install 'leanconv[triton]'; it runs on CUDA GPUs, or on the CPU under TRITON_INTERPRET=1)"
+)
+
+
+def triton_installed() -> bool:
+    """Whether the Triton package can be found (without importing it; once imported,
+    ``find_spec`` answers from ``sys.modules``)."""
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def interpreted() -> bool:
@@ -90,7 +110,7 @@ def output_size(
             raise ValueError(f"{name} must be a pair of ints >= {least}, got {tuple(value)!r}")
     sizes = []
     for axis, (size, k, s, p, d) in enumerate(zip(x.shape[2:], kernel_size, stride, padding, dilation)):
-        out = (size + 2 * p - d * (k - 1) - 1) // s + 1
+        out = conv_output_size(size, k, s, p, d)
         if out <= 0:
             raise ValueError(
                 f"input {'height' if axis == 0 else 'width'} {size} with padding {p} is smaller than the "
