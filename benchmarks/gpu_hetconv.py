@@ -39,10 +39,15 @@ from gpu_common import machine_name, make_timer, pick_device, run_header, slug  
 
 from leanconv.bench import write_atomic  # noqa: E402
 from leanconv.ops.hetconv_reference import hetconv_reference  # noqa: E402
-from leanconv.ops.hetconv_split import hetconv_split  # noqa: E402
+from leanconv.functional import het_conv2d  # noqa: E402
 from leanconv.kernels import conv_common  # noqa: E402
 from leanconv.kernels.hetconv import hetconv_dw_kernel, hetconv_dx_kernel, hetconv_fwd_kernel  # noqa: E402
 from leanconv.ops.hetconv_triton import hetconv_triton  # noqa: E402
+
+
+def hetconv_split(x, weight, pointwise, bias, stride, padding, dilation, p, layout):
+    """The split backend through the dispatch path (grouped KxK + zero-diagonal 1x1)."""
+    return het_conv2d(x, weight, pointwise, bias, stride, padding, dilation, p=p, layout=layout, backend="split")
 
 # (name, M, N, H=W, stride) at K=3, padding=1
 SHAPES = {

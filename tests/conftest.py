@@ -20,7 +20,32 @@ import pytest
 import torch
 
 torch.manual_seed(0)
-os.environ.pop("LEANCONV_BACKEND", None)
+for _variable in ("LEANCONV_BACKEND", "LEANCONV_DEPTHWISE_BACKEND", "LEANCONV_BENCHMARK", "LEANCONV_BENCHMARK_CACHE"):
+    os.environ.pop(_variable, None)
+
+
+@pytest.fixture(autouse=True)
+def fresh_config():
+    """Every test starts from leanconv's defaults (setters forgotten, the
+    environment read again at first use) and leaves nothing behind."""
+    from leanconv import config
+
+    config._reset_for_tests()
+    yield
+    config._reset_for_tests()
+
+
+@pytest.fixture
+def leanconv_env(monkeypatch):
+    """Set a leanconv environment variable as a new process would see it:
+    ``leanconv_env("LEANCONV_BACKEND", "split")``."""
+    from leanconv import config
+
+    def set_variable(name: str, value: str) -> None:
+        monkeypatch.setenv(name, value)
+        config._reset_for_tests()
+
+    return set_variable
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import torch
 import torch.nn as nn
 
 import leanconv
-import leanconv.ops.depthwise
 from leanconv.convert import convert
 from leanconv.export import HetConvExportForm, export_onnx, export_program, export_torchscript, prepare_for_export, run_onnx
 from leanconv.layers import HetConv2d, SeedHetConv2d, make_conv
@@ -236,7 +235,7 @@ def test_cli_export_errors(user_module, tmp_path, capsys):
 def test_prepare_turns_depthwise_layers_into_plain_convolutions():
     from leanconv.layers import DepthwiseConv2d
 
-    backend = "triton" if "triton" in leanconv.ops.depthwise.depthwise_backend_names() else "torch"
+    backend = "triton" if "triton" in leanconv.backend_names("depthwise") else "torch"
     model = nn.Sequential(
         leanconv.DSConv2d(3, 8, 3, padding=1, with_bn=True, depthwise_backend=backend),
         leanconv.BSConvU2d(8, 8, 3, padding=1, depthwise_backend=backend),

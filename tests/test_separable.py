@@ -202,7 +202,7 @@ def test_depthwise_layer_checks_its_input_and_mirrors_nn_conv2d_arguments():
     layer = DepthwiseConv2d(16, 32, 3, 1, 1, 1, 16, False)  # nn.Conv2d's positional order, groups included
     reference = nn.Conv2d(16, 32, 3, 1, 1, 1, 16, False)
     assert layer.groups == 16 and layer.bias is None and layer.weight.shape == reference.weight.shape
-    with pytest.raises(RuntimeError, match="expected input.*to have 16 channels"):  # nn.Conv2d's own check
+    with pytest.raises(ValueError, match="DepthwiseConv2d: expected input with 16 channels"):
         layer(torch.randn(1, 8, 5, 5))
     with pytest.raises(ValueError, match="groups must equal in_channels"):
         DepthwiseConv2d(16, 32, 3, groups=4)
@@ -227,8 +227,7 @@ def test_the_library_works_where_triton_cannot_be_imported(tmp_path):
                     raise ModuleNotFoundError(name)
         sys.meta_path.insert(0, NoTriton())
         import torch, leanconv
-        from leanconv.ops.depthwise import depthwise_backend_names
-        assert "triton" not in leanconv.backend_names() and depthwise_backend_names() == ("auto", "torch")
+        assert "triton" not in leanconv.backend_names() and leanconv.backend_names("depthwise") == ("auto", "torch")
         model = torch.nn.Sequential(leanconv.DSConv2d(8, 8, 3, padding=1), leanconv.HetConv2d(8, 8, 3, padding=1, p=4),
                                     leanconv.BSConvU2d(8, 8, 3, padding=1), leanconv.BSConvS2d(8, 8, 3, padding=1))
         assert model(torch.randn(2, 8, 6, 6)).shape == (2, 8, 6, 6)

@@ -24,9 +24,13 @@ pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed 
 
 import leanconv  # noqa: E402
 from leanconv.layers import DepthwiseConv2d  # noqa: E402
-from leanconv.ops import autotune  # noqa: E402
-from leanconv.ops import depthwise as depthwise_ops  # noqa: E402
-from leanconv.ops.depthwise import depthwise_conv2d  # noqa: E402
+from leanconv import config  # noqa: E402
+from leanconv.functional import depthwise_conv2d as functional_depthwise  # noqa: E402
+from leanconv.ops import measure  # noqa: E402
+
+
+def depthwise_conv2d(x, weight, bias, stride, padding, dilation, backend):
+    return functional_depthwise(x, weight, bias, stride, padding, dilation, backend=backend)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ["output", "grad input", "grad weight", "grad bias"]
@@ -113,7 +117,7 @@ def test_triton_refuses_what_it_cannot_run(monkeypatch):
         depthwise_conv2d(torch.zeros(1, 2, 3, 3, dtype=torch.float64, device=DEVICE),
                          torch.zeros(2, 1, 3, 3, dtype=torch.float64, device=DEVICE), None,
                          (1, 1), (1, 1), (1, 1), "triton")
-    with pytest.raises(ValueError, match=r"\(C\*D, 1, KH, KW\)"):
+    with pytest.raises(ValueError, match=r"must be a multiple of the input's 4 channels"):
         depthwise_conv2d(torch.zeros(1, 4, 3, 3, device=DEVICE), torch.zeros(6, 1, 3, 3, device=DEVICE), None,
                          (1, 1), (1, 1), (1, 1), "triton")
     if DEVICE == "cpu":
@@ -165,7 +169,6 @@ def test_wrong_channel_count_is_refused_on_every_path(monkeypatch):
     layer = DepthwiseConv2d(16, 32, 3, padding=1, backend="triton").to(DEVICE)
     with pytest.raises(ValueError, match="expected input with 16 channels"):
         layer(torch.randn(1, 8, 5, 5, device=DEVICE))
-    monkeypatch.setattr(depthwise_ops, "MEASURED_DEVICES", (DEVICE,))  # the path auto takes on CUDA
     layer.backend = "auto"
     with pytest.raises(ValueError, match="expected input with 16 channels"):
         layer(torch.randn(1, 8, 5, 5, device=DEVICE))
@@ -181,13 +184,13 @@ def test_uneven_same_padding_needs_torch():
     assert layer.last_backend == "torch"
 
 
-def test_environment_variable_selects_the_backend(monkeypatch):
+def test_environment_variable_selects_the_backend(leanconv_env):
     layer = DepthwiseConv2d(3, 3, 3, padding=1).to(DEVICE)
     x = torch.randn(1, 3, 4, 4, device=DEVICE)
-    monkeypatch.setenv(depthwise_ops.DEPTHWISE_ENV, "triton")
+    leanconv_env(config.DEPTHWISE_BACKEND_ENV, "triton")
     layer(x)
     assert layer.last_backend == "triton"
-    monkeypatch.setenv(depthwise_ops.DEPTHWISE_ENV, "nonsense")
+    leanconv_env(config.DEPTHWISE_BACKEND_ENV, "nonsense")
     with pytest.raises(ValueError, match="LEANCONV_DEPTHWISE_BACKEND"):
         layer(x)
 
@@ -218,23 +221,20 @@ def test_auto_runs_torch_off_cuda():
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
-def test_auto_measures_both_once_where_measuring_is_on(monkeypatch, tmp_path, train):
-    """The CUDA path of ``auto``, exercised on the interpreter by listing the CPU as a
-    measured device: both backends are timed once per setting, the winner is
-    remembered (on the layer and in the cache file) and computes the same."""
-    if DEVICE == "cpu":
-        monkeypatch.setattr(depthwise_ops, "MEASURED_DEVICES", ("cpu",))
-    monkeypatch.setattr(depthwise_ops, "MIN_MEASURED_MACS", 0)
-    cache = tmp_path / "autotune.json"
-    monkeypatch.setenv(autotune.CACHE_ENV, str(cache))
-    autotune.clear_cache()
+def test_opt_in_measuring_times_both_once(monkeypatch, tmp_path, train):
+    """With measuring on, both backends (triton runs on the interpreter here) are
+    timed once per setting, the winner is remembered (on the layer and in the
+    cache file) and computes the same."""
+    cache = tmp_path / "measured.json"
+    config.set_benchmark_cache(cache)
+    measure.clear_cache()
     timed = []
-    original = autotune._time_candidates
-    monkeypatch.setattr(autotune, "_time_candidates",
+    original = measure._time_candidates
+    monkeypatch.setattr(measure, "_time_candidates",
                         lambda candidates, rounds: timed.append(sorted(candidates)) or original(candidates, 1))
     layer = DepthwiseConv2d(4, 4, 3, padding=1, bias=True).to(DEVICE)
     x = torch.randn(2, 4, 6, 6, device=DEVICE, requires_grad=train)
-    with torch.set_grad_enabled(train):
+    with config.benchmarking(), torch.set_grad_enabled(train):
         first = layer(x)
         second = layer(x)
     assert timed == [["torch", "triton"]], "measured once for the setting"
@@ -242,17 +242,16 @@ def test_auto_measures_both_once_where_measuring_is_on(monkeypatch, tmp_path, tr
     assert_matches_reference(second, first, rtol=1e-5, atol=1e-5)
     stored = json.loads(cache.read_text())
     (key, entry), = stored.items()
-    assert key.startswith(DEVICE) and "depthwise" in key and ("train" if train else "infer") in key
+    assert key.startswith("depthwise|" + DEVICE) and ("train" if train else "infer") in key
     assert set(entry["median_seconds"]) == {"torch", "triton"}
-    autotune.clear_cache()
+    measure.clear_cache()
 
 
-def test_auto_does_not_measure_when_switched_off(monkeypatch):
-    monkeypatch.setattr(depthwise_ops, "MEASURED_DEVICES", (DEVICE,))
-    monkeypatch.setattr(depthwise_ops, "MIN_MEASURED_MACS", 0)
-    monkeypatch.setenv(autotune.AUTOTUNE_ENV, "0")
-    x, weight, bias = (t.float() for t in _leaves(1, 4, 1, 5, 5, (3, 3), True, seed=2))
-    assert depthwise_ops.choose_depthwise_backend(x, weight, bias, (1, 1), (1, 1), (1, 1), False) == "torch"
+def test_auto_does_not_measure_by_default(monkeypatch):
+    monkeypatch.setattr(measure, "measured_choice", lambda *a, **k: pytest.fail("measured without being asked"))
+    layer = DepthwiseConv2d(4, 4, 3, padding=1).to(DEVICE)
+    layer(torch.randn(1, 4, 5, 5, device=DEVICE))
+    assert layer.last_backend == "torch"
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the smoke mode runs on the CPU interpreter")
@@ -292,9 +291,9 @@ def test_geometry_errors_and_non_contiguous_bias():
     x, weight, bias = (t.float() for t in _leaves(1, 4, 1, 3, 3, (3, 3), True, seed=8))
     with pytest.raises(ValueError, match="smaller than the kernel's reach"):
         depthwise_conv2d(x, weight, bias, (1, 1), (0, 0), (2, 2), "triton")
-    with pytest.raises(ValueError, match="padding must be a pair of ints >= 0"):
+    with pytest.raises(ValueError, match="padding must be >= 0 in each dimension"):
         depthwise_conv2d(x, weight, bias, (1, 1), (-1, 0), (1, 1), "triton")
-    with pytest.raises(ValueError, match="stride must be a pair of ints >= 1"):
+    with pytest.raises(ValueError, match="stride must be >= 1 in each dimension"):
         depthwise_conv2d(x, weight, bias, (0, 1), (1, 1), (1, 1), "triton")
     with pytest.raises(ValueError, match=r"bias must have shape \(4,\)"):
         depthwise_conv2d(x, weight, bias[:3], (1, 1), (1, 1), (1, 1), "triton")

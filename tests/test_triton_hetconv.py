@@ -26,7 +26,8 @@ pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed 
 # any test module (which may import leanconv.kernels) is collected.
 
 from leanconv.functional import het_conv2d  # noqa: E402
-from leanconv.ops.backends import backend_names, choose_backend, get_backend  # noqa: E402
+from leanconv import config  # noqa: E402
+from leanconv.ops import backend_names, get_backend  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -139,12 +140,10 @@ def test_empty_batch():
 
 
 def test_backend_is_listed_and_checks_its_input():
-    assert "triton" in backend_names()
-    backend = get_backend("triton")
-    assert backend.unsupported(torch.zeros(1, 4, 3, 3, device=DEVICE)) is None
-    assert "float64" in backend.unsupported(torch.zeros(1, 4, 3, 3, dtype=torch.float64, device=DEVICE))
-    with pytest.raises(ValueError, match="cannot run this input"):
-        choose_backend("triton", torch.zeros(1, 4, 3, 3, dtype=torch.float64), torch.zeros(4, 2, 3, 3), 2)
+    assert "triton" in backend_names() and get_backend("triton").dtypes == (torch.float32, torch.bfloat16, torch.float16)
+    x, weight, pointwise = torch.zeros(1, 4, 3, 3, dtype=torch.float64), torch.zeros(4, 2, 3, 3), torch.zeros(4, 2)
+    with pytest.raises(ValueError, match="backend 'triton' cannot run this call: .*float64"):
+        het_conv2d(x, weight.double(), pointwise.double(), p=2, backend="triton")
 
 
 def test_unsupported_outside_cuda_without_the_interpreter(monkeypatch):
@@ -168,59 +167,52 @@ def test_hetconv2d_layer_with_triton_backend():
 
 
 def test_auto_rule_follows_the_committed_measurements():
-    from leanconv.ops.backends import _auto_choice, _triton_measured_win
+    from leanconv.ops.conv_geometry import HetConvGeometry
+    from leanconv.ops.dispatch import hetconv_rule, triton_measured_win
+    from leanconv.ops.registry import Plan
 
-    weight = torch.zeros(128, 32, 3, 3, dtype=torch.bfloat16)
-    assert _triton_measured_win(torch.zeros(1, 128, 14, 14, dtype=torch.bfloat16, device=DEVICE), weight, 4)
-    assert not _triton_measured_win(torch.zeros(1, 128, 14, 14, device=DEVICE), weight, 4)  # TF32: split won
-    assert not _triton_measured_win(torch.zeros(1, 128, 56, 56, dtype=torch.bfloat16, device=DEVICE), weight, 4)
-    assert not _triton_measured_win(torch.zeros(1, 512, 14, 14, dtype=torch.bfloat16, device=DEVICE),
-                                    torch.zeros(512, 128, 3, 3), 4)
-    if DEVICE == "cpu":  # auto never picks triton off CUDA, interpreter or not
-        assert _auto_choice(torch.zeros(1, 128, 14, 14, dtype=torch.bfloat16), weight, 4) != "triton"
+    def plan(dtype):
+        return Plan("auto", False, True, dtype, True)
 
-
-def test_measured_candidates_include_triton_only_where_it_is_measured(monkeypatch):
-    from leanconv.ops import backends
-
-    x = torch.zeros(1, 8, 4, 4, device=DEVICE)
-    channels_last = x.to(memory_format=torch.channels_last)
-    if DEVICE == "cpu":
-        assert "triton" not in backends.measured_candidates(x, needs_grad=False)
-        assert backends.measured_candidates(x, needs_grad=False)[-1] == "packed"  # CPU inference only
-    monkeypatch.setattr(backends, "TRITON_MEASURED_DEVICES", (DEVICE,))
-    assert backends.measured_candidates(x, needs_grad=False)[-1] == "triton"
-    assert "fused" not in backends.measured_candidates(x, needs_grad=True)  # NCHW training: memory
-    assert "fused" in backends.measured_candidates(channels_last, needs_grad=True)
-    assert "triton" not in backends.measured_candidates(x.double(), needs_grad=False)  # refused dtype
+    geometry = HetConvGeometry(128, 128, (3, 3), (1, 1), (1, 1), (1, 1), 4, "blocked")
+    small = torch.zeros(1, 128, 14, 14, device=DEVICE)
+    assert triton_measured_win(small, geometry, plan(torch.bfloat16))
+    assert not triton_measured_win(small, geometry, plan(torch.float32))  # TF32: split won
+    assert not triton_measured_win(torch.zeros(1, 128, 56, 56, device=DEVICE), geometry, plan(torch.bfloat16))
+    wide = geometry._replace(in_channels=512, out_channels=512)
+    assert not triton_measured_win(torch.zeros(1, 512, 14, 14, device=DEVICE), wide, plan(torch.bfloat16))
+    if DEVICE == "cpu":  # the rule never picks triton off CUDA, interpreter or not
+        assert hetconv_rule(small, geometry, plan(torch.bfloat16), False) != "triton"
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
-def test_measuring_auto_times_triton_where_it_is_measured(monkeypatch, tmp_path, train):
-    """The CUDA path of HetConv's ``auto`` on the interpreter (the CPU listed as a
-    measured device for triton): triton is one of the timed candidates, the
-    choice is remembered, and whatever wins computes HetConv."""
+def test_opt_in_measuring_times_triton_where_it_can_run(tmp_path, train):
+    """Measuring (opt-in) times every registered backend that can run the call (on
+    the interpreter triton can); the choice is kept in the cache file and whatever
+    wins computes HetConv."""
     from leanconv import HetConv2d
-    from leanconv.ops import autotune, backends
+    from leanconv.ops import measure
 
-    monkeypatch.setattr(backends, "TRITON_MEASURED_DEVICES", (DEVICE,))
-    monkeypatch.setattr(autotune, "MIN_MEASURED_MACS", 0)
-    cache = tmp_path / "autotune.json"
-    monkeypatch.setenv(autotune.CACHE_ENV, str(cache))
-    autotune.clear_cache()
-    original = autotune._time_candidates
-    monkeypatch.setattr(autotune, "_time_candidates", lambda candidates, rounds: original(candidates, 1))
+    cache = tmp_path / "measured.json"
+    config.set_benchmark_cache(cache)
+    measure.clear_cache()
     torch.manual_seed(0)
     layer = HetConv2d(8, 8, 3, padding=1, p=4).to(DEVICE)
     x = torch.randn(1, 8, 5, 5, device=DEVICE, requires_grad=train).to(memory_format=torch.channels_last)
-    with torch.set_grad_enabled(train):
+    with config.benchmarking(), torch.set_grad_enabled(train):
         y = layer(x)
     (key, entry), = json.loads(cache.read_text()).items()
-    assert "triton" in entry["median_seconds"] and entry["choice"] == layer.last_backend
+    assert set(entry["median_seconds"]) == {"reference", "split", "triton"}
+    assert entry["choice"] == layer.last_backend and key.startswith("hetconv|")
     with torch.no_grad():
         expected = het_conv2d(x, layer.weight, layer.pointwise_weight, layer.bias, padding=1, p=4, backend="reference")
     assert_matches_reference(y.detach(), expected, rtol=1e-5, atol=1e-5)
-    autotune.clear_cache()
+    measure.clear_cache()
+
+
+def _prepared(layer):
+    (entry,) = layer.__dict__["_dispatcher"].entries.values()
+    return entry.prepared
 
 
 @pytest.mark.parametrize("layout", ["blocked", "shifted"])
@@ -237,15 +229,15 @@ def test_layer_inference_packs_weights_once_until_they_change(layout):
 
     with torch.no_grad():
         first = layer(x)
-        packed = layer.__dict__["_prepared"]["triton"][1]
+        packed = _prepared(layer)
         second = layer(x)
-        assert layer.__dict__["_prepared"]["triton"][1] is packed, "reused while the weights are unchanged"
+        assert _prepared(layer) is packed, "reused while the weights are unchanged"
         assert_matches_reference(first, expected(), rtol=1e-5, atol=1e-5)
         assert torch.equal(first, second)
         layer.weight.mul_(-1.0)
         layer.pointwise_weight.add_(0.5)
         changed = layer(x)
-        assert layer.__dict__["_prepared"]["triton"][1] is not packed, "rebuilt after an in-place update"
+        assert _prepared(layer) is not packed, "rebuilt after an in-place update"
         assert_matches_reference(changed, expected(), rtol=1e-5, atol=1e-5, what="output after the update")
 
 
@@ -320,15 +312,20 @@ def test_non_contiguous_bias_and_double_backward():
         grad.sum().backward()
 
 
-def test_no_choice_is_remembered_while_a_cuda_graph_is_captured(monkeypatch):
+def test_no_plan_is_remembered_while_a_cuda_graph_is_captured(monkeypatch):
     """Under capture auto must not measure; what it runs then is not kept for later calls."""
-    import leanconv.layers.hetconv as hetconv_layer
     from leanconv import HetConv2d
 
     layer = HetConv2d(8, 8, 3, padding=1, p=4).to(DEVICE)
-    monkeypatch.setattr(hetconv_layer, "stream_capturing", lambda x: True)
-    layer(torch.randn(1, 8, 5, 5, device=DEVICE))
-    assert not layer.__dict__.get("_auto_memo")
-    monkeypatch.setattr(hetconv_layer, "stream_capturing", lambda x: False)
-    layer(torch.randn(1, 8, 5, 5, device=DEVICE))
-    assert len(layer.__dict__["_auto_memo"]) == 1
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    x = torch.randn(1, 8, 5, 5, device=DEVICE)
+    if DEVICE == "cpu":  # only CUDA captures graphs; on the CPU the plan is kept
+        layer(x)
+        assert len(layer.__dict__["_dispatcher"].entries) == 1
+        return
+    with config.benchmarking():
+        layer(x)
+    assert not layer.__dict__["_dispatcher"].entries
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    layer(x)
+    assert len(layer.__dict__["_dispatcher"].entries) == 1

@@ -7,7 +7,7 @@ Papers:
 * BSConv, Haase & Amthor, CVPR 2020, https://arxiv.org/abs/2003.13549
 """
 
-from . import functional, models
+from . import config, functional, models
 from .accounting import count
 from .conv_spec import parse_conv_spec
 from .convert import convert
@@ -24,7 +24,7 @@ from .layers import (
     make_conv,
     orthonormal_penalty,
 )
-from .ops.backends import ENV_VAR, backend_names, use_backend
+from .ops.registry import backend_names, register_backend, set_backend, use_backend
 
 __version__ = "0.1.0"
 
@@ -34,12 +34,12 @@ __all__ = [
     "CONV_KINDS",
     "DSConv2d",
     "DepthwiseConv2d",
-    "ENV_VAR",
     "GWPWConv2d",
     "HetConv2d",
     "SeedHetConv2d",
     "__version__",
     "backend_names",
+    "config",
     "convert",
     "count",
     "functional",
@@ -48,5 +48,7 @@ __all__ = [
     "models",
     "orthonormal_penalty",
     "parse_conv_spec",
+    "register_backend",
+    "set_backend",
     "use_backend",
 ]

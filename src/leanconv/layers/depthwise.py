@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from ..ops.autotune import autotune_tracing, layer_memo_key, needs_autograd, stream_capturing
-from ..ops.conv_geometry import check_conv_input, pad_for_mode
-from ..ops import depthwise as depthwise_ops
-from ..ops.depthwise import (
-    check_depthwise_backend,
-    choose_depthwise_backend,
-    depthwise_conv2d,
-    requested_depthwise_backend,
-)
+from .. import config
+from ..ops.conv_geometry import DepthwiseGeometry
+from ..ops.dispatch import Dispatcher
+from ..ops.registry import check_backend_name
 
 __all__ = ["DepthwiseConv2d"]
 
@@ -80,8 +76,7 @@ class DepthwiseConv2d(nn.Conv2d):
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups=in_channels,
             bias=bias, padding_mode=padding_mode, device=device, dtype=dtype,
         )
-        self._backend = check_depthwise_backend(backend, "DepthwiseConv2d: backend")
-        self.last_backend: str | None = None
+        self._backend = check_backend_name(backend, "depthwise", "DepthwiseConv2d: backend")
 
     @property
     def backend(self) -> str | None:
@@ -90,62 +85,61 @@ class DepthwiseConv2d(nn.Conv2d):
 
     @backend.setter
     def backend(self, name: str | None) -> None:
-        self._backend = check_depthwise_backend(name, "DepthwiseConv2d: backend")
+        self._backend = check_backend_name(name, "depthwise", "DepthwiseConv2d: backend")
+
+    @property
+    def requested_backend(self) -> str:
+        """The backend name in force now: argument, context, setter/environment or "auto"."""
+        return self._backend if self._backend is not None else config.depthwise_backend()
+
+    @property
+    def last_backend(self) -> str | None:
+        """The backend that ran the last call (None before the first)."""
+        dispatcher = self.__dict__.get("_dispatcher")
+        return None if dispatcher is None else dispatcher.last_backend
 
     def extra_repr(self) -> str:
         extra = super().extra_repr()
         return extra + (f", backend={self._backend!r}" if self._backend is not None else "")
 
-    def _symmetric_padding(self) -> tuple[int, int] | None:
-        """Padding per side as a pair, or None for "same" with an odd total (asymmetric)."""
-        if self.padding == "valid":
-            return (0, 0)
-        if self.padding == "same":
+    def _geometry(self) -> DepthwiseGeometry:
+        """The convolution's arguments, rebuilt when one of nn.Conv2d's public
+        attributes is reassigned after construction."""
+        stamp = (self.kernel_size, self.stride, self.padding, self.dilation, self.padding_mode)
+        cached = self.__dict__.get("_geometry_cache")
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        if self.padding_mode != "zeros" or self.padding == "valid":
+            padding = (0, 0)
+        elif self.padding == "same":
             totals = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
-            if any(t % 2 for t in totals):
-                return None
-            return (totals[0] // 2, totals[1] // 2)
-        return tuple(self.padding)
+            padding = None if any(t % 2 for t in totals) else (totals[0] // 2, totals[1] // 2)
+        else:
+            padding = tuple(self.padding)
+        geometry = DepthwiseGeometry(
+            self.in_channels, self.out_channels, tuple(self.kernel_size), tuple(self.stride), padding,
+            tuple(self.dilation),
+        )
+        self.__dict__["_geometry_cache"] = (stamp, geometry)
+        return geometry
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        requested = self._backend or requested_depthwise_backend(None)
-        if requested == "torch" or (requested == "auto" and input.device.type not in depthwise_ops.MEASURED_DEVICES):
-            # The common path, kept short: nn.Conv2d itself (which checks its input).
-            self.__dict__["last_backend"] = "torch"
-            return super().forward(input)
-        check_conv_input(input, self.in_channels, "DepthwiseConv2d")
-        padding = self._symmetric_padding()
-        if padding is None or (requested == "auto" and autotune_tracing()):
-            if requested == "triton":
-                raise ValueError(
-                    f"DepthwiseConv2d: backend 'triton' needs symmetric padding; padding='same' with "
-                    f"kernel_size={self.kernel_size}, dilation={self.dilation} pads unevenly (use backend='torch')"
-                )
-            self.__dict__["last_backend"] = "torch"
-            return super().forward(input)
-        unbatched = input.dim() == 3
-        x = input.unsqueeze(0) if unbatched else input
-        x, padding = pad_for_mode(x, padding, self.padding_mode)
-        if requested == "auto":
-            requested = self._auto(x, padding)
-        self.__dict__["last_backend"] = requested
-        out = depthwise_conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, requested)
-        return out.squeeze(0) if unbatched else out
-
-    def _auto(self, x: torch.Tensor, padding: tuple[int, int]) -> str:
-        """``auto`` where it measures (CUDA), remembered per input setting on the layer."""
-        needs_grad = needs_autograd(x, self)
-        memo_key = layer_memo_key(x, needs_grad, padding)
-        memo = self.__dict__.setdefault("_auto_memo", {})
-        name = memo.get(memo_key)
-        if name is None:
-            name = choose_depthwise_backend(x, self.weight, self.bias, self.stride, padding, self.dilation, needs_grad)
-            if not stream_capturing(x):  # a choice made without measuring only for the capture
-                memo[memo_key] = name
-        return name
+        dispatcher = self.__dict__.get("_dispatcher")
+        if dispatcher is None:
+            dispatcher = self.__dict__["_dispatcher"] = Dispatcher("depthwise", type(self).__name__)
+        if self.padding_mode != "zeros":
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+        return dispatcher(input, (self.weight,), self.bias, self._geometry(), self._backend)
 
     def __getstate__(self):
-        # Copies and pickles leave the measured choices behind.
+        # Copies and pickles leave the dispatch cache behind.
         state = self.__dict__.copy()
-        state.pop("_auto_memo", None)
+        state.pop("_dispatcher", None)
         return state
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            "DepthwiseConv2d cannot be compiled by torch.jit.script (its backends are Python). "
+            "Use torch.jit.trace(model, example) or torch.export.export(model, (example,)) instead, "
+            "or leanconv.export.prepare_for_export(model), which turns it into a plain nn.Conv2d."
+        )

@@ -12,30 +12,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..functional import het_conv2d
-from ..ops.autotune import (
-    autotune_tracing,
-    dense_macs,
-    forward_backward,
-    heuristic_choice,
-    layer_memo_key,
-    measured_choice,
-    measuring_enabled,
-    needs_autograd,
-    rounds_for,
-    stream_capturing,
-    synchronizer,
-    tuning_key,
-)
-from ..ops.backends import check_backend_name, choose_backend, measured_candidates, requested_backend
+from .. import config
 from ..ops.conv_geometry import (
     PADDING_MODES,
-    check_conv_input,
+    HetConvGeometry,
     normalize_kernel_size,
     normalize_pair,
     normalize_padding,
-    pad_for_mode,
 )
+from ..ops.dispatch import Dispatcher
 from ..ops.hetconv_layout import (
     channel_permutation,
     check_hetconv_channels,
@@ -44,8 +29,7 @@ from ..ops.hetconv_layout import (
     extract_hetconv_weights,
     materialize_dense_weight,
 )
-from ..ops.hetconv_fused import hetconv_fused_prepared, packing_supported, prepare_fused
-from ..ops.hetconv_masked import hetconv_masked_prepared, prepare_masked
+from ..ops.registry import check_backend_name
 
 __all__ = ["HetConv2d"]
 
@@ -127,8 +111,13 @@ class HetConv2d(nn.Module):
         self.padding_mode = padding_mode
         self.p = p
         self.layout = layout
-        self._backend = check_backend_name(backend)
-        self.last_backend: str | None = None
+        self._backend = check_backend_name(backend, "hetconv", "HetConv2d: backend")
+        explicit = padding_mode != "zeros" and self._padding_pair != (0, 0)
+        self._mode_padding = (self._padding_pair, padding_mode) if explicit else None
+        self._geometry = HetConvGeometry(
+            in_channels, out_channels, self.kernel_size, self.stride,
+            (0, 0) if explicit else self._padding_pair, self.dilation, p, layout,
+        )
 
         factory = {"device": device, "dtype": dtype}
         per_group = in_channels // p
@@ -163,12 +152,18 @@ class HetConv2d(nn.Module):
 
     @backend.setter
     def backend(self, name: str | None) -> None:
-        self._backend = check_backend_name(name)
+        self._backend = check_backend_name(name, "hetconv", "HetConv2d: backend")
 
     @property
     def requested_backend(self) -> str:
-        """The backend name in force now: argument, context, environment or "auto"."""
-        return requested_backend(self._backend)
+        """The backend name in force now: argument, context, setter/environment or "auto"."""
+        return self._backend if self._backend is not None else config.backend()
+
+    @property
+    def last_backend(self) -> str | None:
+        """The backend that ran the last call (None before the first)."""
+        dispatcher = self.__dict__.get("_dispatcher")
+        return None if dispatcher is None else dispatcher.last_backend
 
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
@@ -189,158 +184,28 @@ class HetConv2d(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        check_conv_input(input, self.in_channels, type(self).__name__)
-        unbatched = input.dim() == 3
-        x = input.unsqueeze(0) if unbatched else input
-        x, padding = pad_for_mode(x, self._padding_pair, self.padding_mode)
-        requested = requested_backend(self._backend)
-        needs_grad = needs_autograd(x, self)
-        if requested == "auto" and x.device.type in ("cpu", "cuda"):
-            name = self._auto_measured(x, padding, needs_grad)
-        else:
-            name = choose_backend(requested, x, self.weight, self.p)
-        self.__dict__["last_backend"] = name  # a plain attribute; skips nn.Module.__setattr__ on the hot path
-        out = self._run(name, x, padding, needs_grad)
-        return out.squeeze(0) if unbatched else out
-
-    def _auto_measured(self, x: torch.Tensor, padding: tuple[int, int], needs_grad: bool) -> str:
-        """``auto`` on the CPU or a CUDA device: measured or by rule
-        (:mod:`leanconv.ops.autotune`), remembered on the layer per input setting
-        so that a repeated setting costs one dictionary lookup (never while
-        tracing or compiling)."""
-        if autotune_tracing():
-            return choose_backend("auto", x, self.weight, self.p)
-        memo_key = layer_memo_key(x, needs_grad, padding)
-        memo = self.__dict__.setdefault("_auto_memo", {})
-        name = memo.get(memo_key)
-        if name is None:
-            if measuring_enabled(x, self.weight, self.p, self.stride, padding, self.dilation):
-                name = self._measured_backend(x, padding, needs_grad)
-            else:
-                name = self._rule_choice(x)
-            if not stream_capturing(x):  # a choice made without measuring only for the capture
-                memo[memo_key] = name
-        return name
-
-    def _run(self, name: str, x: torch.Tensor, padding: tuple[int, int], needs_grad: bool) -> torch.Tensor:
-        """Run backend ``name``; without autograd, from weights prepared once (see
-        :meth:`prepared_weights`) where the backend has any to prepare."""
-        if not needs_grad and self.p > 1:
-            if name in ("fused", "packed"):
-                packed = name == "packed" and packing_supported(x) and x.dtype == self.weight.dtype
-                prepared = self.prepared_weights("packed" if packed else "fused", x, padding)
-                return hetconv_fused_prepared(x, prepared, self.bias, self.kernel_size, self.stride, padding, self.dilation)
-            if name == "masked":
-                channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-                packed = channels_last and packing_supported(x) and x.dtype == self.weight.dtype
-                prepared = self.prepared_weights("masked_packed" if packed else "masked", x, padding)
-                return hetconv_masked_prepared(x, prepared, self.bias, self.kernel_size, self.stride, padding, self.dilation)
-            if name == "reference":
-                return F.conv2d(x, self.prepared_weights("reference", x, padding), self.bias, self.stride, padding, self.dilation)
-            if name == "triton":
-                from ..ops.hetconv_triton import hetconv_triton_packed  # imports Triton: only where it runs
-
-                wk, wp = self.prepared_weights("triton", x, padding)
-                return hetconv_triton_packed(
-                    x, wk, wp, self.bias, self.stride, padding, self.dilation, self.p, self.kernel_size, self.layout,
-                )
-        return het_conv2d(
-            x, self.weight, self.pointwise_weight, self.bias, self.stride, padding, self.dilation,
-            p=self.p, layout=self.layout, backend=name,
+        dispatcher = self.__dict__.get("_dispatcher")
+        if dispatcher is None:
+            dispatcher = self.__dict__["_dispatcher"] = Dispatcher("hetconv", type(self).__name__)
+        params = self._parameters
+        return dispatcher(
+            input, (params["weight"], params["pointwise_weight"]), params["bias"], self._geometry, self._backend,
+            self._mode_padding,
         )
-
-    def _rule_choice(self, x: torch.Tensor) -> str:
-        """``auto`` without measuring: the CPU heuristic, or the device rule of ``backends``."""
-        if x.device.type == "cpu":
-            return heuristic_choice(x, self.weight, self.p)
-        return choose_backend("auto", x, self.weight, self.p)
-
-    def _measured_backend(self, x: torch.Tensor, padding: tuple[int, int], needs_grad: bool) -> str:
-        """The measuring ``auto`` (:mod:`leanconv.ops.autotune`): time the exact
-        candidates (:func:`leanconv.ops.backends.measured_candidates`; on CUDA
-        ``triton`` among them) on this input once per setting; with autograd,
-        forward and backward on detached copies (the caller's tensors and
-        gradients are untouched)."""
-        key = tuning_key(
-            x, self.weight, self.p, self.layout, self.stride, padding, self.dilation, self.bias is not None, needs_grad
-        )
-        names = measured_candidates(x, needs_grad)
-        if needs_grad:
-            def candidate(name):
-                return forward_backward(
-                    lambda x, weight, pointwise, bias: het_conv2d(
-                        x, weight, pointwise, bias, self.stride, padding, self.dilation,
-                        p=self.p, layout=self.layout, backend=name,
-                    ),
-                    (x, self.weight, self.pointwise_weight, self.bias),
-                )
-        else:
-            def candidate(name):
-                def run():
-                    with torch.no_grad():
-                        self._run(name, x, padding, needs_grad=False)
-                return run
-
-        macs = dense_macs(x, self.weight, self.p, self.stride, padding, self.dilation)
-        choice = measured_choice(
-            key, {name: candidate(name) for name in names}, rounds=rounds_for(macs),
-            prefer=self._rule_choice(x), synchronize=synchronizer(x),
-        )
-        # Keep only the prepared weights of the winner (the losers' were built to be timed).
-        prepared = self.__dict__.get("_prepared", {})
-        for kind in [k for k in prepared if k != choice and not k.startswith(choice + "_")]:
-            del prepared[kind]
-        return choice
 
     def __getstate__(self):
-        # Copies and pickles leave the caches behind (oneDNN's packed weights
-        # cannot be copied; a copy rebuilds what it needs on its first call).
+        # Copies and pickles leave the dispatch cache behind (oneDNN's packed weights
+        # cannot be copied; a copy plans and prepares again on its first call).
         state = self.__dict__.copy()
-        state.pop("_prepared", None)
-        state.pop("_auto_memo", None)
+        state.pop("_dispatcher", None)
         return state
 
-    def prepared_weights(self, kind: str, x: torch.Tensor, padding: tuple[int, int]):
-        """Weight-derived tensors for inference, built once and reused until the
-        parameters change (their ``_version`` counters, storage, device or dtype;
-        an optimizer step, ``load_state_dict`` or ``.to()`` all rebuild them).
-
-        ``kind``: ``"reference"`` (the dense (N, M, kh, kw) weight), ``"masked"``
-        or ``"masked_packed"`` (:class:`leanconv.ops.hetconv_masked.MaskedWeights`), ``"fused"``
-        or ``"packed"`` (:class:`leanconv.ops.hetconv_fused.FusedWeights`; packed
-        weights are also keyed on the input's shape, which oneDNN packs for),
-        ``"triton"`` (the Triton kernels' (wk, wp) layout, :func:`leanconv.ops.hetconv_triton.pack_weights`).
-        Only for calls without autograd: under autograd backends rebuild these
-        from the parameters on every call, so gradients flow to them.
-        """
-        weight, pointwise = self._parameters["weight"], self._parameters["pointwise_weight"]
-        key = (
-            weight._version, weight.data_ptr(), pointwise._version, pointwise.data_ptr(), weight.dtype,
-            weight.is_cpu, torch.is_inference_mode_enabled(), tuple(x.shape) if kind.endswith("packed") else None,
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"{type(self).__name__} cannot be compiled by torch.jit.script (its backends are Python). "
+            "Use torch.jit.trace(model, example) or torch.export.export(model, (example,)) instead; "
+            "both run every leanconv layer, and torch.onnx.export works with dynamo=True or False."
         )
-        cache = self.__dict__.setdefault("_prepared", {})
-        hit = cache.get(kind)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        with torch.no_grad():
-            if kind == "reference":
-                value = materialize_dense_weight(self.weight, self.pointwise_weight, self.p, self.layout)
-            elif kind in ("masked", "masked_packed"):
-                value = prepare_masked(
-                    self.weight, self.pointwise_weight, self.p, self.layout, packed=kind == "masked_packed",
-                    padding=padding, stride=self.stride, dilation=self.dilation, input_size=tuple(x.shape),
-                )
-            elif kind == "triton":
-                from ..ops.hetconv_triton import pack_weights
-
-                value = pack_weights(self.weight, self.pointwise_weight, self.p, self.layout)
-            else:
-                value = prepare_fused(
-                    self.weight, self.pointwise_weight, self.p, self.layout, packed=kind == "packed",
-                    padding=padding, stride=self.stride, dilation=self.dilation, input_size=tuple(x.shape),
-                )
-        cache[kind] = (key, value)
-        return value
 
     # ------------------------------------------------------- weight utilities
     def dense_weight(self) -> torch.Tensor:

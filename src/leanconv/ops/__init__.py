@@ -1,20 +1,14 @@
 """Implementations below the functional API: geometry, HetConv layouts, the
-reference and decomposed HetConv forms, and the backend registry.
+backends (reference, split, Triton launchers), the registry and the one
+dispatch path.
 
 Imports run one way: ``kernels`` -> ``ops`` -> ``functional`` -> ``layers`` ->
-everything built on layers. Nothing here imports from higher up.
+everything built on layers. Nothing here imports from higher up (only the
+bottom-level ``leanconv.config`` and ``leanconv.files``).
 """
 
-from .backends import (
-    ENV_VAR,
-    HetConvBackend,
-    backend_names,
-    choose_backend,
-    get_backend,
-    register_backend,
-    requested_backend,
-    use_backend,
-)
+from . import backends as _builtin  # noqa: F401  (registers the built-in backends)
+from .dispatch import Dispatcher, dispatch_call, hetconv_rule, make_plan
 from .hetconv_layout import (
     LAYOUTS,
     channel_permutation,
@@ -24,27 +18,43 @@ from .hetconv_layout import (
     materialize_dense_weight,
     pointwise_channel_index,
 )
-from .hetconv_loop import hetconv_loop
-from .hetconv_reference import hetconv_reference
-from .hetconv_split import hetconv_split
+from .hetconv_split import zero_diagonal_pointwise
+from .registry import (
+    Backend,
+    Plan,
+    backend_names,
+    check_backend_name,
+    get_backend,
+    register_backend,
+    set_backend,
+    set_depthwise_backend,
+    unregister_backend,
+    use_backend,
+    use_depthwise_backend,
+)
 
 __all__ = [
-    "ENV_VAR",
-    "HetConvBackend",
+    "Backend",
+    "Dispatcher",
     "LAYOUTS",
+    "Plan",
     "backend_names",
     "channel_permutation",
-    "choose_backend",
+    "check_backend_name",
     "convert_layout",
+    "dispatch_call",
     "extract_hetconv_weights",
     "get_backend",
-    "hetconv_loop",
-    "hetconv_reference",
-    "hetconv_split",
+    "hetconv_rule",
     "kxk_channel_index",
+    "make_plan",
     "materialize_dense_weight",
     "pointwise_channel_index",
     "register_backend",
-    "requested_backend",
+    "set_backend",
+    "set_depthwise_backend",
+    "unregister_backend",
     "use_backend",
+    "use_depthwise_backend",
+    "zero_diagonal_pointwise",
 ]

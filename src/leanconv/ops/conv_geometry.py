@@ -8,7 +8,8 @@ written once so that every layer validates its arguments the same way.
 
 from __future__ import annotations
 
-from typing import Sequence
+import operator
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,9 @@ __all__ = [
     "pad_for_mode",
     "centre_taps",
     "check_conv_input",
+    "HetConvGeometry",
+    "DepthwiseGeometry",
+    "reads_input_directly",
 ]
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -30,16 +34,21 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 def normalize_pair(value: int | Sequence[int], name: str, *, minimum: int = 1) -> tuple[int, int]:
     """Return ``value`` as a pair of ints (like ``torch.nn.modules.utils._pair``),
     raising a ValueError/TypeError that names ``name`` when it is not valid."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if isinstance(value, int):
-        pair = (value, value)
-    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
-    ):
-        pair = (int(value[0]), int(value[1]))
-    else:
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    def as_int(v) -> int:
+        # ints, and 0-dim integer tensors (what a traced ``weight.shape[i]`` is under torch.jit.trace)
+        if isinstance(v, bool) or (isinstance(v, torch.Tensor) and (v.dim() or v.is_floating_point())):
+            raise TypeError
+        return operator.index(v)
+
+    try:
+        if isinstance(value, (tuple, list, torch.Size)):
+            if len(value) != 2:
+                raise TypeError
+            pair = (as_int(value[0]), as_int(value[1]))
+        else:
+            pair = (as_int(value), as_int(value))
+    except TypeError:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
     if min(pair) < minimum:
         raise ValueError(f"{name} must be >= {minimum} in each dimension, got {value!r}")
     return pair
@@ -146,3 +155,35 @@ def check_conv_input(x: torch.Tensor, in_channels: int, layer: str) -> None:
             f"{layer}: expected input with {in_channels} channels (dimension -3), got {channels} "
             f"(input shape {tuple(x.shape)})"
         )
+
+
+class HetConvGeometry(NamedTuple):
+    """Everything about a HetConv call that is fixed by the layer, as Python ints
+    (never read from a tensor's shape, so that tracing sees constants)."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    p: int
+    layout: str
+
+
+class DepthwiseGeometry(NamedTuple):
+    """A depthwise convolution's fixed arguments (groups = in_channels)."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+
+
+def reads_input_directly(kernel_size, stride, padding, dilation) -> bool:
+    """True when the centre taps of the windows are the input itself (stride 1,
+    'same' padding): a 1x1 part then reads ``x`` without a gather."""
+    centre = (dilation[0] * (kernel_size[0] - 1) // 2, dilation[1] * (kernel_size[1] - 1) // 2)
+    return tuple(stride) == (1, 1) and tuple(padding) == centre

@@ -145,16 +145,12 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-@torch.compiler.disable
-def _apply_eagerly(function, *args):
-    return function.apply(*args)
-
-
 def apply_function(function: type[torch.autograd.Function], *args) -> torch.Tensor:
     """``function.apply(*args)``; under ``TRITON_INTERPRET=1`` outside torch.compile's
     graph (TorchDynamo would trace into the interpreter's Python). On a GPU Dynamo
     handles the Triton kernel launches itself (measured for the HetConv kernels on
-    an H100: 1 graph, 0 breaks)."""
+    an H100: 1 graph, 0 breaks). ``torch.compiler.disable`` is looked up here, not
+    at import, because it imports TorchDynamo (over a second)."""
     if interpreted():
-        return _apply_eagerly(function, *args)
+        return torch.compiler.disable(function.apply)(*args)
     return function.apply(*args)

@@ -35,11 +35,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import config as leanconv_config
 from ..bench.report import write_atomic
 from ..data import BatchLoader, Dataset, load_dataset
 from ..layers import BSConvS2d, orthonormal_penalty
 from ..models import create
-from ..ops.autotune import AUTOTUNE_ENV
 from .checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from .config import TrainConfig
 from .distributed import DistributedContext, all_reduce_sum, init_distributed
@@ -163,7 +163,7 @@ def train(
     """
     ctx = init_distributed(config.device)
     try:
-        with _hetconv_autotune(config.hetconv_autotune):
+        with leanconv_config.benchmarking(config.hetconv_autotune):
             summary = _train(config, ctx, resume, train_data, test_data, log if ctx.is_main else (lambda _: None))
         # Every rank waits for rank 0's last writes before the process group goes away
         # (a rank tearing gloo down while its peer still uses it aborted the peer).
@@ -171,26 +171,6 @@ def train(
         return summary
     finally:
         ctx.close()
-
-
-@contextlib.contextmanager
-def _hetconv_autotune(enabled: bool):
-    """Without ``enabled``, set LEANCONV_AUTOTUNE=0 for the run (restored after):
-    HetConv's ``auto`` then picks its backend by the deterministic shape rule, so a
-    run is repeatable and a resume exact. (A process-wide switch: other threads of
-    the process that run HetConv layers meanwhile see it too.)"""
-    if enabled:
-        yield
-        return
-    saved = os.environ.get(AUTOTUNE_ENV)
-    os.environ[AUTOTUNE_ENV] = "0"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(AUTOTUNE_ENV, None)
-        else:
-            os.environ[AUTOTUNE_ENV] = saved
 
 
 def _train(config, ctx: DistributedContext, resume, train_data, test_data, log) -> dict:

@@ -1,0 +1,303 @@
+"""The one dispatch path: which backend runs a call, with which prepared weights.
+
+``leanconv.HetConv2d``, ``leanconv.DepthwiseConv2d`` (through a
+:class:`Dispatcher` each) and ``leanconv.functional`` (through
+:func:`dispatch_call`) all come here. For a call it decides a :class:`Plan`:
+
+1. the backend name in force: the layer's ``backend=``, else the innermost
+   ``use_backend`` block, else ``set_backend`` / the environment variable, else
+   ``"auto"`` (:mod:`leanconv.config`);
+2. *training*: autograd will run a backward pass through the call (grad mode on
+   and the input or a parameter requires grad);
+3. the compute dtype: autocast's on the input's device where autocast is on
+   (float32 and low-precision inputs are cast, as ``nn.Conv2d`` is; the output
+   has that dtype), else the input's;
+4. ``auto`` becomes a backend by the deterministic rule (:func:`hetconv_rule`,
+   :func:`depthwise_rule`), or by measuring where the user turned measuring on
+   (:mod:`leanconv.ops.measure`); a backend a user registered with a
+   ``prefer`` predicate is taken first wherever it says so;
+5. a named backend that cannot run the call is an error saying why.
+
+Prepared weights (a backend's ``prepare``) are cached by a layer only for eager
+calls without autograd, keyed on the plan and on the parameters' version
+counters and storage, so an optimizer step, ``load_state_dict`` or ``.to()``
+rebuilds them; under autograd, and while a graph is traced, compiled or
+exported, they are built differentiably on every call. A layer remembers its
+plan per input setting (shape, dtype, device, memory format, training,
+inference mode, autocast, configuration), so a repeated call costs a dictionary
+lookup.
+
+The rule (the same on every run; documented in the README's backend table):
+
+* HetConv, P = 1: ``split`` (one convolution with the layer's own weight).
+* HetConv while a graph is traced, compiled or exported: ``split`` (Conv +
+  Conv + Add in every exported graph).
+* HetConv on CUDA: ``triton`` where it was measured faster than ``split``
+  (:func:`triton_measured_win`), else as on the CPU.
+* HetConv elsewhere: ``reference`` for small calls (input elements x filters x
+  taps below :data:`SMALL_CALL_WORK`, where a second library call costs more
+  than the saved work) and where the split form does more than 80% of the dense
+  work (1/P + 1/K^2 > 0.8); otherwise ``split``.
+* Depthwise: ``torch``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import config
+from . import measure
+from .conv_geometry import DepthwiseGeometry, HetConvGeometry, check_conv_input, pad_for_mode
+from .registry import Backend, Plan, backends, check_backend_name, get_backend
+
+__all__ = [
+    "SMALL_CALL_WORK",
+    "graph_capturing",
+    "compute_dtype",
+    "hetconv_rule",
+    "depthwise_rule",
+    "triton_measured_win",
+    "make_plan",
+    "dispatch_call",
+    "Dispatcher",
+]
+
+SMALL_CALL_WORK = 20_000_000
+_CL = torch.channels_last
+
+
+def graph_capturing() -> bool:
+    """True while TorchScript traces (so ``torch.onnx.export(dynamo=False)``) or
+    TorchDynamo captures (``torch.compile``, ``torch.export``, the dynamo ONNX exporter)."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a convolution of ``x`` computes in: autocast's on ``x``'s device
+    where autocast is on (float64 and non-floating inputs are left alone, as
+    autocast does), else ``x.dtype``."""
+    device = x.device.type
+    if x.is_floating_point() and x.dtype != torch.float64 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def triton_measured_win(x: torch.Tensor, geometry: HetConvGeometry, plan: Plan) -> bool:
+    """Where ``triton`` beat ``split`` forward and forward+backward on an H100, batch
+    128, channels_last (results/gpu/nvidia-h100-80gb-hbm3-hetconv-p4-b128.md): P=4,
+    3x3, bfloat16/float16, 128 <= M <= 256 input channels on maps of at most 28x28.
+    Everywhere else measured split was as fast or faster."""
+    backend = backends("hetconv").get("triton")
+    if backend is None or geometry.p != 4 or geometry.kernel_size != (3, 3):
+        return False
+    if plan.compute_dtype not in (torch.bfloat16, torch.float16):
+        return False
+    channels, height, width = x.shape[1], x.shape[2], x.shape[3]
+    if not (128 <= channels <= 256 and height * width <= 28 * 28):
+        return False
+    return backend.why_not(x, geometry, plan) is None
+
+
+def hetconv_rule(x: torch.Tensor, geometry: HetConvGeometry, plan: Plan, capturing: bool) -> str:
+    """``auto``'s deterministic HetConv choice (module docstring)."""
+    g = geometry
+    if g.p == 1 or capturing:
+        return "split"
+    if x.device.type == "cuda" and triton_measured_win(x, g, plan):
+        return "triton"
+    taps = g.kernel_size[0] * g.kernel_size[1]
+    if 1.0 / g.p + 1.0 / taps > 0.8 or x.numel() * g.out_channels * taps < SMALL_CALL_WORK:
+        return "reference"
+    return "split"
+
+
+def depthwise_rule(x: torch.Tensor, geometry: DepthwiseGeometry, plan: Plan, capturing: bool) -> str:
+    """``auto``'s deterministic depthwise choice: ``torch`` (cuDNN / oneDNN); the
+    Triton kernels are chosen only by measuring (not yet timed on a GPU)."""
+    return "torch"
+
+
+_RULES = {"hetconv": hetconv_rule, "depthwise": depthwise_rule}
+
+
+def _requested(op: str, argument: str | None, source: str) -> tuple[str, str]:
+    """The backend name in force and where it comes from (for error messages)."""
+    if argument is not None:
+        return argument, source
+    if op == "hetconv":
+        return config.backend(), config.backend_source()
+    return config.depthwise_backend(), config.depthwise_backend_source()
+
+
+def _needs_autograd(x: torch.Tensor, tensors) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in tensors))
+
+
+def _measurable(x: torch.Tensor, capturing: bool) -> bool:
+    if capturing or not config.benchmark_enabled():
+        return False
+    return not (x.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def _measure(op: str, x, params, bias, geometry, plan: Plan, prefer: str) -> str:
+    """Time every registered backend of ``op`` that can run the call."""
+    names = [
+        name for name, b in backends(op).items()
+        if b.measured and b.why_not(x, geometry, plan) is None
+    ]
+    if len(names) < 2:
+        return prefer if prefer in names or not names else names[0]
+
+    def candidate(name: str):
+        backend = get_backend(name, op)
+        trial = Plan(name, plan.training, plan.channels_last, plan.compute_dtype, cache=not plan.training)
+        if plan.training:
+            def forward(x, bias, *params):
+                return _execute(backend, x, params, bias, geometry, trial, None)
+
+            return measure.forward_backward(forward, (x, bias, *params))
+
+        def run():
+            with torch.no_grad():
+                _execute(backend, x, params, bias, geometry, trial, None)
+
+        return run
+
+    key = measure.setting_key(op, x, plan, *geometry, "bias" if bias is not None else "nobias")
+    return measure.measured_choice(
+        key, {name: candidate(name) for name in names}, prefer=prefer, synchronize=measure.synchronizer(x),
+        rounds=5 if x.numel() * geometry.out_channels < 200_000_000 else 3,
+    )
+
+
+def make_plan(op: str, requested: str | None, x: torch.Tensor, params, bias, geometry, *, source: str = "backend") -> Plan:
+    """Decide how a call runs (module docstring); ``x`` is 4-D and padded for its mode."""
+    capturing = graph_capturing()
+    name, source = _requested(op, requested, source)
+    training = _needs_autograd(x, (*params, bias))
+    channels_last = x.is_contiguous(memory_format=_CL) and not x.is_contiguous()
+    plan = Plan("auto", training, channels_last, compute_dtype(x), cache=not (training or capturing))
+    if name == "auto":
+        for candidate in reversed(list(backends(op).values())):  # the latest registration first
+            prefer = candidate.prefer
+            if prefer is not None and candidate.why_not(x, geometry, plan) is None and prefer(x, geometry, plan):
+                name = candidate.name
+                break
+        else:
+            name = _RULES[op](x, geometry, plan, capturing)
+            if _measurable(x, capturing):
+                name = _measure(op, x, params, bias, geometry, plan, prefer=name)
+    backend = get_backend(check_backend_name(name, op, source), op)
+    reason = backend.why_not(x, geometry, plan)
+    if reason is not None:
+        raise ValueError(f"{source}: backend {name!r} cannot run this call: {reason}")
+    return Plan(name, training, channels_last, plan.compute_dtype, plan.cache)
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def _execute(backend: Backend, x, params, bias, geometry, plan: Plan, prepared):
+    dtype = plan.compute_dtype
+    x = _cast(x, dtype)
+    if prepared is None:
+        prepared = backend.prepare(tuple(_cast(t, dtype) for t in params), geometry, plan, tuple(x.shape))
+    return backend.run(x, prepared, _cast(bias, dtype), geometry, plan)
+
+
+def dispatch_call(op: str, x: torch.Tensor, params, bias, geometry, requested: str | None = None, *, source: str = "backend"):
+    """One call without a layer's cache (``leanconv.functional``): plan and run.
+    ``x`` is 4-D and already padded for its padding mode."""
+    plan = make_plan(op, requested, x, params, bias, geometry, source=source)
+    return _execute(get_backend(plan.backend, op), x, params, bias, geometry, plan, None)
+
+
+class _Entry:
+    """A layer's remembered plan for one input setting, with its prepared weights."""
+
+    __slots__ = ("plan", "backend", "stamp", "prepared")
+
+    def __init__(self, plan: Plan, backend: Backend) -> None:
+        self.plan, self.backend, self.stamp, self.prepared = plan, backend, None, None
+
+
+class Dispatcher:
+    """A layer's dispatch: remembers plans per input setting and caches prepared
+    weights for eager inference. Not part of the layer's state (copies, pickles
+    and ``state_dict`` leave it behind; a copy builds its own on first call)."""
+
+    __slots__ = ("op", "layer_name", "entries", "last_backend")
+
+    MAX_ENTRIES = 64
+
+    def __init__(self, op: str, layer_name: str) -> None:
+        self.op, self.layer_name, self.entries = op, layer_name, {}
+        self.last_backend: str | None = None
+
+    def __call__(self, input: torch.Tensor, params: tuple, bias, geometry, requested: str | None, mode_padding=None):
+        """Run the layer's op on ``input`` (3-D or 4-D). ``geometry.padding`` is the
+        convolution's zero padding; ``mode_padding``, for a non-zero padding mode,
+        is ``(pair, mode)`` applied explicitly first (then ``geometry.padding`` is 0)."""
+        if graph_capturing() or not isinstance(input, torch.Tensor):
+            return self.uncached(input, params, bias, geometry, requested, mode_padding)
+        training = torch.is_grad_enabled() and (
+            input.requires_grad or any(t is not None and t.requires_grad for t in params)
+            or (bias is not None and bias.requires_grad)
+        )
+        key = (
+            input.shape, input.dtype, input.device, input.is_contiguous(), input.is_contiguous(memory_format=_CL),
+            training, torch.is_inference_mode_enabled(), config.generation[0], requested,
+            _autocast_state(input) if torch._C._is_any_autocast_enabled() else None,
+        )
+        entry = self.entries.get(key)
+        if entry is None:
+            entry = self._plan(key, input, params, bias, geometry, requested, mode_padding)
+        x = input.unsqueeze(0) if input.dim() == 3 else input
+        if mode_padding is not None:
+            x, _ = pad_for_mode(x, *mode_padding)
+        plan, backend = entry.plan, entry.backend
+        self.last_backend = plan.backend
+        if plan.cache:
+            stamp = tuple((t._version, t.data_ptr()) for t in params)
+            if entry.stamp != stamp:
+                with torch.no_grad():
+                    dtype = plan.compute_dtype
+                    entry.prepared = backend.prepare(tuple(_cast(t, dtype) for t in params), geometry, plan, tuple(x.shape))
+                entry.stamp = stamp
+            out = backend.run(_cast(x, plan.compute_dtype), entry.prepared, _cast(bias, plan.compute_dtype), geometry, plan)
+        else:
+            out = _execute(backend, x, params, bias, geometry, plan, None)
+        return out.squeeze(0) if input.dim() == 3 else out
+
+    def _plan(self, key, input, params, bias, geometry, requested, mode_padding) -> _Entry:
+        x = self._checked(input, geometry, mode_padding)
+        plan = make_plan(self.op, requested, x, params, bias, geometry, source=f"{self.layer_name}: backend")
+        entry = _Entry(plan, get_backend(plan.backend, self.op))
+        capturing_cuda = x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if not capturing_cuda:  # a plan made during a CUDA-graph capture is for the capture only
+            if len(self.entries) >= self.MAX_ENTRIES:
+                self.entries.clear()
+            self.entries[key] = entry
+        return entry
+
+    def _checked(self, input, geometry, mode_padding) -> torch.Tensor:
+        check_conv_input(input, geometry.in_channels, self.layer_name)
+        x = input.unsqueeze(0) if input.dim() == 3 else input
+        if mode_padding is not None:
+            x, _ = pad_for_mode(x, *mode_padding)
+        return x
+
+    def uncached(self, input, params, bias, geometry, requested, mode_padding=None):
+        """A call that remembers nothing: while a graph is traced, compiled or exported."""
+        x = self._checked(input, geometry, mode_padding)
+        plan = make_plan(self.op, requested, x, params, bias, geometry, source=f"{self.layer_name}: backend")
+        self.last_backend = plan.backend
+        out = _execute(get_backend(plan.backend, self.op), x, params, bias, geometry, plan, None)
+        return out.squeeze(0) if input.dim() == 3 else out
+
+
+def _autocast_state(x: torch.Tensor):
+    device = x.device.type
+    return (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
+
