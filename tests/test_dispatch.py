@@ -1,0 +1,258 @@
+"""The one dispatch path: the deterministic rule's choices, the eager-inference
+preparation options held to the reference, the prepared-weight cache, opt-in
+measuring, a user-registered backend reaching ``auto``, and the configuration."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import leanconv
+from leanconv import config
+from leanconv.ops import measure
+from leanconv.ops.conv_geometry import HetConvGeometry
+from leanconv.ops.dispatch import SMALL_CALL_WORK, hetconv_rule
+from leanconv.ops.registry import Backend, Plan, register_backend, unregister_backend
+
+from helpers import assert_matches_reference
+
+
+def _plan(training=False, channels_last=False, dtype=torch.float32):
+    return Plan("auto", training, channels_last, dtype, not training)
+
+
+def _geometry(m, n, p, k=3):
+    return HetConvGeometry(m, n, (k, k), (1, 1), (k // 2, k // 2), (1, 1), p, "blocked")
+
+
+# ------------------------------------------------------------------ the rule
+@pytest.mark.parametrize(
+    "shape,m,n,p,k,capturing,expected",
+    [
+        ((64, 64, 32, 32), 64, 64, 4, 3, False, "split"),  # VGG's first block at batch 64
+        ((1, 16, 8, 8), 16, 16, 4, 3, False, "reference"),  # small call: one library call
+        ((64, 64, 32, 32), 64, 64, 1, 3, False, "split"),  # P=1: the layer's own weight, one conv
+        ((64, 64, 32, 32), 64, 64, 2, 1, False, "reference"),  # 1x1: 1/P + 1/K^2 > 0.8
+        ((64, 64, 32, 32), 64, 64, 2, 3, False, "split"),
+        ((1, 16, 8, 8), 16, 16, 4, 3, True, "split"),  # traced/compiled/exported: Conv + Conv + Add
+    ],
+)
+def test_rule_choices(shape, m, n, p, k, capturing, expected):
+    x = torch.empty(shape)
+    for training in (False, True):  # the rule is the same for inference and training
+        assert hetconv_rule(x, _geometry(m, n, p, k), _plan(training), capturing) == expected
+
+
+def test_small_call_threshold_is_where_the_rule_says():
+    g = _geometry(16, 16, 4)
+    below = torch.empty(1, 16, 8, 8)
+    assert below.numel() * 16 * 9 < SMALL_CALL_WORK and hetconv_rule(below, g, _plan(), False) == "reference"
+    batch = SMALL_CALL_WORK // (16 * 8 * 8 * 16 * 9) + 1
+    assert hetconv_rule(torch.empty(batch, 16, 8, 8), g, _plan(), False) == "split"
+
+
+def test_default_never_measures_and_is_the_same_every_call(monkeypatch):
+    monkeypatch.setattr(measure, "measured_choice", lambda *a, **k: pytest.fail("measured without being asked"))
+    layer = leanconv.HetConv2d(64, 64, 3, padding=1, p=4)
+    x = torch.randn(40, 64, 12, 12)
+    choices = set()
+    for _ in range(3):
+        with torch.no_grad():
+            layer(x)
+        choices.add(layer.last_backend)
+    assert choices == {"split"}
+
+
+# ------------------------------------- eager inference against the reference
+CASES = [
+    dict(m=8, n=12, p=4, k=3, stride=1, padding=1, layout="blocked"),
+    dict(m=8, n=8, p=2, k=3, stride=2, padding=1, layout="shifted"),
+    dict(m=12, n=6, p=3, k=5, stride=(2, 1), padding=(1, 2), layout="shifted"),
+    dict(m=8, n=16, p=4, k=3, stride=1, padding=0, layout="blocked"),
+]
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_split_inference_paths_match_reference(case, channels_last, mode):
+    """The cached paths (in-place add; oneDNN packing with a post-op on channels-last)."""
+    torch.manual_seed(0)
+    case = dict(case)
+    m, n, k = case.pop("m"), case.pop("n"), case.pop("k")
+    layer = leanconv.HetConv2d(m, n, k, backend="split", **case).eval()
+    x = torch.randn(3, m, 9, 8)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    context = torch.inference_mode() if mode == "inference_mode" else torch.no_grad()
+    with context:
+        out = layer(x)
+        expected = F.conv2d(x, layer.dense_weight(), layer.bias, layer.stride, layer.padding)
+        assert_matches_reference(out, expected)
+        assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        assert torch.equal(layer(x), out)  # the cached weights reproduce the first call
+
+
+def _entry(layer):
+    (entry,) = layer.__dict__["_dispatcher"].entries.values()
+    return entry
+
+
+@pytest.mark.parametrize("backend", ["split", "reference"])
+def test_prepared_weights_are_rebuilt_when_a_parameter_changes(backend):
+    layer = leanconv.HetConv2d(8, 8, 3, padding=1, p=4, backend=backend).eval()
+    x = torch.randn(2, 8, 6, 6)
+
+    def check():
+        with torch.no_grad():
+            assert_matches_reference(layer(x), F.conv2d(x, layer.dense_weight(), layer.bias, padding=1))
+
+    check()
+    prepared = _entry(layer).prepared
+    check()
+    assert _entry(layer).prepared is prepared, "reused while nothing changed"
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
+    layer(x).sum().backward()
+    optimizer.step()
+    check()  # an optimizer step
+    other = leanconv.HetConv2d(8, 8, 3, padding=1, p=4)
+    layer.load_state_dict(other.state_dict())
+    check()  # load_state_dict
+    layer.double()
+    x = x.double()
+    check()  # .to(dtype)
+    layer.pointwise_weight = torch.nn.Parameter(torch.randn_like(layer.pointwise_weight))
+    check()  # a parameter replaced
+
+
+def test_copies_and_pickles_leave_the_cache_behind():
+    layer = leanconv.HetConv2d(8, 8, 3, padding=1, p=4, backend="split").eval()
+    x = torch.randn(2, 8, 6, 6).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = layer(x)
+    for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert "_dispatcher" not in twin.__dict__
+        with torch.no_grad():
+            assert torch.equal(twin(x), expected)
+    assert "_dispatcher" not in "".join(layer.state_dict())
+
+
+# ------------------------------------------------------ user-registered backend
+def _count_calls(calls):
+    def prepare(params, geometry, plan, input_shape):
+        weight, pointwise = params
+        return leanconv.ops.materialize_dense_weight(weight, pointwise, geometry.p, geometry.layout)
+
+    def run(x, dense, bias, geometry, plan):
+        calls.append(plan.training)
+        return F.conv2d(x, dense, bias, geometry.stride, geometry.padding, geometry.dilation)
+
+    return prepare, run
+
+
+def test_a_registered_backend_reaches_auto_through_prefer():
+    calls = []
+    prepare, run = _count_calls(calls)
+    register_backend(Backend("mine", "hetconv", prepare, run, prefer=lambda x, g, plan: g.p == 4,
+                             description="a test backend"))
+    try:
+        assert "mine" in leanconv.backend_names()
+        layer = leanconv.HetConv2d(8, 8, 3, padding=1, p=4)
+        x = torch.randn(2, 8, 5, 5, requires_grad=True)
+        out = layer(x)
+        out.sum().backward()
+        assert layer.last_backend == "mine" and calls == [True]
+        leanconv.HetConv2d(8, 8, 3, padding=1, p=2)(x)  # prefer says no: the built-in rule decides
+        assert calls == [True]
+        assert_matches_reference(out, F.conv2d(x, layer.dense_weight(), layer.bias, padding=1))
+    finally:
+        unregister_backend("hetconv", "mine")
+    layer(x)
+    assert layer.last_backend != "mine", "the layer re-plans after the backend is gone"
+
+
+def test_a_registered_backend_is_measured_when_measuring_is_on(tmp_path, monkeypatch):
+    calls = []
+    prepare, run = _count_calls(calls)
+    register_backend(Backend("mine", "hetconv", prepare, run, devices=("cpu",), training=False))
+    monkeypatch.setattr(measure, "_time_candidates", lambda candidates, rounds: {n: 1.0 for n in candidates})
+    timed = []
+    original = measure.measured_choice
+    monkeypatch.setattr(measure, "measured_choice",
+                        lambda key, candidates, **kw: timed.append(sorted(candidates)) or original(key, candidates, **kw))
+    measure.clear_cache()
+    try:
+        layer = leanconv.HetConv2d(8, 8, 3, padding=1, p=4).eval()
+        with config.benchmarking(), torch.no_grad():
+            layer(torch.randn(2, 8, 5, 5))
+        interpreted = [name for name in timed[0] if name != "triton"]  # triton runs here under the interpreter
+        assert interpreted == ["mine", "reference", "split"]
+        with config.benchmarking():  # training: 'mine' declares inference only
+            layer(torch.randn(2, 8, 5, 5, requires_grad=True))
+        assert [name for name in timed[-1] if name != "triton"] == ["reference", "split"]
+    finally:
+        unregister_backend("hetconv", "mine")
+        measure.clear_cache()
+
+
+def test_a_named_backend_that_cannot_run_the_call_says_why():
+    calls = []
+    prepare, run = _count_calls(calls)
+    register_backend(Backend("infer-only", "hetconv", prepare, run, training=False))
+    try:
+        layer = leanconv.HetConv2d(8, 8, 3, padding=1, p=4, backend="infer-only")
+        with pytest.raises(ValueError, match="backend 'infer-only' cannot run this call: it runs inference only"):
+            layer(torch.randn(1, 8, 5, 5, requires_grad=True))
+    finally:
+        unregister_backend("hetconv", "infer-only")
+
+
+def test_bad_backend_definitions_are_refused():
+    prepare, run = _count_calls([])
+    with pytest.raises(ValueError, match="Backend.op must be one of"):
+        Backend("x", "conv3d", prepare, run)
+    with pytest.raises(ValueError, match="other than 'auto'"):
+        Backend("auto", "hetconv", prepare, run)
+    with pytest.raises(ValueError, match="memory_formats"):
+        Backend("x", "hetconv", prepare, run, memory_formats=("nhwc",))
+    with pytest.raises(TypeError, match="expected a leanconv.ops.registry.Backend"):
+        register_backend("x")
+
+
+# ------------------------------------------------------------- configuration
+def test_environment_is_read_once(monkeypatch, leanconv_env):
+    leanconv_env("LEANCONV_BACKEND", "reference")
+    assert config.backend() == "reference"
+    monkeypatch.setenv("LEANCONV_BACKEND", "split")  # after first use: not seen
+    assert config.backend() == "reference"
+    leanconv.set_backend("split")
+    assert config.backend() == "split"
+
+
+def test_benchmark_switch_environment_setter_and_context(leanconv_env):
+    assert config.benchmark_enabled() is False
+    leanconv_env("LEANCONV_BENCHMARK", "1")
+    assert config.benchmark_enabled() is True
+    with config.benchmarking(False):
+        assert config.benchmark_enabled() is False
+    config.set_benchmark(False)
+    assert config.benchmark_enabled() is False
+    with pytest.raises(TypeError, match="set_benchmark: enabled must be True or False, got 'yes'"):
+        config.set_benchmark("yes")
+    leanconv_env("LEANCONV_BENCHMARK", "maybe")
+    with pytest.raises(ValueError, match="LEANCONV_BENCHMARK must be one of"):
+        config.benchmark_enabled()
+
+
+def test_nothing_writes_the_environment(monkeypatch):
+    import os
+
+    before = dict(os.environ)
+    leanconv.set_backend("split")
+    with leanconv.use_backend("reference"), config.benchmarking():
+        leanconv.HetConv2d(8, 8, 3, padding=1, p=4)(torch.randn(1, 8, 5, 5))
+    assert dict(os.environ) == before
