@@ -15,7 +15,7 @@ import os
 import sys
 
 from leanconv.bench import LayerConfig, bench_hetconv_config, describe_environment, machine_slug, write_results
-from leanconv.ops.backends import backend_names
+from leanconv.ops import backend_names
 
 COLUMNS = ["config", "format", "candidate", "ran", "gate", "median_ms", "min_ms", "max_ms", "spread", "macs",
            "gmacs", "speedup_vs_conv2d"]

@@ -21,7 +21,9 @@ convolution with the materialised weight before timing):
 * ``coarse_groups``: the grouped conv run with P/2 groups, the 1x1 weights inside
   each coarse group folded into its centre taps, the GEMM over the rest;
 * ``sparse_pointwise``: the 1x1 part as a CSR sparse matrix product;
-* ``fused_bfloat16`` / ``masked_bfloat16`` / ``dense_bfloat16``: the same in
+* ``leanconv_split``: ``HetConv2d(backend="split")`` in eager inference (cached
+  weights; on channels-last the masked post-op form);
+* ``masked_bfloat16`` / ``dense_bfloat16``: the same in
   bfloat16 (the gate uses the bfloat16 tolerance);
 * ``part_grouped_conv`` / ``part_pointwise_gemm`` / ``part_pointwise_conv``: the
   library calls of the fused and masked forms alone (not HetConv, not gated), to
@@ -41,9 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from leanconv.bench import describe_environment, machine_slug, time_interleaved, write_results
-from leanconv.ops.hetconv_fused import hetconv_fused, hetconv_fused_prepared, prepare_fused
+from leanconv import HetConv2d
 from leanconv.ops.hetconv_layout import materialize_dense_weight, materialize_pointwise_matrix
-from leanconv.ops.hetconv_masked import hetconv_masked_prepared, prepare_masked
 
 
 def rows_view(t):
@@ -56,21 +57,39 @@ def forms(x, weight, pointwise, p):
     dense = materialize_dense_weight(weight, pointwise, p, "blocked")
     matrix = materialize_pointwise_matrix(pointwise, m, p, "blocked")
     matrix_t = matrix.t().contiguous()
-    prepared = prepare_fused(weight, pointwise, p, "blocked")
-    packed = prepare_fused(weight, pointwise, p, "blocked", packed=True, padding=(1, 1), input_size=tuple(x.shape))
-    masked = prepare_masked(weight, pointwise, p, "blocked")
-    geometry = ((3, 3), (1, 1), (1, 1), (1, 1))
-    out = {
-        "dense": lambda: F.conv2d(x, dense, None, 1, 1),
-        "split": lambda: F.conv2d(x, weight, None, 1, 1, 1, p) + F.conv2d(x, matrix[:, :, None, None]),
-        "fused": lambda: hetconv_fused_prepared(x, prepared, None, *geometry),
-        "packed": lambda: hetconv_fused_prepared(x, packed, None, *geometry),
-        "masked": lambda: hetconv_masked_prepared(x, masked, None, *geometry),
-    }
-    one_by_one = masked.pointwise.contiguous(memory_format=torch.channels_last)
+    one_by_one = matrix[:, :, None, None].contiguous(memory_format=torch.channels_last)
     grouped_packed = torch.ops.mkldnn._reorder_convolution_weight(
         weight.contiguous(memory_format=torch.channels_last), [1, 1], [1, 1], [1, 1], p, list(x.shape)
     )
+
+    def fused():  # grouped conv, then the 1x1 GEMM accumulated into its output (channels-last rows view)
+        y = F.conv2d(x, weight, None, 1, 1, 1, p).contiguous(memory_format=torch.channels_last)
+        rows_view(y).addmm_(rows_view(x), matrix_t)
+        return y
+
+    def packed():  # the GEMM first, the packed grouped conv adding itself onto it (oneDNN post-op)
+        acc = rows_view(x).mm(matrix_t).view(x.shape[0], x.shape[2], x.shape[3], -1).permute(0, 3, 1, 2)
+        return torch.ops.mkldnn._convolution_pointwise_.binary(
+            acc, x, grouped_packed, None, [1, 1], [1, 1], [1, 1], p, "add", 1.0, None, [], None
+        )
+
+    layer = HetConv2d(m, n, 3, padding=1, bias=False, p=p, backend="split").eval()
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.pointwise_weight.copy_(pointwise)
+
+    def library():  # leanconv's split backend as HetConv2d runs it (cached; oneDNN post-op on channels-last)
+        with torch.no_grad():
+            return layer(x)
+
+    out = {
+        "dense": lambda: F.conv2d(x, dense, None, 1, 1),
+        "split": lambda: F.conv2d(x, weight, None, 1, 1, 1, p) + F.conv2d(x, matrix[:, :, None, None]),
+        "fused": fused,
+        "packed": packed,
+        "masked": lambda: F.conv2d(x, weight, None, 1, 1, 1, p).add_(F.conv2d(x, one_by_one)),
+        "leanconv_split": library,
+    }
 
     def masked_postop():
         acc = F.conv2d(x, one_by_one)
@@ -127,9 +146,8 @@ def forms(x, weight, pointwise, p):
     out["sparse_pointwise"] = sparse_pointwise
     xb, wb, pb, db = x.bfloat16(), weight.bfloat16(), pointwise.bfloat16(), dense.bfloat16()
     out["dense_bfloat16"] = lambda: F.conv2d(xb, db, None, 1, 1)
-    out["fused_bfloat16"] = lambda: hetconv_fused(xb, wb, pb, None, (1, 1), (1, 1), (1, 1), p, "blocked")
-    masked_b = prepare_masked(wb, pb, p, "blocked")
-    out["masked_bfloat16"] = lambda: hetconv_masked_prepared(xb, masked_b, None, *geometry)
+    matrix_b = materialize_pointwise_matrix(pb, m, p, "blocked")[:, :, None, None]
+    out["masked_bfloat16"] = lambda: F.conv2d(xb, wb, None, 1, 1, 1, p).add_(F.conv2d(xb, matrix_b))
     return out
 
 

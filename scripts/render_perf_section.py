@@ -142,6 +142,66 @@ def _best(rows, variant, mode):
     return best["median_ms"], best["format"]
 
 
+def render_backend_cuts(payload: dict, name: str) -> list[str]:
+    """Which HetConv CPU forms paid their way in a layer grid that timed them all
+    (the grid before the backend redesign): each form's wins, and its wins by more
+    than the run-to-run spread of identical code in the same grid (``auto`` against
+    the backend it ran; ``fused`` against ``packed`` in training, where packed runs
+    fused's code)."""
+    settings: dict = {}
+    for row in payload["rows"]:
+        settings.setdefault((row["config"], row["mode"], row["format"]), {})[row["candidate"]] = row
+    identical = []
+    for candidates in settings.values():
+        auto = candidates["hetconv:auto"]
+        pair = [auto["median_ms"], candidates["hetconv:" + auto["ran"]]["median_ms"]]
+        pairs = [pair]
+        if auto["mode"] == "train":
+            pairs.append([candidates["hetconv:fused"]["median_ms"], candidates["hetconv:packed"]["median_ms"]])
+        identical += [abs(a - b) / min(a, b) for a, b in pairs]
+    identical.sort()
+    spread = identical[int(0.95 * len(identical))]
+    wins: dict = {}
+    for (config, mode, memory_format), candidates in sorted(settings.items()):
+        times = {c.split(":")[1]: r["median_ms"] for c, r in candidates.items()
+                 if c.startswith("hetconv:") and c != "hetconv:auto" and r["median_ms"] is not None}
+        if mode == "train":
+            times.pop("packed", None)  # the same code as fused under autograd
+        ranked = sorted(times, key=times.get)
+        margin = times[ranked[1]] / times[ranked[0]] - 1
+        entry = wins.setdefault(ranked[0], [0, []])
+        entry[0] += 1
+        if margin > spread:
+            entry[1].append(f"{config} {mode} {memory_format} (+{margin:.0%} over {ranked[1]})")
+    decisions = {
+        "reference": "kept: the readable oracle every backend is tested against; the rule's choice for small calls",
+        "split": "kept, absorbing masked's cached weights, in-place add and oneDNN post-op as its eager-inference "
+                 "preparation: the same grouped KxK + zero-diagonal 1x1 arithmetic",
+        "masked": "merged into split (a preparation option of the same form)",
+        "fused": "cut: one win beyond the spread in the whole grid, in NCHW training at P=16, for a second autograd "
+                 "Function and channels-last copies",
+        "packed": "cut: no win beyond the spread (in training it ran fused's code)",
+        "loop": "not a candidate of that grid: the P-branch form (2P library calls and gathers for split's two); "
+                "moved to the benchmarks as the `p_branch` baseline of `leanconv bench layers`",
+    }
+    lines = [
+        "## Backends kept and cut",
+        "",
+        f"From `{name}` (every CPU form timed at every VGG-16-CIFAR shape, P = 2-16, batch 64, inference and "
+        "training, both memory formats). Run-to-run spread of identical code in that run: median "
+        f"{fmt(100 * identical[len(identical) // 2], 1)}%, 95th percentile {fmt(100 * spread, 1)}%, maximum "
+        f"{fmt(100 * identical[-1], 1)}% ({len(identical)} pairs). A form pays its way where it is fastest by more "
+        "than the 95th percentile.",
+        "",
+        "| form | fastest in settings | fastest by more than the spread | decision |",
+        "|---|---|---|---|",
+    ]
+    for form in ("reference", "split", "masked", "fused", "packed", "loop"):
+        count, beyond = wins.get(form, [0, []])
+        lines.append(f"| `{form}` | {count} of {len(settings)} | {'; '.join(beyond) or 'none'} | {decisions[form]} |")
+    return lines + [""]
+
+
 def render_targets(models: list[tuple[str, dict]], layers: list[tuple[str, dict]]) -> list[str]:
     """Issue 5's targets, each as measured value vs required, from the result files."""
     out = ["### Targets (issue 5) from these files", "",
@@ -215,7 +275,7 @@ def render(results: str) -> str:
         "candidate first passed the correctness gate against the reference.",
         "",
     ]
-    sections = {"models": [], "layers": [], "separable": [], "forms": []}
+    sections = {"models": [], "layers": [], "separable": [], "forms": [], "backends": []}
     payloads = {"models": [], "layers": []}
     for path in files:
         with open(path) as handle:
@@ -224,7 +284,9 @@ def render(results: str) -> str:
             continue  # not a harness result (e.g. leanconv compare's results.json, a list of rows)
         what = payload["config"].get("what")
         name = os.path.basename(path)
-        if what == "models":
+        if what == "layers" and "-backends-" in name:  # the pre-redesign grid that timed every form
+            sections["backends"] += render_backend_cuts(payload, name)
+        elif what == "models":
             sections["models"] += render_models(payload, name)
             payloads["models"].append((name, payload))
         elif what == "layers":
@@ -235,7 +297,7 @@ def render(results: str) -> str:
         elif what == "forms":
             sections["forms"] += render_forms(payload, name)
     lines += render_targets(payloads["models"], payloads["layers"])
-    for part in ("models", "layers", "forms", "separable"):
+    for part in ("models", "layers", "forms", "separable", "backends"):
         lines += sections[part]
     if not files:
         lines.append("(no result files found)")

@@ -256,3 +256,12 @@ def test_nothing_writes_the_environment(monkeypatch):
     with leanconv.use_backend("reference"), config.benchmarking():
         leanconv.HetConv2d(8, 8, 3, padding=1, p=4)(torch.randn(1, 8, 5, 5))
     assert dict(os.environ) == before
+
+
+def test_a_layer_built_under_inference_mode_runs_without_a_cache():
+    with torch.inference_mode():
+        layer = leanconv.HetConv2d(8, 8, 3, padding=1, p=4, backend="split").eval()
+        x = torch.randn(2, 8, 6, 6)
+        assert_matches_reference(layer(x), F.conv2d(x, layer.dense_weight(), layer.bias, padding=1))
+        layer.weight.mul_(2.0)  # in-place on an inference tensor: nothing cached can go stale
+        assert_matches_reference(layer(x), F.conv2d(x, layer.dense_weight(), layer.bias, padding=1))

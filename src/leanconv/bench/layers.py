@@ -11,9 +11,11 @@ Candidates for a HetConv row:
 
 * ``conv2d``: ``nn.Conv2d`` with the dense weight (the standard layer);
 * ``hetconv:<backend>``: :class:`leanconv.HetConv2d` with that backend
-  (``auto`` measures, see :mod:`leanconv.ops.autotune`);
+  (``auto``: the deterministic rule; ``auto-measured``: auto with measuring on,
+  see :mod:`leanconv.ops.measure`);
 * ``seed``: the public "approximate" form, grouped conv + dense 1x1 conv
   modules summed (:class:`leanconv.layers.SeedHetConv2d`, redundant weights 0);
+* ``p_branch``: the P-branch form of public implementations (2P library calls);
 * ``public_loop``: the public loop form, two small convolutions per filter
   (its channels gathered), written here as a baseline; inference only, timed
   over 2 calls after 1 warm-up (it is 1-2 orders of magnitude slower, and would
@@ -33,7 +35,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import config as leanconv_config
 from ..layers import BSConvS2d, BSConvU2d, DSConv2d, HetConv2d, SeedHetConv2d
+from ..ops.conv_geometry import centre_taps
 from ..ops.hetconv_layout import kxk_channel_index, pointwise_channel_index
 from .timing import Timing, time_interleaved
 
@@ -121,6 +125,38 @@ class PublicLoopHetConv(nn.Module):
         return out if layer.bias is None else out + layer.bias.view(1, -1, 1, 1)
 
 
+class PBranchHetConv(nn.Module):
+    """The P-branch form of public implementations (once leanconv's ``loop``
+    backend): per group, a KxK conv of the group's channels plus a 1x1 conv of
+    the other channels' centre taps, the outputs gathered back into filter order
+    (2P library calls and gathers; exactly HetConv's MACs). A baseline only."""
+
+    def __init__(self, layer: HetConv2d):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        m, n, p = layer.in_channels, layer.out_channels, layer.p
+        kxk = kxk_channel_index(m, n, p, layer.layout, x.device)
+        others = pointwise_channel_index(m, n, p, layer.layout, x.device)
+        ng = n // p
+        filters = [[f for f in range(n) if (f // ng if layer.layout == "blocked" else f % p) == g] for g in range(p)]
+        taps = centre_taps(x, layer.kernel_size, layer.stride, layer._padding_pair, layer.dilation)
+        outs, order = [], []
+        for group in filters:
+            index = torch.tensor(group, device=x.device)
+            out = F.conv2d(x.index_select(1, kxk[group[0]]), layer.weight.index_select(0, index), None,
+                           layer.stride, layer._padding_pair, layer.dilation)
+            if others.shape[1]:
+                out = out + F.conv2d(taps.index_select(1, others[group[0]]),
+                                     layer.pointwise_weight.index_select(0, index)[:, :, None, None])
+            outs.append(out)
+            order += group
+        out = torch.cat(outs, 1).index_select(1, torch.argsort(torch.tensor(order, device=x.device)))
+        return out if layer.bias is None else out + layer.bias.view(1, -1, 1, 1)
+
+
 def _gate(candidate: torch.Tensor, reference: torch.Tensor, tolerance: float) -> float:
     scale = max(1.0, reference.abs().max().item())
     return (candidate - reference).abs().max().item() / scale
@@ -160,13 +196,30 @@ def _row(config, mode, fmt, name, timing: Timing | None, macs, dense_macs, basel
     return row
 
 
+class _Measuring(nn.Module):
+    """``auto`` with measuring turned on for its calls (``hetconv:auto-measured``):
+    the opt-in measuring choice, timed beside the deterministic rule's."""
+
+    def __init__(self, layer: HetConv2d) -> None:
+        super().__init__()
+        self.layer = layer
+
+    @property
+    def last_backend(self) -> str | None:
+        return self.layer.last_backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with leanconv_config.benchmarking():
+            return self.layer(x)
+
+
 def bench_hetconv_config(
     config: LayerConfig,
     *,
     modes: Sequence[str] = ("infer", "train"),
     formats: Sequence[str] = ("channels_last", "contiguous"),
-    backends: Sequence[str] = ("auto", "reference", "split", "masked", "fused", "packed"),
-    baselines: Sequence[str] = ("seed", "public_loop"),
+    backends: Sequence[str] = ("auto", "auto-measured", "reference", "split"),
+    baselines: Sequence[str] = ("seed", "p_branch", "public_loop"),
     warmup: int = 2,
     repeats: int = 7,
     tolerance: float = 1e-4,
@@ -188,12 +241,15 @@ def bench_hetconv_config(
             x = x0.detach().requires_grad_(mode == "train")
             modules: dict[str, tuple[nn.Module, int]] = {"conv2d": (conv, dense)}
             for backend in backends:
-                layer = HetConv2d(**het._same_arguments(backend=backend))
+                measured = backend == "auto-measured"
+                layer = HetConv2d(**het._same_arguments(backend="auto" if measured else backend))
                 layer.load_state_dict(het.state_dict())
-                modules[f"hetconv:{backend}"] = (layer, own)
+                modules[f"hetconv:{backend}"] = (_Measuring(layer) if measured else layer, own)
             if "seed" in baselines and config.p > 1:
                 seed_layer = SeedHetConv2d.from_hetconv(het)
                 modules["seed"] = (seed_layer, own + config.batch * config.out_size**2 * config.out_channels * (config.in_channels // config.p))
+            if "p_branch" in baselines and config.p > 1:
+                modules["p_branch"] = (PBranchHetConv(het), own)
             if "public_loop" in baselines and config.p > 1 and config.out_channels <= 512 and mode == "infer":
                 modules["public_loop"] = (PublicLoopHetConv(het), own)
             for module, _ in modules.values():
@@ -214,7 +270,7 @@ def bench_hetconv_config(
                 timings.update(time_interleaved(slow, warmup=1, repeats=min(2, repeats)))
             for name, (module, macs) in modules.items():
                 extra = {}
-                if isinstance(module, HetConv2d):
+                if isinstance(module, (HetConv2d, _Measuring)):
                     extra["ran"] = module.last_backend
                 rows.append(_row(config, mode, fmt, name, timings.get(name), macs, dense, timings.get("conv2d"), errors[name], extra))
     return rows

@@ -29,7 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", default="infer,train",
                         help="infer, train, and for models infer_folded (BN folded by leanconv.fuse); default infer,train")
     parser.add_argument("--formats", default="channels_last,contiguous", help="memory formats to run")
-    parser.add_argument("--backends", default="auto,reference,split,masked,fused,packed", help="layers: HetConv backends")
+    parser.add_argument("--backends", default="auto,auto-measured,reference,split",
+                        help="layers: HetConv backends (auto-measured: auto with measuring on)")
+    parser.add_argument("--baselines", default="seed,p_branch,public_loop",
+                        help="layers: baselines beside the backends (seed, p_branch, public_loop; '' for none)")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved timed rounds (default 7)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per candidate first (default 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -81,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
         configs = layer_grid(args.grid, args.batch, args.p if args.p_given else None)
         rows = bench_layer_grid(
             configs, progress=progress, modes=modes, formats=formats,
-            backends=[b for b in args.backends.split(",") if b], warmup=args.warmup, repeats=args.repeats,
+            backends=[b for b in args.backends.split(",") if b], baselines=[b for b in args.baselines.split(",") if b],
+            warmup=args.warmup, repeats=args.repeats,
         )
         columns, setting = LAYER_COLUMNS, f"layers-{args.grid}-b{args.batch}"
         title = f"HetConv layers vs nn.Conv2d, grid {args.grid}, batch {args.batch}"

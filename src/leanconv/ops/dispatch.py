@@ -253,22 +253,33 @@ class Dispatcher:
         entry = self.entries.get(key)
         if entry is None:
             entry = self._plan(key, input, params, bias, geometry, requested, mode_padding)
-        x = input.unsqueeze(0) if input.dim() == 3 else input
+        unbatched = input.dim() == 3
+        x = input.unsqueeze(0) if unbatched else input
         if mode_padding is not None:
             x, _ = pad_for_mode(x, *mode_padding)
-        plan, backend = entry.plan, entry.backend
+        plan = entry.plan
         self.last_backend = plan.backend
         if plan.cache:
-            stamp = tuple((t._version, t.data_ptr()) for t in params)
-            if entry.stamp != stamp:
-                with torch.no_grad():
-                    dtype = plan.compute_dtype
-                    entry.prepared = backend.prepare(tuple(_cast(t, dtype) for t in params), geometry, plan, tuple(x.shape))
-                entry.stamp = stamp
-            out = backend.run(_cast(x, plan.compute_dtype), entry.prepared, _cast(bias, plan.compute_dtype), geometry, plan)
+            try:
+                stamp = [t._version for t in params] + [t.data_ptr() for t in params]
+            except RuntimeError:  # parameters created under inference_mode have no version counter: no cache
+                stamp = None
+            if stamp is None:
+                out = _execute(entry.backend, x, params, bias, geometry, plan, None)
+            else:
+                if entry.stamp != stamp:
+                    with torch.no_grad():
+                        dtype = plan.compute_dtype
+                        entry.prepared = entry.backend.prepare(
+                            tuple(_cast(t, dtype) for t in params), geometry, plan, tuple(x.shape)
+                        )
+                    entry.stamp = stamp
+                if x.dtype is not plan.compute_dtype:
+                    x, bias = _cast(x, plan.compute_dtype), _cast(bias, plan.compute_dtype)
+                out = entry.backend.run(x, entry.prepared, bias, geometry, plan)
         else:
-            out = _execute(backend, x, params, bias, geometry, plan, None)
-        return out.squeeze(0) if input.dim() == 3 else out
+            out = _execute(entry.backend, x, params, bias, geometry, plan, None)
+        return out.squeeze(0) if unbatched else out
 
     def _plan(self, key, input, params, bias, geometry, requested, mode_padding) -> _Entry:
         x = self._checked(input, geometry, mode_padding)
