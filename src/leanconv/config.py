@@ -20,7 +20,9 @@ variable), then ``"auto"``. ``auto`` follows a deterministic rule (see
 Names are validated where they are used (the registry lives in
 :mod:`leanconv.ops.registry`, which imports this module, not the reverse).
 
-:data:`generation` counts every change; layers keep their per-call plans keyed on it.
+:data:`generation` counts changes that invalidate every remembered plan (a backend
+registered or removed, measured choices cleared, the environment re-read); the
+switches' values themselves are part of each layer's plan key.
 """
 
 from __future__ import annotations
@@ -96,7 +98,6 @@ def _read_environment() -> None:
             )
         _settings.benchmark_cache = os.environ.get(BENCHMARK_CACHE_ENV, "").strip() or None
         _settings.benchmark = flag in _TRUE
-        _bump()
 
 
 def _stack(kind: str) -> list:
@@ -111,12 +112,10 @@ def _stack(kind: str) -> list:
 def _pushed(kind: str, value) -> Iterator[None]:
     stack = _stack(kind)
     stack.append(value)
-    _bump()
     try:
         yield
     finally:
         stack.pop()
-        _bump()
 
 
 # ------------------------------------------------------------------ backends
@@ -128,6 +127,18 @@ def backend() -> str:
     if _settings.benchmark is None:
         _read_environment()
     return _settings.backend
+
+
+def dispatch_state(op: str) -> tuple:
+    """What a layer's remembered plan depends on besides its input, in one call:
+    (backend name in force for ``op``, measuring on?). The hot path of every call."""
+    local = _local.__dict__
+    stack = local.get("backend" if op == "hetconv" else "depthwise_backend")
+    measuring = local.get("benchmark")
+    if _settings.benchmark is None:
+        _read_environment()
+    name = stack[-1] if stack else (_settings.backend if op == "hetconv" else _settings.depthwise_backend)
+    return name, measuring[-1] if measuring else _settings.benchmark
 
 
 def backend_source() -> str:

@@ -198,12 +198,22 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
-def _execute(backend: Backend, x, params, bias, geometry, plan: Plan, prepared):
+def _autocast_inputs(x, params, bias, plan: Plan):
+    """Under autocast (the plan computes in another dtype than the input's), the
+    input, parameters and bias in autocast's dtype, as autocast casts them for
+    ``F.conv2d``; otherwise unchanged (mismatched dtypes are the backend's error,
+    as they are ``F.conv2d``'s)."""
     dtype = plan.compute_dtype
-    x = _cast(x, dtype)
+    if x.dtype == dtype:
+        return x, params, bias
+    return _cast(x, dtype), tuple(_cast(t, dtype) for t in params), _cast(bias, dtype)
+
+
+def _execute(backend: Backend, x, params, bias, geometry, plan: Plan, prepared):
+    x, params, bias = _autocast_inputs(x, params, bias, plan)
     if prepared is None:
-        prepared = backend.prepare(tuple(_cast(t, dtype) for t in params), geometry, plan, tuple(x.shape))
-    return backend.run(x, prepared, _cast(bias, dtype), geometry, plan)
+        prepared = backend.prepare(params, geometry, plan, tuple(x.shape))
+    return backend.run(x, prepared, bias, geometry, plan)
 
 
 def dispatch_call(op: str, x: torch.Tensor, params, bias, geometry, requested: str | None = None, *, source: str = "backend"):
@@ -239,15 +249,16 @@ class Dispatcher:
         """Run the layer's op on ``input`` (3-D or 4-D). ``geometry.padding`` is the
         convolution's zero padding; ``mode_padding``, for a non-zero padding mode,
         is ``(pair, mode)`` applied explicitly first (then ``geometry.padding`` is 0)."""
-        if graph_capturing() or not isinstance(input, torch.Tensor):
+        if torch._C._get_tracing_state() or torch.compiler.is_compiling() or not isinstance(input, torch.Tensor):
             return self.uncached(input, params, bias, geometry, requested, mode_padding)
         training = torch.is_grad_enabled() and (
-            input.requires_grad or any(t is not None and t.requires_grad for t in params)
-            or (bias is not None and bias.requires_grad)
+            input.requires_grad or any(t.requires_grad for t in params) or (bias is not None and bias.requires_grad)
         )
+        # The input's setting (shape and strides fix the memory format), autograd and inference
+        # mode, the configuration in force, autocast: everything a plan depends on.
         key = (
-            input.shape, input.dtype, input.device, input.is_contiguous(), input.is_contiguous(memory_format=_CL),
-            training, torch.is_inference_mode_enabled(), config.generation[0], requested,
+            input.shape, input.stride(), input.dtype, input.device, training, torch.is_inference_mode_enabled(),
+            config.generation[0], requested, config.dispatch_state(self.op),
             _autocast_state(input) if torch._C._is_any_autocast_enabled() else None,
         )
         entry = self.entries.get(key)
@@ -260,8 +271,8 @@ class Dispatcher:
         plan = entry.plan
         self.last_backend = plan.backend
         if plan.cache:
-            try:
-                stamp = [t._version for t in params] + [t.data_ptr() for t in params]
+            try:  # version counters (in-place updates) and storage (.data, .to()) of every parameter
+                stamp = [(t._version, t.data_ptr()) for t in params]
             except RuntimeError:  # parameters created under inference_mode have no version counter: no cache
                 stamp = None
             if stamp is None:
@@ -269,13 +280,11 @@ class Dispatcher:
             else:
                 if entry.stamp != stamp:
                     with torch.no_grad():
-                        dtype = plan.compute_dtype
-                        entry.prepared = entry.backend.prepare(
-                            tuple(_cast(t, dtype) for t in params), geometry, plan, tuple(x.shape)
-                        )
+                        _, cast_params, _ = _autocast_inputs(x, params, None, plan)
+                        entry.prepared = entry.backend.prepare(cast_params, geometry, plan, tuple(x.shape))
                     entry.stamp = stamp
                 if x.dtype is not plan.compute_dtype:
-                    x, bias = _cast(x, plan.compute_dtype), _cast(bias, plan.compute_dtype)
+                    x, _, bias = _autocast_inputs(x, (), bias, plan)
                 out = entry.backend.run(x, entry.prepared, bias, geometry, plan)
         else:
             out = _execute(entry.backend, x, params, bias, geometry, plan, None)
