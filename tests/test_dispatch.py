@@ -265,3 +265,16 @@ def test_a_layer_built_under_inference_mode_runs_without_a_cache():
         assert_matches_reference(layer(x), F.conv2d(x, layer.dense_weight(), layer.bias, padding=1))
         layer.weight.mul_(2.0)  # in-place on an inference tensor: nothing cached can go stale
         assert_matches_reference(layer(x), F.conv2d(x, layer.dense_weight(), layer.bias, padding=1))
+
+
+def test_index_tables_first_built_under_inference_mode_serve_training():
+    from leanconv.ops import hetconv_layout
+
+    hetconv_layout._index_tables.cache_clear()
+    hetconv_layout._index_tables_on.cache_clear()
+    layer = leanconv.HetConv2d(12, 6, 3, padding=1, p=3, layout="shifted", backend="reference")
+    x = torch.randn(2, 12, 5, 5)
+    with torch.inference_mode():
+        layer(x)
+    layer(x.requires_grad_()).sum().backward()  # the cached tables are not inference tensors
+    assert layer.weight.grad is not None

@@ -84,7 +84,15 @@ def group_channels(g: int, in_channels: int, p: int, layout: str) -> list[int]:
 
 @functools.lru_cache(maxsize=256)
 def _index_tables(in_channels: int, out_channels: int, p: int, layout: str) -> tuple[torch.Tensor, ...]:
-    """(kxk_channel_index, pointwise_channel_index, channel_order, filter_order) on the CPU."""
+    """(kxk_channel_index, pointwise_channel_index, channel_order, filter_order) on the CPU.
+
+    Cached for the process, so built outside inference mode even when first asked
+    for inside it: an inference tensor could not be saved for a later backward."""
+    with torch.inference_mode(False):
+        return _build_index_tables(in_channels, out_channels, p, layout)
+
+
+def _build_index_tables(in_channels: int, out_channels: int, p: int, layout: str) -> tuple[torch.Tensor, ...]:
     check_layout(layout)
     check_hetconv_channels(in_channels, out_channels, p)
     kxk_rows, pointwise_rows = [], []
@@ -108,7 +116,8 @@ def _index_tables(in_channels: int, out_channels: int, p: int, layout: str) -> t
 
 @functools.lru_cache(maxsize=256)
 def _index_tables_on(in_channels: int, out_channels: int, p: int, layout: str, device: torch.device):
-    return tuple(t.to(device) for t in _index_tables(in_channels, out_channels, p, layout))
+    with torch.inference_mode(False):
+        return tuple(t.to(device) for t in _index_tables(in_channels, out_channels, p, layout))
 
 
 def assume_constant_result(fn):
