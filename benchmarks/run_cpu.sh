@@ -21,6 +21,7 @@ BATCH=${BATCH:-64}
 DOC=${DOC:-docs/performance.md}
 mkdir -p "$OUT"
 uptime
+machine() { "$BIN/python" -c "from leanconv.bench import machine_slug; print(machine_slug())"; }
 part() {  # part NAME COMMAND...: run one part, print how long it took
     local name=$1 start=$SECONDS
     shift
@@ -35,6 +36,10 @@ part models "$BIN/leanconv" bench models --model vgg16_cifar --p 4,8 --batch "$B
 part layers "$BIN/leanconv" bench layers --grid vgg --p "$LAYER_P" --batch "$BATCH" --repeats "$LAYER_REPEATS" --out-dir "$OUT"
 # Every CPU form tried for one layer (the ones auto does not use included).
 part forms "$BIN/python" benchmarks/cpu_forms.py --batch "$BATCH" --repeats "$REPEATS" --out-dir "$OUT"
+# auto's deterministic rule against auto with measuring on, whole models, side by side.
+part rule_vs_measured "$BIN/python" benchmarks/rule_vs_measured.py --batch "$BATCH" --repeats "$REPEATS" --out "$OUT/$(machine)-rule-vs-measured-vgg16_cifar-b$BATCH"
+# Per-call overhead at batch 1 (one thread).
+part overhead "$BIN/python" benchmarks/overhead.py --out "$OUT/$(machine)-overhead-b1"
 # DSC / BSConv layers against nn.Conv2d.
 part separable "$BIN/leanconv" bench separable --batch "$BATCH" --repeats "$REPEATS" --out-dir "$OUT"
 part render "$BIN/python" scripts/render_perf_section.py --results "$OUT" --out "$DOC" --readme README.md

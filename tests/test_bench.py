@@ -49,7 +49,8 @@ def test_peak_memory_sees_a_temporary_allocation():
 def test_layer_grid_gates_every_candidate_and_fills_rows():
     rows = bench.bench_layer_grid([bench.LayerConfig(8, 8, 6, 4, 2)], warmup=0, repeats=1)
     candidates = {r["candidate"] for r in rows}
-    assert {"conv2d", "hetconv:auto", "hetconv:masked", "hetconv:fused", "hetconv:packed", "seed", "public_loop"} <= candidates
+    assert {"conv2d", "hetconv:auto", "hetconv:auto-measured", "hetconv:reference", "hetconv:split", "seed",
+            "p_branch", "public_loop"} <= candidates
     assert {r["mode"] for r in rows if r["candidate"] == "public_loop"} == {"infer"}
     assert {(r["mode"], r["format"]) for r in rows} == {
         (m, f) for m in ("infer", "train") for f in ("channels_last", "contiguous")
@@ -57,7 +58,7 @@ def test_layer_grid_gates_every_candidate_and_fills_rows():
     for row in rows:
         assert row["gate"] == "pass", row
         assert row["median_ms"] > 0 and row["macs"] > 0
-    het = next(r for r in rows if r["candidate"] == "hetconv:fused")
+    het = next(r for r in rows if r["candidate"] == "hetconv:split")
     assert het["macs"] == 2 * 6 * 6 * 8 * (2 * 9 + 6)  # B*Ho*Wo*N*(M/P*K*K + M - M/P)
 
 
@@ -95,10 +96,16 @@ def test_model_gate_refuses_a_wrong_fast_path(monkeypatch):
     variants = bench.build_variants(tiny_zoo, "tiny", [4])
     het = variants["hetconv_p4"]
     conv = next(m for m in het.modules() if isinstance(m, leanconv.HetConv2d))
-    conv.backend = "fused"
-    original = conv._run
-    monkeypatch.setattr(conv, "_run", lambda name, x, padding, needs_grad: original(name, x, padding, needs_grad) + 1)
-    rows = bench.bench_models(variants, input_shape=(2, 3, 8, 8), warmup=0, repeats=1, modes=("infer",), formats=("contiguous",))
+    from leanconv.ops import Backend, get_backend, register_backend, unregister_backend
+
+    reference = get_backend("reference")
+    register_backend(Backend("wrong", "hetconv", reference.prepare, lambda *args: reference.run(*args) + 1))
+    monkeypatch.setattr(conv, "backend", "wrong")
+    try:
+        rows = bench.bench_models(variants, input_shape=(2, 3, 8, 8), warmup=0, repeats=1, modes=("infer",),
+                                  formats=("contiguous",))
+    finally:
+        unregister_backend("hetconv", "wrong")
     row = next(r for r in rows if r["model_variant"] == "hetconv_p4")
     assert row["gate"] == "FAIL" and "median_ms" not in row
 

@@ -82,7 +82,8 @@ def het_conv2d(
             in increasing channel order, applied at each window's centre tap.
         bias: optional (N,).
         p: the part P (divides M and N); ``layout``: "blocked" or "shifted".
-        backend: "auto", "reference", "split", "loop", ... (see ``leanconv.ops``).
+        backend: "auto", "reference", "split", "triton" or a registered backend
+            (``None``: the configuration in force, see ``leanconv.config``).
 
     Cost: Ho*Wo*N*(M/P*kh*kw + M - M/P) MACs per image (FLOPs = 2 x MACs).
 

@@ -25,11 +25,12 @@ class DepthwiseConv2d(nn.Conv2d):
     r"""Depthwise KxK convolution: ``nn.Conv2d(in_channels, out_channels, ..., groups=in_channels)``
     with ``out_channels = D * in_channels`` (D the depth multiplier).
 
-    ``backend``: ``None`` (the environment variable ``LEANCONV_DEPTHWISE_BACKEND``,
-    else ``"auto"``), ``"auto"``, ``"torch"`` (``F.conv2d``) or ``"triton"`` (the
-    direct kernels, where Triton is installed; see :mod:`leanconv.ops.depthwise`).
-    ``auto`` runs ``torch`` except on CUDA, where it measures both once per input
-    setting and keeps the faster. ``last_backend`` names the one that ran last.
+    ``backend``: ``None`` (the configuration in force: ``leanconv.ops.use_depthwise_backend``,
+    ``set_depthwise_backend``, ``LEANCONV_DEPTHWISE_BACKEND``, else ``"auto"``), ``"auto"``,
+    ``"torch"`` (``F.conv2d``) or ``"triton"`` (the direct kernels, where Triton is
+    installed; see :mod:`leanconv.ops.backends`). ``auto`` runs ``torch``, or, with
+    measuring on (``leanconv.config.set_benchmark``), the faster of the two as
+    measured once per input setting. ``last_backend`` names the one that ran last.
 
     Arguments in nn.Conv2d's order (``groups``, if given, must be ``in_channels``),
     then the keyword ``backend``. Shapes and cost as nn.Conv2d: (B, M, H, W) or

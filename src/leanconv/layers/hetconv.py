@@ -61,9 +61,11 @@ class HetConv2d(nn.Module):
     R(P) = 1/P + (1 - 1/P)/(kh*kw) of the standard convolution (FLOPs = 2 x MACs).
 
     The implementation is chosen by ``backend`` (``"auto"``, ``"reference"``,
-    ``"split"``, ``"loop"``, ...); ``None`` defers to ``leanconv.use_backend`` and
-    the ``LEANCONV_BACKEND`` environment variable. ``requested_backend`` shows
-    the name in force and ``last_backend`` the implementation that ran last.
+    ``"split"``, ``"triton"`` or a registered backend); ``None`` defers to
+    ``leanconv.use_backend``, ``leanconv.set_backend`` and the ``LEANCONV_BACKEND``
+    environment variable (:mod:`leanconv.config`); the one dispatch path is
+    :mod:`leanconv.ops.dispatch`. ``requested_backend`` shows the name in force
+    and ``last_backend`` the backend that ran last.
 
     Example::
 
