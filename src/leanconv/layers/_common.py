@@ -1,8 +1,64 @@
-"""Argument checks shared by the separable layers."""
+"""What the layers share: argument checks, ``extra_repr``, and the backend
+plumbing of the layers that dispatch (:class:`DispatchedLayer`)."""
 
 from __future__ import annotations
 
+from .. import config
 from ..ops.conv_geometry import PADDING_MODES, normalize_kernel_size, normalize_pair, normalize_padding
+from ..ops.dispatch import Dispatcher
+from ..ops.registry import check_backend_name
+
+
+class DispatchedLayer:
+    """Mixin of the layers that run through :mod:`leanconv.ops.dispatch`
+    (``_OP``: the registry's op). The ``backend`` argument, the name in force, the
+    backend that ran last, and a :class:`Dispatcher` that copies and pickles
+    leave behind (it holds oneDNN-packed weights, which cannot be copied)."""
+
+    _OP = "hetconv"
+
+    def _check_backend(self, name: str | None) -> str | None:
+        return check_backend_name(name, self._OP, f"{type(self).__name__}: backend")
+
+    @property
+    def backend(self) -> str | None:
+        """The ``backend=`` argument (None: the configuration in force, see ``leanconv.config``)."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str | None) -> None:
+        self._backend = self._check_backend(name)
+
+    @property
+    def requested_backend(self) -> str:
+        """The backend name in force now: argument, context, setter/environment or "auto"."""
+        if self._backend is not None:
+            return self._backend
+        return config.backend() if self._OP == "hetconv" else config.depthwise_backend()
+
+    @property
+    def last_backend(self) -> str | None:
+        """The backend that ran the last call (None before the first)."""
+        dispatcher = self.__dict__.get("_dispatcher")
+        return None if dispatcher is None else dispatcher.last_backend
+
+    def _get_dispatcher(self) -> Dispatcher:
+        dispatcher = self.__dict__.get("_dispatcher")
+        if dispatcher is None:
+            dispatcher = self.__dict__["_dispatcher"] = Dispatcher(self._OP, type(self).__name__)
+        return dispatcher
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_dispatcher", None)
+        return state
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"{type(self).__name__} cannot be compiled by torch.jit.script (its backends are Python). "
+            "Use torch.jit.trace(model, example) or torch.export.export(model, (example,)) instead; "
+            "both run every leanconv layer, and torch.onnx.export works with dynamo=True or False."
+        )
 
 
 def check_conv_arguments(in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode, layer: str) -> None:

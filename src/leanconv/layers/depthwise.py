@@ -13,15 +13,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import config
 from ..ops.conv_geometry import DepthwiseGeometry
-from ..ops.dispatch import Dispatcher
-from ..ops.registry import check_backend_name
+from ._common import DispatchedLayer
 
 __all__ = ["DepthwiseConv2d"]
 
 
-class DepthwiseConv2d(nn.Conv2d):
+class DepthwiseConv2d(DispatchedLayer, nn.Conv2d):
     r"""Depthwise KxK convolution: ``nn.Conv2d(in_channels, out_channels, ..., groups=in_channels)``
     with ``out_channels = D * in_channels`` (D the depth multiplier).
 
@@ -47,6 +45,8 @@ class DepthwiseConv2d(nn.Conv2d):
         dw = leanconv.layers.DepthwiseConv2d(32, 32, 3, padding=1)
         y = dw(torch.randn(2, 32, 16, 16))                 # (2, 32, 16, 16)
     """
+
+    _OP = "depthwise"
 
     def __init__(
         self,
@@ -77,27 +77,7 @@ class DepthwiseConv2d(nn.Conv2d):
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups=in_channels,
             bias=bias, padding_mode=padding_mode, device=device, dtype=dtype,
         )
-        self._backend = check_backend_name(backend, "depthwise", "DepthwiseConv2d: backend")
-
-    @property
-    def backend(self) -> str | None:
-        """The requested backend (None: environment, else auto)."""
-        return self._backend
-
-    @backend.setter
-    def backend(self, name: str | None) -> None:
-        self._backend = check_backend_name(name, "depthwise", "DepthwiseConv2d: backend")
-
-    @property
-    def requested_backend(self) -> str:
-        """The backend name in force now: argument, context, setter/environment or "auto"."""
-        return self._backend if self._backend is not None else config.depthwise_backend()
-
-    @property
-    def last_backend(self) -> str | None:
-        """The backend that ran the last call (None before the first)."""
-        dispatcher = self.__dict__.get("_dispatcher")
-        return None if dispatcher is None else dispatcher.last_backend
+        self._backend = self._check_backend(backend)
 
     def extra_repr(self) -> str:
         extra = super().extra_repr()
@@ -125,22 +105,6 @@ class DepthwiseConv2d(nn.Conv2d):
         return geometry
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        dispatcher = self.__dict__.get("_dispatcher")
-        if dispatcher is None:
-            dispatcher = self.__dict__["_dispatcher"] = Dispatcher("depthwise", type(self).__name__)
         if self.padding_mode != "zeros":
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-        return dispatcher(input, (self.weight,), self.bias, self._geometry(), self._backend)
-
-    def __getstate__(self):
-        # Copies and pickles leave the dispatch cache behind.
-        state = self.__dict__.copy()
-        state.pop("_dispatcher", None)
-        return state
-
-    def __prepare_scriptable__(self):
-        raise RuntimeError(
-            "DepthwiseConv2d cannot be compiled by torch.jit.script (its backends are Python). "
-            "Use torch.jit.trace(model, example) or torch.export.export(model, (example,)) instead, "
-            "or leanconv.export.prepare_for_export(model), which turns it into a plain nn.Conv2d."
-        )
+        return self._get_dispatcher()(input, (self.weight,), self.bias, self._geometry(), self._backend)

@@ -12,7 +12,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import config
 from ..ops.conv_geometry import (
     PADDING_MODES,
     HetConvGeometry,
@@ -20,7 +19,6 @@ from ..ops.conv_geometry import (
     normalize_pair,
     normalize_padding,
 )
-from ..ops.dispatch import Dispatcher
 from ..ops.hetconv_layout import (
     channel_permutation,
     check_hetconv_channels,
@@ -29,12 +27,12 @@ from ..ops.hetconv_layout import (
     extract_hetconv_weights,
     materialize_dense_weight,
 )
-from ..ops.registry import check_backend_name
+from ._common import DispatchedLayer
 
 __all__ = ["HetConv2d"]
 
 
-class HetConv2d(nn.Module):
+class HetConv2d(DispatchedLayer, nn.Module):
     r"""Exact HetConv: each filter has M/P KxK kernels and M - M/P 1x1 kernels.
 
     The layer equals one KxK convolution whose (N, M, K, K) weight is zero except
@@ -113,7 +111,7 @@ class HetConv2d(nn.Module):
         self.padding_mode = padding_mode
         self.p = p
         self.layout = layout
-        self._backend = check_backend_name(backend, "hetconv", "HetConv2d: backend")
+        self._backend = self._check_backend(backend)
         explicit = padding_mode != "zeros" and self._padding_pair != (0, 0)
         self._mode_padding = (self._padding_pair, padding_mode) if explicit else None
         self._geometry = HetConvGeometry(
@@ -147,26 +145,6 @@ class HetConv2d(nn.Module):
             if self.bias is not None:
                 self.bias.uniform_(-bound, bound)
 
-    @property
-    def backend(self) -> str | None:
-        """The ``backend=`` argument (None: context manager, environment, auto)."""
-        return self._backend
-
-    @backend.setter
-    def backend(self, name: str | None) -> None:
-        self._backend = check_backend_name(name, "hetconv", "HetConv2d: backend")
-
-    @property
-    def requested_backend(self) -> str:
-        """The backend name in force now: argument, context, setter/environment or "auto"."""
-        return self._backend if self._backend is not None else config.backend()
-
-    @property
-    def last_backend(self) -> str | None:
-        """The backend that ran the last call (None before the first)."""
-        dispatcher = self.__dict__.get("_dispatcher")
-        return None if dispatcher is None else dispatcher.last_backend
-
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
         if self.padding != (0, 0):
@@ -186,27 +164,10 @@ class HetConv2d(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        dispatcher = self.__dict__.get("_dispatcher")
-        if dispatcher is None:
-            dispatcher = self.__dict__["_dispatcher"] = Dispatcher("hetconv", type(self).__name__)
         params = self._parameters
-        return dispatcher(
+        return self._get_dispatcher()(
             input, (params["weight"], params["pointwise_weight"]), params["bias"], self._geometry, self._backend,
             self._mode_padding,
-        )
-
-    def __getstate__(self):
-        # Copies and pickles leave the dispatch cache behind (oneDNN's packed weights
-        # cannot be copied; a copy plans and prepares again on its first call).
-        state = self.__dict__.copy()
-        state.pop("_dispatcher", None)
-        return state
-
-    def __prepare_scriptable__(self):
-        raise RuntimeError(
-            f"{type(self).__name__} cannot be compiled by torch.jit.script (its backends are Python). "
-            "Use torch.jit.trace(model, example) or torch.export.export(model, (example,)) instead; "
-            "both run every leanconv layer, and torch.onnx.export works with dynamo=True or False."
         )
 
     # ------------------------------------------------------- weight utilities
