@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 
 import leanconv
-from leanconv.convert import conv_macs, convert, load_converted
+from leanconv.accounting import layer_macs
+from leanconv.convert import convert, load_converted
 from leanconv.layers import BSConvU2d, DSConv2d, GWPWConv2d, HetConv2d
 
 from helpers import assert_matches_reference
@@ -208,9 +209,9 @@ def test_verbose_prints_report(capsys):
 
 
 @pytest.mark.parametrize("kind,options", [("dsc", {}), ("bsconv_u", {}), ("bsconv_s", dict(p=0.5)), ("gwpw", dict(g=2))])
-def test_conv_macs_of_separable_layers(kind, options):
+def test_layer_macs_of_separable_layers(kind, options):
     layer = leanconv.make_conv(kind, 8, 12, 3, stride=2, padding=1, **options)
-    macs, out = conv_macs(layer, (9, 9))
+    macs, out = layer_macs(layer, (9, 9))
     assert out == (5, 5)
     if kind == "dsc":
         assert macs == 25 * 8 * 9 + 25 * 8 * 12
@@ -287,7 +288,7 @@ def test_transfer_on_full_rank_weights_is_only_an_initialisation():
 # ----------------------------------------------------------------- bad input
 def test_bad_input_clear_errors():
     model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 32, 3))
-    with pytest.raises(ValueError, match="conv kind must be one of"):
+    with pytest.raises(ValueError, match="kind must be one of"):
         convert(model, "hetconv2")
     with pytest.raises(ValueError, match="do not apply to conv kind 'dsc'"):
         convert(model, "dsc", p=4)

@@ -9,7 +9,7 @@ Papers:
 
 from . import functional, models
 from .accounting import count
-from .conv_spec import parse_conv_spec
+from .conv_spec import make_conv, parse_conv_spec
 from .convert import convert
 from .fuse import fuse
 from .layers import (
@@ -21,7 +21,6 @@ from .layers import (
     GWPWConv2d,
     HetConv2d,
     SeedHetConv2d,
-    make_conv,
     orthonormal_penalty,
 )
 from .ops.backends import ENV_VAR, backend_names, use_backend

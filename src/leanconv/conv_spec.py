@@ -14,9 +14,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .layers.factory import CONV_KINDS, KIND_OPTIONS, check_kind_options
+import torch.nn as nn
 
-__all__ = ["ConvSpec", "parse_conv_spec", "parse_conv_specs"]
+from .layers.factory import CONV_KINDS, KIND_OPTIONS, check_kind_options
+from .layers.factory import make_conv as _make_conv_of_kind
+
+__all__ = ["ConvSpec", "make_conv", "parse_conv_spec", "parse_conv_specs", "resolve_conv"]
+
+# nn.Conv2d's keyword arguments (make_conv passes them through; the rest are the kind's options).
+_CONV2D_KEYWORDS = ("stride", "padding", "dilation", "bias", "padding_mode", "device", "dtype")
+
+# Options with two spellings: the second is the first's alias.
+_ALIASES = {"g": "groups"}
 
 
 @dataclass(frozen=True)
@@ -103,3 +112,46 @@ def parse_conv_specs(text: str, *, complete: bool = True) -> list[ConvSpec]:
     if not pieces:
         raise ValueError(f"conv list must name at least one conv spec (e.g. 'standard,hetconv:p=4'), got {text!r}")
     return [parse_conv_spec(piece, complete=complete) for piece in pieces]
+
+
+def resolve_conv(kind_or_spec: str, options: dict | None = None, *, argument: str = "kind") -> tuple[str, dict]:
+    """``("hetconv:p=4", {"layout": "shifted"})`` -> ``("hetconv", {"p": 4, "layout": "shifted"})``.
+
+    ``kind_or_spec`` is a kind name or a spec; ``options`` are keyword options
+    given beside it. A keyword that repeats a spec option with the same value
+    is fine; with another value it is a ValueError naming both (``g`` and
+    ``groups`` count as one option). None-valued keywords are ignored. The
+    result is checked complete (HetConv has ``p``, GWPW its groups) and free
+    of other kinds' options.
+    """
+    if not isinstance(kind_or_spec, str):
+        raise ValueError(f"{argument} must be a conv kind or spec string such as 'hetconv:p=4' "
+                         f"(kinds: {', '.join(CONV_KINDS)}), got {kind_or_spec!r}")
+    spec = parse_conv_spec(kind_or_spec)
+    merged = dict(spec.options)
+    for name, value in (options or {}).items():
+        if value is None:
+            continue
+        canonical = _ALIASES.get(name, name)
+        given = [key for key in merged if _ALIASES.get(key, key) == canonical]
+        if given and merged[given[0]] != value:
+            raise ValueError(f"{name}={value!r} contradicts the conv spec {kind_or_spec!r} "
+                             f"({given[0]}={merged[given[0]]!r}); give the option once")
+        if not given:
+            merged[name] = value
+    check_kind_options(spec.kind, merged)
+    return spec.kind, merged
+
+
+def make_conv(kind: str, in_channels: int, out_channels: int, *args, **options) -> nn.Module:
+    """:func:`leanconv.layers.make_conv` that also takes a spec:
+    ``make_conv("hetconv:p=4,layout=shifted", 64, 64, 3, padding=1)``; keyword
+    options join the spec's (a keyword that contradicts the spec is an error).
+
+    Example::
+
+        conv = make_conv("gwpw:g=4", 64, 128, 3, stride=2, padding=1)
+    """
+    conv2d_arguments = {name: options.pop(name) for name in _CONV2D_KEYWORDS if name in options}
+    kind, options = resolve_conv(kind, options)
+    return _make_conv_of_kind(kind, in_channels, out_channels, *args, **conv2d_arguments, **options)

@@ -18,7 +18,8 @@ from .layers import (
 )
 from .memory import peak_allocated_bytes
 from .models import bench_models, build_variants, count_conv_macs, to_seed_form
-from .report import markdown_table, read_results, write_atomic, write_results
+from ..files import write_atomic  # re-exported for benchmarks/ scripts
+from .report import markdown_table, read_results, write_results
 from .timing import Timing, time_interleaved
 
 __all__ = [

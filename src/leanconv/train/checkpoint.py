@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 
 import numpy as np
 import torch
+
+from ..files import write_atomic
 
 __all__ = ["save_checkpoint", "load_checkpoint", "rng_states", "restore_rng_states"]
 
@@ -49,19 +50,8 @@ def restore_rng_states(states: dict) -> None:
 
 
 def save_checkpoint(checkpoint: dict, path: str) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save({"format": FORMAT, **checkpoint}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """``torch.save`` atomically (:func:`leanconv.files.write_atomic`)."""
+    write_atomic(path, lambda handle: torch.save({"format": FORMAT, **checkpoint}, handle))
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:

@@ -35,8 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..bench.report import write_atomic
 from ..data import BatchLoader, Dataset, load_dataset
+from ..files import write_atomic
 from ..layers import BSConvS2d, orthonormal_penalty
 from ..models import create
 from ..ops.autotune import AUTOTUNE_ENV
