@@ -11,11 +11,13 @@ import sys
 import torch
 import torch.nn as nn
 
-from ..files import write_atomic
+from ..files import read_torch_file, write_atomic
 from .pipeline import convert
 from .report import ConversionReport
 
-__all__ = ["CHECKPOINT_FORMAT", "build_source", "load_callable", "load_converted", "save_converted"]
+__all__ = [
+    "CHECKPOINT_FORMAT", "build_source", "load_callable", "load_converted", "read_converted", "save_converted",
+]
 
 CHECKPOINT_FORMAT = "leanconv.convert/1"
 
@@ -75,6 +77,15 @@ def load_callable(spec: str):
     return function
 
 
+def read_converted(path, map_location="cpu") -> dict:
+    """The payload of a convert checkpoint (state_dict, source, kind, options, report), checked."""
+    payload = read_torch_file(path, "leanconv convert checkpoint", map_location)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a leanconv convert checkpoint (expected a dict with format "
+                         f"{CHECKPOINT_FORMAT!r}; `leanconv convert --out` writes one)")
+    return payload
+
+
 def load_converted(path, map_location="cpu") -> nn.Module:
     """Rebuild a model saved by ``leanconv convert --out`` / :func:`save_converted`.
 
@@ -83,9 +94,7 @@ def load_converted(path, map_location="cpu") -> nn.Module:
         from leanconv.convert import load_converted
         model = load_converted("vgg16_hetconv_p4.pt")
     """
-    payload = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a leanconv convert checkpoint (format {CHECKPOINT_FORMAT!r})")
+    payload = read_converted(path, map_location)
     model = build_source(payload["source"])
     options = dict(payload["options"])
     options.pop("transfer_weights", None)

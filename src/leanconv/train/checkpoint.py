@@ -11,13 +11,12 @@ strings, lists and dicts, so a checkpoint loads without unpickling code.
 
 from __future__ import annotations
 
-import os
 import random
 
 import numpy as np
 import torch
 
-from ..files import write_atomic
+from ..files import read_torch_file, write_atomic
 
 __all__ = ["save_checkpoint", "load_checkpoint", "rng_states", "restore_rng_states"]
 
@@ -55,12 +54,7 @@ def save_checkpoint(checkpoint: dict, path: str) -> None:
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # truncated or foreign files raise many types
-        raise ValueError(f"{path}: not a readable checkpoint ({error})") from error
+    checkpoint = read_torch_file(path, "training checkpoint", map_location)
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT or "model" not in checkpoint:
         raise ValueError(f"{path}: not a leanconv training checkpoint (expected a dict with format {FORMAT!r})")
     return checkpoint
