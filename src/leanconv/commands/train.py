@@ -41,7 +41,7 @@ def recipe_default(name: str, defaults: dict | None = None):
     return (defaults or {}).get(name, TrainConfig.default(name))
 
 
-def _shown(value) -> str:
+def shown_default(value) -> str:
     if isinstance(value, bool) or value is None:
         return {True: "true", False: "false", None: "none"}[value]
     return f"{value:g}" if isinstance(value, float) else str(value)
@@ -56,7 +56,7 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, defaults: dict | None 
 
     def add(flag: str, help: str, **kwargs) -> None:
         name = flag[2:].replace("-", "_")
-        default = _shown(recipe_default(name, defaults)).replace("%", "%%")
+        default = shown_default(recipe_default(name, defaults)).replace("%", "%%")
         parser.add_argument(flag, default=S, help=f"{help} (default {default})", **kwargs)
 
     parser.add_argument("--config", default=None, help="YAML or TOML file of recipe values; flags override it")

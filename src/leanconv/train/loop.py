@@ -151,6 +151,11 @@ def _recipe_changes(saved: dict, current: dict) -> str:
     return ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
 
 
+def _plan_schedule(config: TrainConfig, steps_per_epoch: int) -> LRSchedule:
+    return LRSchedule(config.schedule, steps_per_epoch, config.epochs, config.warmup,
+                      tuple(config.milestones or ()), config.gamma)
+
+
 def _replan_schedule(scheduler, optimizer, schedule: LRSchedule) -> None:
     """Continue a resumed run on ``schedule`` (planned for its new length) from
     the step it reached: the learning rate of the next step is the new plan's."""
@@ -242,9 +247,7 @@ def _train(config, ctx: DistributedContext, resume, train_data, test_data, log) 
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size {config.batch_size} is larger than the {len(train_data)} training images of "
                          f"{config.data}")
-    schedule = LRSchedule(config.schedule, steps_per_epoch, config.epochs, config.warmup,
-                          tuple(config.milestones or ()), config.gamma)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _plan_schedule(config, steps_per_epoch))
     scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
 
     start_epoch = 0
@@ -268,7 +271,7 @@ def _train(config, ctx: DistributedContext, resume, train_data, test_data, log) 
         extensions = list(checkpoint.get("extensions", []))
         saved_epochs = checkpoint["config"]["epochs"]
         if config.epochs != saved_epochs:
-            _replan_schedule(scheduler, optimizer, schedule)
+            _replan_schedule(scheduler, optimizer, _plan_schedule(config, steps_per_epoch))
             extensions.append({"at_epoch": start_epoch, "epochs_before": saved_epochs, "epochs_after": config.epochs})
             log(f"extending {checkpoint_path} from {saved_epochs} to {config.epochs} epochs: the {config.schedule} "
                 f"schedule is re-planned for {config.epochs} epochs and continues from epoch {start_epoch}")
