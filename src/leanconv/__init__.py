@@ -7,10 +7,10 @@ Papers:
 * BSConv, Haase & Amthor, CVPR 2020, https://arxiv.org/abs/2003.13549
 """
 
-from . import functional, models
+from . import export, functional, models
 from .accounting import count
 from .conv_spec import make_conv, parse_conv_spec
-from .convert import convert
+from .convert import convert, load_converted
 from .fuse import fuse
 from .layers import (
     CONV_KINDS,
@@ -41,8 +41,10 @@ __all__ = [
     "backend_names",
     "convert",
     "count",
+    "export",
     "functional",
     "fuse",
+    "load_converted",
     "make_conv",
     "models",
     "orthonormal_penalty",

@@ -231,8 +231,8 @@ def run_onnx(path: str, input: torch.Tensor) -> torch.Tensor:
 
 def export_onnx(
     model: nn.Module,
-    path: str | os.PathLike,
     example_input: torch.Tensor | None = None,
+    path: str | os.PathLike | None = None,
     *,
     input_size: Sequence[int] | None = None,
     opset: int = DEFAULT_OPSET,
@@ -244,7 +244,10 @@ def export_onnx(
     atol: float = 1e-5,
     dynamo: bool = True,
 ) -> OnnxExport:
-    """Export ``model`` (prepared by :func:`prepare_for_export`) to ONNX.
+    """Export ``model`` (prepared by :func:`prepare_for_export`) to ONNX at ``path``.
+
+    The three export functions take (model, example input, path); give
+    ``example_input=None`` and ``input_size=(C, H, W)`` for a random input.
 
     ``check`` runs the file in onnxruntime on ``example_input`` and compares
     with ``model.eval()`` in PyTorch: a RuntimeError when
@@ -254,9 +257,11 @@ def export_onnx(
 
     Example::
 
-        result = leanconv.export.export_onnx(model, "model.onnx", input_size=(3, 32, 32))
+        result = leanconv.export.export_onnx(model, None, "model.onnx", input_size=(3, 32, 32))
         print(result)            # nodes by type and the onnxruntime check
     """
+    if path is None:
+        raise ValueError("export_onnx needs path, the ONNX file to write (its third argument), got None")
     if opset < 17:
         raise ValueError(f"opset must be >= 17, got {opset}")
     onnx = _require("onnx")

@@ -66,7 +66,7 @@ def _export(model, args, input_size) -> int:
     fuse = not args.no_fuse
     if args.onnx:
         result = export_onnx(
-            model, args.onnx, input_size=input_size, opset=args.opset, hetconv_form=args.hetconv_form, fuse=fuse,
+            model, None, args.onnx, input_size=input_size, opset=args.opset, hetconv_form=args.hetconv_form, fuse=fuse,
             dynamic_batch=not args.static_batch, check=args.check,
         )
         print(result)
