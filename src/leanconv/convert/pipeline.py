@@ -452,7 +452,7 @@ def convert(
         convert_subclasses=convert_subclasses, allow_costlier=allow_costlier, transfer_weights=transfer_weights,
     )
     report = ConversionReport(kind=plan.kind, options=plan.report_options(), params_before=count_parameters(model))
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else _copy(model)
     trace = None
     if input_size is not None:
         trace = trace_calls(target, input_size)
@@ -477,6 +477,14 @@ def convert(
     if verbose:
         print(report)
     return (target, report) if return_report else target
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    try:
+        return copy.deepcopy(model)
+    except Exception as error:  # noqa: BLE001 - e.g. legacy torch.nn.utils.weight_norm
+        raise ValueError(f"convert(model, inplace=False) works on a copy, but this model cannot be deep-copied "
+                         f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); pass inplace=True") from error
 
 
 def _replace(candidate: Candidate, decision: Decision, plan: ConversionPlan):
