@@ -49,7 +49,8 @@ from .layers import DepthwiseConv2d, HetConv2d, SeedHetConv2d
 from .ops.conv_geometry import conv_output_size, normalize_padding
 
 __all__ = [
-    "CONVENTIONS", "CostReport", "LayerCost", "conv_macs_per_output", "count", "count_parameters", "format_macs",
+    "CONVENTIONS", "CostReport", "LayerCost", "conv_macs_per_output", "count", "count_parameters", "example_input",
+    "format_macs",
     "hetconv_mac_ratio", "hetconv_macs_per_output", "layer_macs", "macs_per_output_pixel",
 ]
 
@@ -249,7 +250,9 @@ def _counted(module: nn.Module) -> bool:
     return isinstance(module, (HetConv2d, nn.modules.conv._ConvNd, nn.Linear))
 
 
-def _example_input(model: nn.Module, input_size) -> torch.Tensor:
+def example_input(model: nn.Module, input_size) -> torch.Tensor:
+    """A zero input of ``input_size`` ((C, H, W): one image, or a full shape such as
+    (B, C, H, W); a tensor is returned as it is) on the model's device, in its dtype."""
     reference = next(iter(model.parameters()), None)
     if reference is None:
         reference = next(iter(model.buffers()), torch.empty(0))
@@ -288,7 +291,7 @@ def count(model: nn.Module, input_size, convention: str = "exact") -> CostReport
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
-    example = _example_input(model, input_size)
+    example = example_input(model, input_size)
     params = count_parameters(model)
     try:
         runner = copy.deepcopy(model)

@@ -33,6 +33,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from . import accounting
 from .layers import DepthwiseConv2d, HetConv2d
 from .ops.hetconv_layout import group_channel_order, group_filter_order, materialize_pointwise_matrix
 
@@ -175,14 +176,8 @@ def _example(model: nn.Module, example_input, input_size) -> torch.Tensor:
         return example_input
     if input_size is None:
         raise ValueError("give example_input (a tensor) or input_size=(C, H, W) / (B, C, H, W)")
-    size = tuple(int(v) for v in input_size)
-    size = (1, *size) if len(size) == 3 else size
-    if len(size) != 4:
-        raise ValueError(f"input_size must be (C, H, W) or (B, C, H, W), got {tuple(input_size)!r}")
-    reference = next(iter(model.parameters()), None)
-    factory = {} if reference is None else {"device": reference.device, "dtype": reference.dtype}
-    generator = torch.Generator().manual_seed(0)
-    return torch.randn(size, generator=generator).to(**factory)
+    zeros = accounting.example_input(model, input_size)  # validates input_size; the model's device and dtype
+    return torch.randn(zeros.shape, generator=torch.Generator().manual_seed(0)).to(zeros)
 
 
 @dataclass

@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from ..accounting import count, count_parameters, layer_macs, macs_per_output_pixel
+from ..accounting import count, count_parameters, example_input, layer_macs, macs_per_output_pixel
 from ..conv_spec import resolve_conv
 from ..layer_kinds import CONV_KINDS, LEANCONV_LAYERS
 from ..layers import BSConvS2d, GWPWConv2d, HetConv2d, make_conv
@@ -138,12 +138,7 @@ class CallTrace:
 def trace_calls(model: nn.Module, input_size: Sequence[int]) -> CallTrace:
     """Run one zero image through ``model`` (eval mode, no grad, train flags
     restored) and record each nn.Conv2d's calls."""
-    size = tuple(int(v) for v in input_size)
-    size = (1, *size) if len(size) == 3 else size
-    if len(size) != 4:
-        raise ValueError(f"input_size must be (C, H, W) or (B, C, H, W), got {tuple(input_size)!r}")
-    reference = next(iter(model.parameters()), None)
-    factory = {} if reference is None else {"device": reference.device, "dtype": reference.dtype}
+    zeros = example_input(model, tuple(input_size))
     trace = CallTrace(tuple(int(v) for v in input_size))
 
     def record(module, args):
@@ -157,7 +152,7 @@ def trace_calls(model: nn.Module, input_size: Sequence[int]) -> CallTrace:
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.zeros(size, **factory))
+            model(zeros)
     except Exception as error:  # noqa: BLE001 - re-raised with context
         raise ValueError(f"the shape pass with input_size={tuple(input_size)} failed: {error}") from error
     finally:

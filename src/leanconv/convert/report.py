@@ -139,25 +139,14 @@ class ConversionReport:
         def ratio(after, before) -> str:
             return "" if not before or after is None or before is None else f"  ({after / before:.1%} of before)"
 
-        lines.append(
-            f"  replaced layers: params {self.replaced_params_before:,} -> {self.replaced_params_after:,}"
-            + ratio(self.replaced_params_after, self.replaced_params_before)
-        )
-        if self.replaced_macs_before is not None:
-            lines.append(
-                f"  replaced layers: MACs {self.replaced_macs_before:,} -> {self.replaced_macs_after:,}"
-                + ratio(self.replaced_macs_after, self.replaced_macs_before)
-            )
-        lines.append(
-            f"  model: params {self.params_before:,} -> {self.params_after:,}"
-            + ratio(self.params_after, self.params_before)
-        )
-        if self.model_macs_before is not None:
-            lines.append(
-                f"  model: MACs {self.model_macs_before:,} -> {self.model_macs_after:,}"
-                + ratio(self.model_macs_after, self.model_macs_before)
-            )
-        elif self.input_size is None:
+        totals = (("replaced layers: params", self.replaced_params_before, self.replaced_params_after),
+                  ("replaced layers: MACs", self.replaced_macs_before, self.replaced_macs_after),
+                  ("model: params", self.params_before, self.params_after),
+                  ("model: MACs", self.model_macs_before, self.model_macs_after))
+        for label, before, after in totals:
+            if before is not None:
+                lines.append(f"  {label} {before:,} -> {after:,}" + ratio(after, before))
+        if self.model_macs_before is None and self.input_size is None:
             lines.append("  (MACs need input_size=(C, H, W) for a shape pass)")
         return "\n".join(lines)
 
