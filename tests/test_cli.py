@@ -103,3 +103,10 @@ def test_every_command_takes_a_conv_spec(tmp_path, capsys):
     assert "p=2 contradicts the conv spec 'hetconv:p=4'" in capsys.readouterr().err
     assert main(["train", "--conv", "hetconv:p=4", "--p", "2", "--epochs", "1", "--out", str(tmp_path / "t")]) == 2
     assert "contradicts" in capsys.readouterr().err
+
+
+def test_convert_allow_costlier_flag(capsys):
+    assert main(["convert", "resnet20_cifar", "--width", "0.25", "--conv", "hetconv:p=1"]) == 0
+    assert "replaced: none" in capsys.readouterr().out
+    assert main(["convert", "resnet20_cifar", "--width", "0.25", "--conv", "hetconv:p=1", "--allow-costlier"]) == 0
+    assert "replaced (18)" in capsys.readouterr().out

@@ -60,7 +60,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, model_required: bool
     conversion.add_argument("--no-skip-stem", action="store_true", help="also convert the first convolution")
     conversion.add_argument("--p-policy", choices=("skip", "largest"), default="skip",
                             help="layers whose channels p (or groups) does not divide: skip, or use the largest divisor")
-    conversion.add_argument("--convert-subclasses", action="store_true", help="also replace subclasses of nn.Conv2d")
+    conversion.add_argument("--convert-subclasses", action="store_true",
+                            help="also replace nn.Conv2d subclasses, parametrized and hooked convolutions")
+    conversion.add_argument("--allow-costlier", action="store_true",
+                            help="replace a layer even when the new one has no fewer MACs per pixel and parameters")
 
 
 def conv_choice(args) -> tuple[str, dict]:
@@ -78,8 +81,9 @@ def convert_options(args) -> dict:
         options["include"] = list(args.include)
     if args.exclude:
         options["exclude"] = list(args.exclude)
-    if args.convert_subclasses:
-        options["convert_subclasses"] = True
+    for switch in ("convert_subclasses", "allow_costlier"):
+        if getattr(args, switch):
+            options[switch] = True
     return options
 
 
