@@ -39,6 +39,7 @@ from gpu_common import machine_name, make_timer, pick_device, run_header, slug  
 
 from leanconv.bench import write_atomic  # noqa: E402
 from leanconv.ops.hetconv_reference import hetconv_reference  # noqa: E402
+from leanconv.accounting import hetconv_macs_per_output  # noqa: E402
 from leanconv.functional import het_conv2d  # noqa: E402
 from leanconv.kernels import conv_common  # noqa: E402
 from leanconv.kernels.hetconv import hetconv_dw_kernel, hetconv_dx_kernel, hetconv_fwd_kernel  # noqa: E402
@@ -166,7 +167,7 @@ def check_correctness(log, dtypes=(torch.float32, torch.bfloat16, torch.float16)
 
 # ----------------------------------------------------------------------------- speed
 def hetconv_macs(b, m, n, ho, wo, k, p):
-    return b * ho * wo * n * (m // p * k * k + m - m // p)
+    return b * ho * wo * n * hetconv_macs_per_output(m, k * k, p)
 
 
 def bench_shape(name, m, n, hw, stride, dtype, p, batch, k, log):

@@ -13,7 +13,7 @@ import sys
 import torch
 
 from leanconv import count, models, parse_conv_spec
-from leanconv.bench import write_atomic
+from leanconv.files import write_atomic
 
 KINDS = ["standard", "hetconv:p=2", "hetconv:p=4", "hetconv:p=8", "dsc", "bsconv_u", "bsconv_s", "gwpw:g=4"]
 

@@ -18,7 +18,7 @@ import os
 import sys
 from collections import defaultdict
 
-from leanconv.bench import write_atomic
+from leanconv.files import write_atomic
 
 
 def fmt(value, digits=2):

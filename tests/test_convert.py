@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 
 import leanconv
-from leanconv.convert import conv_macs, convert, load_converted
+from leanconv.accounting import layer_macs
+from leanconv.convert import convert, load_converted
 from leanconv.layers import BSConvU2d, DSConv2d, GWPWConv2d, HetConv2d
 
 from helpers import assert_matches_reference
@@ -208,9 +209,9 @@ def test_verbose_prints_report(capsys):
 
 
 @pytest.mark.parametrize("kind,options", [("dsc", {}), ("bsconv_u", {}), ("bsconv_s", dict(p=0.5)), ("gwpw", dict(g=2))])
-def test_conv_macs_of_separable_layers(kind, options):
+def test_layer_macs_of_separable_layers(kind, options):
     layer = leanconv.make_conv(kind, 8, 12, 3, stride=2, padding=1, **options)
-    macs, out = conv_macs(layer, (9, 9))
+    macs, out = layer_macs(layer, (9, 9))
     assert out == (5, 5)
     if kind == "dsc":
         assert macs == 25 * 8 * 9 + 25 * 8 * 12
@@ -287,7 +288,7 @@ def test_transfer_on_full_rank_weights_is_only_an_initialisation():
 # ----------------------------------------------------------------- bad input
 def test_bad_input_clear_errors():
     model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 32, 3))
-    with pytest.raises(ValueError, match="conv kind must be one of"):
+    with pytest.raises(ValueError, match="kind must be one of"):
         convert(model, "hetconv2")
     with pytest.raises(ValueError, match="do not apply to conv kind 'dsc'"):
         convert(model, "dsc", p=4)
@@ -470,3 +471,50 @@ def test_checkpoint_rebuild_uses_the_same_stem(tmp_path, monkeypatch):
         assert isinstance(model.later, DSConv2d) and type(model.first) is nn.Conv2d
     finally:
         sys.modules.pop("late_stem_models", None)
+
+
+# ------------------------------------------------------- never costlier by default
+def test_costlier_replacements_are_skipped_with_both_figures():
+    """GWC+PWC on a dense-block-style conv with few outputs costs more than the
+    conv (M(M/G K^2 + N) > M N K^2 when N is small against M); HetConv with p=1
+    costs the same: both are left alone unless allow_costlier=True."""
+    model = nn.Sequential(nn.Conv2d(3, 128, 3, padding=1), nn.Conv2d(128, 8, 3, padding=1),
+                          nn.Conv2d(8, 64, 3, padding=1))
+    converted, report = convert(model, "gwpw", g=4, input_size=(3, 8, 8), return_report=True)
+    reason = skipped_reasons(report)["1"]
+    assert "not cheaper" in reason and "37,888 MACs per output pixel (was 9,216)" in reason
+    assert type(converted[1]) is nn.Conv2d and [r.name for r in report.replaced] == ["2"]
+    assert report.model_macs_after < report.model_macs_before
+    forced, forced_report = convert(model, "gwpw", g=4, allow_costlier=True, return_report=True)
+    assert isinstance(forced[1], GWPWConv2d) and "costlier" in forced_report.replaced[0].note
+    _, same = convert(model, "hetconv", p=1, return_report=True)
+    assert not same.replaced and all("not cheaper" in r for n, r in skipped_reasons(same).items() if n != "0")
+    assert len(convert(model, "hetconv", p=1, allow_costlier=True, return_report=True)[1].replaced) == 2
+
+
+def test_report_totals_agree_with_leanconv_profile(user_module, capsys):
+    from leanconv.cli import main
+
+    model = __import__("user_models").small()
+    _, report = convert(model, "hetconv:p=4", input_size=(3, 16, 16), return_report=True)
+    assert main(["profile", user_module, "--conv", "hetconv:p=4", "--input-size", "3,16,16", "--json"]) == 0
+    profiled = json.loads(capsys.readouterr().out)
+    assert profiled["baseline"]["macs_exact"] == report.model_macs_before
+    assert profiled["rows"][0]["macs_exact"] == report.model_macs_after
+    assert profiled["rows"][0]["params"] == report.params_after
+    saved = report.replaced_macs_before - report.replaced_macs_after
+    assert report.model_macs_before - report.model_macs_after == saved
+
+
+def test_spec_and_keywords():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 16, 3))
+    converted = convert(model, "hetconv:p=4,layout=shifted")
+    assert converted[1].p == 4 and converted[1].layout == "shifted"
+    assert convert(model, "hetconv:p=4", layout="shifted")[1].layout == "shifted"
+    assert convert(model, "hetconv:p=4", p=4)[1].p == 4  # the same value twice is fine
+    with pytest.raises(ValueError, match="p=2 contradicts the conv spec 'hetconv:p=4'"):
+        convert(model, "hetconv:p=4", p=2)
+    with pytest.raises(ValueError, match="groups=2 contradicts the conv spec 'gwpw:g=4'"):
+        convert(model, "gwpw:g=4", groups=2)
+    assert isinstance(leanconv.make_conv("hetconv:p=2,layout=shifted", 8, 8, 3), HetConv2d)
+    assert leanconv.models.create("resnet20_cifar", conv="hetconv:p=4", width=0.25).zoo_config["p"] == 4

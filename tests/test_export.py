@@ -49,7 +49,7 @@ def test_hetconv_export_form_is_exact(options, expected):
 @pytest.mark.parametrize("options,expected", HETCONV_CASES, ids=[case_id(c[0]) for c in HETCONV_CASES])
 def test_hetconv_onnx_small_graph(options, expected, tmp_path):
     layer = HetConv2d(8, 12, 3, **options)
-    result = export_onnx(layer, tmp_path / "het.onnx", torch.randn(2, 8, 9, 10))
+    result = export_onnx(layer, torch.randn(2, 8, 9, 10), tmp_path / "het.onnx")
     assert set(result.node_counts) == set(expected), result
     for op, count in expected.items():
         if isinstance(count, str):  # the exporter may drop slices that are no-ops for the traced shape
@@ -60,7 +60,7 @@ def test_hetconv_onnx_small_graph(options, expected, tmp_path):
 
 
 def test_hetconv_dense_form(tmp_path):
-    result = export_onnx(HetConv2d(8, 12, 3, padding=1, p=4), tmp_path / "d.onnx", torch.randn(1, 8, 6, 6), hetconv_form="dense")
+    result = export_onnx(HetConv2d(8, 12, 3, padding=1, p=4), torch.randn(1, 8, 6, 6), tmp_path / "d.onnx", hetconv_form="dense")
     assert result.node_counts == {"Conv": 1}
 
 
@@ -77,14 +77,14 @@ def test_every_layer_kind_exports_and_matches(kind, options, tmp_path):
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
-    result = export_onnx(layer.eval(), tmp_path / f"{kind}.onnx", torch.randn(2, 8, 9, 9))
+    result = export_onnx(layer.eval(), torch.randn(2, 8, 9, 9), tmp_path / f"{kind}.onnx")
     assert not LOOPING_OPS & set(result.node_counts)
     assert result.node_counts.get("Conv", 0) == (1 if kind == "standard" else 2)  # BN folded, BSConv-S merged
     assert "BatchNormalization" not in result.node_counts
 
 
 def test_seed_hetconv_exports(tmp_path):
-    result = export_onnx(SeedHetConv2d(8, 12, 3, p=4), tmp_path / "seed.onnx", torch.randn(1, 8, 7, 7))
+    result = export_onnx(SeedHetConv2d(8, 12, 3, p=4), torch.randn(1, 8, 7, 7), tmp_path / "seed.onnx")
     assert result.node_counts == {"Conv": 2, "Add": 1}
 
 
@@ -103,7 +103,7 @@ def small_net() -> nn.Module:
 def test_converted_model_onnx_dynamic_batch(kind, options, tmp_path):
     model = convert(small_net(), kind, **options).eval()
     path = tmp_path / "m.onnx"
-    result = export_onnx(model, path, input_size=(3, 16, 16))
+    result = export_onnx(model, None, path, input_size=(3, 16, 16))
     assert "BatchNormalization" not in result.node_counts
     x = torch.randn(5, 3, 16, 16)  # another batch size than the export's
     with torch.no_grad():
@@ -112,13 +112,13 @@ def test_converted_model_onnx_dynamic_batch(kind, options, tmp_path):
 
 def test_legacy_torchscript_onnx_exporter(tmp_path):
     model = convert(small_net(), "hetconv", p=4).eval()
-    result = export_onnx(model, tmp_path / "legacy.onnx", input_size=(3, 16, 16), dynamo=False, opset=17)
+    result = export_onnx(model, None, tmp_path / "legacy.onnx", input_size=(3, 16, 16), dynamo=False, opset=17)
     assert result.opset == 17 and result.node_counts["Conv"] == 5  # stem + 2 x (grouped + 1x1)
 
 
 def test_opset_below_17_refused(tmp_path):
     with pytest.raises(ValueError, match="opset"):
-        export_onnx(small_net(), tmp_path / "x.onnx", input_size=(3, 8, 8), opset=13)
+        export_onnx(small_net(), None, tmp_path / "x.onnx", input_size=(3, 8, 8), opset=13)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
@@ -160,7 +160,7 @@ ZOO_KINDS = [("hetconv", dict(p=4)), ("dsc", {}), ("bsconv_u", {}), ("bsconv_s",
 def test_zoo_vgg16_cifar_every_kind_onnx(kind, options, tmp_path):
     models = zoo()
     model = convert(models.create("vgg16_cifar", width=0.25), kind, **options).eval()
-    result = export_onnx(model, tmp_path / "vgg.onnx", input_size=(3, 32, 32))
+    result = export_onnx(model, None, tmp_path / "vgg.onnx", input_size=(3, 32, 32))
     assert not LOOPING_OPS & set(result.node_counts)
 
 
@@ -180,7 +180,7 @@ def test_every_zoo_model_exports_converted(name, tmp_path):
         pytest.skip("no zoo")
     size = (3, 32, 32) if "cifar" in name else (3, 64, 64)
     model = convert(models.create(name, num_classes=10, width=0.25), "hetconv", p=2, p_policy="largest").eval()
-    result = export_onnx(model, tmp_path / f"{name}.onnx", input_size=size)
+    result = export_onnx(model, None, tmp_path / f"{name}.onnx", input_size=size)
     assert not LOOPING_OPS & set(result.node_counts)
     assert "BatchNormalization" not in result.node_counts or name.startswith("wrn")  # pre-activation BN stays
 

@@ -49,10 +49,11 @@ def n_params(model: nn.Module) -> int:
 
 def test_names_lists_every_model():
     assert models.names() == sorted(CIFAR + IMAGENET)
-    for name in CIFAR:
-        assert models.model_info(name) == {"num_classes": 10, "input_size": (3, 32, 32)}
-    for name in IMAGENET:
-        assert models.model_info(name) == {"num_classes": 1000, "input_size": (3, 224, 224)}
+    for name in CIFAR + IMAGENET:
+        info = models.model_info(name)
+        expected = (10, (3, 32, 32)) if name in CIFAR else (1000, (3, 224, 224))
+        assert (info["num_classes"], info["input_size"]) == expected
+        assert info["channel_widths"] == models.create(name).channel_widths
 
 
 @pytest.mark.parametrize("kind,options", KINDS, ids=[k for k, _ in KINDS])
@@ -84,23 +85,64 @@ def test_num_classes_and_backward():
 
 
 @pytest.mark.parametrize("name", CIFAR + IMAGENET)
-def test_width_rounding_keeps_p_dividing_channels(name):
-    model = models.create(name, conv="hetconv", p=8, width=0.3)
+def test_round_channels_keeps_p_dividing_channels(name):
+    model = models.create(name, conv="hetconv", p=8, width=0.3, round_channels=True)
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, HetConv2d)):
             for c in (module.in_channels, module.out_channels):
                 assert c == 3 or c % 8 == 0, (name, module)
         if isinstance(module, HetConv2d):
             assert module.p == 8
+    assert all(width % 8 == 0 for width in model.channel_widths)
     size = 32 if name in CIFAR else 64
     assert model.eval()(torch.randn(1, 3, size, size)).shape[0] == 1
 
 
+def test_widths_are_said_out_loud():
+    """Without round_channels the widths are width * nominal exactly; a p that
+    does not divide them is an error naming the widths and the p that work."""
+    assert models.model_info("resnet20_cifar", width=0.25)["channel_widths"] == [4, 8, 16]
+    assert models.model_info("resnet20_cifar", "hetconv:p=4", width=0.25)["channel_widths"] == [4, 8, 16]
+    with pytest.raises(ValueError, match=r"p=8 does not divide the channel widths \[4\].*\[4, 8, 16\].*1, 2, 4.*"
+                                         r"round_channels=True"):
+        models.create("resnet20_cifar", conv="hetconv", p=8, width=0.25)
+    with pytest.raises(ValueError, match=r"p=3 does not divide.*p values that divide every width: 1$|round_channels"):
+        models.model_info("resnet20_cifar", conv="hetconv", p=3)
+    rounded = models.model_info("resnet20_cifar", "hetconv", p=8, width=0.25, round_channels=True)
+    assert rounded["channel_widths"] == [8, 16]
+
+
 def test_gwpw_groups_round_channels():
-    model = models.create("resnet20_cifar", conv="gwpw", groups=3, width=0.5)
+    with pytest.raises(ValueError, match="groups=3 does not divide"):
+        models.create("resnet20_cifar", conv="gwpw", groups=3, width=0.5)
+    model = models.create("resnet20_cifar", conv="gwpw", groups=3, width=0.5, round_channels=True)
     assert all(m.in_channels % 3 == 0 and m.out_channels % 3 == 0
                for m in model.modules() if isinstance(m, GWPWConv2d))
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name,kind", [(name, "hetconv") for name in CIFAR + IMAGENET]
+                         + [("resnet20_cifar", "gwpw"), ("vgg16_cifar", "gwpw")])
+def test_macs_never_grow_as_p_grows(name, kind):
+    """For every width the zoo accepts, a larger P (groups) never costs more MACs
+    or parameters. Counted on the meta device: shapes only."""
+    from leanconv import count
+
+    for width in (0.25, 0.5, 1.0):
+        costs = []
+        for p in (1, 2, 4, 8, 16):
+            options = dict(p=p) if kind == "hetconv" else dict(g=p)
+            try:
+                with torch.device("meta"):
+                    model = models.create(name, conv=kind, width=width, **options)
+            except ValueError as error:
+                assert "does not divide" in str(error)
+                continue
+            report = count(model, (3, 32, 32))
+            costs.append((p, report.macs, report.params))
+        assert len(costs) >= 2, (width, costs)
+        for (p_small, macs_small, params_small), (p_large, macs_large, params_large) in zip(costs, costs[1:]):
+            assert macs_large <= macs_small and params_large <= params_small, (width, p_small, p_large, costs)
 
 
 def test_resnet_cifar_shortcut_option_b_and_official_count():

@@ -118,6 +118,36 @@ def test_train_writes_run_folder_and_evaluate_agrees(tiny_data, tmp_path, capsys
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_resume_with_more_epochs_extends_the_run(tiny_data, tmp_path, capsys):
+    """--resume with a larger --epochs continues from the checkpoint with the
+    schedule re-planned for the new length (recorded in config.json and the
+    checkpoint); any other recipe change is still refused."""
+    out = str(tmp_path / "run")
+    args = [*MODEL, "--conv", "hetconv:p=2", "--data", tiny_data, "--batch-size", "16", "--out", out, "--no-progress"]
+    assert main(["train", *args, "--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert main(["train", *args, "--epochs", "1", "--lr", "0.2", "--resume"]) == 2
+    assert "another recipe (lr: 0.1 -> 0.2)" in capsys.readouterr().err
+    assert main(["train", *args, "--epochs", "3", "--resume"]) == 0
+    assert "extending" in capsys.readouterr().out
+    lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [line["epoch"] for line in lines] == [1, 2, 3]
+    checkpoint = load_checkpoint(os.path.join(out, "last.pt"))
+    assert checkpoint["epoch"] == 3 and checkpoint["config"]["epochs"] == 3
+    assert checkpoint["scheduler"]["lr_lambdas"][0]["epochs"] == 3  # the plan the run now follows
+    assert checkpoint["extensions"] == [{"at_epoch": 1, "epochs_before": 1, "epochs_after": 3}]
+    with open(os.path.join(out, "config.json")) as handle:
+        config = json.load(handle)
+    assert config["extensions"] == checkpoint["extensions"] and config["channel_widths"] == [8, 16, 32, 64]
+    steps = 80 // 16
+    plan = LRSchedule("cosine", steps, 3)
+    assert lines[1]["lr"] == pytest.approx(0.1 * plan(2 * steps))  # epoch 2 ends on the 3-epoch plan
+    # evaluate without --data uses the checkpoint's own data, and says so.
+    assert main(["evaluate", "--checkpoint", os.path.join(out, "last.pt"), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["n"] == 24 and f"of {tiny_data} (the checkpoint's training data" in captured.err
+
+
 def _start_and_kill(args: list[str], out: str, after_epoch: int) -> int:
     """Start ``leanconv train``, SIGKILL it soon after its checkpoint passes
     ``after_epoch``; return the epoch of the checkpoint it left."""

@@ -7,10 +7,10 @@ Papers:
 * BSConv, Haase & Amthor, CVPR 2020, https://arxiv.org/abs/2003.13549
 """
 
-from . import config, functional, models
+from . import config, export, functional, models
 from .accounting import count
 from .conv_spec import parse_conv_spec
-from .convert import convert
+from .convert import convert, load_converted
 from .fuse import fuse
 from .layers import (
     CONV_KINDS,
@@ -42,8 +42,10 @@ __all__ = [
     "config",
     "convert",
     "count",
+    "export",
     "functional",
     "fuse",
+    "load_converted",
     "make_conv",
     "models",
     "orthonormal_penalty",

@@ -45,10 +45,14 @@ from fractions import Fraction
 import torch
 import torch.nn as nn
 
-from .layers.depthwise import DepthwiseConv2d
-from .layers.hetconv import HetConv2d
+from .layers import DepthwiseConv2d, HetConv2d, SeedHetConv2d
+from .ops.conv_geometry import conv_output_size, normalize_padding
 
-__all__ = ["CONVENTIONS", "LayerCost", "CostReport", "count", "hetconv_mac_ratio", "format_macs"]
+__all__ = [
+    "CONVENTIONS", "CostReport", "LayerCost", "conv_macs_per_output", "count", "count_parameters", "example_input",
+    "format_macs",
+    "hetconv_mac_ratio", "hetconv_macs_per_output", "layer_macs", "macs_per_output_pixel",
+]
 
 CONVENTIONS = ("exact", "paper")
 
@@ -148,21 +152,71 @@ class CostReport:
 
 
 # ----------------------------------------------------------------- formulas
-def _conv_macs(module: nn.modules.conv._ConvNd, inputs: torch.Tensor, output: torch.Tensor) -> int:
-    kernel_volume = math.prod(module.kernel_size)
-    if module.transposed:
-        return inputs.numel() * (module.out_channels // module.groups) * kernel_volume
-    return output.numel() * (module.in_channels // module.groups) * kernel_volume
+# The one home of leanconv's MAC and parameter formulas: counting, model
+# conversion, the zoo, benchmarks and scripts all use these.
+def conv_macs_per_output(in_channels: int, kernel_volume: int, groups: int = 1) -> int:
+    """MACs of one output element of a (grouped) convolution: M/groups * kernel volume."""
+    return in_channels // groups * kernel_volume
 
 
-def _hetconv_exact_macs(module: HetConv2d, output: torch.Tensor) -> int:
-    m, p = module.in_channels, module.p
-    kernel_area = module.kernel_size[0] * module.kernel_size[1]
-    return output.numel() * (m // p * kernel_area + m - m // p)
+def hetconv_macs_per_output(in_channels: int, kernel_area: int, p: int) -> int:
+    """MACs of one HetConv output element: M/P KxK taps plus M - M/P centre taps."""
+    kxk_channels = in_channels // p
+    return kxk_channels * kernel_area + in_channels - kxk_channels
 
 
-def _own_params(module: nn.Module) -> int:
+def count_parameters(module: nn.Module) -> int:
+    """Parameters of ``module`` (each shared tensor once)."""
     return sum(t.numel() for t in module.parameters())
+
+
+def _stages(module: nn.Module) -> list[tuple[nn.Module, int]]:
+    """The convolutions one call of a conv layer of any leanconv kind runs, in
+    order, each with its MACs per output element. The seed form's two parallel
+    branches are one stage (same output)."""
+    if isinstance(module, HetConv2d):
+        return [(module, hetconv_macs_per_output(module.in_channels, math.prod(module.kernel_size), module.p))]
+    if isinstance(module, SeedHetConv2d):
+        (gwc, per_gwc), (_, per_pwc) = _stages(module.gwc)[0], _stages(module.pwc)[0]
+        return [(gwc, per_gwc + per_pwc)]
+    if isinstance(module, nn.Conv2d):
+        return [(module, conv_macs_per_output(module.in_channels, math.prod(module.kernel_size), module.groups))]
+    return [stage for child in module.children() for stage in _stages(child)]
+
+
+def _output_size(conv: nn.Module, hw: tuple[int, int]) -> tuple[int, int]:
+    kernel, stride, dilation = conv.kernel_size, conv.stride, conv.dilation
+    padding = getattr(conv, "_padding_pair", None) or normalize_padding(conv.padding, kernel, stride, dilation)
+    return tuple(conv_output_size(hw[i], kernel[i], stride[i], padding[i], dilation[i]) for i in range(2))
+
+
+def layer_macs(module: nn.Module, input_hw: tuple[int, int]) -> tuple[int, tuple[int, int]]:
+    """MACs of one call of a convolution layer of any kind (``nn.Conv2d``,
+    ``HetConv2d``, DSC, GWPW, BSConv-U/S, the seed form) on one image of
+    spatial size ``input_hw``, and its output size. FLOPs = 2 x MACs; biases
+    and BN are not counted.
+
+    Example::
+
+        layer_macs(leanconv.make_conv("dsc", 8, 12, 3, padding=1), (9, 9))   # (9*9*8*(9 + 12), (9, 9))
+    """
+    total, hw = 0, tuple(input_hw)
+    for conv, per_output in _stages(module):
+        hw = _output_size(conv, hw)
+        total += hw[0] * hw[1] * conv.out_channels * per_output
+    return total, hw
+
+
+def macs_per_output_pixel(module: nn.Module) -> Fraction:
+    """MACs per pixel of the layer's output on a large image (exact, as a
+    fraction): a convolution before a strided one runs on more pixels
+    (BSConv's 1x1 at input resolution costs stride_h*stride_w times more).
+    What :func:`leanconv.convert` compares to call a replacement cheaper."""
+    total, density = Fraction(0), Fraction(1)  # pixels of the current stage per input pixel
+    for conv, per_output in _stages(module):
+        density /= conv.stride[0] * conv.stride[1]
+        total += density * conv.out_channels * per_output
+    return total / density
 
 
 def _row(name: str, module: nn.Module, inputs: torch.Tensor, output: torch.Tensor, convention: str) -> LayerCost | None:
@@ -170,21 +224,25 @@ def _row(name: str, module: nn.Module, inputs: torch.Tensor, output: torch.Tenso
     if isinstance(module, HetConv2d):
         kernel_area = module.kernel_size[0] * module.kernel_size[1]
         if convention == "exact":
-            macs = _hetconv_exact_macs(module, output)
+            macs = output.numel() * hetconv_macs_per_output(module.in_channels, kernel_area, module.p)
         else:
             standard = output.numel() * (module.in_channels * kernel_area + 1)
             macs = round(hetconv_mac_ratio(module.p, kernel_area) * standard)
         detail = f"p={module.p}, R(P)={float(hetconv_mac_ratio(module.p, kernel_area)):.4f}"
-        return LayerCost(name, "HetConv2d", in_shape, out_shape, _own_params(module), macs, detail)
+        return LayerCost(name, "HetConv2d", in_shape, out_shape, count_parameters(module), macs, detail)
     if isinstance(module, nn.modules.conv._ConvNd):
-        macs = _conv_macs(module, inputs, output)
+        kernel_volume = math.prod(module.kernel_size)
+        if module.transposed:  # every input element meets out_channels/groups x kernel weights
+            macs = inputs.numel() * conv_macs_per_output(module.out_channels, kernel_volume, module.groups)
+        else:
+            macs = output.numel() * conv_macs_per_output(module.in_channels, kernel_volume, module.groups)
         if convention == "paper" and not module.transposed:
             macs += output.numel()
         detail = f"k={'x'.join(map(str, module.kernel_size))}" + (f", groups={module.groups}" if module.groups > 1 else "")
-        return LayerCost(name, type(module).__name__, in_shape, out_shape, _own_params(module), macs, detail)
+        return LayerCost(name, type(module).__name__, in_shape, out_shape, count_parameters(module), macs, detail)
     if isinstance(module, nn.Linear):
         macs = output.numel() // module.out_features * module.in_features * module.out_features
-        return LayerCost(name, "Linear", in_shape, out_shape, _own_params(module), macs, "")
+        return LayerCost(name, "Linear", in_shape, out_shape, count_parameters(module), macs, "")
     return None
 
 
@@ -192,7 +250,9 @@ def _counted(module: nn.Module) -> bool:
     return isinstance(module, (HetConv2d, nn.modules.conv._ConvNd, nn.Linear))
 
 
-def _example_input(model: nn.Module, input_size) -> torch.Tensor:
+def example_input(model: nn.Module, input_size) -> torch.Tensor:
+    """A zero input of ``input_size`` ((C, H, W): one image, or a full shape such as
+    (B, C, H, W); a tensor is returned as it is) on the model's device, in its dtype."""
     reference = next(iter(model.parameters()), None)
     if reference is None:
         reference = next(iter(model.buffers()), torch.empty(0))
@@ -231,8 +291,8 @@ def count(model: nn.Module, input_size, convention: str = "exact") -> CostReport
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
-    example = _example_input(model, input_size)
-    params = _own_params(model)
+    example = example_input(model, input_size)
+    params = count_parameters(model)
     try:
         runner = copy.deepcopy(model)
     except Exception:  # noqa: BLE001 - an uncopyable model is counted in place (flags restored below)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 __all__ = ["main", "build_parser"]
@@ -43,18 +44,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop_writing_stdout() -> None:
+    """After a BrokenPipeError (``leanconv ... | head``): send what is left
+    of stdout to /dev/null, so that flushing at exit raises nothing."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "_run", None):
-        parser.print_help()
-        return 2
     try:
-        return int(args._run(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        # Argument and data errors: one clear line, no traceback.
-        print(f"leanconv {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "_run", None):
+            parser.print_help()
+            return 2
+        try:
+            return int(args._run(args) or 0)
+        except (ValueError, TypeError, FileNotFoundError) as error:
+            # Argument and data errors: one clear line, no traceback.
+            print(f"leanconv {args.command}: error: {error}", file=sys.stderr)
+            return 2
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): nothing left to say
+        _stop_writing_stdout()
+        return 0
 
 
 if __name__ == "__main__":

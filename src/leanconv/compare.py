@@ -48,7 +48,8 @@ import torch.nn.functional as F
 
 from .bench.environment import describe_environment
 from .bench.memory import peak_allocated_bytes
-from .bench.report import markdown_table, write_atomic
+from .bench.report import markdown_table
+from .files import write_atomic
 from .bench.timing import time_interleaved
 from .data import load_dataset
 from .layers import BSConvS2d, orthonormal_penalty

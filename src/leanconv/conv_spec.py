@@ -1,105 +1,16 @@
-"""Convolution specs as the command line writes them: ``kind[:option=value,...]``.
+"""Conv specs ("hetconv:p=4,layout=shifted"): defined in :mod:`leanconv.layers.conv_spec`
+(below the layers' factory, which takes specs too); re-exported here for the code above layers."""
 
-Examples: ``standard``, ``hetconv:p=4``, ``hetconv:p=4,layout=shifted``,
-``bsconv_s:p=0.25``, ``gwpw:g=4``. A list of specs is comma-separated too
-(``standard,hetconv:p=2,hetconv:p=4,dsc,gwpw:g=4``): a piece with ``=`` but
-no ``:`` is another option of the spec before it.
+from .layers.conv_spec import (  # noqa: F401
+    CONV_KINDS,
+    KIND_OPTIONS,
+    ConvSpec,
+    check_kind_options,
+    parse_conv_spec,
+    parse_conv_specs,
+    resolve_conv,
+)
 
-The kinds and the options each accepts are those of
-:func:`leanconv.layers.factory.make_conv`; values are read as int, float,
-``true``/``false`` or, failing those, kept as strings.
-"""
-
-from __future__ import annotations
-
-from dataclasses import dataclass, field
-
-from .layers.factory import CONV_KINDS, KIND_OPTIONS, check_kind_options
-
-__all__ = ["ConvSpec", "parse_conv_spec", "parse_conv_specs"]
-
-
-@dataclass(frozen=True)
-class ConvSpec:
-    """A conv kind and its options; ``str(spec)`` is the canonical text form."""
-
-    kind: str
-    options: dict = field(default_factory=dict)
-
-    def with_options(self, **extra) -> ConvSpec:
-        """A copy with ``extra`` options added (None values are ignored)."""
-        merged = dict(self.options)
-        merged.update({k: v for k, v in extra.items() if v is not None})
-        return ConvSpec(self.kind, merged)
-
-    def check(self) -> ConvSpec:
-        """Raise ValueError unless the spec is complete (e.g. hetconv has p)."""
-        check_kind_options(self.kind, self.options)
-        return self
-
-    def __str__(self) -> str:
-        if not self.options:
-            return self.kind
-        return self.kind + ":" + ",".join(f"{k}={_format(v)}" for k, v in self.options.items())
-
-
-def _format(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def _parse_value(text: str):
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_conv_spec(text: str, *, complete: bool = False) -> ConvSpec:
-    """``"hetconv:p=4"`` -> ``ConvSpec("hetconv", {"p": 4})``.
-
-    Unknown kinds, malformed options and options of another kind raise
-    ValueError naming the spec. With ``complete=True`` required options
-    (HetConv's ``p``, GWPW's ``g``) must be present too.
-    """
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"conv spec must be a non-empty string like 'hetconv:p=4', got {text!r}")
-    kind, _, rest = text.strip().partition(":")
-    kind = kind.strip()
-    if kind not in CONV_KINDS:
-        raise ValueError(f"conv spec {text!r}: kind must be one of {', '.join(CONV_KINDS)}, got {kind!r}")
-    options: dict = {}
-    for piece in filter(None, (p.strip() for p in rest.split(","))):
-        name, equals, value = piece.partition("=")
-        name, value = name.strip(), value.strip()
-        if not equals or not name or not value:
-            raise ValueError(f"conv spec {text!r}: options are written name=value, got {piece!r}")
-        if name not in KIND_OPTIONS[kind]:
-            allowed = ", ".join(sorted(KIND_OPTIONS[kind])) or "none"
-            raise ValueError(f"conv spec {text!r}: option {name!r} does not apply to {kind!r} (its options: {allowed})")
-        if name in options:
-            raise ValueError(f"conv spec {text!r}: option {name!r} given twice")
-        options[name] = _parse_value(value)
-    spec = ConvSpec(kind, options)
-    return spec.check() if complete else spec
-
-
-def parse_conv_specs(text: str, *, complete: bool = True) -> list[ConvSpec]:
-    """``"standard,hetconv:p=2,layout=shifted,dsc"`` -> three specs."""
-    pieces: list[str] = []
-    for piece in (p.strip() for p in str(text).split(",")):
-        if not piece:
-            continue
-        if pieces and ":" not in piece and "=" in piece:
-            pieces[-1] += "," + piece
-        else:
-            pieces.append(piece)
-    if not pieces:
-        raise ValueError(f"conv list must name at least one conv spec (e.g. 'standard,hetconv:p=4'), got {text!r}")
-    return [parse_conv_spec(piece, complete=complete) for piece in pieces]
+__all__ = [
+    "CONV_KINDS", "KIND_OPTIONS", "ConvSpec", "check_kind_options", "parse_conv_spec", "parse_conv_specs", "resolve_conv",
+]

@@ -33,6 +33,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from . import accounting
 from .layers import DepthwiseConv2d, HetConv2d
 from .ops.hetconv_layout import group_channel_order, group_filter_order, materialize_pointwise_matrix
 
@@ -175,14 +176,8 @@ def _example(model: nn.Module, example_input, input_size) -> torch.Tensor:
         return example_input
     if input_size is None:
         raise ValueError("give example_input (a tensor) or input_size=(C, H, W) / (B, C, H, W)")
-    size = tuple(int(v) for v in input_size)
-    size = (1, *size) if len(size) == 3 else size
-    if len(size) != 4:
-        raise ValueError(f"input_size must be (C, H, W) or (B, C, H, W), got {tuple(input_size)!r}")
-    reference = next(iter(model.parameters()), None)
-    factory = {} if reference is None else {"device": reference.device, "dtype": reference.dtype}
-    generator = torch.Generator().manual_seed(0)
-    return torch.randn(size, generator=generator).to(**factory)
+    zeros = accounting.example_input(model, input_size)  # validates input_size; the model's device and dtype
+    return torch.randn(zeros.shape, generator=torch.Generator().manual_seed(0)).to(zeros)
 
 
 @dataclass
@@ -231,8 +226,8 @@ def run_onnx(path: str, input: torch.Tensor) -> torch.Tensor:
 
 def export_onnx(
     model: nn.Module,
-    path: str | os.PathLike,
     example_input: torch.Tensor | None = None,
+    path: str | os.PathLike | None = None,
     *,
     input_size: Sequence[int] | None = None,
     opset: int = DEFAULT_OPSET,
@@ -244,7 +239,10 @@ def export_onnx(
     atol: float = 1e-5,
     dynamo: bool = True,
 ) -> OnnxExport:
-    """Export ``model`` (prepared by :func:`prepare_for_export`) to ONNX.
+    """Export ``model`` (prepared by :func:`prepare_for_export`) to ONNX at ``path``.
+
+    The three export functions take (model, example input, path); give
+    ``example_input=None`` and ``input_size=(C, H, W)`` for a random input.
 
     ``check`` runs the file in onnxruntime on ``example_input`` and compares
     with ``model.eval()`` in PyTorch: a RuntimeError when
@@ -254,9 +252,11 @@ def export_onnx(
 
     Example::
 
-        result = leanconv.export.export_onnx(model, "model.onnx", input_size=(3, 32, 32))
+        result = leanconv.export.export_onnx(model, None, "model.onnx", input_size=(3, 32, 32))
         print(result)            # nodes by type and the onnxruntime check
     """
+    if path is None:
+        raise ValueError("export_onnx needs path, the ONNX file to write (its third argument), got None")
     if opset < 17:
         raise ValueError(f"opset must be >= 17, got {opset}")
     onnx = _require("onnx")

@@ -21,11 +21,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from .layer_kinds import LEANCONV_LAYERS
 from .layers import BSConvS2d, BSConvU2d, DepthwiseConv2d, DSConv2d, GWPWConv2d, HetConv2d, SeedHetConv2d
 
 __all__ = ["FuseReport", "fuse", "fold_batchnorm"]
-
-_LEAF_LAYERS = (HetConv2d, DepthwiseConv2d, DSConv2d, GWPWConv2d, BSConvU2d, BSConvS2d, SeedHetConv2d)
 
 
 @dataclass
@@ -198,7 +197,7 @@ def _pairs_by_fx(model: nn.Module) -> list[tuple[str, str]]:
 
     class Tracer(torch.fx.Tracer):
         def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-            if isinstance(module, _LEAF_LAYERS):
+            if isinstance(module, LEANCONV_LAYERS):
                 return True
             return super().is_leaf_module(module, qualified_name)
 

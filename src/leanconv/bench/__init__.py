@@ -13,12 +13,12 @@ from .layers import (
     bench_hetconv_config,
     bench_layer_grid,
     bench_separable_config,
-    hetconv_macs,
     layer_grid,
 )
 from .memory import peak_allocated_bytes
-from .models import bench_models, build_variants, count_conv_macs, to_seed_form
-from .report import markdown_table, read_results, write_atomic, write_results
+from .models import bench_models, build_variants, to_seed_form
+from ..files import write_atomic  # re-exported for benchmarks/ scripts
+from .report import markdown_table, read_results, write_results
 from .timing import Timing, time_interleaved
 
 __all__ = [
@@ -30,9 +30,7 @@ __all__ = [
     "bench_models",
     "bench_separable_config",
     "build_variants",
-    "count_conv_macs",
     "describe_environment",
-    "hetconv_macs",
     "layer_grid",
     "machine_slug",
     "markdown_table",

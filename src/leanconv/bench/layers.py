@@ -36,12 +36,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import config as leanconv_config
+from ..accounting import conv_macs_per_output, hetconv_macs_per_output, layer_macs
 from ..layers import BSConvS2d, BSConvU2d, DSConv2d, HetConv2d, SeedHetConv2d
 from ..ops.conv_geometry import centre_taps
 from ..ops.hetconv_layout import kxk_channel_index, pointwise_channel_index
 from .timing import Timing, time_interleaved
 
-__all__ = ["LayerConfig", "GRIDS", "hetconv_macs", "layer_grid", "bench_layer_grid", "bench_hetconv_config", "bench_separable_config", "PublicLoopHetConv"]
+__all__ = ["LayerConfig", "GRIDS", "layer_grid", "bench_layer_grid", "bench_hetconv_config", "bench_separable_config", "PublicLoopHetConv"]
 
 
 @dataclass(frozen=True)
@@ -64,14 +65,12 @@ class LayerConfig:
         return (self.size + 2 * pad - self.kernel_size) // self.stride + 1
 
     @property
+    def output_elements(self) -> int:
+        return self.batch * self.out_size**2 * self.out_channels
+
+    @property
     def dense_macs(self) -> int:
-        return self.batch * self.out_size**2 * self.out_channels * self.in_channels * self.kernel_size**2
-
-
-def hetconv_macs(in_channels, out_channels, out_h, out_w, kernel_taps, p, batch=1) -> int:
-    """Exact HetConv MACs: B*Ho*Wo*N*(M/P*K*K + M - M/P)."""
-    per_group = in_channels // p
-    return batch * out_h * out_w * out_channels * (per_group * kernel_taps + in_channels - per_group)
+        return self.output_elements * conv_macs_per_output(self.in_channels, self.kernel_size**2)
 
 
 def _vgg_cifar_shapes() -> list[tuple[int, int, int]]:
@@ -231,8 +230,7 @@ def bench_hetconv_config(
     het = HetConv2d(config.in_channels, config.out_channels, config.kernel_size, config.stride, pad, p=config.p)
     conv = het.to_conv2d()
     dense = config.dense_macs
-    own = hetconv_macs(config.in_channels, config.out_channels, config.out_size, config.out_size,
-                       config.kernel_size**2, config.p, config.batch)
+    own = config.output_elements * hetconv_macs_per_output(config.in_channels, config.kernel_size**2, config.p)
     rows = []
     for fmt in formats:
         memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
@@ -247,7 +245,7 @@ def bench_hetconv_config(
                 modules[f"hetconv:{backend}"] = (_Measuring(layer) if measured else layer, own)
             if "seed" in baselines and config.p > 1:
                 seed_layer = SeedHetConv2d.from_hetconv(het)
-                modules["seed"] = (seed_layer, own + config.batch * config.out_size**2 * config.out_channels * (config.in_channels // config.p))
+                modules["seed"] = (seed_layer, config.batch * layer_macs(seed_layer, (config.size, config.size))[0])
             if "p_branch" in baselines and config.p > 1:
                 modules["p_branch"] = (PBranchHetConv(het), own)
             if "public_loop" in baselines and config.p > 1 and config.out_channels <= 512 and mode == "infer":
@@ -293,14 +291,10 @@ def bench_separable_config(
     torch.manual_seed(seed)
     k = 3
     conv = nn.Conv2d(in_channels, out_channels, k, padding=1)
-    layers = {
-        "conv2d": (conv, batch * size * size * out_channels * in_channels * k * k),
-        "dsc": (DSConv2d(in_channels, out_channels, k, padding=1), batch * size * size * in_channels * (k * k + out_channels)),
-        "bsconv_u": (BSConvU2d(in_channels, out_channels, k, padding=1), batch * size * size * (in_channels * out_channels + out_channels * k * k)),
-    }
-    bss = BSConvS2d(in_channels, out_channels, k, padding=1)
-    mid = bss.pw1.out_channels
-    layers["bsconv_s"] = (bss, batch * size * size * (in_channels * mid + mid * out_channels + out_channels * k * k))
+    modules = {"conv2d": conv, "dsc": DSConv2d(in_channels, out_channels, k, padding=1),
+               "bsconv_u": BSConvU2d(in_channels, out_channels, k, padding=1),
+               "bsconv_s": BSConvS2d(in_channels, out_channels, k, padding=1)}
+    layers = {name: (module, batch * layer_macs(module, (size, size))[0]) for name, module in modules.items()}
     dense = layers["conv2d"][1]
     rows = []
     config = LayerConfig(in_channels, out_channels, size, 1, batch)

@@ -19,11 +19,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..accounting import count
 from ..layers import HetConv2d, SeedHetConv2d
 from .memory import peak_allocated_bytes
 from .timing import time_interleaved
 
-__all__ = ["build_variants", "bench_models", "to_seed_form", "to_dense_form", "count_conv_macs"]
+__all__ = ["build_variants", "bench_models", "to_seed_form", "to_dense_form"]
 
 
 def to_seed_form(model: nn.Module) -> nn.Module:
@@ -35,40 +36,6 @@ def to_seed_form(model: nn.Module) -> nn.Module:
             if isinstance(child, HetConv2d) and child.layout == "blocked":
                 setattr(parent, name, SeedHetConv2d.from_hetconv(child))
     return model
-
-
-def count_conv_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
-    """MACs per call of the model's convolutions and linear layers (hooks on
-    nn.Conv2d, HetConv2d, nn.Linear; exact HetConv count)."""
-    from .layers import hetconv_macs
-
-    total = 0
-
-    def conv_hook(module, inputs, output):
-        nonlocal total
-        b, n, h, w = output.shape
-        if isinstance(module, HetConv2d):
-            total += hetconv_macs(module.in_channels, n, h, w, module.kernel_size[0] * module.kernel_size[1], module.p, b)
-        else:
-            total += b * h * w * n * module.weight.shape[1] * module.weight.shape[2] * module.weight.shape[3]
-
-    def linear_hook(module, inputs, output):
-        nonlocal total
-        total += output.numel() * module.in_features
-
-    handles = []
-    for module in model.modules():
-        if isinstance(module, (nn.Conv2d, HetConv2d)):
-            handles.append(module.register_forward_hook(conv_hook))
-        elif isinstance(module, nn.Linear):
-            handles.append(module.register_forward_hook(linear_hook))
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(*input_shape))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return total
 
 
 def build_variants(create: Callable[..., nn.Module], name: str, ps: Sequence[int], seed_ps: Sequence[int] = ()) -> dict[str, nn.Module]:
@@ -125,7 +92,7 @@ def bench_models(
     torch.manual_seed(0)
     x0 = torch.randn(*input_shape)
     target = torch.randint(0, num_classes, (input_shape[0],))
-    macs = {name: count_conv_macs(model, input_shape) for name, model in variants.items()}
+    macs = {name: count(model, tuple(input_shape)).macs for name, model in variants.items()}
     rows = []
     for mode in modes:
         runners, memory_runs, gates, built = {}, {}, {}, {}

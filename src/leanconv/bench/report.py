@@ -7,26 +7,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from typing import Sequence
 
-__all__ = ["write_atomic", "write_results", "markdown_table", "read_results"]
+from ..files import write_atomic
 
-
-def write_atomic(path: str, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+__all__ = ["write_results", "markdown_table", "read_results"]
 
 
 def _format(value) -> str:
@@ -62,8 +47,8 @@ def write_results(
     notes: Sequence[str] = (),
     plot=None,
 ) -> list[str]:
-    """Write ``stem``.json, .csv and .md (and .png when ``plot(path)`` is given
-    and matplotlib is installed). Returns the paths written."""
+    """Write ``stem``.json, .csv and .md (and .png when ``plot(file)`` is given
+    and matplotlib is installed; it writes PNG bytes to the binary file object). Returns the paths written."""
     payload = {"title": title, "environment": header, "config": config, "notes": list(notes), "rows": list(rows)}
     paths = []
     write_atomic(stem + ".json", json.dumps(payload, indent=1, sort_keys=False, default=str) + "\n")
@@ -83,16 +68,8 @@ def write_results(
             matplotlib.use("Agg")
         except ImportError:
             return paths
-        directory = os.path.dirname(os.path.abspath(stem))
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
-        os.close(fd)
-        try:
-            plot(tmp)
-            os.replace(tmp, stem + ".png")
-            paths.append(stem + ".png")
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_atomic(stem + ".png", plot)
+        paths.append(stem + ".png")
     return paths
 
 

@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=S, help=f"output folder (default {DEFAULTS['out']})")
     parser.add_argument("--latency-batch", type=int, default=1, help="images per timed inference call (default 1)")
     parser.add_argument("--repeats", type=int, default=15, help="interleaved timing rounds (default 15)")
-    add_recipe_arguments(parser)
+    add_recipe_arguments(parser, DEFAULTS)
 
 
 def run_comparison(args: argparse.Namespace, defaults: dict, convs: list[str]) -> int:

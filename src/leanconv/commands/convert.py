@@ -9,9 +9,6 @@ import json
 NAME = "convert"
 HELP = "convert a model's convolutions to HetConv/DSC/BSConv/GWPW, print what it saves, save a checkpoint"
 
-KINDS = ("standard", "hetconv", "dsc", "bsconv_u", "bsconv_s", "gwpw")
-
-
 def _number(text: str):
     """'4' -> 4, '0.25' -> 0.25 (HetConv's p is an int, BSConv-S's a fraction)."""
     try:
@@ -40,12 +37,15 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, model_required: bool
         "model", nargs=None if model_required else "?",
         help="a zoo name (see leanconv.models.names()) or 'package.module:function' returning an nn.Module",
     )
-    parser.add_argument("--conv", required=model_required, choices=KINDS, help="the convolution kind to convert to")
+    parser.add_argument("--conv", required=model_required, metavar="SPEC",
+                        help="the kind to convert to, with its options if you like: standard, hetconv:p=4, "
+                             "hetconv:p=4,layout=shifted, dsc, bsconv_u, bsconv_s:p=0.5, gwpw:g=4")
     parser.add_argument("--width", type=float, default=None, help="zoo models: channel width multiplier")
     parser.add_argument("--num-classes", type=int, default=None, help="zoo models: number of classes")
     parser.add_argument("--input-size", type=_size, default=None,
                         help="C,H,W for the shape pass that gives MACs (zoo models default to their own size)")
-    layer = parser.add_argument_group("layer options (each belongs to one kind; another kind's option is an error)")
+    layer = parser.add_argument_group("layer options (each belongs to one kind; another kind's option, or one that "
+                                      "contradicts --conv's spec, is an error)")
     layer.add_argument("--p", type=_number, default=None, help="hetconv: the part P (int); bsconv_s: bottleneck fraction")
     layer.add_argument("--layout", choices=("blocked", "shifted"), default=None, help="hetconv: kernel placement")
     layer.add_argument("--groups", "--g", type=int, default=None, dest="groups", help="gwpw: groups of the KxK conv")
@@ -60,16 +60,19 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, model_required: bool
     conversion.add_argument("--no-skip-stem", action="store_true", help="also convert the first convolution")
     conversion.add_argument("--p-policy", choices=("skip", "largest"), default="skip",
                             help="layers whose channels p (or groups) does not divide: skip, or use the largest divisor")
-    conversion.add_argument("--convert-subclasses", action="store_true", help="also replace subclasses of nn.Conv2d")
+    conversion.add_argument("--convert-subclasses", action="store_true",
+                            help="also replace nn.Conv2d subclasses, parametrized and hooked convolutions")
+    conversion.add_argument("--allow-costlier", action="store_true",
+                            help="replace a layer even when the new one has no fewer MACs per pixel and parameters")
 
 
-def layer_options(args) -> dict:
-    options = {}
-    for key in ("p", "layout", "groups", "with_bn", "min_mid_channels", "depth_multiplier"):
-        value = getattr(args, key, None)
-        if value is not None:
-            options[key] = value
-    return options
+def conv_choice(args) -> tuple[str, dict]:
+    """(kind, options) of --conv's spec joined with the layer-option flags."""
+    from ..conv_spec import resolve_conv
+
+    flags = {key: getattr(args, key, None)
+             for key in ("p", "layout", "groups", "with_bn", "min_mid_channels", "depth_multiplier")}
+    return resolve_conv(args.conv, flags, argument="--conv")
 
 
 def convert_options(args) -> dict:
@@ -78,8 +81,9 @@ def convert_options(args) -> dict:
         options["include"] = list(args.include)
     if args.exclude:
         options["exclude"] = list(args.exclude)
-    if args.convert_subclasses:
-        options["convert_subclasses"] = True
+    for switch in ("convert_subclasses", "allow_costlier"):
+        if getattr(args, switch):
+            options[switch] = True
     return options
 
 
@@ -135,9 +139,9 @@ def run(args) -> int:
     options = convert_options(args)
     if args.transfer_weights:
         options["transfer_weights"] = True
-    kind_options = layer_options(args)
+    kind, kind_options = conv_choice(args)
     converted, report = convert(
-        model, args.conv, input_size=input_size, return_report=True, **options, **kind_options,
+        model, kind, input_size=input_size, return_report=True, **options, **kind_options,
     )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
     if args.out:
@@ -145,7 +149,7 @@ def run(args) -> int:
         saved.pop("transfer_weights", None)
         if input_size is not None:  # the stem is found by execution order: rebuild the same way
             saved["input_size"] = list(input_size)
-        save_converted(args.out, converted, source, args.conv, saved, report)
+        save_converted(args.out, converted, source, kind, saved, report)
         if not args.json:
             print(f"\nsaved {args.out} (rebuild: from leanconv.convert import load_converted)")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 NAME = "evaluate"
 HELP = "evaluate a training checkpoint (RUN_DIR/last.pt) on CIFAR or the embedded set"
@@ -10,7 +11,9 @@ HELP = "evaluate a training checkpoint (RUN_DIR/last.pt) on CIFAR or the embedde
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="RUN_DIR/last.pt written by leanconv train")
-    parser.add_argument("--data", default="embedded", help="CIFAR python .tar.gz or folder, or 'embedded' (default)")
+    parser.add_argument("--data", default=None,
+                        help="CIFAR python .tar.gz or folder, or 'embedded' (default: the data the checkpoint was "
+                             "trained on, its config's data)")
     parser.add_argument("--split", choices=("test", "train"), default="test", help="split (default test)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
@@ -26,10 +29,13 @@ def run(args: argparse.Namespace) -> int:
 
     device = pick_device(args.device, 0)
     model, checkpoint = load_trained_model(args.checkpoint, device)
-    data = load_dataset(args.data, args.split)
+    source = args.data if args.data is not None else checkpoint["config"]["data"]
+    chosen_by = "--data" if args.data is not None else "the checkpoint's training data; --data chooses another"
+    print(f"leanconv evaluate: {args.split} split of {source} ({chosen_by})", file=sys.stderr, flush=True)
+    data = load_dataset(source, args.split)
     classes = checkpoint["model_spec"]["num_classes"]
     if data.num_classes != classes:
-        raise ValueError(f"{args.checkpoint} predicts {classes} classes but {args.data} has {data.num_classes}")
+        raise ValueError(f"{args.checkpoint} predicts {classes} classes but {source} has {data.num_classes}")
     result = evaluate(model, BatchLoader(data, args.batch_size, device=device))
     if args.json:
         print(json.dumps(result))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from .convert import add_model_arguments, convert_options, layer_options, load_source
+from .convert import add_model_arguments, conv_choice, convert_options, load_source
 
 NAME = "export"
 HELP = "export a (converted) model to ONNX and verify it with onnxruntime; TorchScript / torch.export too"
@@ -28,11 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from ..convert import convert, load_converted
-    if args.checkpoint:
-        import torch
+    from ..convert.checkpoint import read_converted
 
+    if args.checkpoint:
         model = load_converted(args.checkpoint)
-        source = torch.load(args.checkpoint, map_location="cpu", weights_only=True)["source"]
+        source = read_converted(args.checkpoint)["source"]
         input_size = args.input_size
         if input_size is None and "zoo" in source:
             from .convert import _zoo_input_size
@@ -41,10 +41,11 @@ def run(args) -> int:
             input_size = _zoo_input_size(models, source["zoo"])
     else:
         if not args.model or not args.conv:
-            raise ValueError("give a model and --conv KIND, or --checkpoint CKPT")
+            raise ValueError("give a model and --conv SPEC (e.g. hetconv:p=4), or --checkpoint CKPT")
         model, _, default_size = load_source(args)
         input_size = args.input_size or default_size
-        model = convert(model, args.conv, **convert_options(args), **layer_options(args))
+        kind, kind_options = conv_choice(args)
+        model = convert(model, kind, **convert_options(args), **kind_options)
     if input_size is None:
         raise ValueError("--input-size C,H,W is needed for a module:function model")
     if not (args.onnx or args.torchscript or args.torch_export):
@@ -65,7 +66,7 @@ def _export(model, args, input_size) -> int:
     fuse = not args.no_fuse
     if args.onnx:
         result = export_onnx(
-            model, args.onnx, input_size=input_size, opset=args.opset, hetconv_form=args.hetconv_form, fuse=fuse,
+            model, None, args.onnx, input_size=input_size, opset=args.opset, hetconv_form=args.hetconv_form, fuse=fuse,
             dynamic_batch=not args.static_batch, check=args.check,
         )
         print(result)

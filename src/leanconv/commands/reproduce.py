@@ -30,14 +30,15 @@ EXPERIMENTS = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     S = argparse.SUPPRESS
+    recipe = EXPERIMENTS["hetconv-vgg16-cifar10"]["recipe"]  # the only experiment: its recipe is the default
     parser.add_argument("experiment", choices=sorted(EXPERIMENTS), help="which experiment")
     parser.add_argument("--data", required=True, help="CIFAR-10 python .tar.gz or folder (or 'embedded' to try it)")
-    parser.add_argument("--out", default=S, help="output folder (default runs/reproduce-<experiment>)")
-    parser.add_argument("--width", type=float, default=S, help="width multiplier (default 1, the paper's)")
+    parser.add_argument("--out", default=S, help=f"output folder (default {recipe['out']})")
+    parser.add_argument("--width", type=float, default=S, help=f"width multiplier, 1 is the paper's (default {recipe['width']:g})")
     parser.add_argument("--ps", default=None, help="only these P, e.g. 1,4,8 (P=1 is the standard network)")
     parser.add_argument("--latency-batch", type=int, default=1, help="images per timed inference call (default 1)")
     parser.add_argument("--repeats", type=int, default=15, help="interleaved timing rounds (default 15)")
-    add_recipe_arguments(parser)
+    add_recipe_arguments(parser, recipe)
 
 
 def _selected(convs: list[str], ps: str | None) -> list[str]:

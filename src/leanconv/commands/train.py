@@ -33,36 +33,58 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from error
 
 
-def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+def recipe_default(name: str, defaults: dict | None = None):
+    """The value a recipe field takes when no flag or config file sets it: the
+    command's own table (compare's, an experiment's), else TrainConfig's."""
+    from ..train import TrainConfig
+
+    return (defaults or {}).get(name, TrainConfig.default(name))
+
+
+def shown_default(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "none"}[value]
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None) -> None:
     """Recipe flags shared by train, compare and reproduce. Defaults are
     suppressed, so only flags given on the command line override the config
-    file and the TrainConfig defaults."""
+    file and the command's defaults; each help text shows the default the
+    command really uses (``defaults``, then TrainConfig's)."""
     S = argparse.SUPPRESS
-    add = parser.add_argument
-    add("--config", default=None, help="YAML or TOML file of recipe values; flags override it")
-    add("--epochs", type=int, default=S, help="epochs (default 30)")
-    add("--batch-size", type=int, default=S, help="global batch size, split over processes (default 128)")
-    add("--seed", type=int, default=S, help="seed of weights, data order and augmentation (default 0)")
-    add("--lr", type=float, default=S, help="base learning rate (default 0.1)")
-    add("--momentum", type=float, default=S, help="SGD momentum (default 0.9)")
-    add("--weight-decay", type=float, default=S, help="weight decay (default 5e-4)")
-    add("--nesterov", type=_bool, nargs="?", const=True, default=S, help="Nesterov momentum")
-    add("--schedule", choices=("cosine", "multistep", "onecycle"), default=S, help="LR schedule (default cosine)")
-    add("--milestones", type=_floats, default=S, help="multistep: epochs, e.g. 100,150 (default 50%%,75%%)")
-    add("--gamma", type=float, default=S, help="multistep factor (default 0.1)")
-    add("--warmup", type=float, default=S, help="epochs of linear warm-up (default 0)")
-    add("--label-smoothing", type=float, default=S, help="cross-entropy label smoothing (default 0)")
-    add("--amp", choices=("off", "bf16", "fp16"), default=S, help="autocast dtype (default off; fp16 on CUDA only)")
-    add("--channels-last", type=_bool, nargs="?", const=True, default=S, help="channels-last model and inputs")
-    add("--workers", type=int, default=S, help="batches prepared ahead in a background thread (default 0)")
-    add("--ortho-alpha", type=float, default=S, help="BSConv-S orthonormality penalty weight (default 0.1)")
-    add("--augment", type=_bool, default=S, help="random crop + flip (default true)")
-    add("--device", default=S, help="auto, cpu, cuda or cuda:N (default auto)")
-    add("--hetconv-autotune", type=_bool, nargs="?", const=True, default=S,
-        help="let HetConv's auto backend time candidates while training (faster on some CPUs; runs and resumes "
-             "are then not bit-for-bit repeatable; default off)")
-    add("--no-progress", dest="progress", action="store_false", default=S, help="no progress bars")
-    add("--threads", type=int, default=None, help="torch.set_num_threads for this process (default: torch's)")
+
+    def add(flag: str, help: str, **kwargs) -> None:
+        name = flag[2:].replace("-", "_")
+        default = shown_default(recipe_default(name, defaults)).replace("%", "%%")
+        parser.add_argument(flag, default=S, help=f"{help} (default {default})", **kwargs)
+
+    parser.add_argument("--config", default=None, help="YAML or TOML file of recipe values; flags override it")
+    add("--epochs", "epochs", type=int)
+    add("--batch-size", "global batch size, split over processes", type=int)
+    add("--seed", "seed of weights, data order and augmentation", type=int)
+    add("--lr", "base learning rate", type=float)
+    add("--momentum", "SGD momentum", type=float)
+    add("--weight-decay", "weight decay", type=float)
+    add("--nesterov", "Nesterov momentum", type=_bool, nargs="?", const=True)
+    add("--schedule", "LR schedule", choices=("cosine", "multistep", "onecycle"))
+    add("--milestones", "multistep: epochs, e.g. 100,150; none: half and three quarters of the run", type=_floats)
+    add("--gamma", "multistep factor", type=float)
+    add("--warmup", "epochs of linear warm-up", type=float)
+    add("--label-smoothing", "cross-entropy label smoothing", type=float)
+    add("--amp", "autocast dtype (fp16 on CUDA only)", choices=("off", "bf16", "fp16"))
+    add("--channels-last", "channels-last model and inputs", type=_bool, nargs="?", const=True)
+    add("--workers", "batches prepared ahead in a background thread", type=int)
+    add("--ortho-alpha", "BSConv-S orthonormality penalty weight", type=float)
+    add("--augment", "random crop + flip", type=_bool)
+    add("--device", "auto, cpu, cuda or cuda:N")
+    add("--round-channels", "round every channel width to a multiple of HetConv's p / GWPW's groups",
+        type=_bool, nargs="?", const=True)
+    add("--hetconv-autotune", "let HetConv's auto backend time candidates while training (faster on some CPUs; "
+        "runs and resumes are then not bit-for-bit repeatable)", type=_bool, nargs="?", const=True)
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bars")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads for this process (default: torch's)")
 
 
 def apply_threads(args: argparse.Namespace) -> None:
@@ -74,16 +96,20 @@ def apply_threads(args: argparse.Namespace) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     S = argparse.SUPPRESS
-    parser.add_argument("--model", default=S, help="zoo model name (default resnet20_cifar)")
-    parser.add_argument("--conv", default=S, help="conv spec: standard, hetconv:p=4, dsc, bsconv_u, bsconv_s, gwpw:g=4")
+    parser.add_argument("--model", default=S, help=f"zoo model name (default {recipe_default('model')})")
+    parser.add_argument("--conv", default=S, help="conv spec: standard, hetconv:p=4, hetconv:p=4,layout=shifted, dsc, "
+                        f"bsconv_u, bsconv_s, gwpw:g=4 (default {recipe_default('conv')})")
     parser.add_argument("--p", type=_number, default=S,
                         help="the conv's p: HetConv part P (same as hetconv:p=P) or BSConv-S fraction")
-    parser.add_argument("--width", type=float, default=S, help="channel width multiplier (default 1)")
-    parser.add_argument("--data", default=S, help="CIFAR python .tar.gz or folder, or 'embedded' (default)")
+    parser.add_argument("--width", type=float, default=S,
+                        help=f"channel width multiplier (default {recipe_default('width'):g})")
+    parser.add_argument("--data", default=S, help="CIFAR python .tar.gz or folder, or 'embedded' "
+                        f"(default {recipe_default('data')})")
     parser.add_argument("--download", action="store_true",
                         help="download the official CIFAR-10 archive into --data DIR when DIR holds no CIFAR data")
-    parser.add_argument("--out", default=S, help="run folder (default runs/train)")
-    parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    parser.add_argument("--out", default=S, help=f"run folder (default {recipe_default('out')})")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from RUN_DIR/last.pt; a larger --epochs extends the run")
     add_recipe_arguments(parser)
 
 

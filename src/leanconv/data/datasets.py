@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..files import write_atomic
 from .augment import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 from .cifar import CifarFormatError, detect_layout, read_cifar
 
@@ -106,11 +107,9 @@ def build_embedded(source: str, destination: str = EMBEDDED_PATH, train_per_clas
     train_x, train_y = first_per_class(*read_cifar(source, "train")[:2], train_per_class)
     test_x, test_y = first_per_class(*read_cifar(source, "test")[:2], test_per_class)
     classes = np.array(read_cifar(source, "test")[2])
-    os.makedirs(os.path.dirname(os.path.abspath(destination)), exist_ok=True)
-    tmp = destination + ".tmp.npz"
     delta = lambda x: np.diff(x, axis=-1, prepend=np.zeros_like(x[..., :1]))  # noqa: E731, wraps mod 256
-    np.savez_compressed(tmp, train_images=delta(train_x), train_labels=train_y, test_images=delta(test_x), test_labels=test_y,
-                        classes=classes)
-    os.replace(tmp, destination)
+    write_atomic(destination, lambda handle: np.savez_compressed(
+        handle, train_images=delta(train_x), train_labels=train_y, test_images=delta(test_x), test_labels=test_y,
+        classes=classes))
     return destination
 

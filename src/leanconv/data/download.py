@@ -1,7 +1,7 @@
 """Download a CIFAR archive with checksum verification and an atomic rename.
 
-The file is streamed to a temporary name in the destination folder, its
-digest checked, and only then renamed to its final name, so an interrupted or
+The file is streamed through :func:`leanconv.files.write_atomic`: its digest is
+checked before the temporary file is renamed to its final name, so an interrupted or
 corrupted download never leaves a file that looks complete.
 
 Example::
@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import urllib.request
 from typing import Callable
+
+from ..files import write_atomic
 
 __all__ = ["OFFICIAL_ARCHIVES", "ChecksumError", "download", "download_cifar"]
 
@@ -63,12 +64,10 @@ def download(
     algorithm, expected = _parse_checksum(checksum) if checksum else (None, None)
     if os.path.isfile(destination) and (algorithm is None or file_digest(destination, algorithm) == expected):
         return destination
-    directory = os.path.dirname(os.path.abspath(destination))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".download-", suffix=".part")
-    try:
+
+    def fetch(out) -> None:  # raising here leaves no file behind
         digest = hashlib.new(algorithm) if algorithm else None
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             total = response.headers.get("Content-Length")
             total = int(total) if total and total.isdigit() else None
             done = 0
@@ -79,18 +78,14 @@ def download(
                 done += len(block)
                 if progress:
                     progress(done, total)
-            out.flush()
-            os.fsync(out.fileno())
         if total is not None and done != total:
             raise OSError(f"download of {url} ended after {done} of {total} bytes")
         if digest and digest.hexdigest() != expected:
             raise ChecksumError(
                 f"checksum mismatch for {url}: expected {algorithm}:{expected}, got {algorithm}:{digest.hexdigest()}"
             )
-        os.replace(tmp, destination)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    write_atomic(destination, fetch)
     return destination
 
 

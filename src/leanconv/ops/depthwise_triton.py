@@ -5,7 +5,7 @@ of DSConv2d, BSConvU2d and BSConvS2d, computed by one Triton kernel per pass
 (forward, input gradient, weight gradient). Runs on CUDA tensors, and on CPU
 tensors under ``TRITON_INTERPRET=1`` (how the test suite checks it without a
 GPU). float32, bfloat16, float16; float32 accumulation. This module imports
-Triton: ``ops/depthwise.py`` imports it only where Triton is found and the
+Triton: ``ops/backends.py`` imports it only where Triton is found and the
 backend is used.
 """
 

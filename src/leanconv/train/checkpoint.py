@@ -11,12 +11,12 @@ strings, lists and dicts, so a checkpoint loads without unpickling code.
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 
 import numpy as np
 import torch
+
+from ..files import read_torch_file, write_atomic
 
 __all__ = ["save_checkpoint", "load_checkpoint", "rng_states", "restore_rng_states"]
 
@@ -49,28 +49,12 @@ def restore_rng_states(states: dict) -> None:
 
 
 def save_checkpoint(checkpoint: dict, path: str) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save({"format": FORMAT, **checkpoint}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """``torch.save`` atomically (:func:`leanconv.files.write_atomic`)."""
+    write_atomic(path, lambda handle: torch.save({"format": FORMAT, **checkpoint}, handle))
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # truncated or foreign files raise many types
-        raise ValueError(f"{path}: not a readable checkpoint ({error})") from error
+    checkpoint = read_torch_file(path, "training checkpoint", map_location)
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT or "model" not in checkpoint:
         raise ValueError(f"{path}: not a leanconv training checkpoint (expected a dict with format {FORMAT!r})")
     return checkpoint

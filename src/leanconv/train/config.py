@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ..conv_spec import ConvSpec, parse_conv_spec
+from ..conv_spec import ConvSpec, resolve_conv
 from ..models import names as model_names
 
 __all__ = ["TrainConfig", "SCHEDULES", "AMP_MODES", "load_config_file"]
@@ -32,6 +32,7 @@ class TrainConfig:
     conv: str = "standard"  # conv spec: "hetconv:p=4", "dsc", "gwpw:g=4", ...
     p: float | None = None  # shortcut for the conv spec's p (HetConv part P, BSConv-S fraction)
     width: float = 1.0
+    round_channels: bool = False  # round every width to a multiple of HetConv's P / GWPW's groups
     layer_options: dict = field(default_factory=dict)  # extra options for every layer of the kind
     data: str = "embedded"
     epochs: int = 30
@@ -91,13 +92,19 @@ class TrainConfig:
 
     def conv_spec(self) -> ConvSpec:
         """``conv`` with ``p`` and ``layer_options`` merged in, checked complete."""
-        spec = parse_conv_spec(self.conv)
-        if self.p is not None and spec.options.get("p", self.p) != self.p:
-            raise ValueError(f"p: {self.p} contradicts the conv spec {self.conv!r}")
-        return spec.with_options(p=self.p, **self.layer_options).check()
+        kind, options = resolve_conv(self.conv, {"p": self.p, **self.layer_options}, argument="conv")
+        return ConvSpec(kind, options)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def default(cls, name: str):
+        """The dataclass default of field ``name``."""
+        for f in dataclasses.fields(cls):
+            if f.name == name:
+                return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        raise ValueError(f"TrainConfig has no field {name!r}; fields: {', '.join(cls.field_names())}")
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -36,8 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import config as leanconv_config
-from ..bench.report import write_atomic
 from ..data import BatchLoader, Dataset, load_dataset
+from ..files import write_atomic
 from ..layers import BSConvS2d, orthonormal_penalty
 from ..models import create
 from .checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
@@ -57,13 +57,14 @@ def model_spec(config: TrainConfig, num_classes: int) -> dict:
     complete (ValueError otherwise, e.g. hetconv without p).
     """
     spec = config.conv_spec()
+    rounding = {"round_channels": True} if config.round_channels else {}
     return {"name": config.model, "conv": spec.kind, "options": dict(spec.options), "width": config.width,
-            "num_classes": num_classes}
+            "num_classes": num_classes, **rounding}
 
 
 def build_model(spec: dict) -> nn.Module:
     return create(spec["name"], conv=spec["conv"], width=spec["width"], num_classes=spec["num_classes"],
-                  **spec["options"])
+                  round_channels=spec.get("round_channels", False), **spec["options"])
 
 
 def autocast_context(amp: str, device: torch.device):
@@ -140,8 +141,29 @@ _RESUME_FREE = ("out", "data", "progress", "workers", "device")
 
 
 def _recipe_changes(saved: dict, current: dict) -> str:
+    """The recipe changes a resume refuses: everything but _RESUME_FREE and a
+    larger ``epochs`` (which extends the run)."""
     keys = sorted((set(saved) | set(current)) - set(_RESUME_FREE))
-    return ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k))
+    saved = {**{k: TrainConfig.default(k) for k in current if k not in saved}, **saved}  # fields added since
+    changed = [k for k in keys if saved.get(k) != current.get(k)]
+    if "epochs" in changed and current["epochs"] > saved["epochs"]:
+        changed.remove("epochs")
+    return ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+
+
+def _plan_schedule(config: TrainConfig, steps_per_epoch: int) -> LRSchedule:
+    return LRSchedule(config.schedule, steps_per_epoch, config.epochs, config.warmup,
+                      tuple(config.milestones or ()), config.gamma)
+
+
+def _replan_schedule(scheduler, optimizer, schedule: LRSchedule) -> None:
+    """Continue a resumed run on ``schedule`` (planned for its new length) from
+    the step it reached: the learning rate of the next step is the new plan's."""
+    scheduler.lr_lambdas = [schedule for _ in optimizer.param_groups]
+    factor = schedule(scheduler.last_epoch)
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * factor
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def _write_json(path: str, payload: dict) -> None:
@@ -205,13 +227,12 @@ def _train(config, ctx: DistributedContext, resume, train_data, test_data, log) 
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size {config.batch_size} is larger than the {len(train_data)} training images of "
                          f"{config.data}")
-    schedule = LRSchedule(config.schedule, steps_per_epoch, config.epochs, config.warmup,
-                          tuple(config.milestones or ()), config.gamma)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _plan_schedule(config, steps_per_epoch))
     scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
 
     start_epoch = 0
     earlier_epochs: list[dict] = []
+    extensions: list[dict] = []  # each --resume with a larger --epochs
     if resume and os.path.exists(checkpoint_path):
         checkpoint = load_checkpoint(checkpoint_path)  # on the CPU: RNG states must stay there
         if checkpoint["model_spec"] != spec:
@@ -222,11 +243,18 @@ def _train(config, ctx: DistributedContext, resume, train_data, test_data, log) 
                              f"the same one (or choose another --out)")
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
+        scheduler.load_state_dict(checkpoint["scheduler"])  # restores the saved schedule's plan too
         if scaler is not None and checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
         restore_rng_states(checkpoint["rng"])
         start_epoch = checkpoint["epoch"]
+        extensions = list(checkpoint.get("extensions", []))
+        saved_epochs = checkpoint["config"]["epochs"]
+        if config.epochs != saved_epochs:
+            _replan_schedule(scheduler, optimizer, _plan_schedule(config, steps_per_epoch))
+            extensions.append({"at_epoch": start_epoch, "epochs_before": saved_epochs, "epochs_after": config.epochs})
+            log(f"extending {checkpoint_path} from {saved_epochs} to {config.epochs} epochs: the {config.schedule} "
+                f"schedule is re-planned for {config.epochs} epochs and continues from epoch {start_epoch}")
         earlier_epochs = _keep_metrics_until(metrics_path, start_epoch) if ctx.is_main else []
         log(f"resuming {checkpoint_path} after epoch {start_epoch}/{config.epochs}")
     elif ctx.is_main and os.path.exists(metrics_path):
@@ -235,9 +263,11 @@ def _train(config, ctx: DistributedContext, resume, train_data, test_data, log) 
     if ctx.is_main:
         os.makedirs(out, exist_ok=True)
         _write_json(os.path.join(out, "config.json"), {**config.to_dict(), "model_spec": spec,
-                                                        "world_size": ctx.world_size})
+                                                        "channel_widths": model.channel_widths,
+                                                        "extensions": extensions, "world_size": ctx.world_size})
     params = sum(p.numel() for p in model.parameters())
-    log(f"{spec['name']} conv={config.conv} width={config.width}: {params:,} parameters; "
+    log(f"{spec['name']} conv={config.conv} width={config.width} (channel widths "
+        f"{', '.join(map(str, model.channel_widths))}): {params:,} parameters; "
         f"{len(train_data)} train / {len(test_data)} test images from {train_data.source}; "
         f"{config.epochs} epochs x {steps_per_epoch} steps of {config.batch_size} on {device}"
         f"{f' x {ctx.world_size} processes' if ctx.active else ''}")
@@ -310,6 +340,8 @@ def _train(config, ctx: DistributedContext, resume, train_data, test_data, log) 
                 "data": {"seed": config.seed, "next_epoch": epoch + 1},
                 "config": config.to_dict(),
                 "model_spec": spec,
+                "channel_widths": model.channel_widths,
+                "extensions": extensions,
                 "metrics": last,
             }, checkpoint_path)
             _append_jsonl(metrics_path, last)
