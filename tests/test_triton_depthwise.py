@@ -225,6 +225,12 @@ def test_opt_in_measuring_times_both_once(monkeypatch, tmp_path, train):
     """With measuring on, both backends (triton runs on the interpreter here) are
     timed once per setting, the winner is remembered (on the layer and in the
     cache file) and computes the same."""
+    import dataclasses
+
+    from leanconv.ops import registry
+
+    triton = registry.backends("depthwise")["triton"]  # measured on CUDA only; on the interpreter here
+    monkeypatch.setitem(registry.backends("depthwise"), "triton", dataclasses.replace(triton, measured=(DEVICE,)))
     cache = tmp_path / "measured.json"
     config.set_benchmark_cache(cache)
     measure.clear_cache()

@@ -186,13 +186,19 @@ def test_auto_rule_follows_the_committed_measurements():
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
-def test_opt_in_measuring_times_triton_where_it_can_run(tmp_path, train):
-    """Measuring (opt-in) times every registered backend that can run the call (on
-    the interpreter triton can); the choice is kept in the cache file and whatever
-    wins computes HetConv."""
+def test_opt_in_measuring_times_triton_where_it_can_run(monkeypatch, tmp_path, train):
+    """Measuring (opt-in) times every registered backend that can run the call on a
+    device it is measured on (triton: CUDA; listed for the CPU interpreter here);
+    the choice is kept in the cache file and whatever wins computes HetConv."""
     from leanconv import HetConv2d
     from leanconv.ops import measure
 
+    import dataclasses
+
+    from leanconv.ops import registry
+
+    triton = registry.backends("hetconv")["triton"]  # measured on CUDA only; on the interpreter here
+    monkeypatch.setitem(registry.backends("hetconv"), "triton", dataclasses.replace(triton, measured=(DEVICE,)))
     cache = tmp_path / "measured.json"
     config.set_benchmark_cache(cache)
     measure.clear_cache()

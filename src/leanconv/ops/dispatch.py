@@ -143,7 +143,7 @@ def _measure(op: str, x, params, bias, geometry, plan: Plan, prefer: str) -> str
     """Time every registered backend of ``op`` that can run the call."""
     names = [
         name for name, b in backends(op).items()
-        if b.measured and b.why_not(x, geometry, plan) is None
+        if x.device.type in b.measured and b.why_not(x, geometry, plan) is None
     ]
     if len(names) < 2:
         return prefer if prefer in names or not names else names[0]

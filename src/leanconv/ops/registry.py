@@ -22,7 +22,7 @@ deterministic rule (how a user's backend becomes the default where it wins). ``l
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -83,7 +83,9 @@ class Backend:
     memory_formats: tuple[str, ...] = MEMORY_FORMATS
     unsupported: Callable[[torch.Tensor, Any], str | None] | None = None
     description: str = ""
-    measured: bool = field(default=True)  # a candidate of the opt-in measuring ``auto``
+    # Devices where the opt-in measuring ``auto`` times this backend (the Triton
+    # backends run on the CPU only interpreted, for tests: never worth timing there).
+    measured: tuple[str, ...] = ("cpu", "cuda")
     # ``prefer(x, geometry, plan) -> bool``: where True (and the backend can run the
     # call), ``auto``'s deterministic rule picks this backend before the built-in rule.
     prefer: Callable[[torch.Tensor, Any, Plan], bool] | None = None
