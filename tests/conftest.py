@@ -27,11 +27,17 @@ for _variable in ("LEANCONV_BACKEND", "LEANCONV_DEPTHWISE_BACKEND", "LEANCONV_BE
 @pytest.fixture(autouse=True)
 def fresh_config():
     """Every test starts from leanconv's defaults (setters forgotten, the
-    environment read again at first use) and leaves nothing behind."""
+    environment read again at first use, the built-in backends registered) and
+    leaves nothing behind."""
     from leanconv import config
+    from leanconv.ops import registry
 
     config._reset_for_tests()
+    backends = {op: dict(entries) for op, entries in registry._REGISTRY.items()}
     yield
+    for op, entries in backends.items():  # a test (or a README example) may register backends
+        registry._REGISTRY[op].clear()
+        registry._REGISTRY[op].update(entries)
     config._reset_for_tests()
 
 

@@ -106,12 +106,14 @@ def register_builtin_backends() -> None:
     ))
     if triton_installed():  # listed without importing Triton; imported on first use
         register_backend(Backend(
-            "triton", "hetconv", _prepare_hetconv_triton, _run_hetconv_triton, dtypes=TRITON_DTYPES,
+            "triton", "hetconv", _prepare_hetconv_triton, _run_hetconv_triton, devices=("cuda", "cpu"),
+            dtypes=TRITON_DTYPES,
             unsupported=_triton_unsupported, measured=("cuda",),
             description="direct HetConv: Triton implicit-GEMM forward, input- and weight-gradient kernels (CUDA)",
         ))
         register_backend(Backend(
-            "triton", "depthwise", _prepare_depthwise, _run_depthwise_triton, dtypes=TRITON_DTYPES,
+            "triton", "depthwise", _prepare_depthwise, _run_depthwise_triton, devices=("cuda", "cpu"),
+            dtypes=TRITON_DTYPES,
             unsupported=_depthwise_triton_unsupported, measured=("cuda",),
             description="direct depthwise forward, input- and weight-gradient Triton kernels (CUDA)",
         ))

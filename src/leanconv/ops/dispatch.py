@@ -76,10 +76,14 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a convolution of ``x`` computes in: autocast's on ``x``'s device
     where autocast is on (float64 and non-floating inputs are left alone, as
     autocast does), else ``x.dtype``."""
+    if not torch._C._is_any_autocast_enabled() or not x.is_floating_point() or x.dtype == torch.float64:
+        return x.dtype
     device = x.device.type
-    if x.is_floating_point() and x.dtype != torch.float64 and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return x.dtype
+    try:
+        enabled = torch.is_autocast_enabled(device)
+    except RuntimeError:  # a device type autocast does not know (e.g. meta)
+        return x.dtype
+    return torch.get_autocast_dtype(device) if enabled else x.dtype
 
 
 def triton_measured_win(x: torch.Tensor, geometry: HetConvGeometry, plan: Plan) -> bool:

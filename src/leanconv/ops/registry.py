@@ -4,7 +4,7 @@ A backend is one exact implementation of an op (``"hetconv"`` or
 ``"depthwise"``): every backend of an op computes the same function, to
 rounding; they differ only in speed. It declares
 
-* where it runs: ``devices``, ``dtypes`` (None: any floating dtype),
+* where it runs: ``devices`` (None: any device), ``dtypes`` (None: any floating dtype),
   ``training`` (autograd through it) and ``inference``, and
   ``memory_formats`` (``"contiguous"``, ``"channels_last"``);
 * ``prepare(params, geometry, plan, input_shape)``: the weight-derived tensors it needs
@@ -76,7 +76,7 @@ class Backend:
     op: str
     prepare: Callable[..., Any]
     run: Callable[..., torch.Tensor]
-    devices: tuple[str, ...] = ("cpu", "cuda")
+    devices: tuple[str, ...] | None = None  # None: any device (pure torch ops)
     dtypes: tuple[torch.dtype, ...] | None = None
     training: bool = True
     inference: bool = True
@@ -103,7 +103,7 @@ class Backend:
 
     def why_not(self, x: torch.Tensor, geometry, plan: Plan) -> str | None:
         """None when this backend can run the call, else the reason (a sentence)."""
-        if x.device.type not in self.devices:
+        if self.devices is not None and x.device.type not in self.devices:
             return f"it runs on {', '.join(self.devices)}, the input is on {x.device.type}"
         dtypes = FLOATING if self.dtypes is None else self.dtypes
         if plan.compute_dtype not in dtypes:
