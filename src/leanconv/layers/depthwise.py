@@ -107,4 +107,5 @@ class DepthwiseConv2d(DispatchedLayer, nn.Conv2d):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.padding_mode != "zeros":
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-        return self._get_dispatcher()(input, (self.weight,), self.bias, self._geometry(), self._backend)
+        dispatcher = self.__dict__.get("_dispatcher") or self._get_dispatcher()
+        return dispatcher(input, (self.weight,), self.bias, self._geometry(), self._backend)

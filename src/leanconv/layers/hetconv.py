@@ -165,7 +165,8 @@ class HetConv2d(DispatchedLayer, nn.Module):
     # ---------------------------------------------------------------- forward
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         params = self._parameters
-        return self._get_dispatcher()(
+        dispatcher = self.__dict__.get("_dispatcher") or self._get_dispatcher()
+        return dispatcher(
             input, (params["weight"], params["pointwise_weight"]), params["bias"], self._geometry, self._backend,
             self._mode_padding,
         )

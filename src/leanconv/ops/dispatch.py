@@ -64,6 +64,14 @@ __all__ = [
 
 SMALL_CALL_WORK = 20_000_000
 _CL = torch.channels_last
+# The per-call checks, bound once (each dotted lookup costs on a path that runs per layer call).
+_tracing_state = torch._C._get_tracing_state
+_is_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
+_inference_mode = torch.is_inference_mode_enabled
+_any_autocast = torch._C._is_any_autocast_enabled
+_generation = config.generation
+_dispatch_state = config.dispatch_state
 
 
 def graph_capturing() -> bool:
@@ -253,17 +261,17 @@ class Dispatcher:
         """Run the layer's op on ``input`` (3-D or 4-D). ``geometry.padding`` is the
         convolution's zero padding; ``mode_padding``, for a non-zero padding mode,
         is ``(pair, mode)`` applied explicitly first (then ``geometry.padding`` is 0)."""
-        if torch._C._get_tracing_state() or torch.compiler.is_compiling() or not isinstance(input, torch.Tensor):
+        if _tracing_state() or _is_compiling() or not isinstance(input, torch.Tensor):
             return self.uncached(input, params, bias, geometry, requested, mode_padding)
-        training = torch.is_grad_enabled() and (
+        training = _grad_enabled() and (
             input.requires_grad or any(t.requires_grad for t in params) or (bias is not None and bias.requires_grad)
         )
         # The input's setting (shape and strides fix the memory format), autograd and inference
         # mode, the configuration in force, autocast: everything a plan depends on.
         key = (
-            input.shape, input.stride(), input.dtype, input.device, training, torch.is_inference_mode_enabled(),
-            config.generation[0], requested, config.dispatch_state(self.op),
-            _autocast_state(input) if torch._C._is_any_autocast_enabled() else None,
+            input.shape, input.stride(), input.dtype, input.device, training, _inference_mode(),
+            _generation[0], requested, _dispatch_state(self.op),
+            _autocast_state(input) if _any_autocast() else None,
         )
         entry = self.entries.get(key)
         if entry is None:
@@ -275,8 +283,12 @@ class Dispatcher:
         plan = entry.plan
         self.last_backend = plan.backend
         if plan.cache:
-            try:  # version counters (in-place updates) and storage (.data, .to()) of every parameter
-                stamp = [(t._version, t.data_ptr()) for t in params]
+            try:  # version counters (in-place updates) and storage (.data, .to(), assign=True) of each parameter
+                if len(params) == 2:
+                    first, second = params
+                    stamp = (first._version, second._version, first.data_ptr(), second.data_ptr())
+                else:
+                    stamp = tuple([t._version for t in params] + [t.data_ptr() for t in params])
             except RuntimeError:  # parameters created under inference_mode have no version counter: no cache
                 stamp = None
             if stamp is None:
