@@ -108,4 +108,5 @@ class DepthwiseConv2d(DispatchedLayer, nn.Conv2d):
         if self.padding_mode != "zeros":
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
         dispatcher = self.__dict__.get("_dispatcher") or self._get_dispatcher()
-        return dispatcher(input, (self.weight,), self.bias, self._geometry(), self._backend)
+        params = self._parameters  # read directly: nn.Module.__getattr__ costs a microsecond a lookup
+        return dispatcher(input, (params["weight"],), params["bias"], self._geometry(), self._backend)
