@@ -196,9 +196,28 @@ def render_backend_cuts(payload: dict, name: str) -> list[str]:
         "| form | fastest in settings | fastest by more than the spread | decision |",
         "|---|---|---|---|",
     ]
+    timed = {c.split(":")[1] for candidates in settings.values() for c in candidates if c.startswith("hetconv:")}
     for form in ("reference", "split", "masked", "fused", "packed", "loop"):
         count, beyond = wins.get(form, [0, []])
+        if form not in timed:
+            lines.append(f"| `{form}` | not timed in this grid | | {decisions[form]} |")
+            continue
         lines.append(f"| `{form}` | {count} of {len(settings)} | {'; '.join(beyond) or 'none'} | {decisions[form]} |")
+    return lines + [""]
+
+
+def render_plain_table(payload: dict, name: str) -> list[str]:
+    """A benchmark script's result file (``benchmarks/overhead.py``,
+    ``benchmarks/rule_vs_measured.py``) as its own table."""
+    rows = payload["rows"]
+    if not rows:
+        return []
+    columns = list(rows[0])
+    lines = [f"## {payload.get('title', name)}", "", f"From `{name}`; command: `{payload['config'].get('command', '')}`."]
+    lines += [f"- {note}" for note in payload.get("notes", [])]
+    lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(row.get(c)) if isinstance(row.get(c), float) else str(row.get(c)) for c in columns) + " |"
+              for row in rows]
     return lines + [""]
 
 
@@ -275,7 +294,7 @@ def render(results: str) -> str:
         "candidate first passed the correctness gate against the reference.",
         "",
     ]
-    sections = {"models": [], "layers": [], "separable": [], "forms": [], "backends": []}
+    sections = {"models": [], "layers": [], "separable": [], "forms": [], "backends": [], "scripts": []}
     payloads = {"models": [], "layers": []}
     for path in files:
         with open(path) as handle:
@@ -284,7 +303,9 @@ def render(results: str) -> str:
             continue  # not a harness result (e.g. leanconv compare's results.json, a list of rows)
         what = payload["config"].get("what")
         name = os.path.basename(path)
-        if what == "layers" and "-backends-" in name:  # the pre-redesign grid that timed every form
+        if "-overhead-" in name or "-rule-vs-measured-" in name:
+            sections["scripts"] += render_plain_table(payload, name)
+        elif what == "layers" and "-backends-" in name:  # the pre-redesign grid that timed every form
             sections["backends"] += render_backend_cuts(payload, name)
         elif what == "models":
             sections["models"] += render_models(payload, name)
@@ -297,7 +318,7 @@ def render(results: str) -> str:
         elif what == "forms":
             sections["forms"] += render_forms(payload, name)
     lines += render_targets(payloads["models"], payloads["layers"])
-    for part in ("models", "layers", "forms", "separable", "backends"):
+    for part in ("models", "layers", "forms", "separable", "backends", "scripts"):
         lines += sections[part]
     if not files:
         lines.append("(no result files found)")
