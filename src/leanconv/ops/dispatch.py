@@ -43,6 +43,8 @@ The rule (the same on every run; documented in the README's backend table):
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .. import config
@@ -169,9 +171,14 @@ def _measure(op: str, x, params, bias, geometry, plan: Plan, prefer: str) -> str
 
             return measure.forward_backward(forward, (x, bias, *params))
 
+        prepared = []  # inference: prepared once, in the untimed warm-up run, as a layer caches them
+
         def run():
             with torch.no_grad():
-                _execute(backend, x, params, bias, geometry, trial, None)
+                xc, paramsc, biasc = _autocast_inputs(x, params, bias, trial)
+                if not prepared:
+                    prepared.append(backend.prepare(paramsc, geometry, trial, tuple(xc.shape)))
+                backend.run(xc, prepared[0], biasc, geometry, trial)
 
         return run
 
@@ -232,6 +239,8 @@ def dispatch_call(op: str, x: torch.Tensor, params, bias, geometry, requested: s
     """One call without a layer's cache (``leanconv.functional``): plan and run.
     ``x`` is 4-D and already padded for its padding mode."""
     plan = make_plan(op, requested, x, params, bias, geometry, source=source)
+    if plan.cache:  # nothing keeps the prepared weights here: prepare nothing meant to be kept (no oneDNN packing)
+        plan = dataclasses.replace(plan, cache=False)
     return _execute(get_backend(plan.backend, op), x, params, bias, geometry, plan, None)
 
 
