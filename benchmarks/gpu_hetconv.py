@@ -38,7 +38,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from gpu_common import machine_name, make_timer, pick_device, run_header, slug  # noqa: E402
 
 from leanconv.bench import write_atomic  # noqa: E402
-from leanconv.ops.hetconv_reference import hetconv_reference  # noqa: E402
 from leanconv.accounting import hetconv_macs_per_output  # noqa: E402
 from leanconv.functional import het_conv2d  # noqa: E402
 from leanconv.kernels import conv_common  # noqa: E402
@@ -49,6 +48,11 @@ from leanconv.ops.hetconv_triton import hetconv_triton  # noqa: E402
 def hetconv_split(x, weight, pointwise, bias, stride, padding, dilation, p, layout):
     """The split backend through the dispatch path (grouped KxK + zero-diagonal 1x1)."""
     return het_conv2d(x, weight, pointwise, bias, stride, padding, dilation, p=p, layout=layout, backend="split")
+
+
+def hetconv_reference(x, weight, pointwise, bias, stride, padding, dilation, p, layout):
+    """The reference backend: one dense convolution with the materialised weight."""
+    return het_conv2d(x, weight, pointwise, bias, stride, padding, dilation, p=p, layout=layout, backend="reference")
 
 # (name, M, N, H=W, stride) at K=3, padding=1
 SHAPES = {

@@ -79,11 +79,12 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--inner", type=int, default=50)
-    parser.add_argument("--out", default=None, help="result stem (default results/cpu/<machine>-overhead-b1)")
+    parser.add_argument("--out", default=None, help="result stem (default OUT_DIR/<machine>-overhead-b1)")
+    parser.add_argument("--out-dir", default="results/cpu", help="folder of the default stem (default results/cpu)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     header = describe_environment()
-    out = args.out or f"results/cpu/{machine_slug(header)}-overhead-b1"
+    out = args.out or f"{args.out_dir}/{machine_slug(header)}-overhead-b1"
     x = torch.randn(1, args.channels, args.size, args.size)
     rows, failed = [], []
     modules = pairs(args.channels)

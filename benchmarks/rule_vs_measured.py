@@ -60,10 +60,11 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", default="infer,train")
     parser.add_argument("--formats", default="channels_last,contiguous")
     parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, help="result stem (default OUT_DIR/<machine>-rule-vs-measured-MODEL-bBATCH)")
+    parser.add_argument("--out-dir", default="results/cpu", help="folder of the default stem (default results/cpu)")
     args = parser.parse_args(argv)
     header = describe_environment()
-    out = args.out or f"results/cpu/{machine_slug(header)}-rule-vs-measured-{args.model}-b{args.batch}"
+    out = args.out or f"{args.out_dir}/{machine_slug(header)}-rule-vs-measured-{args.model}-b{args.batch}"
     rows, failed = [], []
     for p in [int(v) for v in args.p.split(",")]:
         torch.manual_seed(0)

@@ -21,7 +21,6 @@ BATCH=${BATCH:-64}
 DOC=${DOC:-docs/performance.md}
 mkdir -p "$OUT"
 uptime
-machine() { "$BIN/python" -c "from leanconv.bench import machine_slug; print(machine_slug())"; }
 part() {  # part NAME COMMAND...: run one part, print how long it took
     local name=$1 start=$SECONDS
     shift
@@ -37,9 +36,9 @@ part layers "$BIN/leanconv" bench layers --grid vgg --p "$LAYER_P" --batch "$BAT
 # Every CPU form tried for one layer (the ones auto does not use included).
 part forms "$BIN/python" benchmarks/cpu_forms.py --batch "$BATCH" --repeats "$REPEATS" --out-dir "$OUT"
 # auto's deterministic rule against auto with measuring on, whole models, side by side.
-part rule_vs_measured "$BIN/python" benchmarks/rule_vs_measured.py --batch "$BATCH" --repeats "$REPEATS" --out "$OUT/$(machine)-rule-vs-measured-vgg16_cifar-b$BATCH"
+part rule_vs_measured "$BIN/python" benchmarks/rule_vs_measured.py --batch "$BATCH" --repeats "$REPEATS" --out-dir "$OUT"
 # Per-call overhead at batch 1 (one thread).
-part overhead "$BIN/python" benchmarks/overhead.py --out "$OUT/$(machine)-overhead-b1"
+part overhead "$BIN/python" benchmarks/overhead.py --out-dir "$OUT"
 # DSC / BSConv layers against nn.Conv2d.
 part separable "$BIN/leanconv" bench separable --batch "$BATCH" --repeats "$REPEATS" --out-dir "$OUT"
 part render "$BIN/python" scripts/render_perf_section.py --results "$OUT" --out "$DOC" --readme README.md

@@ -76,10 +76,6 @@ _lock = threading.Lock()
 generation = [0]  # a list so that readers holding the module see every change
 
 
-def _bump() -> None:
-    generation[0] += 1
-
-
 def _read_environment() -> None:
     """Read the environment once: the first call of any getter."""
     with _lock:
@@ -119,41 +115,43 @@ def _pushed(kind: str, value) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------ backends
-def backend() -> str:
-    """The HetConv backend name in force for layers without their own ``backend=``."""
-    stack = _stack("backend")
+def _in_force(kind: str):
+    """The value of switch ``kind`` ("backend", "depthwise_backend", "benchmark"):
+    the innermost context manager, else the setter's, else the environment's."""
+    stack = _stack(kind)
     if stack:
         return stack[-1]
     if _settings.benchmark is None:
         _read_environment()
-    return _settings.backend
+    return getattr(_settings, kind)
 
 
-def dispatch_state(op: str) -> tuple:
-    """What a layer's remembered plan depends on besides its input, in one call:
-    (backend name in force for ``op``, measuring on?). The hot path of every call."""
-    local = _local.__dict__
-    stack = local.get("backend" if op == "hetconv" else "depthwise_backend")
-    measuring = local.get("benchmark")
-    if _settings.benchmark is None:
-        _read_environment()
-    name = stack[-1] if stack else (_settings.backend if op == "hetconv" else _settings.depthwise_backend)
-    return name, measuring[-1] if measuring else _settings.benchmark
+def _source(kind: str, context_manager: str) -> str:
+    """Where :func:`_in_force` takes ``kind`` from (for error messages)."""
+    if _stack(kind):
+        return context_manager
+    _in_force(kind)
+    return _settings.sources[kind]
+
+
+def _set(kind: str, value, setter: str) -> None:
+    _in_force(kind)  # the environment is read first, so that it never overrides a setter later
+    setattr(_settings, kind, value)
+    _settings.sources[kind] = setter
+
+
+def backend() -> str:
+    """The HetConv backend name in force for layers without their own ``backend=``."""
+    return _in_force("backend")
 
 
 def backend_source() -> str:
-    """Where :func:`backend` comes from (for error messages)."""
-    if _stack("backend"):
-        return "leanconv.use_backend"
-    backend()
-    return _settings.sources["backend"]
+    return _source("backend", "leanconv.use_backend")
 
 
 def set_backend(name: str) -> None:
     """Set the process-wide HetConv backend (``"auto"`` restores the rule)."""
-    backend()
-    _settings.backend, _settings.sources["backend"] = name, "leanconv.config.set_backend"
-    _bump()
+    _set("backend", name, "leanconv.config.set_backend")
 
 
 def use_backend(name: str):
@@ -164,26 +162,15 @@ def use_backend(name: str):
 
 def depthwise_backend() -> str:
     """The depthwise backend name in force for layers without their own ``backend=``."""
-    stack = _stack("depthwise_backend")
-    if stack:
-        return stack[-1]
-    if _settings.benchmark is None:
-        _read_environment()
-    return _settings.depthwise_backend
+    return _in_force("depthwise_backend")
 
 
 def depthwise_backend_source() -> str:
-    if _stack("depthwise_backend"):
-        return "leanconv.config.use_depthwise_backend"
-    depthwise_backend()
-    return _settings.sources["depthwise_backend"]
+    return _source("depthwise_backend", "leanconv.ops.use_depthwise_backend")
 
 
 def set_depthwise_backend(name: str) -> None:
-    depthwise_backend()
-    _settings.depthwise_backend = name
-    _settings.sources["depthwise_backend"] = "leanconv.config.set_depthwise_backend"
-    _bump()
+    _set("depthwise_backend", name, "leanconv.config.set_depthwise_backend")
 
 
 def use_depthwise_backend(name: str):
@@ -191,24 +178,30 @@ def use_depthwise_backend(name: str):
     return _pushed("depthwise_backend", name)
 
 
+def dispatch_state(op: str) -> tuple:
+    """What a layer's remembered plan depends on besides its input, in one call:
+    (backend name in force for ``op``, measuring on?). On the hot path of every
+    call, so written out rather than through :func:`_in_force`."""
+    local = _local.__dict__
+    stack = local.get("backend" if op == "hetconv" else "depthwise_backend")
+    measuring = local.get("benchmark")
+    if _settings.benchmark is None:
+        _read_environment()
+    name = stack[-1] if stack else (_settings.backend if op == "hetconv" else _settings.depthwise_backend)
+    return name, measuring[-1] if measuring else _settings.benchmark
+
+
 # ----------------------------------------------------------------- measuring
 def benchmark_enabled() -> bool:
     """Whether ``auto`` measures the candidates (off by default)."""
-    stack = _stack("benchmark")
-    if stack:
-        return stack[-1]
-    if _settings.benchmark is None:
-        _read_environment()
-    return _settings.benchmark
+    return _in_force("benchmark")
 
 
 def set_benchmark(enabled: bool) -> None:
     """Turn measuring on or off for the process (like ``torch.backends.cudnn.benchmark``)."""
     if not isinstance(enabled, bool):
         raise TypeError(f"set_benchmark: enabled must be True or False, got {enabled!r}")
-    benchmark_enabled()
-    _settings.benchmark = enabled
-    _bump()
+    _set("benchmark", enabled, "leanconv.config.set_benchmark")
 
 
 def benchmarking(enabled: bool = True):
@@ -220,15 +213,11 @@ def benchmarking(enabled: bool = True):
 
 def benchmark_cache() -> str | None:
     """Path of the JSON file that keeps measured choices across processes, or None."""
-    if _settings.benchmark is None:
-        _read_environment()
-    return _settings.benchmark_cache
+    return _in_force("benchmark_cache")
 
 
 def set_benchmark_cache(path: str | os.PathLike | None) -> None:
-    benchmark_cache()
-    _settings.benchmark_cache = None if path is None else os.fspath(path)
-    _bump()
+    _set("benchmark_cache", None if path is None else os.fspath(path), "leanconv.config.set_benchmark_cache")
 
 
 def _reset_for_tests() -> None:
@@ -236,4 +225,4 @@ def _reset_for_tests() -> None:
     with _lock:
         _settings.backend = _settings.depthwise_backend = _settings.benchmark = _settings.benchmark_cache = None
         _settings.sources = {}
-    _bump()
+    generation[0] += 1

@@ -17,19 +17,10 @@ from .ops.conv_geometry import (
     normalize_padding,
     pad_for_mode,
 )
-from .ops.dispatch import dispatch_call, make_plan
+from .ops.dispatch import dispatch_call
 from .ops.hetconv_layout import check_hetconv_channels, check_layout
 
-__all__ = ["het_conv2d", "depthwise_conv2d", "resolve_hetconv_backend"]
-
-
-def resolve_hetconv_backend(
-    x: torch.Tensor, weight: torch.Tensor, pointwise_weight: torch.Tensor, bias: torch.Tensor | None = None,
-    stride=1, padding=0, dilation=1, *, p: int, layout: str = "blocked", backend: str | None = None,
-) -> str:
-    """The backend that ``het_conv2d`` with these arguments runs (``x`` 4-D, zero padding)."""
-    geometry = _hetconv_geometry(x, weight, pointwise_weight, bias, stride, padding, dilation, p, layout)
-    return make_plan("hetconv", backend, x, (weight, pointwise_weight), bias, geometry).backend
+__all__ = ["het_conv2d", "depthwise_conv2d"]
 
 
 def _hetconv_geometry(input, weight, pointwise_weight, bias, stride, padding, dilation, p, layout) -> HetConvGeometry:

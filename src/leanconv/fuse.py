@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .layer_kinds import LEANCONV_LAYERS
-from .layers import BSConvS2d, BSConvU2d, DepthwiseConv2d, DSConv2d, GWPWConv2d, HetConv2d, SeedHetConv2d
+from .layers import LEANCONV_LAYERS, BSConvS2d, BSConvU2d, DepthwiseConv2d, DSConv2d, GWPWConv2d, HetConv2d, SeedHetConv2d
 
 __all__ = ["FuseReport", "fuse", "fold_batchnorm"]
 

@@ -94,20 +94,30 @@ def layer_grid(name: str, batch: int, ps: Sequence[int] | None = None) -> list[L
 GRIDS = ("tiny", "vgg", "wide", "small")
 
 
-class PublicLoopHetConv(nn.Module):
-    """The public loop form: for each filter, one KxK conv over its gathered
-    KxK channels plus one 1x1 conv over its gathered other channels (2N calls).
-    Exact (any layout); a baseline only."""
+class _GatheredBaseline(nn.Module):
+    """A public form of a HetConv layer that gathers each filter's channels by
+    the layer's index tables (a baseline; exact in any layout)."""
 
     def __init__(self, layer: HetConv2d):
         super().__init__()
         self.layer = layer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _tables(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(KxK channel index, 1x1 channel index) of every filter, on ``x``'s device."""
         layer = self.layer
         m, n, p = layer.in_channels, layer.out_channels, layer.p
-        kxk = kxk_channel_index(m, n, p, layer.layout, x.device)
-        others = pointwise_channel_index(m, n, p, layer.layout, x.device)
+        return (kxk_channel_index(m, n, p, layer.layout, x.device),
+                pointwise_channel_index(m, n, p, layer.layout, x.device))
+
+
+class PublicLoopHetConv(_GatheredBaseline):
+    """The public loop form: for each filter, one KxK conv over its gathered
+    KxK channels plus one 1x1 conv over its gathered other channels (2N calls)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        n = layer.out_channels
+        kxk, others = self._tables(x)
         pad = layer._padding_pair
         centre = (layer.kernel_size[0] // 2 * layer.dilation[0], layer.kernel_size[1] // 2 * layer.dilation[1])
         outs = []
@@ -124,21 +134,16 @@ class PublicLoopHetConv(nn.Module):
         return out if layer.bias is None else out + layer.bias.view(1, -1, 1, 1)
 
 
-class PBranchHetConv(nn.Module):
+class PBranchHetConv(_GatheredBaseline):
     """The P-branch form of public implementations (once leanconv's ``loop``
     backend): per group, a KxK conv of the group's channels plus a 1x1 conv of
     the other channels' centre taps, the outputs gathered back into filter order
-    (2P library calls and gathers; exactly HetConv's MACs). A baseline only."""
-
-    def __init__(self, layer: HetConv2d):
-        super().__init__()
-        self.layer = layer
+    (2P library calls and gathers; exactly HetConv's MACs)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.layer
-        m, n, p = layer.in_channels, layer.out_channels, layer.p
-        kxk = kxk_channel_index(m, n, p, layer.layout, x.device)
-        others = pointwise_channel_index(m, n, p, layer.layout, x.device)
+        n, p = layer.out_channels, layer.p
+        kxk, others = self._tables(x)
         ng = n // p
         filters = [[f for f in range(n) if (f // ng if layer.layout == "blocked" else f % p) == g] for g in range(p)]
         taps = centre_taps(x, layer.kernel_size, layer.stride, layer._padding_pair, layer.dilation)

@@ -42,8 +42,7 @@ from torch.nn.utils import parametrize
 
 from ..accounting import count, count_parameters, example_input, layer_macs, macs_per_output_pixel
 from ..conv_spec import resolve_conv
-from ..layer_kinds import CONV_KINDS, LEANCONV_LAYERS
-from ..layers import BSConvS2d, GWPWConv2d, HetConv2d, make_conv
+from ..layers import LEANCONV_LAYERS, BSConvS2d, GWPWConv2d, HetConv2d, make_conv
 from .report import ConversionReport, ReplacedLayer, SkippedLayer
 from .transfer import transfer_weights as transfer
 

@@ -8,6 +8,10 @@ from .factory import CONV_KINDS, KIND_OPTIONS, check_kind_options, make_conv
 from .hetconv import HetConv2d
 from .separable import DSConv2d, GWPWConv2d
 
+# The layer kinds leanconv builds, defined once: model surgery treats each as one
+# unit (convert never replaces what is inside one, fuse folds BN into each whole).
+LEANCONV_LAYERS = (HetConv2d, DepthwiseConv2d, DSConv2d, GWPWConv2d, BSConvU2d, BSConvS2d, SeedHetConv2d)
+
 __all__ = [
     "BSConvS2d",
     "BSConvU2d",
@@ -17,6 +21,7 @@ __all__ = [
     "GWPWConv2d",
     "HetConv2d",
     "KIND_OPTIONS",
+    "LEANCONV_LAYERS",
     "SeedHetConv2d",
     "bsconv_s_mid_channels",
     "check_kind_options",
