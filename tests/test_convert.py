@@ -518,3 +518,14 @@ def test_spec_and_keywords():
         convert(model, "gwpw:g=4", groups=2)
     assert isinstance(leanconv.make_conv("hetconv:p=2,layout=shifted", 8, 8, 3), HetConv2d)
     assert leanconv.models.create("resnet20_cifar", conv="hetconv:p=4", width=0.25).zoo_config["p"] == 4
+
+
+def test_cli_convert_of_a_zoo_model_reloads(tmp_path):
+    """A zoo source rebuilds through leanconv.models (this import was broken once)."""
+    from leanconv.cli import main
+
+    out = tmp_path / "vgg.pt"
+    assert main(["convert", "vgg16_cifar", "--width", "0.125", "--conv", "dsc", "--transfer-weights",
+                 "--out", str(out)]) == 0
+    model = load_converted(out)
+    assert sum(isinstance(m, DSConv2d) for m in model.modules()) == 12

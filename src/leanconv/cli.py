@@ -21,6 +21,7 @@ COMMANDS = [
     "convert",
     "export",
     "train",
+    "distill",
     "evaluate",
     "compare",
     "reproduce",

@@ -19,7 +19,7 @@ HELP = "train + evaluate + time one model with each conv kind side by side (defa
 # variants at about 3 minutes; test top-1 ended at 34-46% (chance: 10%). Another
 # busy process on those 2 cores slows it several-fold (OpenMP threads wait on each
 # other): --threads 1 is then the faster choice.
-DEFAULTS = {"model": "vgg16_cifar", "width": 0.25, "epochs": 20, "batch_size": 64, "lr": 0.05,
+DEFAULTS = {"model": "vgg16_cifar", "width": 0.25, "epochs": 20, "batch_size": 64, "lr": 0.05, "warmup": 0.0,
             "data": "embedded", "out": "runs/compare"}
 
 

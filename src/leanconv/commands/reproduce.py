@@ -21,7 +21,7 @@ HELP = "run a paper's experiment (hetconv-vgg16-cifar10), resumable per variant"
 EXPERIMENTS = {
     "hetconv-vgg16-cifar10": {
         "convs": ["standard"] + [f"hetconv:p={p}" for p in (2, 4, 8, 16, 32, 64)],
-        "recipe": {"model": "vgg16_cifar", "width": 1.0, "epochs": 200, "batch_size": 128, "lr": 0.1,
+        "recipe": {"model": "vgg16_cifar", "width": 1.0, "epochs": 200, "batch_size": 128, "lr": 0.1, "warmup": 0.0,
                    "momentum": 0.9, "weight_decay": 5e-4, "schedule": "cosine",
                    "out": "runs/reproduce-hetconv-vgg16-cifar10"},
     },

@@ -47,16 +47,20 @@ def shown_default(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def add_recipe_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None) -> None:
+def add_recipe_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None,
+                         rules: dict | None = None) -> None:
     """Recipe flags shared by train, compare and reproduce. Defaults are
     suppressed, so only flags given on the command line override the config
     file and the command's defaults; each help text shows the default the
     command really uses (``defaults``, then TrainConfig's)."""
     S = argparse.SUPPRESS
 
+    rules = {"lr": "0.1 x batch-size / 128", "warmup": "min(1, epochs / 10)", **(rules or {})}  # what None means
+
     def add(flag: str, help: str, **kwargs) -> None:
         name = flag[2:].replace("-", "_")
-        default = shown_default(recipe_default(name, defaults)).replace("%", "%%")
+        value = recipe_default(name, defaults)
+        default = (rules[name] if value is None and name in rules else shown_default(value)).replace("%", "%%")
         parser.add_argument(flag, default=S, help=f"{help} (default {default})", **kwargs)
 
     parser.add_argument("--config", default=None, help="YAML or TOML file of recipe values; flags override it")

@@ -47,7 +47,7 @@ def save_converted(path, model: nn.Module, source: dict, kind: str, options: dic
 def build_source(source: dict) -> nn.Module:
     """The unconverted model a checkpoint's ``source`` describes."""
     if "zoo" in source:
-        from . import models
+        from .. import models
 
         return models.create(source["zoo"], **source.get("create_kwargs", {}))
     if "callable" in source:

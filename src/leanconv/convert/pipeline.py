@@ -43,6 +43,7 @@ from torch.nn.utils import parametrize
 from ..accounting import count, count_parameters, example_input, layer_macs, macs_per_output_pixel
 from ..conv_spec import resolve_conv
 from ..layers import LEANCONV_LAYERS, BSConvS2d, GWPWConv2d, HetConv2d, make_conv
+from .calibrate import CalibrationSettings, calibrate
 from .report import ConversionReport, ReplacedLayer, SkippedLayer
 from .transfer import transfer_weights as transfer
 
@@ -383,6 +384,8 @@ def convert(
     convert_subclasses: bool = False,
     allow_costlier: bool = False,
     input_size: Sequence[int] | None = None,
+    calibration=None,
+    calibration_settings: CalibrationSettings | dict | None = None,
     return_report: bool = False,
     verbose: bool = False,
     **layer_options: Any,
@@ -422,7 +425,20 @@ def convert(
         input_size: (C, H, W) or (B, C, H, W): one zero image through the
             model gives each layer's MACs, the model's totals (the figures of
             :func:`leanconv.count` and ``leanconv profile``) and the stem by
-            execution order.
+            execution order. With ``calibration`` it defaults to the images' size.
+        calibration: images (a (B, C, H, W) tensor, or an iterable of such
+            batches or of (images, labels) pairs) for data-aware conversion,
+            with ``transfer_weights=True``: after the transfer, every replaced
+            layer is fitted in execution order to reproduce the original
+            layer's output given the input it receives in the converted
+            network; BatchNorm statistics after a replaced layer are
+            re-estimated where that lowers the error
+            (:mod:`leanconv.convert.calibrate`). The report gives each layer's
+            relative output error before and after the fit. The images should
+            be preprocessed as in training (the model's own input).
+        calibration_settings: a :class:`~leanconv.convert.calibrate.CalibrationSettings`
+            or a dict of its fields (pixels_per_image, ridge, als_iterations,
+            max_features, batch_size, seed).
         return_report: return ``(model, report)`` instead of the model.
         verbose: print the report.
         **layer_options: options of ``kind`` as for :func:`leanconv.make_conv`
@@ -446,6 +462,14 @@ def convert(
         convert_subclasses=convert_subclasses, allow_costlier=allow_costlier, transfer_weights=transfer_weights,
     )
     report = ConversionReport(kind=plan.kind, options=plan.report_options(), params_before=count_parameters(model))
+    settings = _calibration_settings(calibration, calibration_settings, plan)
+    batches = None
+    if calibration is not None:
+        from .calibrate import as_batches
+
+        batches = as_batches(calibration, settings.batch_size)
+        input_size = tuple(batches[0].shape[1:]) if input_size is None else input_size
+    teacher = None if calibration is None else (_copy(model) if inplace else model)
     target = model if inplace else _copy(model)
     trace = None
     if input_size is not None:
@@ -457,13 +481,17 @@ def convert(
 
     decisions = [(candidate, decide(candidate, plan, stem)) for candidate in candidates]
     _check_divisor_helped(plan, decisions)
+    fitted = []
     for candidate, decision in decisions:
         record, new = _replace(candidate, decision, plan)
         if new is None:
             report.skipped.append(record)
         else:
             report.replaced.append(record)
+            fitted.append((candidate, new, record))
             target = new if candidate.conv is target else target
+    if batches is not None and fitted:
+        _calibrate(teacher, target, fitted, trace, batches, settings)
 
     report.params_after = count_parameters(target)
     if trace is not None:
@@ -471,6 +499,38 @@ def convert(
     if verbose:
         print(report)
     return (target, report) if return_report else target
+
+
+def _calibration_settings(calibration, settings, plan: ConversionPlan) -> CalibrationSettings:
+    if calibration is None:
+        if settings is not None:
+            raise ValueError("calibration_settings needs calibration images (calibration=...)")
+        return CalibrationSettings()
+    if not plan.transfer_weights:
+        raise ValueError("calibration needs transfer_weights=True: the fit starts from the transferred weights")
+    if settings is None:
+        return CalibrationSettings()
+    if isinstance(settings, CalibrationSettings):
+        return settings
+    if isinstance(settings, dict):
+        known = set(CalibrationSettings.__dataclass_fields__)
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise ValueError(f"calibration_settings: unknown key(s) {unknown}; known: {sorted(known)}")
+        return CalibrationSettings(**settings)
+    raise TypeError(f"calibration_settings must be a CalibrationSettings or a dict, got {type(settings).__name__}")
+
+
+def _calibrate(teacher, student, fitted, trace: CallTrace, batches, settings: CalibrationSettings) -> None:
+    """Fit the replaced layers in the order the network runs them (see :mod:`.calibrate`)."""
+    order = {key: position for position, key in enumerate(trace.order)}
+    fitted = sorted(fitted, key=lambda item: order.get(id(item[0].conv), len(order)))
+    layers = []
+    for candidate, new, _ in fitted:
+        old = teacher if candidate.name == "(model)" else teacher.get_submodule(candidate.name)
+        layers.append((old, new, len(candidate.input_sizes)))
+    for (_, _, record), fit in zip(fitted, calibrate(teacher, student, layers, batches, settings)):
+        record.calibration = fit
 
 
 def _copy(model: nn.Module) -> nn.Module:

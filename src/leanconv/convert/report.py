@@ -6,7 +6,8 @@ prints."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 __all__ = ["ConversionReport", "ReplacedLayer", "SkippedLayer"]
 
@@ -27,6 +28,7 @@ class ReplacedLayer:
     aliases: tuple[str, ...] = ()
     note: str = ""
     transfer_error: float | None = None
+    calibration: Any = None  # a leanconv.convert.calibrate.LayerFit when convert ran with calibration
 
 
 @dataclass
@@ -83,7 +85,9 @@ class ConversionReport:
             "options": {k: v for k, v in self.options.items()},
             "input_size": None if self.input_size is None else list(self.input_size),
             "mac_unit": "multiply-accumulates per image (FLOPs = 2 x MACs)",
-            "replaced": [r.__dict__ | {"aliases": list(r.aliases)} for r in self.replaced],
+            "replaced": [r.__dict__ | {"aliases": list(r.aliases),
+                                       "calibration": None if r.calibration is None else asdict(r.calibration)}
+                         for r in self.replaced],
             "skipped": [s.__dict__ for s in self.skipped],
             "totals": {
                 "params_before": self.params_before,
@@ -120,6 +124,8 @@ class ConversionReport:
                     extra += f"  (also {', '.join(r.aliases)})"
                 if r.transfer_error is not None:
                     extra += f"  (weight transfer rel. error {r.transfer_error:.3g})"
+                if r.calibration is not None:
+                    extra += f"  (calibration: {r.calibration.describe()})"
                 lines.append(
                     f"  {r.name:<{width}}  {r.params_before:>14,}  {r.params_after:>13,}  {fmt(r.macs_before):>14}  "
                     f"{fmt(r.macs_after):>14}  {r.after}{extra}"

@@ -13,7 +13,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 from ..conv_spec import ConvSpec, resolve_conv
 from ..models import names as model_names
@@ -39,14 +39,14 @@ class TrainConfig:
     batch_size: int = 128  # global: split over data-parallel ranks
     seed: int = 0
     out: str = "runs/train"
-    lr: float = 0.1
+    lr: float | None = None  # None: the linear scaling rule, 0.1 x batch_size / 128 (see base_lr)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     nesterov: bool = False
     schedule: str = "cosine"
     milestones: list | None = None  # multistep: epochs; default half and three quarters of the run
     gamma: float = 0.1  # multistep factor
-    warmup: float = 0.0  # epochs of linear warm-up (fractions allowed)
+    warmup: float | None = None  # epochs of linear warm-up (fractions allowed); None: min(1, epochs / 10)
     label_smoothing: float = 0.0
     amp: str = "off"
     channels_last: bool = False
@@ -61,24 +61,33 @@ class TrainConfig:
     # default: training then uses the deterministic shape rule.
     hetconv_autotune: bool = False
 
+    MIN_EPOCHS: ClassVar[int] = 1  # distillation allows 0: calibrate, evaluate and save the student
+    LR_PER_128: ClassVar[float] = 0.1  # the default learning rate per 128 images of global batch
+
     def __post_init__(self) -> None:
         self.validate()
+
+    def _check_model(self, need) -> None:
+        need(self.model in model_names(), "model", f"a zoo model name ({', '.join(model_names())})")
 
     def validate(self) -> None:
         def need(condition: bool, name: str, allowed: str) -> None:
             if not condition:
                 raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
 
-        need(self.model in model_names(), "model", f"a zoo model name ({', '.join(model_names())})")
-        need(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "an integer >= 1")
+        self._check_model(need)
+        need(isinstance(self.epochs, int) and not isinstance(self.epochs, bool) and self.epochs >= self.MIN_EPOCHS,
+             "epochs", f"an integer >= {self.MIN_EPOCHS}")
         need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "an integer >= 1")
         need(self.width > 0, "width", "> 0")
-        need(self.lr > 0, "lr", "> 0")
+        need(self.lr is None or (_is_number(self.lr) and self.lr > 0), "lr",
+             "None (0.1 x batch_size / 128) or a number > 0")
         need(0 <= self.momentum < 1, "momentum", "in [0, 1)")
         need(self.weight_decay >= 0, "weight_decay", ">= 0")
         need(self.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}")
         need(self.amp in AMP_MODES, "amp", f"one of {AMP_MODES}")
-        need(0 <= self.warmup < self.epochs, "warmup", "in [0, epochs)")
+        need(self.warmup is None or (_is_number(self.warmup) and 0 <= self.warmup < max(self.epochs, 1)),
+             "warmup", f"None (min(1, epochs / 10)) or a number of epochs in [0, {max(self.epochs, 1)})")
         need(0 <= self.label_smoothing < 1, "label_smoothing", "in [0, 1)")
         need(self.ortho_alpha >= 0, "ortho_alpha", ">= 0")
         need(isinstance(self.workers, int) and self.workers >= 0, "workers", "an integer >= 0")
@@ -88,7 +97,23 @@ class TrainConfig:
         need(isinstance(self.layer_options, dict), "layer_options", "a mapping")
         self.conv_spec()  # ValueError naming the spec and the allowed kinds/options
         if self.milestones is not None:
-            need(all(0 < m <= self.epochs for m in self.milestones), "milestones", f"epochs in (0, {self.epochs}]")
+            need(all(0 < m <= max(self.epochs, 1) for m in self.milestones), "milestones", f"epochs in (0, {self.epochs}]")
+
+    def base_lr(self) -> float:
+        """``lr``, or when unset the linear scaling rule of Goyal et al. 2017
+        (https://arxiv.org/abs/1706.02677): 0.1 per 128 images of global batch."""
+        return float(self.lr) if self.lr is not None else self.LR_PER_128 * self.batch_size / 128
+
+    def warmup_epochs(self) -> float:
+        """``warmup``, or when unset a short linear warm-up: one epoch, at most
+        a tenth of the run."""
+        return float(self.warmup) if self.warmup is not None else min(1.0, self.epochs / 10)
+
+    def recipe_line(self) -> str:
+        """The resolved learning rate and warm-up, saying where each comes from."""
+        lr = f"lr {self.base_lr():g}" + (f" ({self.LR_PER_128:g} x batch {self.batch_size} / 128)" if self.lr is None else "")
+        warmup = f"warm-up {self.warmup_epochs():g} epoch(s)" + (" (default)" if self.warmup is None else "")
+        return f"{lr}, {warmup}, {self.schedule} schedule"
 
     def conv_spec(self) -> ConvSpec:
         """``conv`` with ``p`` and ``layer_options`` merged in, checked complete."""
@@ -132,6 +157,10 @@ class TrainConfig:
         for source in (defaults or {}, load_config_file(config_file) if config_file else {}, overrides or {}):
             values.update({str(k).replace("-", "_"): v for k, v in source.items()})
         return cls.from_dict(values, source=config_file or "configuration")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def load_config_file(path: str) -> dict:

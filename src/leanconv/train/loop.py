@@ -63,6 +63,18 @@ def model_spec(config: TrainConfig, num_classes: int) -> dict:
 
 
 def build_model(spec: dict) -> nn.Module:
+    """The network a model spec describes: a zoo model with a conv kind, or
+    (``"converted"`` in the spec, written by distillation) a base network
+    converted by :func:`leanconv.convert` with the recorded options."""
+    if "converted" in spec:
+        from ..convert import build_source, convert
+
+        base = spec["base"]
+        network = build_source(base) if ("zoo" in base or "callable" in base) else build_model(base)
+        options = dict(spec["converted"]["options"])
+        if options.get("input_size") is not None:
+            options["input_size"] = tuple(options["input_size"])
+        return convert(network, spec["converted"]["kind"], inplace=True, **options)
     return create(spec["name"], conv=spec["conv"], width=spec["width"], num_classes=spec["num_classes"],
                   round_channels=spec.get("round_channels", False), **spec["options"])
 
@@ -152,7 +164,7 @@ def _recipe_changes(saved: dict, current: dict) -> str:
 
 
 def _plan_schedule(config: TrainConfig, steps_per_epoch: int) -> LRSchedule:
-    return LRSchedule(config.schedule, steps_per_epoch, config.epochs, config.warmup,
+    return LRSchedule(config.schedule, steps_per_epoch, config.epochs, config.warmup_epochs(),
                       tuple(config.milestones or ()), config.gamma)
 
 
@@ -170,6 +182,21 @@ def _write_json(path: str, payload: dict) -> None:
     write_atomic(path, json.dumps(payload, indent=1, default=str) + "\n")
 
 
+class StudentSetup:
+    """What distillation changes in :func:`train`: the model spec (instead of
+    the config's zoo model), the weights a fresh run starts from, and the
+    loss. See :mod:`leanconv.train.distill`."""
+
+    spec: dict
+
+    def initial_state(self, model: nn.Module) -> dict:
+        raise NotImplementedError
+
+    def criterion(self, model: nn.Module, config: TrainConfig) -> Callable:
+        """``loss(images, logits, labels) -> tensor``, after the student's forward."""
+        raise NotImplementedError
+
+
 def train(
     config: TrainConfig,
     *,
@@ -177,16 +204,20 @@ def train(
     train_data: Dataset | None = None,
     test_data: Dataset | None = None,
     log: Callable[[str], None] = print,
+    setup: StudentSetup | None = None,
 ) -> dict:
     """Run ``config`` and return the summary written to RUN_DIR/summary.json.
 
     ``resume``: continue from RUN_DIR/last.pt when it exists (else start).
     ``train_data``/``test_data``: already loaded data (else ``config.data``).
+    ``setup``: a :class:`StudentSetup` (distillation) that supplies the model,
+    its starting weights and the loss.
     """
     ctx = init_distributed(config.device)
     try:
         with leanconv_config.benchmarking(config.hetconv_autotune):
-            summary = _train(config, ctx, resume, train_data, test_data, log if ctx.is_main else (lambda _: None))
+            summary = _train(config, ctx, resume, train_data, test_data, log if ctx.is_main else (lambda _: None),
+                             setup)
         # Every rank waits for rank 0's last writes before the process group goes away
         # (a rank tearing gloo down while its peer still uses it aborted the peer).
         ctx.barrier()
@@ -195,7 +226,7 @@ def train(
         ctx.close()
 
 
-def _train(config, ctx: DistributedContext, resume, train_data, test_data, log) -> dict:
+def _train(config, ctx: DistributedContext, resume, train_data, test_data, log, setup=None) -> dict:
     out = config.out
     checkpoint_path = os.path.join(out, "last.pt")
     metrics_path = os.path.join(out, "metrics.jsonl")
@@ -216,12 +247,16 @@ def _train(config, ctx: DistributedContext, resume, train_data, test_data, log) 
     test_loader = BatchLoader(test_data, max(per_rank, 256), **common)
 
     _seed_everything(config.seed)
-    spec = model_spec(config, train_data.num_classes)
+    spec = setup.spec if setup is not None else model_spec(config, train_data.num_classes)
     model = build_model(spec).to(device)
+    resuming = resume and os.path.exists(checkpoint_path)
+    if setup is not None and not resuming:
+        model.load_state_dict(setup.initial_state(model))
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     has_bsconv_s = any(isinstance(m, BSConvS2d) for m in model.modules())
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+    widths = getattr(model, "channel_widths", None)  # zoo models record theirs
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.base_lr(), momentum=config.momentum,
                                 weight_decay=config.weight_decay, nesterov=config.nesterov)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
@@ -233,7 +268,7 @@ def _train(config, ctx: DistributedContext, resume, train_data, test_data, log) 
     start_epoch = 0
     earlier_epochs: list[dict] = []
     extensions: list[dict] = []  # each --resume with a larger --epochs
-    if resume and os.path.exists(checkpoint_path):
+    if resuming:
         checkpoint = load_checkpoint(checkpoint_path)  # on the CPU: RNG states must stay there
         if checkpoint["model_spec"] != spec:
             raise ValueError(f"{checkpoint_path} holds {checkpoint['model_spec']}, not the configured {spec}")
@@ -263,15 +298,34 @@ def _train(config, ctx: DistributedContext, resume, train_data, test_data, log) 
     if ctx.is_main:
         os.makedirs(out, exist_ok=True)
         _write_json(os.path.join(out, "config.json"), {**config.to_dict(), "model_spec": spec,
-                                                        "channel_widths": model.channel_widths,
+                                                        "channel_widths": widths,
+                                                        "resolved": {"lr": config.base_lr(),
+                                                                     "warmup": config.warmup_epochs()},
                                                         "extensions": extensions, "world_size": ctx.world_size})
     params = sum(p.numel() for p in model.parameters())
-    log(f"{spec['name']} conv={config.conv} width={config.width} (channel widths "
-        f"{', '.join(map(str, model.channel_widths))}): {params:,} parameters; "
+    log(f"{spec['name']} conv={config.conv} width={spec.get('width', config.width)} (channel widths "
+        f"{', '.join(map(str, widths or ['?']))}): {params:,} parameters; "
         f"{len(train_data)} train / {len(test_data)} test images from {train_data.source}; "
         f"{config.epochs} epochs x {steps_per_epoch} steps of {config.batch_size} on {device}"
-        f"{f' x {ctx.world_size} processes' if ctx.active else ''}")
+        f"{f' x {ctx.world_size} processes' if ctx.active else ''}; {config.recipe_line()}")
 
+    def save(epochs_done: int, metrics: dict) -> None:
+        save_checkpoint({
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "epoch": epochs_done,
+            "rng": rng_states(),
+            "data": {"seed": config.seed, "next_epoch": epochs_done},
+            "config": config.to_dict(),
+            "model_spec": spec,
+            "channel_widths": widths,
+            "extensions": extensions,
+            "metrics": metrics,
+        }, checkpoint_path)
+
+    criterion = setup.criterion(model, config) if setup is not None else None
     net = model
     if ctx.active:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -290,7 +344,10 @@ def _train(config, ctx: DistributedContext, resume, train_data, test_data, log) 
         for images, labels in train_loader:
             with autocast_context(config.amp, device):
                 logits = net(images)
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
+                if criterion is None:
+                    loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
+                else:
+                    loss = criterion(images, logits, labels)
             total_loss = loss + orthonormal_penalty(model, config.ortho_alpha) if has_bsconv_s else loss
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
@@ -330,25 +387,18 @@ def _train(config, ctx: DistributedContext, resume, train_data, test_data, log) 
             "images_per_second": train_seen / epoch_seconds,
         }
         if ctx.is_main:
-            save_checkpoint({
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "epoch": epoch + 1,
-                "rng": rng_states(),
-                "data": {"seed": config.seed, "next_epoch": epoch + 1},
-                "config": config.to_dict(),
-                "model_spec": spec,
-                "channel_widths": model.channel_widths,
-                "extensions": extensions,
-                "metrics": last,
-            }, checkpoint_path)
+            save(epoch + 1, last)
             _append_jsonl(metrics_path, last)
         log(f"epoch {epoch + 1}/{config.epochs}: train loss {last['train_loss']:.4f} acc {last['train_acc']:.4f} | "
             f"test loss {test['loss']:.4f} top1 {test['top1']:.4f} top5 {test['top5']:.4f} | "
             f"{epoch_seconds:.1f}s, {last['images_per_second']:.0f} img/s")
 
+    if last is None and start_epoch == 0 and config.epochs == 0:  # distillation's --epochs 0: the student as built
+        test = evaluate(model, test_loader, amp=config.amp)
+        last = {"epoch": 0, "test_loss": test["loss"], "test_top1": test["top1"], "test_top5": test["top5"]}
+        if ctx.is_main:
+            save(0, last)
+            _append_jsonl(metrics_path, last)
     final = evaluate(model, test_loader, amp=config.amp) if last is None else {
         "top1": last["test_top1"], "top5": last["test_top5"], "loss": last["test_loss"], "n": len(test_data)}
     summary = {

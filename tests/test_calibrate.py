@@ -1,0 +1,253 @@
+"""Data-aware conversion (leanconv.convert(..., calibration=...)): the
+moments give the true output errors, HetConv's fit is the least-squares
+optimum, exact structure is recovered, fits compensate earlier layers, the
+BatchNorm decision uses the errors it reports, and bad input is named."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import leanconv
+from leanconv.convert.calibrate import CalibrationSettings, LayerFit, as_batches
+from leanconv.layers import HetConv2d
+
+KINDS = ["hetconv:p=4", "hetconv:p=2,layout=shifted", "dsc", "dsc:depth_multiplier=2", "bsconv_u", "bsconv_s",
+         "gwpw:g=2"]
+ALL_PIXELS = {"pixels_per_image": 10_000}  # every output pixel: the sampled moments are the whole maps'
+
+
+def _settled(model: nn.Module, images: torch.Tensor) -> nn.Module:
+    """BatchNorm statistics of ``images`` (as a trained network would have), eval mode."""
+    model.train()
+    for bn in model.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.momentum = None  # cumulative average
+    with torch.no_grad():
+        model(images)
+    return model.eval()
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("geometry", [
+    dict(kernel_size=3, padding=1),
+    dict(kernel_size=(3, 5), stride=(2, 1), padding=(1, 2)),
+    dict(kernel_size=3, padding=2, dilation=2, padding_mode="reflect"),
+    dict(kernel_size=3, padding="same", padding_mode="circular", bias=False),
+])
+def test_reported_errors_are_the_layers_output_errors(kind, geometry):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, **geometry)
+    images = torch.randn(6, 8, 9, 7)
+    student, report = leanconv.convert(nn.Sequential(conv), kind, transfer_weights=True, skip_stem=False,
+                                       calibration=images, calibration_settings=ALL_PIXELS, return_report=True)
+    fit = report.replaced[0].calibration
+    with torch.no_grad():
+        target = conv(images)
+        transferred = leanconv.convert(nn.Sequential(conv), kind, transfer_weights=True, skip_stem=False)(images)
+        fitted = student(images)
+    assert fit.error_transfer == pytest.approx(_relative(transferred, target), rel=1e-4, abs=1e-6)
+    assert fit.error_fit == pytest.approx(_relative(fitted, target), rel=1e-4, abs=1e-6)
+    assert fit.error_fit < fit.error_transfer
+    assert fit.samples == target.shape[0] * target.shape[2] * target.shape[3]
+
+
+def test_hetconv_fit_is_the_least_squares_optimum():
+    torch.manual_seed(1)
+    conv = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+    images = torch.randn(16, 8, 10, 10)
+    student = leanconv.convert(nn.Sequential(conv), "hetconv:p=4", transfer_weights=True, skip_stem=False,
+                               calibration=images, calibration_settings={**ALL_PIXELS, "ridge": 0.0})
+    layer = student[0]
+    with torch.no_grad():
+        target = conv(images)
+    loss = (layer(images) - target).square().sum()
+    gradients = torch.autograd.grad(loss, [layer.weight, layer.pointwise_weight, layer.bias])
+    scale = target.square().sum()
+    # the normal equations hold: no direction of the HetConv's weights lowers the error
+    for gradient, parameter in zip(gradients, (layer.weight, layer.pointwise_weight, layer.bias)):
+        assert gradient.norm() / scale < 1e-4, parameter.shape
+
+
+@pytest.mark.parametrize("layout", ["blocked", "shifted"])
+def test_a_dense_layer_with_hetconv_structure_is_recovered(layout):
+    torch.manual_seed(2)
+    het = HetConv2d(8, 8, 3, padding=1, p=4, layout=layout)
+    conv = het.to_conv2d()
+    images = torch.randn(8, 8, 6, 6)
+    student, report = leanconv.convert(nn.Sequential(conv), "hetconv", p=4, layout=layout, transfer_weights=True,
+                                       skip_stem=False, calibration=images, return_report=True)
+    fit = report.replaced[0].calibration
+    assert fit.error_transfer < 1e-6
+    with torch.no_grad():
+        assert torch.allclose(student(images), conv(images), atol=1e-4)
+
+
+def _network(batchnorm: bool = True) -> nn.Sequential:
+    bn = (lambda c: nn.BatchNorm2d(c)) if batchnorm else (lambda c: nn.Identity())
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), bn(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, bias=False), bn(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), bn(32), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    )
+
+
+@pytest.mark.parametrize("kind", ["hetconv:p=4", "dsc", "bsconv_u", "bsconv_s"])
+def test_calibration_brings_the_network_closer_to_the_teacher(kind):
+    torch.manual_seed(3)
+    images = torch.randn(64, 3, 12, 12)
+    teacher = _settled(_network(), images)
+    transferred = leanconv.convert(teacher, kind, transfer_weights=True)
+    student, report = leanconv.convert(teacher, kind, transfer_weights=True, calibration=images[:48],
+                                       return_report=True)
+    held_out = images[48:]
+    with torch.no_grad():
+        reference = teacher(held_out)
+        assert _relative(student(held_out), reference) < 0.75 * _relative(transferred(held_out), reference)
+    assert [r.name for r in report.replaced] == ["3", "6", "9"]
+    assert all(r.calibration.error_fit < r.calibration.error_transfer for r in report.replaced)
+    assert "calibration:" in str(report) and "output error" in str(report)
+    assert report.to_dict()["replaced"][0]["calibration"]["error_fit"] == report.replaced[0].calibration.error_fit
+
+
+def test_later_layers_are_fitted_to_the_inputs_they_receive():
+    """Layer 2's fit sees layer 1's fitted (imperfect) outputs, not the teacher's."""
+    torch.manual_seed(4)
+    images = torch.randn(32, 3, 10, 10)
+    teacher = _settled(_network(batchnorm=False), images)
+    student = leanconv.convert(teacher, "hetconv:p=4", transfer_weights=True, calibration=images,
+                               calibration_settings=ALL_PIXELS)
+    # Refit layer 6 alone on the teacher's own inputs: on the student's real inputs that is worse.
+    inputs = {}
+    hooks = [student[6].register_forward_pre_hook(lambda m, a: inputs.__setitem__("student", a[0])),
+             teacher[6].register_forward_pre_hook(lambda m, a: inputs.__setitem__("teacher", a[0]))]
+    with torch.no_grad():
+        student(images), teacher(images)
+    for hook in hooks:
+        hook.remove()
+    on_teacher_inputs = leanconv.convert(nn.Sequential(teacher[6]), "hetconv:p=4", transfer_weights=True,
+                                         skip_stem=False, calibration=inputs["teacher"],
+                                         calibration_settings=ALL_PIXELS)[0]
+    with torch.no_grad():
+        target = teacher[6](inputs["teacher"])
+        compensated = _relative(student[6](inputs["student"]), target)
+        naive = _relative(on_teacher_inputs(inputs["student"]), target)
+    assert compensated < naive
+
+
+def test_batchnorm_decision_uses_true_errors_and_sets_true_statistics():
+    torch.manual_seed(5)
+    images = torch.randn(24, 3, 8, 8)
+    teacher = _settled(_network(), images)
+    with torch.no_grad():
+        teacher[4].running_mean.add_(3.0)  # the teacher's statistics no longer fit: re-estimating must win
+    student, report = leanconv.convert(teacher, "hetconv:p=4", transfer_weights=True, calibration=images,
+                                       calibration_settings=ALL_PIXELS, return_report=True)
+    fit = report.replaced[0].calibration
+    assert fit.batchnorm == "4" and fit.bn_reestimated and fit.bn_error_reestimated < fit.bn_error_kept
+    captured = {}
+    hooks = [student[3].register_forward_hook(lambda m, a, out: captured.__setitem__("student", out)),
+             teacher[3].register_forward_hook(lambda m, a, out: captured.__setitem__("teacher", out))]
+    with torch.no_grad():
+        student(images), teacher(images)
+    for hook in hooks:
+        hook.remove()
+    out = captured["student"]
+    mean = out.mean((0, 2, 3))
+    var = out.var((0, 2, 3), unbiased=True)
+    assert torch.allclose(student[4].running_mean, mean, atol=1e-4)
+    assert torch.allclose(student[4].running_var, var, rtol=1e-3, atol=1e-5)
+    with torch.no_grad():
+        expected = _relative(student[4](out), teacher[4](captured["teacher"]))
+    assert fit.bn_error_reestimated == pytest.approx(expected, rel=1e-3)
+
+
+def test_layers_with_an_inner_batchnorm_are_not_fitted_but_their_batchnorm_is_reestimated():
+    torch.manual_seed(6)
+    images = torch.randn(16, 3, 8, 8)
+    teacher = _settled(_network(), images)
+    student, report = leanconv.convert(teacher, "dsc", with_bn=True, transfer_weights=True, calibration=images,
+                                       return_report=True)
+    fit = report.replaced[0].calibration
+    assert fit.error_fit is None and "BatchNorm inside" in fit.method and fit.bn_reestimated
+
+
+def test_shared_layers_and_inplace_conversion():
+    torch.manual_seed(7)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.shared = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.shared(torch.relu(self.shared(torch.relu(self.stem(x)))))
+
+    model = Twice().eval()
+    images = torch.randn(8, 3, 8, 8)
+    with torch.no_grad():
+        reference = model(images)
+    student, report = leanconv.convert(model, "hetconv:p=2", transfer_weights=True, calibration=images,
+                                       calibration_settings=ALL_PIXELS, inplace=True, return_report=True)
+    assert student is model and isinstance(model.shared, HetConv2d)
+    fit = report.replaced[0].calibration
+    assert fit.samples == 2 * 8 * 8 * 8  # both calls
+    assert fit.error_fit < fit.error_transfer
+    with torch.no_grad():
+        assert _relative(student(images), reference) < 1.0
+
+
+def test_a_layer_that_does_not_run_is_reported():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.used = nn.Conv2d(8, 8, 3, padding=1)
+            self.unused = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.used(self.stem(x))
+
+    _, report = leanconv.convert(Branchy(), "hetconv:p=2", transfer_weights=True, calibration=torch.randn(4, 3, 8, 8),
+                                 return_report=True)
+    fits = {r.name: r.calibration for r in report.replaced}
+    assert fits["used"].error_fit is not None
+    assert "did not run" in fits["unused"].method
+
+
+def test_calibration_accepts_batches_and_pairs():
+    images = torch.randn(10, 3, 4, 4)
+    batches = as_batches([(images[:6], torch.zeros(6)), (images[6:], torch.zeros(4))], 4)
+    assert [len(b) for b in batches] == [4, 2, 4]
+    assert torch.equal(torch.cat(batches), images)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"calibration": torch.randn(2, 3, 8, 8)}, "transfer_weights=True"),
+    ({"transfer_weights": True, "calibration": "images"}, "calibration must be a tensor"),
+    ({"transfer_weights": True, "calibration": torch.randn(3, 8, 8)}, r"\(B, C, H, W\)"),
+    ({"transfer_weights": True, "calibration": torch.zeros(0, 3, 8, 8)}, "no images"),
+    ({"transfer_weights": True, "calibration": [torch.randn(2, 3, 8, 8), torch.randn(2, 3, 6, 6)]}, "one"),
+    ({"transfer_weights": True, "calibration": torch.randn(2, 3, 8, 8), "calibration_settings": {"ridg": 1}},
+     "unknown key"),
+    ({"transfer_weights": True, "calibration": torch.randn(2, 3, 8, 8), "calibration_settings": {"ridge": -1}},
+     "ridge must be"),
+    ({"calibration_settings": {"ridge": 1}}, "needs calibration images"),
+])
+def test_bad_calibration_arguments_are_named(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        leanconv.convert(_network(), "hetconv:p=4", **kwargs)
+
+
+def test_settings_validate():
+    with pytest.raises(ValueError, match="pixels_per_image"):
+        CalibrationSettings(pixels_per_image=0)
+    assert "output error 0.5 -> 0.25" in LayerFit("fit", 0.5, 0.25).describe()
