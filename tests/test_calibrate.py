@@ -146,12 +146,15 @@ def test_batchnorm_decision_uses_true_errors_and_sets_true_statistics():
     torch.manual_seed(5)
     images = torch.randn(24, 3, 8, 8)
     teacher = _settled(_network(), images)
-    with torch.no_grad():
-        teacher[4].running_mean.add_(3.0)  # the teacher's statistics no longer fit: re-estimating must win
+    auto = leanconv.convert(teacher, "hetconv:p=4", transfer_weights=True, calibration=images,
+                            calibration_settings=ALL_PIXELS, return_report=True)[1].replaced[0].calibration
+    assert auto.batchnorm == "4"
+    assert auto.bn_reestimated == (auto.bn_error_reestimated < auto.bn_error_kept)
     student, report = leanconv.convert(teacher, "hetconv:p=4", transfer_weights=True, calibration=images,
-                                       calibration_settings=ALL_PIXELS, return_report=True)
+                                       calibration_settings={**ALL_PIXELS, "batchnorm": "always"},
+                                       return_report=True)
     fit = report.replaced[0].calibration
-    assert fit.batchnorm == "4" and fit.bn_reestimated and fit.bn_error_reestimated < fit.bn_error_kept
+    assert fit.bn_reestimated and fit.bn_error_kept == pytest.approx(auto.bn_error_kept)
     captured = {}
     hooks = [student[3].register_forward_hook(lambda m, a, out: captured.__setitem__("student", out)),
              teacher[3].register_forward_hook(lambda m, a, out: captured.__setitem__("teacher", out))]
@@ -160,13 +163,33 @@ def test_batchnorm_decision_uses_true_errors_and_sets_true_statistics():
     for hook in hooks:
         hook.remove()
     out = captured["student"]
-    mean = out.mean((0, 2, 3))
-    var = out.var((0, 2, 3), unbiased=True)
-    assert torch.allclose(student[4].running_mean, mean, atol=1e-4)
-    assert torch.allclose(student[4].running_var, var, rtol=1e-3, atol=1e-5)
+    assert torch.allclose(student[4].running_mean, out.mean((0, 2, 3)), atol=1e-4)
+    assert torch.allclose(student[4].running_var, out.var((0, 2, 3), unbiased=True), rtol=1e-3, atol=1e-5)
     with torch.no_grad():
-        expected = _relative(student[4](out), teacher[4](captured["teacher"]))
-    assert fit.bn_error_reestimated == pytest.approx(expected, rel=1e-3)
+        target = teacher[4](captured["teacher"])
+        assert fit.bn_error_reestimated == pytest.approx(_relative(student[4](out), target), rel=1e-3)
+        assert fit.bn_error_kept == pytest.approx(_relative(teacher[4](out), target), rel=1e-3)
+
+
+@pytest.mark.parametrize("policy", ["always", "never"])
+def test_batchnorm_policy_forces_the_choice(policy):
+    torch.manual_seed(5)
+    images = torch.randn(24, 3, 8, 8)
+    teacher = _settled(_network(), images)
+    _, report = leanconv.convert(teacher, "hetconv:p=4", transfer_weights=True, calibration=images,
+                                 calibration_settings={"batchnorm": policy}, return_report=True)
+    assert [r.calibration.bn_reestimated for r in report.replaced[:2]] == [policy == "always"] * 2
+
+
+def test_fit_false_only_reestimates_batchnorm():
+    torch.manual_seed(5)
+    images = torch.randn(24, 3, 8, 8)
+    teacher = _settled(_network(), images)
+    _, report = leanconv.convert(teacher, "dsc", transfer_weights=True, calibration=images,
+                                 calibration_settings={"fit": False}, return_report=True)
+    fits = [r.calibration for r in report.replaced]
+    assert all(f.error_fit is None and f.method == "not fitted: fit=False" for f in fits)
+    assert [f.bn_reestimated for f in fits[:2]] == [True, True]
 
 
 def test_layers_with_an_inner_batchnorm_are_not_fitted_but_their_batchnorm_is_reestimated():

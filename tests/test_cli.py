@@ -43,8 +43,10 @@ def test_help_defaults_are_the_defaults_the_command_runs_with(command, defaults)
     shown = _help_defaults(command)
     ran = TrainConfig.resolve(None, {}, defaults=defaults).to_dict()  # what a run without flags resolves to
     assert {"epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule"} <= set(shown)
+    rules = {"lr": "0.1 x batch-size / 128", "warmup": "min(1, epochs / 10)"}  # what None resolves to
     for field, text in shown.items():
-        assert text == shown_default(ran[field]), (command, field, text, ran[field])
+        expected = rules[field] if ran[field] is None and field in rules else shown_default(ran[field])
+        assert text == expected, (command, field, text, ran[field])
     if command == "compare":
         assert (shown["epochs"], shown["batch_size"], shown["lr"]) == ("20", "64", "0.05")
     if command == "reproduce":

@@ -123,7 +123,8 @@ def test_resume_with_more_epochs_extends_the_run(tiny_data, tmp_path, capsys):
     schedule re-planned for the new length (recorded in config.json and the
     checkpoint); any other recipe change is still refused."""
     out = str(tmp_path / "run")
-    args = [*MODEL, "--conv", "hetconv:p=2", "--data", tiny_data, "--batch-size", "16", "--out", out, "--no-progress"]
+    args = [*MODEL, "--conv", "hetconv:p=2", "--data", tiny_data, "--batch-size", "16", "--out", out, "--no-progress",
+            "--lr", "0.1", "--warmup", "0"]
     assert main(["train", *args, "--epochs", "1"]) == 0
     capsys.readouterr()
     assert main(["train", *args, "--epochs", "1", "--lr", "0.2", "--resume"]) == 2

@@ -41,7 +41,8 @@ For every replaced layer ``i`` (in the order the network runs them):
    BatchNorm, its statistics are re-estimated from the fitted layer's output
    only where that lowers the error of the BatchNorm's output against the
    teacher's, and always after a layer that was not fitted. Both errors are
-   computed from the same moments and reported.
+   computed from the same moments and reported (``batchnorm="always"`` or
+   ``"never"`` forces the choice after fitted layers, to measure both).
 
 Errors are relative: ``||output - target|| / ||target||`` over the sampled
 pixels of every calibration image.
@@ -73,12 +74,19 @@ class CalibrationSettings:
     max_features: int = 6144  # M*kh*kw (and joint KxK unknowns) beyond this: not fitted
     batch_size: int = 128  # images per forward pass
     seed: int = 0
+    # BatchNorm after a fitted layer: re-estimate its statistics where that lowers the error
+    # ("auto"), always, or never; after a layer that was not fitted they are always re-estimated.
+    batchnorm: str = "auto"
+    fit: bool = True  # False: no layer is fitted, only the BatchNorms after them re-estimated
 
     def __post_init__(self) -> None:
         for name, low in (("pixels_per_image", 1), ("als_iterations", 0), ("max_features", 1), ("batch_size", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"calibration setting {name} must be an integer >= {low}, got {value!r}")
+        if self.batchnorm not in ("auto", "always", "never"):
+            raise ValueError(f"calibration setting batchnorm must be 'auto', 'always' or 'never', got "
+                             f"{self.batchnorm!r}")
         if not isinstance(self.ridge, (int, float)) or isinstance(self.ridge, bool) or not self.ridge >= 0:
             raise ValueError(f"calibration setting ridge must be a number >= 0, got {self.ridge!r}")
 
@@ -374,7 +382,8 @@ def _fit_blueprint(layer: BSConvU2d | BSConvS2d, moments: _Moments, settings: Ca
     n = layer.out_channels
     basis = torch.eye(m, dtype=torch.float64) if isinstance(layer, BSConvU2d) else \
         layer.pw1.weight.detach().double().cpu().flatten(1)  # (r, M)
-    coefficients = (_blueprint_scaling(layer) @ basis.mT) if isinstance(layer, BSConvS2d) else _blueprint_scaling(layer)
+    coefficients = layer.pw.weight if isinstance(layer, BSConvU2d) else layer.pw2.weight  # (N, r)
+    coefficients = coefficients.detach().double().cpu().flatten(1).clone()
     blueprint = layer.dw.weight.detach().double().cpu().reshape(n, taps)
     has_bias = layer.dw.bias is not None
     bias = layer.dw.bias.detach().double().cpu() if has_bias else torch.zeros(n, dtype=torch.float64)
@@ -468,6 +477,8 @@ def _fit(layer: nn.Module, moments: _Moments, settings: CalibrationSettings, m: 
 
 
 def _why_not_fitted(layer: nn.Module, features: int, settings: CalibrationSettings) -> str:
+    if not settings.fit:
+        return "not fitted: fit=False"
     if not isinstance(layer, (HetConv2d, DSConv2d, GWPWConv2d, BSConvU2d, BSConvS2d)):
         return f"no fit for {type(layer).__name__}"
     if getattr(layer, "with_bn", False):
@@ -507,9 +518,10 @@ def _batchnorm_after(student: nn.Module, layers: list[nn.Module], images: torch.
     return found
 
 
-def _bn_decision(bn: nn.BatchNorm2d, weight: torch.Tensor, moments: _Moments, force: bool) -> tuple:
+def _bn_decision(bn: nn.BatchNorm2d, weight: torch.Tensor, moments: _Moments, policy: str) -> tuple:
     """Errors of the BatchNorm's output against the teacher's with kept and with
-    re-estimated statistics; re-estimates (in place) when that is lower or ``force``."""
+    re-estimated statistics; re-estimates (in place) when that is lower
+    (``policy="auto"``) or ``policy="always"``."""
     n = moments.count
     gamma = bn.weight.detach().double().cpu() if bn.affine else torch.ones(len(weight), dtype=torch.float64)
     beta = bn.bias.detach().double().cpu() if bn.affine else torch.zeros(len(weight), dtype=torch.float64)
@@ -533,7 +545,7 @@ def _bn_decision(bn: nn.BatchNorm2d, weight: torch.Tensor, moments: _Moments, fo
     var = (s_hat2 / n - mean.square()).clamp(min=0)
     a_new = gamma / (var + bn.eps).sqrt()
     kept, reestimated = error(a_t, c_t), error(a_new, beta - a_new * mean)
-    chosen = force or reestimated < kept
+    chosen = policy == "always" or (policy == "auto" and reestimated < kept)
     if chosen:
         bn.running_mean.copy_(mean.to(bn.running_mean))
         bn.running_var.copy_((var * n / max(n - 1, 1)).to(bn.running_var))
@@ -601,8 +613,9 @@ def calibrate(teacher: nn.Module, student: nn.Module, layers: list[tuple[nn.Conv
                 fit.error_fit, weight = None, before
             if follower is not None:
                 fit.batchnorm = follower[0]
+                policy = "always" if fit.error_fit is None else settings.batchnorm
                 fit.bn_error_kept, fit.bn_error_reestimated, fit.bn_reestimated = _bn_decision(
-                    follower[1], weight, moments, force=fit.error_fit is None)
+                    follower[1], weight, moments, policy)
             fits.append(fit)
         return fits
     finally:

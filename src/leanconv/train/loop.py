@@ -160,7 +160,10 @@ def _recipe_changes(saved: dict, current: dict) -> str:
     changed = [k for k in keys if saved.get(k) != current.get(k)]
     if "epochs" in changed and current["epochs"] > saved["epochs"]:
         changed.remove("epochs")
-    return ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+    def shown(key, value) -> str:
+        return "None (the default rule)" if value is None and key in ("lr", "warmup") else repr(value)
+
+    return ", ".join(f"{k}: {shown(k, saved.get(k))} -> {shown(k, current.get(k))}" for k in changed)
 
 
 def _plan_schedule(config: TrainConfig, steps_per_epoch: int) -> LRSchedule:
