@@ -189,3 +189,25 @@ def test_help_shows_the_resolved_rules(capsys):
         main(["distill", "--help"])
     text = capsys.readouterr().out
     assert "0.01 x batch-size / 128" in text and "--teacher-weights" in text
+
+
+def test_distill_under_torchrun_ddp(teacher_run, tiny_data, tmp_path):
+    """Two gloo processes: each calibrates the same student, rank 0 alone writes."""
+    import subprocess
+
+    from test_train import _free_port
+
+    out = str(tmp_path / "ddp")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "leanconv.cli", "distill",
+               "--teacher", os.path.join(teacher_run, "last.pt"), "--conv", "bsconv_u", "--data", tiny_data,
+               "--epochs", "1", "--batch-size", "16", "--calibration-images", "32", "--out", out, "--no-progress",
+               "--device", "cpu"]
+    result = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                            timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("final test:") == 1
+    with open(os.path.join(out, "config.json")) as handle:
+        assert json.load(handle)["world_size"] == 2
+    model, checkpoint = load_trained_model(os.path.join(out, "last.pt"))
+    assert checkpoint["epoch"] == 1 and checkpoint["model_spec"]["converted"]["kind"] == "bsconv_u"

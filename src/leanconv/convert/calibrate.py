@@ -392,14 +392,16 @@ def _fit_blueprint(layer: BSConvU2d | BSConvS2d, moments: _Moments, settings: Ca
     sums = moments.gram[:d, d].reshape(m, taps)  # sum u
     c4 = moments.cross[:d].reshape(m, taps, n)
     y_count = float(moments.count)
+    tap_pairs = g4.permute(1, 3, 0, 2).reshape(taps * taps, m * m)  # G[:, t, :, s] for every (t, s)
     chunk = max(1, (64 << 20) // (8 * m * m * taps))
     for _ in range(max(1, settings.als_iterations)):
         for start in range(0, n, chunk):
             rows = slice(start, min(n, start + chunk))
             bp = blueprint[rows]  # (n', T)
             # pointwise half: features sum_t bp[t] u[c, t] in the basis, and 1
-            half = torch.einsum("ctds,ns->nctd", g4, bp)
-            gram_c = torch.einsum("nctd,nt->ncd", half, bp)  # (n', M, M)
+            # gram_c[n] = sum_{t,s} bp[n,t] bp[n,s] G[:, t, :, s]: one product over the T^2 tap pairs
+            pairs = (bp[:, :, None] * bp[:, None, :]).reshape(len(bp), taps * taps)
+            gram_c = (pairs @ tap_pairs).reshape(len(bp), m, m)
             gram_q = basis @ gram_c @ basis.mT  # (n', r, r)
             sum_q = torch.einsum("ct,nt->nc", sums, bp) @ basis.mT  # (n', r)
             rhs_q = torch.einsum("ctn,nt->nc", c4[:, :, rows], bp) @ basis.mT  # (n', r)
@@ -408,7 +410,8 @@ def _fit_blueprint(layer: BSConvU2d | BSConvS2d, moments: _Moments, settings: Ca
             bias[rows] = solution[:, -1]
             # blueprint half: features sum_c s[c] u[c, t], s = coefficients @ basis
             s = coefficients[rows] @ basis  # (n', M)
-            half = torch.einsum("ctds,nc->ntds", g4, s)
+            # gram_t[n] = sum_{c,d} s[n,c] s[n,d] G[c, :, d, :]: a product over c, then over d per filter
+            half = (s @ g4.reshape(m, taps * m * taps)).reshape(-1, taps, m, taps)
             gram_t = torch.einsum("ntds,nd->nts", half, s)  # (n', T, T)
             sum_t = torch.einsum("ct,nc->nt", sums, s)
             rhs_t = torch.einsum("ctn,nc->nt", c4[:, :, rows], s)
