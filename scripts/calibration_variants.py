@@ -18,12 +18,15 @@ from leanconv.train import evaluate, load_trained_model
 from leanconv.train.distill import calibration_images
 
 STUDENTS = {"HetConv P=4": "hetconv:p=4", "HetConv P=8": "hetconv:p=8", "DSC": "dsc", "BSConv-U": "bsconv_u"}
+# name: (calibration images, settings); None images: --images
 VARIANTS = {
-    "transfer only": None,
-    "transfer + BN re-estimated (no fit)": {"fit": False},
-    "fit, BN where it helps (default)": {"batchnorm": "auto"},
-    "fit, BN always re-estimated": {"batchnorm": "always"},
-    "fit, BN never re-estimated": {"batchnorm": "never"},
+    "transfer only": (None, None),
+    "transfer + BN re-estimated (no fit)": (None, {"fit": False}),
+    "fit, BN where it helps (default)": (None, {"batchnorm": "auto"}),
+    "fit, BN always re-estimated": (None, {"batchnorm": "always"}),
+    "fit, BN never re-estimated": (None, {"batchnorm": "never"}),
+    "fit, 2048 images x 16 pixels": (2048, {"pixels_per_image": 16}),
+    "fit, every training image": (10**9, {}),
 }
 
 
@@ -34,33 +37,45 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--images", type=int, default=1024, help="calibration images (default 1024)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--students", default=",".join(STUDENTS), help=f"subset of {', '.join(STUDENTS)}")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="subset of the variants, comma-separated")
     args = parser.parse_args()
     teacher, _ = load_trained_model(args.teacher)
     train, test = load_dataset(args.data, "train"), load_dataset(args.data, "test")
     loader = BatchLoader(test, 256)
-    images = calibration_images(train, args.images, args.seed)
     rows = [{"student": "teacher", "variant": "dense", **evaluate(teacher, loader), "seconds": 0.0}]
-    for student, spec in STUDENTS.items():
-        for variant, settings in VARIANTS.items():
+    students = [name.strip() for name in args.students.split(",")]
+    variants = [name.strip() for name in args.variants.split(",")]
+    for name in students + variants:
+        if name not in STUDENTS and name not in VARIANTS:
+            parser.error(f"unknown student or variant {name!r}")
+    for student in students:
+        spec = STUDENTS[student]
+        for variant in variants:
+            count, settings = VARIANTS[variant]
+            images = calibration_images(train, count or args.images, args.seed)
             start = time.perf_counter()
             extra = {} if settings is None else {"calibration": images, "calibration_settings": settings}
             model, report = convert(teacher, spec, transfer_weights=True, return_report=True, **extra)
             seconds = time.perf_counter() - start
             fits = [r.calibration for r in report.replaced if r.calibration is not None]
             errors = [f.error_fit if f.error_fit is not None else f.error_transfer for f in fits]
-            rows.append({"student": student, "variant": variant, **evaluate(model, loader), "seconds": seconds,
+            rows.append({"student": student, "variant": variant, "images": 0 if settings is None else len(images),
+                         **evaluate(model, loader), "seconds": seconds,
                          "mean_layer_output_error": sum(errors) / len(errors) if errors and None not in errors else None,
                          "batchnorms_reestimated": sum(f.bn_reestimated for f in fits)})
             print(f"{student:12s} {variant:38s} top1 {100 * rows[-1]['top1']:.1f}%  {seconds:.0f} s", flush=True)
-    lines = ["| student | variant | top-1 | mean layer output error | BNs re-estimated | seconds |", "|---|---|---|---|---|---|"]
+    lines = ["| student | variant | images | top-1 | mean layer output error | BNs re-estimated | seconds |",
+             "|---|---|---|---|---|---|---|"]
     for row in rows:
         error = row.get("mean_layer_output_error")
-        lines.append(f"| {row['student']} | {row['variant']} | {100 * row['top1']:.1f}% | "
+        lines.append(f"| {row['student']} | {row['variant']} | {row.get('images', '-')} | {100 * row['top1']:.1f}% | "
                      f"{'-' if error is None else f'{error:.3f}'} | {row.get('batchnorms_reestimated', '-')} | "
                      f"{row['seconds']:.0f} |")
-    lines += ["", f"Calibration on {len(images)} training images (seed {args.seed}); top-1 on the {rows[0]['n']} test "
-              "images; layer output errors are relative, on the calibration sample."]
-    command = f"python scripts/calibration_variants.py {args.teacher} {args.data} {args.out}"
+    lines += ["", f"Calibration images drawn from the training split (seed {args.seed}); top-1 on the {rows[0]['n']} "
+              "test images; layer output errors are relative, on the calibration sample."]
+    command = (f"python scripts/calibration_variants.py {args.teacher} {args.data} {args.out} --students "
+               f"'{args.students}' --variants '{args.variants}'")
     write_atomic(args.out + ".json", json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
     write_atomic(args.out + ".md", "\n".join(lines) + "\n")
     print("\n".join(lines))

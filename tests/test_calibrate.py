@@ -168,7 +168,15 @@ def test_batchnorm_decision_uses_true_errors_and_sets_true_statistics():
     with torch.no_grad():
         target = teacher[4](captured["teacher"])
         assert fit.bn_error_reestimated == pytest.approx(_relative(student[4](out), target), rel=1e-3)
-        assert fit.bn_error_kept == pytest.approx(_relative(teacher[4](out), target), rel=1e-3)
+    # kept statistics: the teacher's, with the bias fitted for this bias-free conv folded into the mean
+    kept = leanconv.convert(teacher, "hetconv:p=4", transfer_weights=True, calibration=images,
+                            calibration_settings={**ALL_PIXELS, "batchnorm": "never"})
+    assert "folded into the following BatchNorm" in fit.method
+    assert not torch.equal(kept[4].running_mean, teacher[4].running_mean)
+    assert torch.equal(kept[4].running_var, teacher[4].running_var)
+    with torch.no_grad():
+        out = kept[3](kept[:3](images))
+        assert fit.bn_error_kept == pytest.approx(_relative(kept[4](out), target), rel=1e-3)
 
 
 @pytest.mark.parametrize("policy", ["always", "never"])

@@ -36,7 +36,10 @@ For every replaced layer ``i`` (in the order the network runs them):
      ``max_features`` patch entries, or that never ran on the calibration
      images are not fitted (the report says why).
 
-   A fit is kept only where it lowers the sampled output error.
+   A layer without a bias whose output goes straight into a BatchNorm is
+   fitted with one (the intercept of the least squares), folded into that
+   BatchNorm's running mean. A fit is kept only where it lowers the sampled
+   output error.
 3. **BatchNorm.** When the replaced layer's output goes straight into a
    BatchNorm, its statistics are re-estimated from the fitted layer's output
    only where that lowers the error of the BatchNorm's output against the
@@ -314,10 +317,11 @@ def _spatial_full(weight: torch.Tensor, m: int, groups: int) -> torch.Tensor:
     return full.reshape(out, m * taps)
 
 
-def _fit_hetconv(layer: HetConv2d, moments: _Moments, settings: CalibrationSettings) -> torch.Tensor:
-    """Per filter: ridge least squares over the entries its pattern keeps."""
+def _fit_hetconv(layer: HetConv2d, moments: _Moments, settings: CalibrationSettings, free_bias: bool) -> torch.Tensor:
+    """Per filter: ridge least squares over the entries its pattern keeps (and
+    the bias, when the layer has one or ``free_bias``)."""
     n = layer.out_channels
-    with_bias = layer.bias is not None
+    with_bias = layer.bias is not None or free_bias
     ones = torch.ones_like(layer.weight, dtype=torch.float64, device="cpu")
     ones_pw = torch.ones_like(layer.pointwise_weight, dtype=torch.float64, device="cpu")
     pattern = materialize_dense_weight(ones, ones_pw, layer.p, layer.layout).reshape(n, -1) != 0
@@ -334,7 +338,7 @@ def _fit_hetconv(layer: HetConv2d, moments: _Moments, settings: CalibrationSetti
 
 
 def _fit_separable(layer: DSConv2d | GWPWConv2d, moments: _Moments, settings: CalibrationSettings, m: int,
-                   taps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+                   taps: int, free_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """ALS on pw (with bias) and the grouped KxK weight. Returns (spatial
     (M', M/g*T), pw (N, M'), bias (N,), whether the KxK half was fitted)."""
     spatial = layer.dw if isinstance(layer, DSConv2d) else layer.gw
@@ -348,7 +352,7 @@ def _fit_separable(layer: DSConv2d | GWPWConv2d, moments: _Moments, settings: Ca
              + torch.arange(taps)).reshape(out, per_group * taps)  # feature index of each S entry
     joint = out * per_group * taps <= settings.max_features
     gram, cross = moments.gram, moments.cross
-    has_bias = layer.pw.bias is not None
+    has_bias = layer.pw.bias is not None or free_bias
     pw = layer.pw.weight.detach().double().cpu().flatten(1)
     bias = effective[:, -1].clone()
     flat = index.reshape(-1)
@@ -376,7 +380,7 @@ def _fit_separable(layer: DSConv2d | GWPWConv2d, moments: _Moments, settings: Ca
 
 
 def _fit_blueprint(layer: BSConvU2d | BSConvS2d, moments: _Moments, settings: CalibrationSettings, m: int,
-                   taps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   taps: int, free_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per filter ALS on (pointwise row in the basis Q, blueprint, bias).
     Q = identity for BSConv-U, pw1's orthonormal rows for BSConv-S (kept)."""
     n = layer.out_channels
@@ -385,8 +389,8 @@ def _fit_blueprint(layer: BSConvU2d | BSConvS2d, moments: _Moments, settings: Ca
     coefficients = layer.pw.weight if isinstance(layer, BSConvU2d) else layer.pw2.weight  # (N, r)
     coefficients = coefficients.detach().double().cpu().flatten(1).clone()
     blueprint = layer.dw.weight.detach().double().cpu().reshape(n, taps)
-    has_bias = layer.dw.bias is not None
-    bias = layer.dw.bias.detach().double().cpu() if has_bias else torch.zeros(n, dtype=torch.float64)
+    has_bias = layer.dw.bias is not None or free_bias
+    bias = layer.dw.bias.detach().double().cpu() if layer.dw.bias is not None else torch.zeros(n, dtype=torch.float64)
     d = m * taps
     g4 = moments.gram[:d, :d].reshape(m, taps, m, taps)
     sums = moments.gram[:d, d].reshape(m, taps)  # sum u
@@ -442,19 +446,29 @@ def _write(parameter: torch.Tensor, value: torch.Tensor) -> None:
     parameter.copy_(value.reshape(parameter.shape).to(device=parameter.device, dtype=parameter.dtype))
 
 
-def _fit(layer: nn.Module, moments: _Moments, settings: CalibrationSettings, m: int, taps: int):
-    """Fit ``layer`` in place. Returns (method, effective weight after the fit)."""
+def _fit(layer: nn.Module, moments: _Moments, settings: CalibrationSettings, m: int, taps: int, free_bias: bool):
+    """Fit ``layer`` in place. Returns (method, effective weight after the fit,
+    the bias a layer without one was fitted with (``free_bias``: it goes into
+    the following BatchNorm) or None)."""
+    method, extra = _fit_in_place(layer, moments, settings, m, taps, free_bias)
+    weight = _effective_weight(layer, m, taps)
+    if extra is not None:
+        weight[:, -1] += extra
+    return method, weight, extra
+
+
+def _fit_in_place(layer, moments, settings, m, taps, free_bias):
     if isinstance(layer, HetConv2d):
-        weight = _fit_hetconv(layer, moments, settings)
+        weight = _fit_hetconv(layer, moments, settings, free_bias)
         dense = weight[:, :-1].reshape(layer.dense_weight().shape)
         kxk, pointwise = extract_hetconv_weights(dense, layer.p, layer.layout, check_structure=False)
         _write(layer.weight, kxk)
         _write(layer.pointwise_weight, pointwise)
         if layer.bias is not None:
             _write(layer.bias, weight[:, -1])
-        return "ridge least squares per filter", _effective_weight(layer, m, taps)
+        return "ridge least squares per filter", None if layer.bias is not None or not free_bias else weight[:, -1]
     if isinstance(layer, (DSConv2d, GWPWConv2d)):
-        s, pw, bias, joint = _fit_separable(layer, moments, settings, m, taps)
+        s, pw, bias, joint = _fit_separable(layer, moments, settings, m, taps, free_bias)
         spatial = layer.dw if isinstance(layer, DSConv2d) else layer.gw
         _write(spatial.weight, s)
         if spatial.bias is not None:
@@ -465,8 +479,8 @@ def _fit(layer: nn.Module, moments: _Moments, settings: CalibrationSettings, m: 
         method = (f"alternating least squares, {settings.als_iterations} iterations" if joint else
                   f"pointwise least squares (the joint KxK solve would have {spatial.weight.numel():,} unknowns > "
                   f"max_features={settings.max_features})")
-        return method, _effective_weight(layer, m, taps)
-    coefficients, blueprint, bias = _fit_blueprint(layer, moments, settings, m, taps)
+        return method, None if layer.pw.bias is not None or not free_bias else bias
+    coefficients, blueprint, bias = _fit_blueprint(layer, moments, settings, m, taps, free_bias)
     _write(layer.dw.weight, blueprint)
     if layer.dw.bias is not None:
         _write(layer.dw.bias, bias)
@@ -476,7 +490,7 @@ def _fit(layer: nn.Module, moments: _Moments, settings: CalibrationSettings, m: 
     else:
         _write(layer.pw2.weight, coefficients)
         method = f"alternating least squares per filter (pw2, blueprint; pw1 kept), {settings.als_iterations} iterations"
-    return method, _effective_weight(layer, m, taps)
+    return method, None if layer.dw.bias is not None or not free_bias else bias
 
 
 def _why_not_fitted(layer: nn.Module, features: int, settings: CalibrationSettings) -> str:
@@ -521,10 +535,14 @@ def _batchnorm_after(student: nn.Module, layers: list[nn.Module], images: torch.
     return found
 
 
-def _bn_decision(bn: nn.BatchNorm2d, weight: torch.Tensor, moments: _Moments, policy: str) -> tuple:
+def _bn_decision(bn: nn.BatchNorm2d, weight: torch.Tensor, moments: _Moments, policy: str,
+                 shift: torch.Tensor | None = None) -> tuple:
     """Errors of the BatchNorm's output against the teacher's with kept and with
     re-estimated statistics; re-estimates (in place) when that is lower
-    (``policy="auto"``) or ``policy="always"``."""
+    (``policy="auto"``) or ``policy="always"``. ``weight`` (N, D+1) includes
+    ``shift``, a fitted bias the layer itself lacks: kept statistics take it
+    in their mean (running_mean - shift); re-estimated ones see the layer's
+    real output (without it)."""
     n = moments.count
     gamma = bn.weight.detach().double().cpu() if bn.affine else torch.ones(len(weight), dtype=torch.float64)
     beta = bn.bias.detach().double().cpu() if bn.affine else torch.zeros(len(weight), dtype=torch.float64)
@@ -549,9 +567,12 @@ def _bn_decision(bn: nn.BatchNorm2d, weight: torch.Tensor, moments: _Moments, po
     a_new = gamma / (var + bn.eps).sqrt()
     kept, reestimated = error(a_t, c_t), error(a_new, beta - a_new * mean)
     chosen = policy == "always" or (policy == "auto" and reestimated < kept)
+    shift = torch.zeros_like(mean) if shift is None else shift.double().cpu()
     if chosen:
-        bn.running_mean.copy_(mean.to(bn.running_mean))
+        bn.running_mean.copy_((mean - shift).to(bn.running_mean))
         bn.running_var.copy_((var * n / max(n - 1, 1)).to(bn.running_var))
+    else:
+        bn.running_mean.copy_((mean_t - shift).to(bn.running_mean))
     return kept, reestimated, chosen
 
 
@@ -608,17 +629,21 @@ def calibrate(teacher: nn.Module, student: nn.Module, layers: list[tuple[nn.Conv
             before = _effective_weight(new, m, taps)
             fit = LayerFit("", error_transfer=moments.relative_error(before), samples=moments.count)
             saved = {k: v.clone() for k, v in new.state_dict().items()}
-            fit.method, weight = _fit(new, moments, settings, m, taps)
+            # A layer without a bias before a BatchNorm is fitted with one, folded into the BatchNorm's mean.
+            free_bias = follower is not None
+            fit.method, weight, extra = _fit(new, moments, settings, m, taps, free_bias)
             fit.error_fit = moments.relative_error(weight)
             if fit.error_fit >= fit.error_transfer:  # ridge or a poor sample: keep the transfer
                 new.load_state_dict(saved)
                 fit.method += " (not kept: no lower error than the transfer)"
-                fit.error_fit, weight = None, before
+                fit.error_fit, weight, extra = None, before, None
+            if extra is not None:
+                fit.method += " (with a bias, folded into the following BatchNorm)"
             if follower is not None:
                 fit.batchnorm = follower[0]
                 policy = "always" if fit.error_fit is None else settings.batchnorm
                 fit.bn_error_kept, fit.bn_error_reestimated, fit.bn_reestimated = _bn_decision(
-                    follower[1], weight, moments, policy)
+                    follower[1], weight, moments, policy, extra)
             fits.append(fit)
         return fits
     finally:
