@@ -129,6 +129,8 @@ def test_zoo_and_user_function_teachers(teacher_run, tmp_path, monkeypatch):
     ({"temperature": 0}, "temperature must be"),
     ({"calibration_images": -1}, "calibration_images must be"),
     ({"p_policy": "nearest"}, "p_policy must be"),
+    ({"round_channels": True}, "round_channels must be"),
+    ({"teacher": "mod:fn", "width": 0.5}, "width applies to zoo teachers only"),
 ])
 def test_bad_settings_are_named(changes, message, tmp_path):
     settings = {"teacher": "vgg16_cifar", "teacher_weights": None, "conv": "hetconv:p=4", "epochs": 0,

@@ -95,6 +95,7 @@ class DistillConfig(TrainConfig):
              and self.calibration_images >= 0, "calibration_images", "an integer >= 0 (0: transfer only)")
         need(self.p_policy in P_POLICIES, "p_policy", f"one of {P_POLICIES}")
         need(self.conv_spec().kind != "standard", "conv", "a kind to convert to (hetconv:p=4, dsc, bsconv_u, ...)")
+        need(not self.round_channels, "round_channels", "False: the teacher fixes the student's channel widths")
         for name in ("include", "exclude"):
             value = getattr(self, name)
             need(value is None or (isinstance(value, list) and all(isinstance(v, str) for v in value)), name,
@@ -135,6 +136,9 @@ def _load_weights(module: nn.Module, path: str, teacher: str) -> None:
 def load_teacher(config: DistillConfig, num_classes: int) -> tuple[nn.Module, dict, str, float | None]:
     """(teacher in eval mode, the spec that rebuilds its network, its name, its width)."""
     teacher = config.teacher
+    if config.width != 1.0 and (os.path.isfile(teacher) or ":" in teacher):
+        raise ValueError(f"width applies to zoo teachers only; teacher {teacher} fixes its own (got width "
+                         f"{config.width:g})")
     if os.path.isfile(teacher):
         if config.teacher_weights:
             raise ValueError(f"teacher_weights is for zoo and module:function teachers; {teacher} is a checkpoint "
