@@ -9,7 +9,8 @@
 set -euo pipefail
 OUT=${1:-runs/distill-experiment}
 DATA=${2:-../shared/data/cifar10-subset}
-LEANCONV="${PYTHON:-python} -m leanconv.cli"
+PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+LEANCONV="$PYTHON -m leanconv.cli"
 mkdir -p "$OUT"
 run() {  # run NAME ARGS...: one run folder, its wall time in NAME.time
   local name=$1; shift

@@ -9,7 +9,8 @@
 set -euo pipefail
 OUT=${1:-runs/lr-defaults}
 DATA=${2:-../shared/data/cifar10-subset}
-LEANCONV="${PYTHON:-python} -m leanconv.cli"
+PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+LEANCONV="$PYTHON -m leanconv.cli"
 mkdir -p "$OUT"
 run() {
   local name=$1; shift
