@@ -11,22 +11,25 @@ import argparse
 import json
 import time
 
+import torch
+
 from leanconv.convert import convert
 from leanconv.data import BatchLoader, load_dataset
 from leanconv.files import write_atomic
 from leanconv.train import evaluate, load_trained_model
 from leanconv.train.distill import calibration_images
 
-STUDENTS = {"HetConv P=4": "hetconv:p=4", "HetConv P=8": "hetconv:p=8", "DSC": "dsc", "BSConv-U": "bsconv_u"}
-# name: (calibration images, settings); None images: --images
+STUDENTS = {"p4": ("HetConv P=4", "hetconv:p=4"), "p8": ("HetConv P=8", "hetconv:p=8"), "dsc": ("DSC", "dsc"),
+            "bsu": ("BSConv-U", "bsconv_u")}
+# key: (label, calibration images (None: --images), settings (None: no calibration))
 VARIANTS = {
-    "transfer only": (None, None),
-    "transfer + BN re-estimated (no fit)": (None, {"fit": False}),
-    "fit, BN where it helps (default)": (None, {"batchnorm": "auto"}),
-    "fit, BN always re-estimated": (None, {"batchnorm": "always"}),
-    "fit, BN never re-estimated": (None, {"batchnorm": "never"}),
-    "fit, 2048 images x 16 pixels": (2048, {"pixels_per_image": 16}),
-    "fit, every training image": (10**9, {}),
+    "transfer": ("transfer only", None, None),
+    "bn-only": ("transfer + BN re-estimated (no fit)", None, {"fit": False}),
+    "fit": ("fit, BN re-estimated where it helps (default)", None, {"batchnorm": "auto"}),
+    "fit-bn-always": ("fit, BN always re-estimated", None, {"batchnorm": "always"}),
+    "fit-bn-never": ("fit, BN never re-estimated", None, {"batchnorm": "never"}),
+    "fit-2048x16": ("fit, 2048 images x 16 pixels", 2048, {"pixels_per_image": 16}),
+    "fit-all-images": ("fit, every training image", 10**9, {}),
 }
 
 
@@ -37,9 +40,12 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--images", type=int, default=1024, help="calibration images (default 1024)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--students", default=",".join(STUDENTS), help=f"subset of {', '.join(STUDENTS)}")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="subset of the variants, comma-separated")
+    parser.add_argument("--students", default=",".join(STUDENTS), help=f"subset of {','.join(STUDENTS)}")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     teacher, _ = load_trained_model(args.teacher)
     train, test = load_dataset(args.data, "train"), load_dataset(args.data, "test")
     loader = BatchLoader(test, 256)
@@ -49,10 +55,10 @@ def main() -> None:
     for name in students + variants:
         if name not in STUDENTS and name not in VARIANTS:
             parser.error(f"unknown student or variant {name!r}")
-    for student in students:
-        spec = STUDENTS[student]
-        for variant in variants:
-            count, settings = VARIANTS[variant]
+    for key in students:
+        student, spec = STUDENTS[key]
+        for variant_key in variants:
+            variant, count, settings = VARIANTS[variant_key]
             images = calibration_images(train, count or args.images, args.seed)
             start = time.perf_counter()
             extra = {} if settings is None else {"calibration": images, "calibration_settings": settings}
