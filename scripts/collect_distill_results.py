@@ -47,12 +47,13 @@ def _run(root: str, name: str) -> dict | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs")
+    parser.add_argument("--note", action="append", default=[], help="a line added under the table (how the runs were made)")
     parser.add_argument("out", help="path without extension: writes OUT.json and OUT.md")
     args = parser.parse_args()
     teacher = _run(args.runs, "teacher")
     rows = {s: {stage: _run(args.runs, f"{stage}_{s}") for stage in STAGES} for s in STUDENTS}
     payload = {"command": "bash scripts/distill_experiment.sh && python scripts/collect_distill_results.py",
-               "teacher": teacher, "students": rows, "stages": STAGES,
+               "notes": args.note, "teacher": teacher, "students": rows, "stages": STAGES,
                "mac_unit": "multiply-accumulates per 32x32 image (FLOPs = 2 x MACs)"}
     write_atomic(args.out + ".json", json.dumps(payload, indent=1) + "\n")
 
@@ -76,7 +77,7 @@ def main() -> None:
         params = f"{some['params'] / 1e6:.2f}" if some else "-"
         lines.append(f"| {label} | {macs} | {params} | " + " | ".join(cell(rows[key][s]) for s in STAGES) + " |")
     lines += ["", "Top-1 on the test split (wall time of the command in brackets, 2-core CPU; (b)-(d) include the "
-              "calibration on 1,024 training images). MACs per 32x32 image (FLOPs = 2 x MACs)."]
+              "calibration on 1,024 training images). MACs per 32x32 image (FLOPs = 2 x MACs).", *args.note]
     write_atomic(args.out + ".md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

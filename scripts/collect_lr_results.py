@@ -31,6 +31,7 @@ def _read(folder: str) -> dict | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs")
+    parser.add_argument("--note", action="append", default=[], help="a line added under the table (how the runs were made)")
     parser.add_argument("out")
     args = parser.parse_args()
     results, lines = {}, ["| model | batch | old: lr 0.1, no warm-up | new: lr 0.1 x batch/128, warm-up | new - old |",
@@ -48,9 +49,9 @@ def main() -> None:
             gain = "-" if old is None or new is None else f"{100 * (new['top1'] - old['top1']):+.1f} points"
             lines.append(f"| {model} w{width:g} | {batch} | {cell(old)} | {cell(new)} | {gain} |")
     lines += ["", "Final top-1 on the 850 test images of the CIFAR-10 subset after 30 epochs (cosine schedule, "
-              "seed 0); one run each."]
+              "seed 0); one run each.", *args.note]
     write_atomic(args.out + ".json", json.dumps({"command": "bash scripts/lr_default_experiment.sh && python "
-                                                 "scripts/collect_lr_results.py", "runs": results}, indent=1) + "\n")
+                                                 "scripts/collect_lr_results.py", "notes": args.note, "runs": results}, indent=1) + "\n")
     write_atomic(args.out + ".md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
