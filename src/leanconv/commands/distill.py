@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from .train import _number, add_recipe_arguments, apply_threads, recipe_overrides
+from .train import _number, add_recipe_arguments, apply_threads, print_final, recipe_overrides
 
 NAME = "distill"
 HELP = "compress a trained network: convert it with calibrated weights, then distil (KD) the student"
@@ -53,20 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
     from ..train.distill import DistillConfig, distill
 
     apply_threads(args)
-    overrides = recipe_overrides(args, exclude=("layout",))
-    names = DistillConfig.field_names()
-    overrides.update({k: v for k, v in vars(args).items() if k in names and k not in overrides and k != "layout"})
+    overrides = recipe_overrides(args, exclude=("layout",), fields=DistillConfig.field_names())
     if getattr(args, "layout", None):
         overrides["layer_options"] = {**overrides.get("layer_options", {}), "layout": args.layout}
     config = DistillConfig.resolve(args.config, overrides)
-    summary = distill(config, resume=args.resume)
-    if int(os.environ.get("RANK", "0")) == 0:
-        final = summary["final"]
-        print(f"final test: top1 {final['top1']:.4f} top5 {final['top5']:.4f} loss {final['loss']:.4f} "
-              f"(n={final['n']}); run folder {config.out}")
+    print_final(distill(config, resume=args.resume), config.out)
     return 0

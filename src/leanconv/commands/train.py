@@ -117,16 +117,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_recipe_arguments(parser)
 
 
-def recipe_overrides(args: argparse.Namespace, exclude: tuple = ()) -> dict:
-    """The TrainConfig fields given as flags."""
+def recipe_overrides(args: argparse.Namespace, exclude: tuple = (), fields: list[str] | None = None) -> dict:
+    """The config fields given as flags (``fields``: TrainConfig's unless given)."""
     from ..train import TrainConfig
 
-    return {k: v for k, v in vars(args).items() if k in TrainConfig.field_names() and k not in exclude}
+    fields = TrainConfig.field_names() if fields is None else fields
+    return {k: v for k, v in vars(args).items() if k in fields and k not in exclude}
+
+
+def print_final(summary: dict, out: str) -> None:
+    """The last line of a run, on rank 0 only."""
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        final = summary["final"]
+        print(f"final test: top1 {final['top1']:.4f} top5 {final['top5']:.4f} loss {final['loss']:.4f} "
+              f"(n={final['n']}); run folder {out}")
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
     from ..train import TrainConfig, train
 
     apply_threads(args)
@@ -139,9 +148,5 @@ def run(args: argparse.Namespace) -> int:
             detect_layout(config.data)
         except FileNotFoundError:
             config.data = download_cifar("cifar10", config.data)
-    summary = train(config, resume=args.resume)
-    if int(os.environ.get("RANK", "0")) == 0:
-        final = summary["final"]
-        print(f"final test: top1 {final['top1']:.4f} top5 {final['top5']:.4f} loss {final['loss']:.4f} "
-              f"(n={final['n']}); run folder {config.out}")
+    print_final(train(config, resume=args.resume), config.out)
     return 0
