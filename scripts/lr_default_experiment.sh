@@ -4,19 +4,20 @@
 # on the CIFAR-10 subset, 30 epochs, for vgg16_cifar (width 0.5) and
 # resnet20_cifar at the batch sizes the README offers (64: compare; 128:
 # train's default). Finished runs are reused.
-#   bash scripts/lr_default_experiment.sh [OUT_DIR] [DATA_DIR]
+#   [THREADS=N] bash scripts/lr_default_experiment.sh [OUT_DIR] [DATA_DIR]
 # then: python scripts/collect_lr_results.py OUT_DIR results/cpu/lr-defaults-subset
 set -euo pipefail
 OUT=${1:-runs/lr-defaults}
 DATA=${2:-../shared/data/cifar10-subset}
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 LEANCONV="$PYTHON -m leanconv.cli"
+THREAD_ARGS=${THREADS:+--threads $THREADS}
 mkdir -p "$OUT"
 run() {
   local name=$1; shift
   [ -f "$OUT/$name/summary.json" ] && return 0
   local start=$SECONDS
-  $LEANCONV train "$@" --epochs 30 --data "$DATA" --out "$OUT/$name" --no-progress > "$OUT/$name.log" 2>&1
+  $LEANCONV train "$@" --epochs 30 --data "$DATA" --out "$OUT/$name" --no-progress $THREAD_ARGS > "$OUT/$name.log" 2>&1
   echo "$((SECONDS - start)) s wall" > "$OUT/$name.time"
 }
 for model in vgg16_cifar resnet20_cifar; do
