@@ -30,6 +30,8 @@ VARIANTS = {
     "fit-bn-never": ("fit, BN never re-estimated", None, {"batchnorm": "never"}),
     "fit-2048x16": ("fit, 2048 images x 16 pixels", 2048, {"pixels_per_image": 16}),
     "fit-all-images": ("fit, every training image", 10**9, {}),
+    "fit-relu1": ("fit, ReLU-aware refinement, 1 pass", None, {"relu_iterations": 1}),
+    "fit-relu3": ("fit, ReLU-aware refinement, 3 passes", None, {"relu_iterations": 3}),
 }
 
 

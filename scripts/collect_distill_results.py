@@ -21,6 +21,7 @@ STUDENTS = {"p4": "HetConv P=4", "p8": "HetConv P=8", "dsc": "DSC", "bsu": "BSCo
 STAGES = {
     "a": "(a) transfer only",
     "b": "(b) data-aware conversion, no training",
+    "r": "(b) with --relu-iterations 3",
     "c": "(c) + 5 epochs distillation",
     "d": "(d) + 5 epochs fine-tuning (CE only)",
     "e": "(e) from scratch, 30 epochs",

@@ -1,4 +1,5 @@
-"""Test helpers: the tolerance policy of ../shared/STYLE.md (habit 8).
+"""Test helpers: the tolerance policy of ../shared/STYLE.md (habit 8), and
+running the CLI in a process that gets killed.
 
 * reference-precision paths: within 1e-5 in float32 (scaled by the output's
   magnitude), gradcheck in float64;
@@ -6,6 +7,12 @@
 """
 
 from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -56,3 +63,35 @@ def run_gpu_benchmark_smoke(script: str, out_dir, *args: str) -> dict:
     (written,) = [name for name in os.listdir(out_dir) if name.endswith(".json")]
     with open(os.path.join(out_dir, written)) as handle:
         return json.load(handle)
+
+
+# --- the CLI in a child process ---------------------------------------------------------------------------
+def cli_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "leanconv.cli", *args]
+
+
+def cli_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def start_and_kill(args: list[str], out: str, after_epoch: int) -> int:
+    """Start ``leanconv ARGS`` (a training command: train or distill), SIGKILL it
+    soon after its checkpoint passes ``after_epoch``; return the epoch of the
+    checkpoint it left."""
+    from leanconv.train import load_checkpoint
+
+    checkpoint = os.path.join(out, "last.pt")
+    process = subprocess.Popen(cli_command(*args), env=cli_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    seen_mtime = os.path.getmtime(checkpoint) if os.path.exists(checkpoint) else None
+    while time.time() < deadline and process.poll() is None:
+        if os.path.exists(checkpoint) and os.path.getmtime(checkpoint) != seen_mtime:
+            seen_mtime = os.path.getmtime(checkpoint)
+            if load_checkpoint(checkpoint)["epoch"] > after_epoch:
+                break
+        time.sleep(0.005)
+    time.sleep(0.03)  # into the next epoch's steps
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    return load_checkpoint(checkpoint)["epoch"]

@@ -282,3 +282,80 @@ def test_settings_validate():
     with pytest.raises(ValueError, match="pixels_per_image"):
         CalibrationSettings(pixels_per_image=0)
     assert "output error 0.5 -> 0.25" in LayerFit("fit", 0.5, 0.25).describe()
+
+
+def _activations(model: nn.Sequential, relu_index: int, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model[:relu_index + 1](images)
+
+
+def test_relu_refinement_reports_true_activation_errors_and_lowers_them():
+    """The reported activation errors are the distances the docstring defines,
+    computed here directly from the layer's outputs; they bound the true error
+    after the ReLU, and the refinement lowers it. BatchNorm keeps the teacher's
+    statistics (with the fitted bias folded in)."""
+    torch.manual_seed(6)
+    images = torch.randn(24, 3, 8, 8)
+    teacher = _settled(_network(), images)
+    settings = {**ALL_PIXELS, "relu_iterations": 3}
+    linear = leanconv.convert(teacher, "hetconv:p=4", transfer_weights=True, calibration=images,
+                              calibration_settings={**ALL_PIXELS, "batchnorm": "never"})
+    student, report = leanconv.convert(teacher, "hetconv:p=4", transfer_weights=True, calibration=images,
+                                       calibration_settings=settings, return_report=True)
+    fit = report.replaced[0].calibration
+    assert "ReLU-aware refinement (3 passes)" in fit.method and not fit.bn_reestimated
+    assert fit.relu_error_refined < fit.relu_error_linear
+    assert "activation error" in fit.describe()
+    assert torch.equal(student[4].running_var, teacher[4].running_var)
+    target = _activations(teacher, 5, images)
+    with torch.no_grad():
+        pre_target = teacher[:5](images)
+
+    def distance(model) -> float:
+        with torch.no_grad():
+            pre = model[:5](images)
+        # the teacher's unit on: distance to its activation; off: to the dead region (0 for any pre <= 0)
+        gap = torch.where(pre_target > 0, pre - pre_target, pre.clamp(min=0))
+        return gap.norm().item() / target.norm().item()
+
+    assert fit.relu_error_linear == pytest.approx(distance(linear), rel=1e-3)
+    assert fit.relu_error_refined == pytest.approx(distance(student), rel=1e-3)
+    true_error = _relative(_activations(student, 5, images), target)
+    assert true_error <= fit.relu_error_refined + 1e-6
+    assert true_error < _relative(_activations(linear, 5, images), target)
+    # the third layer (stride 2) is followed by BN + ReLU too; the last conv only by a ReLU: not refined
+    assert report.replaced[1].calibration.relu_error_refined is not None
+    assert report.replaced[2].calibration.relu_error_linear is None
+
+
+def test_relu_after_batchnorm_is_seen_only_when_it_takes_the_whole_output():
+    from leanconv.convert.calibrate import _batchnorm_after
+
+    class Branches(nn.Module):  # the BN's output also feeds an addition: not a ReLU-only consumer
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.relu = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            return self.relu(y) + y
+
+    images = torch.randn(2, 4, 6, 6)
+    for relu, expected in [(nn.ReLU(inplace=True), True), (nn.ReLU(), True), (nn.LeakyReLU(), False)]:
+        model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), relu, nn.Conv2d(4, 4, 1))
+        found = _batchnorm_after(model, [model[0]], images)
+        assert found[id(model[0])][2] is expected, relu
+    model = Branches()
+    assert _batchnorm_after(model, [model.conv], images)[id(model.conv)][2] is False
+
+    class Functional(nn.Module):  # ResNet-style: the ReLU is a function, applied in place or not
+        def __init__(self, relu):
+            super().__init__()
+            self.conv, self.bn, self.relu = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), relu
+
+        def forward(self, x):
+            return self.relu(self.bn(self.conv(x))) * 2
+
+    for relu in (torch.nn.functional.relu, lambda t: torch.nn.functional.relu(t, inplace=True), torch.Tensor.relu_):
+        model = Functional(relu)
+        assert _batchnorm_after(model, [model.conv], images)[id(model.conv)][2] is True

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import textwrap
 
@@ -14,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from helpers import cli_command, cli_env, start_and_kill
 from leanconv.cli import main
 from leanconv.data import load_dataset
 from leanconv.layers import HetConv2d
@@ -64,29 +66,34 @@ def test_calibration_beats_transfer_alone_on_held_out_images(teacher_run, tmp_pa
     assert results[400] < results[0]
 
 
-def test_resume_is_exact_and_options_apply(teacher_run, tmp_path, monkeypatch, capsys):
-    import leanconv.train.loop as loop
+def test_relu_refinement_reaches_the_conversion(teacher_run, tmp_path):
+    out = str(tmp_path / "relu")
+    assert main(["distill", "--teacher", os.path.join(teacher_run, "last.pt"), "--conv", "hetconv:p=4", "--epochs", "0",
+                 "--calibration-images", "100", "--relu-iterations", "2", "--no-progress", "--threads", "1",
+                 "--out", out]) == 0
+    with open(os.path.join(out, "calibration.json")) as handle:
+        fits = [r["calibration"] for r in json.load(handle)["replaced"]]
+    refined = [f for f in fits if "ReLU-aware refinement (2 passes)" in f["method"]]
+    assert refined and all(f["relu_error_refined"] <= f["relu_error_linear"] for f in refined)
+    with open(os.path.join(out, "config.json")) as handle:
+        assert json.load(handle)["relu_iterations"] == 2
 
+
+def test_sigkill_and_resume_match_an_uninterrupted_run_and_options_apply(teacher_run, tmp_path, capsys):
     common = ["distill", "--teacher", os.path.join(teacher_run, "last.pt"), "--conv", "hetconv:p=2",
-              "--layout", "shifted", "--exclude", "features.40", "--calibration-images", "100", "--batch-size", "100",
-              "--no-progress", "--threads", "1", "--feature-weight", "0.5", "--epochs", "2"]
+              "--layout", "shifted", "--exclude", "features.40", "--calibration-images", "100", "--batch-size", "50",
+              "--no-progress", "--threads", "1", "--feature-weight", "0.5", "--epochs", "6"]
     whole, part = str(tmp_path / "whole"), str(tmp_path / "part")
-    assert main([*common, "--out", whole]) == 0
-    real_save = loop.save_checkpoint
-
-    def save_then_die(checkpoint, path):
-        real_save(checkpoint, path)
-        raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        main([*common, "--out", part])
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
-    assert main([*common, "--out", part, "--resume"]) == 0
+    subprocess.run(cli_command(*common, "--out", whole), check=True, env=cli_env(), capture_output=True)
+    # a real killed process (SIGKILL in the middle of an epoch), then resumed to the end
+    killed_at = start_and_kill([*common, "--out", part], part, after_epoch=0)
+    assert 1 <= killed_at < 6
+    subprocess.run(cli_command(*common, "--out", part, "--resume"), check=True, env=cli_env(), capture_output=True)
     a, _ = load_trained_model(os.path.join(whole, "last.pt"))
     b, _ = load_trained_model(os.path.join(part, "last.pt"))
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert torch.equal(x, y), name
+        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6, msg=name)
+    assert _summary(part)["resumed_from_epoch"] == killed_at
     layers = dict(a.named_modules())
     assert isinstance(layers["features.3"], HetConv2d) and layers["features.3"].layout == "shifted"
     assert isinstance(layers["features.40"], nn.Conv2d) and not isinstance(layers["features.40"], HetConv2d)
@@ -128,6 +135,7 @@ def test_zoo_and_user_function_teachers(teacher_run, tmp_path, monkeypatch):
     ({"alpha": 1.5}, "alpha must be"),
     ({"temperature": 0}, "temperature must be"),
     ({"calibration_images": -1}, "calibration_images must be"),
+    ({"relu_iterations": -1}, "relu_iterations must be"),
     ({"p_policy": "nearest"}, "p_policy must be"),
     ({"round_channels": True}, "round_channels must be"),
     ({"teacher": "mod:fn", "width": 0.5}, "width applies to zoo teachers only"),

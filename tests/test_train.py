@@ -6,29 +6,20 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
+from helpers import cli_command, cli_env, start_and_kill
 from leanconv.cli import main
 from leanconv.train import LRSchedule, TrainConfig, load_checkpoint, train
 
 MODEL = ["--model", "vgg16_cifar", "--width", "0.125"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "leanconv.cli", *args]
-
-
-def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _weights(path: str) -> dict:
@@ -149,37 +140,18 @@ def test_resume_with_more_epochs_extends_the_run(tiny_data, tmp_path, capsys):
     assert json.loads(captured.out)["n"] == 24 and f"of {tiny_data} (the checkpoint's training data" in captured.err
 
 
-def _start_and_kill(args: list[str], out: str, after_epoch: int) -> int:
-    """Start ``leanconv train``, SIGKILL it soon after its checkpoint passes
-    ``after_epoch``; return the epoch of the checkpoint it left."""
-    checkpoint = os.path.join(out, "last.pt")
-    process = subprocess.Popen(_cli("train", *args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    seen_mtime = os.path.getmtime(checkpoint) if os.path.exists(checkpoint) else None
-    while time.time() < deadline and process.poll() is None:
-        if os.path.exists(checkpoint) and os.path.getmtime(checkpoint) != seen_mtime:
-            seen_mtime = os.path.getmtime(checkpoint)
-            if load_checkpoint(checkpoint)["epoch"] > after_epoch:
-                break
-        time.sleep(0.005)
-    time.sleep(0.03)  # into the next epoch's steps
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
-    return load_checkpoint(checkpoint)["epoch"]
-
-
 def test_sigkill_and_resume_match_an_uninterrupted_run(tiny_data, tmp_path):
     args = [*MODEL, "--conv", "standard", "--data", tiny_data, "--epochs", "8", "--batch-size", "16",
             "--no-progress", "--warmup", "1", "--schedule", "cosine"]
     reference = str(tmp_path / "reference")
-    subprocess.run(_cli("train", *args, "--out", reference), check=True, env=_env(), capture_output=True)
+    subprocess.run(cli_command("train", *args, "--out", reference), check=True, env=cli_env(), capture_output=True)
 
     # Killed twice (the second time while resuming), then resumed to the end.
     killed = str(tmp_path / "killed")
-    first = _start_and_kill([*args, "--out", killed], killed, after_epoch=0)
-    second = _start_and_kill([*args, "--out", killed, "--resume"], killed, after_epoch=first)
+    first = start_and_kill(["train", *args, "--out", killed], killed, after_epoch=0)
+    second = start_and_kill(["train", *args, "--out", killed, "--resume"], killed, after_epoch=first)
     assert 1 <= first < second < 8, (first, second)
-    subprocess.run(_cli("train", *args, "--out", killed, "--resume"), check=True, env=_env(), capture_output=True)
+    subprocess.run(cli_command("train", *args, "--out", killed, "--resume"), check=True, env=cli_env(), capture_output=True)
 
     expected, resumed = _weights(os.path.join(reference, "last.pt")), _weights(os.path.join(killed, "last.pt"))
     assert expected.keys() == resumed.keys()
@@ -205,7 +177,7 @@ def test_ddp_two_processes_gloo(tiny_data, tmp_path):
                "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "leanconv.cli", "train",
                *MODEL, "--conv", "hetconv:p=2", "--data", tiny_data, "--epochs", "2", "--batch-size", "16",
                "--out", out, "--no-progress", "--device", "cpu"]
-    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=240)
+    result = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("final test:") == 1  # rank 0 alone reports and writes
     lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]

@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     kd.add_argument("--calibration-images", type=int, default=S,
                     help=f"training images for the data-aware conversion (default {default('calibration_images')}; "
                          f"0: weight transfer only)")
+    kd.add_argument("--relu-iterations", type=int, default=S,
+                    help="passes of the ReLU-aware refinement of layers followed by BatchNorm + ReLU in the "
+                         "data-aware conversion (default 0: least squares on the layer outputs only)")
     which = parser.add_argument_group("which layers (as leanconv convert)")
     which.add_argument("--include", action="append", default=S, metavar="PATTERN", help="fnmatch pattern (repeatable)")
     which.add_argument("--exclude", action="append", default=S, metavar="PATTERN", help="fnmatch pattern (repeatable)")

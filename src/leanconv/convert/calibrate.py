@@ -40,7 +40,21 @@ For every replaced layer ``i`` (in the order the network runs them):
    fitted with one (the intercept of the least squares), folded into that
    BatchNorm's running mean. A fit is kept only where it lowers the sampled
    output error.
-3. **BatchNorm.** When the replaced layer's output goes straight into a
+3. **ReLU-aware refinement** (``relu_iterations`` passes). Where the
+   layer's output goes into a BatchNorm whose output only a ReLU reads (a
+   module or a function; seen by watching every torch function during one
+   forward pass), errors where both the teacher's and the layer's units are
+   off cost nothing after the ReLU. The fit alternates (Zhang et al.,
+   "Accelerating Very Deep Convolutional Networks for Classification and
+   Detection", TPAMI 2016): project the layer's predictions onto the
+   outputs that give the teacher's activations exactly (the teacher's
+   output where its unit is on, the dead region where it is off), then
+   refit the layer by the same least squares to the projected targets (the
+   Gram matrix is reused; each pass recomputes only ``sum u z^T`` over the
+   same sampled pixels). The weights with the smallest distance are kept,
+   and that BatchNorm keeps the teacher's statistics (the dead region is
+   defined by them).
+4. **BatchNorm.** When the replaced layer's output goes straight into a
    BatchNorm, its statistics are re-estimated from the fitted layer's output
    only where that lowers the error of the BatchNorm's output against the
    teacher's, and always after a layer that was not fitted. Both errors are
@@ -60,6 +74,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from ..layers import BSConvS2d, BSConvU2d, DSConv2d, GWPWConv2d, HetConv2d
 from ..ops.hetconv_layout import extract_hetconv_weights, materialize_dense_weight
@@ -81,9 +96,11 @@ class CalibrationSettings:
     # ("auto"), always, or never; after a layer that was not fitted they are always re-estimated.
     batchnorm: str = "auto"
     fit: bool = True  # False: no layer is fitted, only the BatchNorms after them re-estimated
+    # Layers followed by BatchNorm + ReLU: passes of the ReLU-aware refinement after the linear fit (0: none)
+    relu_iterations: int = 0
 
     def __post_init__(self) -> None:
-        for name, low in (("pixels_per_image", 1), ("als_iterations", 0), ("max_features", 1), ("batch_size", 1)):
+        for name, low in (("pixels_per_image", 1), ("als_iterations", 0), ("relu_iterations", 0), ("max_features", 1), ("batch_size", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"calibration setting {name} must be an integer >= {low}, got {value!r}")
@@ -108,12 +125,18 @@ class LayerFit:
     bn_error_reestimated: float | None = None
     bn_reestimated: bool = False
     samples: int = 0
+    # layers followed by BatchNorm + ReLU, with relu_iterations: relative error of the activations
+    # (distance from the exact ones, an upper bound of the error after the ReLU) before and after
+    relu_error_linear: float | None = None
+    relu_error_refined: float | None = None
 
     def describe(self) -> str:
         parts = [self.method]
         if self.error_transfer is not None:
             after = "" if self.error_fit is None else f" -> {self.error_fit:.3g}"
             parts.append(f"output error {self.error_transfer:.3g}{after}")
+        if self.relu_error_linear is not None:
+            parts.append(f"activation error {self.relu_error_linear:.3g} -> {self.relu_error_refined:.3g}")
         if self.batchnorm is not None:
             action = "re-estimated" if self.bn_reestimated else "kept"
             errors = ""
@@ -233,10 +256,11 @@ class _Moments:
         return math.sqrt(max(self.squared_error(weight).sum().item(), 0.0) / total) if total > 0 else 0.0
 
 
-def _collect(teacher, student, teacher_conv, new_layer, batches, calls, settings, layer_index) -> _Moments | None:
+def _samples(teacher, student, teacher_conv, new_layer, batches, calls, settings, layer_index):
+    """Yield (patches (S, M*kh*kw), targets (S, N)) per batch and call: the
+    student's input patches and the teacher's outputs at the sampled pixels.
+    The same pixels on every pass (seeded by layer, batch and call)."""
     conv = teacher_conv
-    features = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
-    moments = _Moments.empty(features, conv.out_channels)
     device = conv.weight.device
     for batch_index, images in enumerate(batches):
         images = images.to(device=device, dtype=conv.weight.dtype)
@@ -250,10 +274,53 @@ def _collect(teacher, student, teacher_conv, new_layer, batches, calls, settings
             generator = torch.Generator().manual_seed(settings.seed + 7919 * layer_index + 104729 * batch_index + call)
             positions = torch.stack([torch.randperm(positions_total, generator=generator)[:k]
                                      for _ in range(len(x))]).to(device)
-            patches = _patch_rows(x, conv, positions)
             picked = y.flatten(2).gather(2, positions[:, None, :].expand(-1, y.shape[1], -1))  # (B, N, k)
-            moments.add(patches, picked.permute(0, 2, 1).reshape(-1, y.shape[1]))
+            yield _patch_rows(x, conv, positions), picked.permute(0, 2, 1).reshape(-1, y.shape[1])
+
+
+def _collect(teacher, student, teacher_conv, new_layer, batches, calls, settings, layer_index) -> _Moments | None:
+    conv = teacher_conv
+    moments = _Moments.empty(conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1], conv.out_channels)
+    for patches, targets in _samples(teacher, student, conv, new_layer, batches, calls, settings, layer_index):
+        moments.add(patches, targets)
     return moments if moments.count else None
+
+
+def _activation_targets(samples, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, gram: torch.Tensor):
+    """One projection step of the ReLU-aware fit (Zhang et al., "Accelerating
+    Very Deep Convolutional Networks for Classification and Detection", TPAMI
+    2016, nonlinear response reconstruction). A BatchNorm ``a = scale * y +
+    shift`` (the teacher's statistics) and a ReLU follow the layer. Where the
+    teacher's activation is positive the target stays the teacher's output;
+    where it is not, any output whose activation is not positive is as good,
+    so the target becomes the layer's own prediction ``weight @ [u; 1]``
+    projected onto that dead region. Returns the moments of (patch, new
+    target) with ``gram`` reused, and the sum over samples of
+    ``scale^2 * (target - prediction)^2``: the squared distance of the
+    prediction's activations from the set of exact ones, an upper bound of
+    the error after the ReLU (exact where the teacher's unit is off), and the
+    sum of the teacher's squared activations after the ReLU."""
+    moments = _Moments(gram, torch.zeros_like(weight.mT), torch.zeros(len(weight), dtype=torch.float64),
+                       torch.zeros(len(weight), dtype=torch.float64))
+    distance = energy = 0.0
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    boundary = -shift / safe  # the output at which the activation crosses zero
+    for patches, targets in samples:
+        features = torch.cat([patches.double(), torch.ones(len(patches), 1, dtype=torch.float64,
+                                                           device=patches.device)], 1).cpu()
+        targets = targets.double().cpu()
+        predicted = features @ weight.mT
+        active = scale * targets + shift > 0
+        dead = scale * predicted + shift <= 0
+        projected = torch.where(dead, predicted, boundary.expand_as(predicted))
+        goal = torch.where(active, targets, projected)
+        distance += (scale.square() * (goal - predicted).square()).sum().item()
+        energy += (scale * targets + shift).clamp(min=0).square().sum().item()
+        moments.cross += features.mT @ goal
+        moments.target_sum += goal.sum(0)
+        moments.target_square += goal.square().sum(0)
+        moments.count += len(goal)
+    return moments, distance, energy
 
 
 # --------------------------------------------------------------- the solves
@@ -506,11 +573,53 @@ def _why_not_fitted(layer: nn.Module, features: int, settings: CalibrationSettin
 
 
 # ------------------------------------------------------------- BatchNorm
+_RELUS = {F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
+_INPLACE_RELUS = {F.relu_, torch.relu_, torch.Tensor.relu_}
+
+
+def _tensors_in(value) -> list:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _tensors_in(item)]
+    if isinstance(value, dict):
+        return [t for item in value.values() for t in _tensors_in(item)]
+    return []
+
+
+class _Readers(TorchFunctionMode):
+    """Records every torch function that reads a watched tensor (``watched``:
+    key -> tensors) into ``readers[key]`` ("relu" for a ReLU). A tensor a
+    ReLU overwrote in place stops being watched: later readers read the ReLU's
+    output."""
+
+    def __init__(self, watched: dict[int, list]) -> None:
+        super().__init__()
+        self.watched = watched
+        self.readers: dict[int, set] = {key: set() for key in watched}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = _tensors_in(args) + _tensors_in(kwargs)
+        for key, seen in self.watched.items():
+            for out in [out for out in seen if any(t is out for t in tensors)]:
+                relu = func in _RELUS
+                self.readers[key].add("relu" if relu else func)
+                inplace = func in _INPLACE_RELUS or (func is F.relu and (kwargs.get("inplace") or args[1:2] == (True,)))
+                if relu and inplace:
+                    seen.remove(out)
+        return func(*args, **kwargs)
+
+
 def _batchnorm_after(student: nn.Module, layers: list[nn.Module], images: torch.Tensor) -> dict[int, tuple]:
-    """For each layer whose every output goes straight into one BatchNorm2d: (name, bn)."""
+    """For each layer whose every output goes straight into one BatchNorm2d:
+    (name, bn, whether that BatchNorm's output is read only by a ReLU: a
+    module or a function, in place or not)."""
     outputs: dict[int, list] = {id(layer): [] for layer in layers}
     consumers: dict[int, set] = {id(layer): set() for layer in layers}
     names = {id(module): name for name, module in student.named_modules()}
+    bns = {id(m): m for m in student.modules() if isinstance(m, nn.BatchNorm2d)}
+    bn_outputs: dict[int, list] = {key: [] for key in bns}
     handles = [layer.register_forward_hook(lambda m, a, out: outputs[id(m)].append(out)) for layer in layers]
 
     def check(bn, args):
@@ -518,10 +627,11 @@ def _batchnorm_after(student: nn.Module, layers: list[nn.Module], images: torch.
             if any(args[0] is out for out in seen):
                 consumers[key].add(id(bn))
 
-    bns = {id(m): m for m in student.modules() if isinstance(m, nn.BatchNorm2d)}
     handles += [bn.register_forward_pre_hook(check) for bn in bns.values()]
+    handles += [bn.register_forward_hook(lambda m, a, out: bn_outputs[id(m)].append(out)) for bn in bns.values()]
+    readers = _Readers(bn_outputs)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), readers:
             student(images)
     finally:
         for handle in handles:
@@ -531,7 +641,7 @@ def _batchnorm_after(student: nn.Module, layers: list[nn.Module], images: torch.
         chosen = consumers[id(layer)]
         bn = bns[next(iter(chosen))] if len(chosen) == 1 else None
         if bn is not None and bn.track_running_stats and bn.running_mean is not None:
-            found[id(layer)] = (names.get(id(bn), "batchnorm"), bn)
+            found[id(layer)] = (names.get(id(bn), "batchnorm"), bn, readers.readers[id(bn)] == {"relu"})
     return found
 
 
@@ -594,6 +704,33 @@ def _reestimate_bn(student: nn.Module, bn: nn.BatchNorm2d, batches, device, dtyp
         bn.running_var.copy_(((square - count * mean.square()) / (count - 1)).clamp(min=0).to(bn.running_var))
 
 
+def _refine_for_relu(samples, layer, bn, moments: _Moments, weight, extra, settings, m, taps, free_bias):
+    """The ReLU-aware refinement (:func:`_activation_targets`) of a fitted layer
+    followed by ``bn`` (the teacher's statistics) and a ReLU: alternate the
+    projection step and the layer's own least-squares fit, and keep the
+    weights with the smallest activation distance. ``samples()`` starts a new
+    pass over the same sampled pixels. Returns (weight, extra, relative
+    activation error before, after)."""
+    gamma = bn.weight.detach().double().cpu() if bn.affine else torch.ones(len(weight), dtype=torch.float64)
+    beta = bn.bias.detach().double().cpu() if bn.affine else torch.zeros(len(weight), dtype=torch.float64)
+    scale = gamma / (bn.running_var.double().cpu() + bn.eps).sqrt()
+    shift = beta - scale * bn.running_mean.double().cpu()
+    best = None
+    for step in range(settings.relu_iterations + 1):
+        targets, distance, energy = _activation_targets(samples(), weight, scale, shift, moments.gram)
+        if step == 0:
+            first = distance
+        if best is None or distance < best[0]:
+            best = (distance, {k: v.clone() for k, v in layer.state_dict().items()}, weight, extra)
+        if step == settings.relu_iterations:
+            break
+        _, weight, extra = _fit(layer, targets, settings, m, taps, free_bias)
+    distance, state, weight, extra = best
+    layer.load_state_dict(state)
+    relative = (lambda d: math.sqrt(d / energy) if energy > 0 else 0.0)
+    return weight, extra, relative(first), relative(distance)
+
+
 # -------------------------------------------------------------- the driver
 @torch.no_grad()
 def calibrate(teacher: nn.Module, student: nn.Module, layers: list[tuple[nn.Conv2d, nn.Module, int]],
@@ -637,11 +774,21 @@ def calibrate(teacher: nn.Module, student: nn.Module, layers: list[tuple[nn.Conv
                 new.load_state_dict(saved)
                 fit.method += " (not kept: no lower error than the transfer)"
                 fit.error_fit, weight, extra = None, before, None
+            refined = follower is not None and follower[2] and fit.error_fit is not None and settings.relu_iterations
+            if refined:
+                def samples():
+                    return _samples(teacher, student, old, new, batches, calls, settings, index)
+
+                weight, extra, fit.relu_error_linear, fit.relu_error_refined = _refine_for_relu(
+                    samples, new, follower[1], moments, weight, extra, settings, m, taps, free_bias)
+                fit.error_fit = moments.relative_error(weight)
+                fit.method += f", ReLU-aware refinement ({settings.relu_iterations} passes)"
             if extra is not None:
                 fit.method += " (with a bias, folded into the following BatchNorm)"
             if follower is not None:
                 fit.batchnorm = follower[0]
-                policy = "always" if fit.error_fit is None else settings.batchnorm
+                # the refinement fitted activations under the teacher's statistics: they stay
+                policy = "always" if fit.error_fit is None else "never" if refined else settings.batchnorm
                 fit.bn_error_kept, fit.bn_error_reestimated, fit.bn_reestimated = _bn_decision(
                     follower[1], weight, moments, policy, extra)
             fits.append(fit)

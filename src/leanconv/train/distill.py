@@ -69,6 +69,7 @@ class DistillConfig(TrainConfig):
     temperature: float = 4.0
     feature_weight: float = 0.0
     calibration_images: int = 1024
+    relu_iterations: int = 0  # ReLU-aware refinement passes of the data-aware conversion (CalibrationSettings)
     include: list | None = None
     exclude: list | None = None
     skip_stem: bool = True
@@ -93,6 +94,8 @@ class DistillConfig(TrainConfig):
         need(isinstance(self.feature_weight, (int, float)) and self.feature_weight >= 0, "feature_weight", ">= 0")
         need(isinstance(self.calibration_images, int) and not isinstance(self.calibration_images, bool)
              and self.calibration_images >= 0, "calibration_images", "an integer >= 0 (0: transfer only)")
+        need(isinstance(self.relu_iterations, int) and not isinstance(self.relu_iterations, bool)
+             and self.relu_iterations >= 0, "relu_iterations", "an integer >= 0 (0: no ReLU-aware refinement)")
         need(self.p_policy in P_POLICIES, "p_policy", f"one of {P_POLICIES}")
         need(self.conv_spec().kind != "standard", "conv", "a kind to convert to (hetconv:p=4, dsc, bsconv_u, ...)")
         need(not self.round_channels, "round_channels", "False: the teacher fixes the student's channel widths")
@@ -203,8 +206,10 @@ class DistillSetup(StudentSetup):
         device = next(model.parameters()).device
         self.teacher.to(device)
         images = calibration_images(self.train_data, self.config.calibration_images, self.config.seed)
-        calibration = images if len(images) else None
-        student, report = self._convert(transfer_weights=True, calibration=calibration)
+        extra = {}
+        if len(images):
+            extra = {"calibration": images, "calibration_settings": {"relu_iterations": self.config.relu_iterations}}
+        student, report = self._convert(transfer_weights=True, **extra)
         self.replaced = [r.name for r in report.replaced]
         if int(os.environ.get("RANK", "0")) == 0:
             os.makedirs(self.config.out, exist_ok=True)
