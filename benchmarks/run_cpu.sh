@@ -39,6 +39,8 @@ part forms "$BIN/python" benchmarks/cpu_forms.py --batch "$BATCH" --repeats "$RE
 part rule_vs_measured "$BIN/python" benchmarks/rule_vs_measured.py --batch "$BATCH" --repeats "$REPEATS" --out-dir "$OUT"
 # Per-call overhead at batch 1 (one thread).
 part overhead "$BIN/python" benchmarks/overhead.py --out-dir "$OUT"
+# Small depthwise calls: F.conv2d against the oneDNN-prepacked weight (one thread).
+part depthwise-small "$BIN/python" benchmarks/depthwise_small.py --out-dir "$OUT"
 # DSC / BSConv layers against nn.Conv2d.
 part separable "$BIN/leanconv" bench separable --batch "$BATCH" --repeats "$REPEATS" --out-dir "$OUT"
 part render "$BIN/python" scripts/render_perf_section.py --results "$OUT" --out "$DOC" --readme README.md

@@ -146,3 +146,14 @@ def test_cli_bench_tiny_grid_and_render(tmp_path, capsys):
 def test_cli_rejects_bad_mode(capsys):
     assert main(["bench", "layers", "--grid", "tiny", "--modes", "fly"]) == 2
     assert "--modes" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN not built in")
+def test_depthwise_small_benchmark_gates_and_writes(tmp_path):
+    stem = str(tmp_path / "dw")
+    subprocess.run([sys.executable, "benchmarks/depthwise_small.py", "--quick", "--out", stem], check=True,
+                   capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    with open(stem + ".json") as handle:
+        rows = json.load(handle)["rows"]
+    assert {r["format"] for r in rows} == {"contiguous", "channels_last"} and len(rows) == 6
+    assert all(r["prepacked_by_rule"] for r in rows)  # the quick shapes are all below the threshold

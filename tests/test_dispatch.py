@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import leanconv
 from leanconv import config
+from leanconv.layers import DepthwiseConv2d
 from leanconv.ops import measure
 from leanconv.ops.conv_geometry import HetConvGeometry
 from leanconv.ops.dispatch import SMALL_CALL_WORK, hetconv_rule
@@ -95,6 +96,71 @@ def test_split_inference_paths_match_reference(case, channels_last, mode):
         assert_matches_reference(out, expected)
         assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         assert torch.equal(layer(x), out)  # the cached weights reproduce the first call
+
+
+DEPTHWISE_CASES = [
+    dict(in_channels=16, out_channels=16, kernel_size=3, padding=1),
+    dict(in_channels=8, out_channels=16, kernel_size=(3, 5), stride=(2, 1), padding=(1, 2)),  # depth multiplier 2
+    dict(in_channels=6, out_channels=6, kernel_size=3, padding=2, dilation=2, bias=False),
+    dict(in_channels=5, out_channels=5, kernel_size=3, padding=1, padding_mode="reflect"),
+    dict(in_channels=4, out_channels=4, kernel_size=4, padding="same"),  # uneven 'same': never packed
+]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("case", DEPTHWISE_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_depthwise_packed_weights_match_and_keep_the_memory_format(case, channels_last):
+    """Small eager CPU float32 calls run with the weight prepacked for oneDNN; the
+    output equals nn.Conv2d's, in the input's memory format, call after call."""
+    from leanconv.ops.backends import PackedDepthwise
+
+    torch.manual_seed(0)
+    layer = DepthwiseConv2d(**case).eval()
+    plain = torch.nn.Conv2d(groups=case["in_channels"], **case).eval()
+    plain.load_state_dict(layer.state_dict())
+    x = torch.randn(2, case["in_channels"], 9, 7)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        out, expected = layer(x), plain(x)
+        assert_matches_reference(out, expected)
+        assert out.stride() == expected.stride()
+        assert torch.equal(layer(x), out)
+        unbatched = layer(x[0])
+        assert_matches_reference(unbatched, plain(x[0]))
+    packable = case.get("padding") != "same" and torch.backends.mkldnn.is_available()
+    entries = layer.__dict__["_dispatcher"].entries
+    assert len(entries) == 2 and all(isinstance(e.prepared, PackedDepthwise) == packable for e in entries.values())
+
+
+def test_depthwise_packing_is_for_small_cached_float32_calls_only():
+    from leanconv.ops.backends import PACKED_DEPTHWISE_MAX_OUTPUT, PackedDepthwise
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("oneDNN not built in")
+    layer = DepthwiseConv2d(8, 8, 3, padding=1)
+    side = int((PACKED_DEPTHWISE_MAX_OUTPUT // 8) ** 0.5)
+    small, large = torch.randn(1, 8, side, side), torch.randn(1, 8, side + 1, side + 1)
+    double = DepthwiseConv2d(8, 8, 3, padding=1).double()
+    with torch.no_grad():
+        layer(small), layer(large), double(small.double())
+    prepared = {key[0]: entry.prepared for key, entry in layer.__dict__["_dispatcher"].entries.items()}
+    assert isinstance(prepared[small.shape], PackedDepthwise)
+    assert prepared[large.shape] is layer.weight
+    assert _entry(double).prepared is double.weight
+    x = small.requires_grad_()
+    out = layer(x)  # autograd: the parameter itself, differentiable
+    out.sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
+    with torch.no_grad():  # an in-place update rebuilds the packed weight
+        before = layer(small)
+        layer.weight.mul_(2)
+        after = layer(small)
+    assert_matches_reference(after, F.conv2d(small, layer.weight, layer.bias, 1, 1, 1, 8))
+    assert not torch.allclose(before, after)
+    with torch.no_grad():  # leanconv.functional caches nothing and packs nothing
+        assert_matches_reference(leanconv.functional.depthwise_conv2d(small, layer.weight, layer.bias, padding=1),
+                                 after)
 
 
 def _entry(layer):

@@ -9,7 +9,9 @@ HetConv (``op="hetconv"``):
 | ``triton`` | the direct Triton kernels (:mod:`.hetconv_triton`), where Triton is installed | CUDA (CPU only under ``TRITON_INTERPRET=1``); float32, bfloat16, float16 |
 
 Depthwise (``op="depthwise"``): ``torch`` (``F.conv2d`` with groups = C, cuDNN /
-oneDNN) and ``triton`` (:mod:`.depthwise_triton`).
+oneDNN; small cached eager CPU float32 calls run with the weight prepacked for
+oneDNN, see :data:`PACKED_DEPTHWISE_MAX_OUTPUT`) and ``triton``
+(:mod:`.depthwise_triton`).
 
 The public P-branch form of HetConv is not a backend (it never wins); it lives
 in ``benchmarks/baselines.py`` as a baseline. Triton is imported on the first
@@ -18,10 +20,12 @@ use of a triton backend, never at ``import leanconv``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from .conv_geometry import DepthwiseGeometry, HetConvGeometry
+from .conv_geometry import DepthwiseGeometry, HetConvGeometry, conv_output_size
 from .hetconv_layout import materialize_dense_weight
 from .hetconv_split import prepare_split, run_split
 from .registry import Backend, register_backend
@@ -69,12 +73,48 @@ def _run_hetconv_triton(x, packed, bias, geometry: HetConvGeometry, plan) -> tor
 
 
 # ---------------------------------------------------------------- depthwise
-def _prepare_depthwise(params, geometry: DepthwiseGeometry, plan, input_shape) -> torch.Tensor:
-    return params[0]
+# Output elements up to which a cached eager CPU float32 depthwise call runs with its weight
+# prepacked for oneDNN: F.conv2d reorders the weight on every call, which is most of a small
+# call's time (results/cpu/*-depthwise-small.md: 0.6-0.9x of F.conv2d's time up to here in
+# both memory formats; beyond it the contiguous input's two layout copies cost more).
+PACKED_DEPTHWISE_MAX_OUTPUT = 8192
+
+
+@dataclass(frozen=True)
+class PackedDepthwise:
+    """A depthwise weight prepacked for oneDNN (``torch.ops.mkldnn``) for one input shape."""
+
+    weight: torch.Tensor
+
+
+def packs_depthwise(geometry: DepthwiseGeometry, plan, input_shape, weight: torch.Tensor) -> bool:
+    """Whether a depthwise call prepacks its weight (see :data:`PACKED_DEPTHWISE_MAX_OUTPUT`):
+    cached eager inference, CPU float32 with oneDNN on, symmetric padding, a small output."""
+    g = geometry
+    if not (plan.cache and plan.compute_dtype == torch.float32 and weight.device.type == "cpu"
+            and g.padding is not None and torch.backends.mkldnn.is_available() and torch._C._get_mkldnn_enabled()):
+        return False
+    height, width = (conv_output_size(input_shape[2 + i], g.kernel_size[i], g.stride[i], g.padding[i], g.dilation[i])
+                     for i in (0, 1))
+    return input_shape[0] * g.out_channels * height * width <= PACKED_DEPTHWISE_MAX_OUTPUT
+
+
+def _prepare_depthwise(params, geometry: DepthwiseGeometry, plan, input_shape):
+    weight = params[0]
+    if not packs_depthwise(geometry, plan, input_shape, weight):
+        return weight
+    g = geometry
+    return PackedDepthwise(torch.ops.mkldnn._reorder_convolution_weight(
+        weight.detach().contiguous(memory_format=torch.channels_last), list(g.padding), list(g.stride),
+        list(g.dilation), g.in_channels, list(input_shape)))
 
 
 def _run_depthwise_torch(x, weight, bias, geometry: DepthwiseGeometry, plan) -> torch.Tensor:
     g = geometry
+    if isinstance(weight, PackedDepthwise):  # oneDNN answers in channels-last; nn.Conv2d keeps the input's format
+        out = torch.ops.mkldnn._convolution_pointwise(
+            x, weight.weight, bias, list(g.padding), list(g.stride), list(g.dilation), g.in_channels, "none", [], "")
+        return out if plan.channels_last else out.contiguous()
     padding = "same" if g.padding is None else g.padding  # None: 'same' with uneven sides
     return F.conv2d(x, weight, bias, g.stride, padding, g.dilation, g.in_channels)
 

@@ -38,7 +38,10 @@ The rule (the same on every run; documented in the README's backend table):
   taps below :data:`SMALL_CALL_WORK`, where a second library call costs more
   than the saved work) and where the split form does more than 80% of the dense
   work (1/P + 1/K^2 > 0.8); otherwise ``split``.
-* Depthwise: ``torch``.
+* Depthwise: ``torch``; for cached eager CPU float32 calls with at most
+  ``PACKED_DEPTHWISE_MAX_OUTPUT`` output elements it prepares the weight
+  prepacked for oneDNN (:mod:`.backends`), which saves the per-call weight
+  reorder that dominates small calls.
 """
 
 from __future__ import annotations
@@ -296,6 +299,9 @@ class Dispatcher:
                 if len(params) == 2:
                     first, second = params
                     stamp = (first._version, second._version, first.data_ptr(), second.data_ptr())
+                elif len(params) == 1:
+                    (first,) = params
+                    stamp = (first._version, first.data_ptr())
                 else:
                     stamp = tuple([t._version for t in params] + [t.data_ptr() for t in params])
             except RuntimeError:  # parameters created under inference_mode have no version counter: no cache
