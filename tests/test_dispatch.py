@@ -98,6 +98,26 @@ def test_split_inference_paths_match_reference(case, channels_last, mode):
         assert torch.equal(layer(x), out)  # the cached weights reproduce the first call
 
 
+@pytest.mark.parametrize("layout", ["blocked", "shifted"])
+def test_packed_split_weights_are_counted_by_flop_counter(layout):
+    """Under a torch dispatch mode the oneDNN-packed path runs its unpacked weights:
+    FlopCounterMode counts the grouped KxK and the 1x1 convolution (the 1x1 with
+    its zero diagonal: M/P K^2 + M MACs per output)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    layer = leanconv.HetConv2d(16, 16, 3, padding=1, p=4, layout=layout, backend="split").eval()
+    x = torch.randn(2, 16, 6, 6).to(memory_format=torch.channels_last)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad():
+        first = layer(x)
+        assert _entry(layer).prepared.packed or not torch.backends.mkldnn.is_available()
+        with counter:
+            second = layer(x)
+    assert_matches_reference(second, first)
+    assert second.is_contiguous(memory_format=torch.channels_last)
+    assert counter.get_total_flops() == 2 * 2 * 36 * 16 * (4 * 9 + 16)
+
+
 DEPTHWISE_CASES = [
     dict(in_channels=16, out_channels=16, kernel_size=3, padding=1),
     dict(in_channels=8, out_channels=16, kernel_size=(3, 5), stride=(2, 1), padding=(1, 2)),  # depth multiplier 2
@@ -158,6 +178,12 @@ def test_depthwise_packing_is_for_small_cached_float32_calls_only():
         after = layer(small)
     assert_matches_reference(after, F.conv2d(small, layer.weight, layer.bias, 1, 1, 1, 8))
     assert not torch.allclose(before, after)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)  # a dispatch mode sees F.conv2d, which it knows, not oneDNN's op
+    with torch.no_grad(), counter:
+        assert_matches_reference(layer(small), after)
+    assert counter.get_total_flops() == 2 * small.numel() * 9
     with torch.no_grad():  # leanconv.functional caches nothing and packs nothing
         assert_matches_reference(leanconv.functional.depthwise_conv2d(small, layer.weight, layer.bias, padding=1),
                                  after)

@@ -82,9 +82,15 @@ PACKED_DEPTHWISE_MAX_OUTPUT = 8192
 
 @dataclass(frozen=True)
 class PackedDepthwise:
-    """A depthwise weight prepacked for oneDNN (``torch.ops.mkldnn``) for one input shape."""
+    """A depthwise weight prepacked for oneDNN (``torch.ops.mkldnn``) for one input
+    shape, and the weight itself: a call made under a torch dispatch mode (e.g.
+    ``FlopCounterMode``, which does not know oneDNN's op) runs ``F.conv2d`` with it."""
 
     weight: torch.Tensor
+    packed: torch.Tensor
+
+
+_dispatch_modes = torch._C._len_torch_dispatch_stack
 
 
 def packs_depthwise(geometry: DepthwiseGeometry, plan, input_shape, weight: torch.Tensor) -> bool:
@@ -99,22 +105,28 @@ def packs_depthwise(geometry: DepthwiseGeometry, plan, input_shape, weight: torc
     return input_shape[0] * g.out_channels * height * width <= PACKED_DEPTHWISE_MAX_OUTPUT
 
 
-def _prepare_depthwise(params, geometry: DepthwiseGeometry, plan, input_shape):
+def _prepare_depthwise(params, geometry: DepthwiseGeometry, plan, input_shape) -> torch.Tensor:
+    return params[0]
+
+
+def _prepare_depthwise_torch(params, geometry: DepthwiseGeometry, plan, input_shape):
     weight = params[0]
     if not packs_depthwise(geometry, plan, input_shape, weight):
         return weight
     g = geometry
-    return PackedDepthwise(torch.ops.mkldnn._reorder_convolution_weight(
+    return PackedDepthwise(weight, torch.ops.mkldnn._reorder_convolution_weight(
         weight.detach().contiguous(memory_format=torch.channels_last), list(g.padding), list(g.stride),
         list(g.dilation), g.in_channels, list(input_shape)))
 
 
 def _run_depthwise_torch(x, weight, bias, geometry: DepthwiseGeometry, plan) -> torch.Tensor:
     g = geometry
-    if isinstance(weight, PackedDepthwise):  # oneDNN answers in channels-last; nn.Conv2d keeps the input's format
-        out = torch.ops.mkldnn._convolution_pointwise(
-            x, weight.weight, bias, list(g.padding), list(g.stride), list(g.dilation), g.in_channels, "none", [], "")
-        return out if plan.channels_last else out.contiguous()
+    if isinstance(weight, PackedDepthwise):
+        if not _dispatch_modes():  # oneDNN answers in channels-last; nn.Conv2d keeps the input's format
+            out = torch.ops.mkldnn._convolution_pointwise(
+                x, weight.packed, bias, list(g.padding), list(g.stride), list(g.dilation), g.in_channels, "none", [], "")
+            return out if plan.channels_last else out.contiguous()
+        weight = weight.weight
     padding = "same" if g.padding is None else g.padding  # None: 'same' with uneven sides
     return F.conv2d(x, weight, bias, g.stride, padding, g.dilation, g.in_channels)
 
@@ -141,7 +153,7 @@ def register_builtin_backends() -> None:
         description="grouped KxK conv + zero-diagonal 1x1 conv; cached and oneDNN-fused in CPU inference",
     ))
     register_backend(Backend(
-        "torch", "depthwise", _prepare_depthwise, _run_depthwise_torch,
+        "torch", "depthwise", _prepare_depthwise_torch, _run_depthwise_torch,
         description="F.conv2d with groups = in_channels (cuDNN / oneDNN)",
     ))
     if triton_installed():  # listed without importing Triton; imported on first use

@@ -39,6 +39,7 @@ from .conv_geometry import HetConvGeometry, centre_taps, reads_input_directly
 __all__ = ["SplitWeights", "zero_diagonal_pointwise", "prepare_split", "run_split", "onednn_packing"]
 
 _CL = torch.channels_last
+_dispatch_modes = torch._C._len_torch_dispatch_stack
 
 
 def _insert_zero_diagonal(blocks: torch.Tensor, lead: tuple[int, ...], p: int, width: int) -> torch.Tensor:
@@ -105,6 +106,9 @@ class SplitWeights:
     filter_order: torch.Tensor | None
     filter_inverse: torch.Tensor | None
     packed: bool = False
+    # when packed: the same weights unpacked, for calls under a torch dispatch mode (FlopCounterMode
+    # and the like do not know oneDNN's ops)
+    unpacked: "SplitWeights | None" = None
 
 
 def onednn_packing(x: torch.Tensor, plan) -> bool:
@@ -131,7 +135,9 @@ def prepare_split(params, geometry: HetConvGeometry, plan, input_shape) -> Split
         filter_inverse = _group_order(g.out_channels, g.out_channels // g.p, weight.device)
         grouped = weight.index_select(0, filter_order)
     packed = g.p > 1 and onednn_packing(weight, plan)
+    unpacked = None
     if packed:
+        unpacked = SplitWeights(grouped, pointwise, channel_order, filter_order, filter_inverse)
         grouped = torch.ops.mkldnn._reorder_convolution_weight(
             grouped.detach().contiguous(memory_format=_CL), list(g.padding), list(g.stride), list(g.dilation), g.p,
             list(input_shape),
@@ -139,7 +145,7 @@ def prepare_split(params, geometry: HetConvGeometry, plan, input_shape) -> Split
         if filter_order is not None:
             pointwise = pointwise.index_select(0, filter_order)
         pointwise = pointwise.detach().contiguous(memory_format=_CL)
-    return SplitWeights(grouped, pointwise, channel_order, filter_order, filter_inverse, packed)
+    return SplitWeights(grouped, pointwise, channel_order, filter_order, filter_inverse, packed, unpacked)
 
 
 def run_split(x: torch.Tensor, w: SplitWeights, bias, geometry: HetConvGeometry, plan) -> torch.Tensor:
@@ -150,6 +156,8 @@ def run_split(x: torch.Tensor, w: SplitWeights, bias, geometry: HetConvGeometry,
         return F.conv2d(x, w.grouped, bias, g.stride, g.padding, g.dilation)
     direct = reads_input_directly(g.kernel_size, g.stride, g.padding, g.dilation)
     taps = x if direct else centre_taps(x, g.kernel_size, g.stride, g.padding, g.dilation)
+    if w.packed and _dispatch_modes():
+        w = w.unpacked
     grouped_input = x if w.channel_order is None else x.index_select(1, w.channel_order)
     if w.packed:
         if w.filter_order is not None:
