@@ -303,7 +303,7 @@ def render(results: str) -> str:
             continue  # not a harness result (e.g. leanconv compare's results.json, a list of rows)
         what = payload["config"].get("what")
         name = os.path.basename(path)
-        if "-overhead-" in name or "-rule-vs-measured-" in name:
+        if "-overhead-" in name or "-rule-vs-measured-" in name or "-depthwise-small" in name:
             sections["scripts"] += render_plain_table(payload, name)
         elif what == "layers" and "-backends-" in name:  # the pre-redesign grid that timed every form
             sections["backends"] += render_backend_cuts(payload, name)
