@@ -74,9 +74,9 @@ def _run_hetconv_triton(x, packed, bias, geometry: HetConvGeometry, plan) -> tor
 
 # ---------------------------------------------------------------- depthwise
 # Output elements up to which a cached eager CPU float32 depthwise call runs with its weight
-# prepacked for oneDNN: F.conv2d reorders the weight on every call, which is most of a small
-# call's time (results/cpu/*-depthwise-small.md: 0.71-0.91x of F.conv2d's time up to here in
-# both memory formats; beyond it the contiguous input's two layout copies cost more).
+# prepacked for oneDNN: F.conv2d reorders the weight on every call, a tenth to a quarter of a
+# small call's time (results/cpu/*-depthwise-small.md: 0.71-0.91x of F.conv2d's time up to
+# here in both memory formats; beyond it the contiguous input's two layout copies cost more).
 PACKED_DEPTHWISE_MAX_OUTPUT = 8192
 
 
