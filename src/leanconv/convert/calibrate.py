@@ -219,6 +219,11 @@ def _patch_rows(x: torch.Tensor, conv: nn.Conv2d, positions: torch.Tensor) -> to
     return patches.permute(0, 1, 3, 2).reshape(-1, x.shape[1] * kh * kw)
 
 
+def _features(patches: torch.Tensor) -> torch.Tensor:
+    """(S, D+1) float64: the patches and the constant feature of the bias."""
+    return torch.cat([patches, patches.new_ones(len(patches), 1)], 1).double()
+
+
 @dataclass
 class _Moments:
     """Moments of (patch, target) pairs; feature index D is the constant 1."""
@@ -236,10 +241,9 @@ class _Moments:
                    torch.zeros(outputs, dtype=f64), torch.zeros(outputs, dtype=f64))
 
     def add(self, patches: torch.Tensor, targets: torch.Tensor) -> None:
-        ones = torch.ones(len(patches), 1, dtype=patches.dtype, device=patches.device)
         # float64 products: the errors are differences of these sums (a float32
         # Gram matrix leaves relative errors below ~1e-3 unmeasurable)
-        features = torch.cat([patches, ones], 1).double()
+        features = _features(patches)
         targets = targets.double()
         self.gram += (features.mT @ features).cpu()
         self.cross += (features.mT @ targets).cpu()
@@ -306,8 +310,7 @@ def _activation_targets(samples, weight: torch.Tensor, scale: torch.Tensor, shif
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
     boundary = -shift / safe  # the output at which the activation crosses zero
     for patches, targets in samples:
-        features = torch.cat([patches.double(), torch.ones(len(patches), 1, dtype=torch.float64,
-                                                           device=patches.device)], 1).cpu()
+        features = _features(patches).cpu()
         targets = targets.double().cpu()
         predicted = features @ weight.mT
         active = scale * targets + shift > 0
@@ -645,6 +648,15 @@ def _batchnorm_after(student: nn.Module, layers: list[nn.Module], images: torch.
     return found
 
 
+def _bn_affine(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift), float64: the BatchNorm's output is ``scale * x + shift`` with statistics (mean, var)."""
+    features = len(mean)
+    gamma = bn.weight.detach().double().cpu() if bn.affine else torch.ones(features, dtype=torch.float64)
+    beta = bn.bias.detach().double().cpu() if bn.affine else torch.zeros(features, dtype=torch.float64)
+    scale = gamma / (var + bn.eps).sqrt()
+    return scale, beta - scale * mean
+
+
 def _bn_decision(bn: nn.BatchNorm2d, weight: torch.Tensor, moments: _Moments, policy: str,
                  shift: torch.Tensor | None = None) -> tuple:
     """Errors of the BatchNorm's output against the teacher's with kept and with
@@ -654,11 +666,8 @@ def _bn_decision(bn: nn.BatchNorm2d, weight: torch.Tensor, moments: _Moments, po
     in their mean (running_mean - shift); re-estimated ones see the layer's
     real output (without it)."""
     n = moments.count
-    gamma = bn.weight.detach().double().cpu() if bn.affine else torch.ones(len(weight), dtype=torch.float64)
-    beta = bn.bias.detach().double().cpu() if bn.affine else torch.zeros(len(weight), dtype=torch.float64)
-    mean_t, var_t = bn.running_mean.double().cpu(), bn.running_var.double().cpu()
-    a_t = gamma / (var_t + bn.eps).sqrt()
-    c_t = beta - a_t * mean_t
+    mean_t = bn.running_mean.double().cpu()
+    a_t, c_t = _bn_affine(bn, mean_t, bn.running_var.double().cpu())
     s_hat = weight @ moments.gram[:, -1]  # sum y_hat (the last gram column is sum [u; 1])
     s_hat2 = ((weight @ moments.gram) * weight).sum(1)
     s_hat_y = (weight * moments.cross.mT).sum(1)
@@ -674,8 +683,7 @@ def _bn_decision(bn: nn.BatchNorm2d, weight: torch.Tensor, moments: _Moments, po
 
     mean = s_hat / n
     var = (s_hat2 / n - mean.square()).clamp(min=0)
-    a_new = gamma / (var + bn.eps).sqrt()
-    kept, reestimated = error(a_t, c_t), error(a_new, beta - a_new * mean)
+    kept, reestimated = error(a_t, c_t), error(*_bn_affine(bn, mean, var))
     chosen = policy == "always" or (policy == "auto" and reestimated < kept)
     shift = torch.zeros_like(mean) if shift is None else shift.double().cpu()
     if chosen:
@@ -711,10 +719,7 @@ def _refine_for_relu(samples, layer, bn, moments: _Moments, weight, extra, setti
     weights with the smallest activation distance. ``samples()`` starts a new
     pass over the same sampled pixels. Returns (weight, extra, relative
     activation error before, after)."""
-    gamma = bn.weight.detach().double().cpu() if bn.affine else torch.ones(len(weight), dtype=torch.float64)
-    beta = bn.bias.detach().double().cpu() if bn.affine else torch.zeros(len(weight), dtype=torch.float64)
-    scale = gamma / (bn.running_var.double().cpu() + bn.eps).sqrt()
-    shift = beta - scale * bn.running_mean.double().cpu()
+    scale, shift = _bn_affine(bn, bn.running_mean.double().cpu(), bn.running_var.double().cpu())
     best = None
     for step in range(settings.relu_iterations + 1):
         targets, distance, energy = _activation_targets(samples(), weight, scale, shift, moments.gram)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from .conv_geometry import DepthwiseGeometry, HetConvGeometry, conv_output_size
 from .hetconv_layout import materialize_dense_weight
 from .hetconv_split import prepare_split, run_split
-from .registry import Backend, register_backend
+from .registry import Backend, register_backend, under_dispatch_mode
 from .triton_launch import SUPPORTED_DTYPES as TRITON_DTYPES, device_unsupported, triton_installed
 
 __all__ = ["register_builtin_backends"]
@@ -88,9 +88,9 @@ class PackedDepthwise:
 
     weight: torch.Tensor
     packed: torch.Tensor
-
-
-_dispatch_modes = torch._C._len_torch_dispatch_stack
+    padding: list[int]  # the geometry as oneDNN's op takes it, built once
+    stride: list[int]
+    dilation: list[int]
 
 
 def packs_depthwise(geometry: DepthwiseGeometry, plan, input_shape, weight: torch.Tensor) -> bool:
@@ -113,18 +113,18 @@ def _prepare_depthwise_torch(params, geometry: DepthwiseGeometry, plan, input_sh
     weight = params[0]
     if not packs_depthwise(geometry, plan, input_shape, weight):
         return weight
-    g = geometry
+    padding, stride, dilation = list(geometry.padding), list(geometry.stride), list(geometry.dilation)
     return PackedDepthwise(weight, torch.ops.mkldnn._reorder_convolution_weight(
-        weight.detach().contiguous(memory_format=torch.channels_last), list(g.padding), list(g.stride),
-        list(g.dilation), g.in_channels, list(input_shape)))
+        weight.detach().contiguous(memory_format=torch.channels_last), padding, stride, dilation,
+        geometry.in_channels, list(input_shape)), padding, stride, dilation)
 
 
 def _run_depthwise_torch(x, weight, bias, geometry: DepthwiseGeometry, plan) -> torch.Tensor:
     g = geometry
     if isinstance(weight, PackedDepthwise):
-        if not _dispatch_modes():  # oneDNN answers in channels-last; nn.Conv2d keeps the input's format
+        if not under_dispatch_mode():  # oneDNN answers in channels-last; nn.Conv2d keeps the input's format
             out = torch.ops.mkldnn._convolution_pointwise(
-                x, weight.packed, bias, list(g.padding), list(g.stride), list(g.dilation), g.in_channels, "none", [], "")
+                x, weight.packed, bias, weight.padding, weight.stride, weight.dilation, g.in_channels, "none", [], "")
             return out if plan.channels_last else out.contiguous()
         weight = weight.weight
     padding = "same" if g.padding is None else g.padding  # None: 'same' with uneven sides

@@ -35,11 +35,11 @@ import torch
 import torch.nn.functional as F
 
 from .conv_geometry import HetConvGeometry, centre_taps, reads_input_directly
+from .registry import under_dispatch_mode
 
 __all__ = ["SplitWeights", "zero_diagonal_pointwise", "prepare_split", "run_split", "onednn_packing"]
 
 _CL = torch.channels_last
-_dispatch_modes = torch._C._len_torch_dispatch_stack
 
 
 def _insert_zero_diagonal(blocks: torch.Tensor, lead: tuple[int, ...], p: int, width: int) -> torch.Tensor:
@@ -156,7 +156,7 @@ def run_split(x: torch.Tensor, w: SplitWeights, bias, geometry: HetConvGeometry,
         return F.conv2d(x, w.grouped, bias, g.stride, g.padding, g.dilation)
     direct = reads_input_directly(g.kernel_size, g.stride, g.padding, g.dilation)
     taps = x if direct else centre_taps(x, g.kernel_size, g.stride, g.padding, g.dilation)
-    if w.packed and _dispatch_modes():
+    if w.packed and under_dispatch_mode():
         w = w.unpacked
     grouped_input = x if w.channel_order is None else x.index_select(1, w.channel_order)
     if w.packed:

@@ -50,6 +50,11 @@ MEMORY_FORMATS = ("contiguous", "channels_last")
 FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+# Whether a torch dispatch mode (FlopCounterMode, fake tensors, ...) is active: backends that run
+# oneDNN ops such modes do not know run their unpacked weights then.
+under_dispatch_mode = torch._C._len_torch_dispatch_stack
+
+
 @dataclass(frozen=True)
 class Plan:
     """How one call runs: decided once per input setting and kept by the layer.
