@@ -133,7 +133,13 @@ def test_onnx_export_without_preparation(name, dynamo, tmp_path):
 
 
 # ------------------------------------------------------------------ autocast
-HETCONV_BACKENDS = [b for b in leanconv.backend_names() if b not in ("auto", "triton")] + ["auto"]
+def _computes_bfloat16(name: str) -> bool:
+    dtypes = leanconv.ops.get_backend(name).dtypes
+    return dtypes is None or torch.bfloat16 in dtypes
+
+
+# every CPU backend that computes in bfloat16 ('direct' is float32 only: auto leaves it under autocast)
+HETCONV_BACKENDS = [b for b in leanconv.backend_names() if b not in ("auto", "triton") and _computes_bfloat16(b)] + ["auto"]
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
@@ -161,6 +167,14 @@ def test_cpu_autocast_bfloat16_every_backend(backend, layout, train, channels_la
         dense_grad = leanconv.ops.extract_hetconv_weights(dense.weight.grad.double(), 4, layout, check_structure=False)
         rel = (layer.weight.grad.double() - dense_grad[0]).norm() / dense_grad[0].norm()
         assert rel < 2e-2, f"weight gradient off by {rel:.3g} relative"
+
+
+def test_cpu_autocast_float32_only_backend_is_named_in_the_error():
+    if "direct" not in leanconv.backend_names():
+        pytest.skip("no direct backend here")
+    layer = leanconv.HetConv2d(16, 16, 3, padding=1, p=4, backend="direct")
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="direct.*float32.*bfloat16"):
+        layer(torch.randn(2, 16, 8, 8).to(memory_format=torch.channels_last))
 
 
 @pytest.mark.parametrize("name", ["dsc", "bsconv_u", "bsconv_s", "gwpw", "depthwise"])

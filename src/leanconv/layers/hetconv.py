@@ -72,6 +72,7 @@ class HetConv2d(DispatchedLayer, nn.Module):
     """
 
     __constants__ = ["in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "p", "layout"]
+    activation: str | None = None  # the output activation fused into the layer (leanconv.fuse)
 
     def __init__(
         self,
@@ -159,7 +160,18 @@ class HetConv2d(DispatchedLayer, nn.Module):
             s += f", layout={self.layout!r}"
         if self._backend is not None:
             s += f", backend={self._backend!r}"
+        if self.activation is not None:
+            s += f", activation={self.activation!r}"
         return s
+
+    def set_activation(self, activation: str | None) -> None:
+        """Apply ``activation`` (``"relu"``, or None for none) to the layer's output:
+        inside the kernel where the backend can (``direct``), after it otherwise.
+        ``leanconv.fuse`` sets it when a ReLU module follows the layer."""
+        if activation not in (None, "relu"):
+            raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+        self.activation = activation
+        self._geometry = self._geometry._replace(activation=activation)
 
     # ---------------------------------------------------------------- forward
     def forward(self, input: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ HetConv (``op="hetconv"``):
 |---|---|---|
 | ``reference`` | one dense convolution with the materialised (N, M, kh, kw) weight: the readable statement every other backend is tested against | everywhere, training and inference |
 | ``split`` | grouped KxK conv + zero-diagonal 1x1 conv (:mod:`.hetconv_split`); cached and oneDNN-fused in eager CPU inference | everywhere, training and inference |
+| ``direct`` | the C++ kernel computing both parts in one pass (:mod:`.hetconv_direct`), built on first use | CPU, float32, channels-last input; training and inference |
 | ``triton`` | the direct Triton kernels (:mod:`.hetconv_triton`), where Triton is installed | CUDA (CPU only under ``TRITON_INTERPRET=1``); float32, bfloat16, float16 |
 
 Depthwise (``op="depthwise"``): ``torch`` (``F.conv2d`` with groups = C, cuDNN /
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .conv_geometry import DepthwiseGeometry, HetConvGeometry, conv_output_size
+from . import hetconv_direct
 from .hetconv_layout import materialize_dense_weight
 from .hetconv_split import prepare_split, run_split
 from .registry import Backend, register_backend, under_dispatch_mode
@@ -70,6 +72,12 @@ def _run_hetconv_triton(x, packed, bias, geometry: HetConvGeometry, plan) -> tor
     wk, wp = packed
     g = geometry
     return hetconv_triton_packed(x, wk, wp, bias, g.stride, g.padding, g.dilation, g.p, g.kernel_size, g.layout)
+
+
+def _direct_unsupported(x: torch.Tensor, geometry) -> str | None:
+    if not hetconv_direct.available():  # the first call builds the kernel
+        return f"its C++ kernel is unavailable: {hetconv_direct.unavailable_reason()}"
+    return None
 
 
 # ---------------------------------------------------------------- depthwise
@@ -151,6 +159,12 @@ def register_builtin_backends() -> None:
     register_backend(Backend(
         "split", "hetconv", prepare_split, run_split,
         description="grouped KxK conv + zero-diagonal 1x1 conv; cached and oneDNN-fused in CPU inference",
+    ))
+    register_backend(Backend(
+        "direct", "hetconv", hetconv_direct.prepare_direct, hetconv_direct.run_direct, devices=("cpu",),
+        dtypes=(torch.float32,), unsupported=_direct_unsupported,
+        activations=("relu",),
+        description="C++ CPU kernel: both parts of HetConv in one register-blocked pass (built on first use)",
     ))
     register_backend(Backend(
         "torch", "depthwise", _prepare_depthwise_torch, _run_depthwise_torch,

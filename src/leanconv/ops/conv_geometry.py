@@ -169,6 +169,10 @@ class HetConvGeometry(NamedTuple):
     dilation: tuple[int, int]
     p: int
     layout: str
+    # An activation applied to the output ("relu"), set by leanconv.fuse: backends that
+    # declare it in ``Backend.activations`` apply it in their kernel, the dispatcher
+    # applies it after every other backend.
+    activation: str | None = None
 
 
 class DepthwiseGeometry(NamedTuple):
@@ -180,6 +184,7 @@ class DepthwiseGeometry(NamedTuple):
     stride: tuple[int, int]
     padding: tuple[int, int]
     dilation: tuple[int, int]
+    activation: str | None = None  # as HetConvGeometry.activation
 
 
 def reads_input_directly(kernel_size, stride, padding, dilation) -> bool:

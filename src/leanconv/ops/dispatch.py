@@ -123,9 +123,20 @@ def hetconv_rule(x: torch.Tensor, geometry: HetConvGeometry, plan: Plan, capturi
     if x.device.type == "cuda" and triton_measured_win(x, g, plan):
         return "triton"
     taps = g.kernel_size[0] * g.kernel_size[1]
-    if 1.0 / g.p + 1.0 / taps > 0.8 or x.numel() * g.out_channels * taps < SMALL_CALL_WORK:
+    if 1.0 / g.p + 1.0 / taps > 0.8:
+        return "reference"
+    if x.device.type == "cpu" and x.is_contiguous(memory_format=_CL) and direct_runs(x, g, plan):
+        return "direct"
+    if x.numel() * g.out_channels * taps < SMALL_CALL_WORK:
         return "reference"
     return "split"
+
+
+def direct_runs(x: torch.Tensor, geometry: HetConvGeometry, plan: Plan) -> bool:
+    """Whether the ``direct`` C++ kernel can run the call (CPU, float32, the kernel
+    built: the first such call builds it)."""
+    backend = backends("hetconv").get("direct")
+    return backend is not None and backend.why_not(x, geometry, plan) is None
 
 
 def depthwise_rule(x: torch.Tensor, geometry: DepthwiseGeometry, plan: Plan, capturing: bool) -> str:
@@ -231,11 +242,19 @@ def _autocast_inputs(x, params, bias, plan: Plan):
     return _cast(x, dtype), tuple(_cast(t, dtype) for t in params), _cast(bias, dtype)
 
 
+def _activate(out: torch.Tensor, backend: Backend, geometry, plan: Plan) -> torch.Tensor:
+    """The geometry's output activation (``leanconv.fuse``), where the backend did not apply it."""
+    activation = geometry.activation
+    if activation is None or activation in backend.activations:
+        return out
+    return out.relu_() if plan.cache else torch.relu(out)
+
+
 def _execute(backend: Backend, x, params, bias, geometry, plan: Plan, prepared):
     x, params, bias = _autocast_inputs(x, params, bias, plan)
     if prepared is None:
         prepared = backend.prepare(params, geometry, plan, tuple(x.shape))
-    return backend.run(x, prepared, bias, geometry, plan)
+    return _activate(backend.run(x, prepared, bias, geometry, plan), backend, geometry, plan)
 
 
 def dispatch_call(op: str, x: torch.Tensor, params, bias, geometry, requested: str | None = None, *, source: str = "backend"):
@@ -317,6 +336,8 @@ class Dispatcher:
                 if x.dtype is not plan.compute_dtype:
                     x, _, bias = _autocast_inputs(x, (), bias, plan)
                 out = entry.backend.run(x, entry.prepared, bias, geometry, plan)
+                if geometry.activation is not None and geometry.activation not in entry.backend.activations:
+                    out = out.relu_()
         else:
             out = _execute(entry.backend, x, params, bias, geometry, plan, None)
         return out.squeeze(0) if unbatched else out

@@ -94,6 +94,9 @@ class Backend:
     # ``prefer(x, geometry, plan) -> bool``: where True (and the backend can run the
     # call), ``auto``'s deterministic rule picks this backend before the built-in rule.
     prefer: Callable[[torch.Tensor, Any, Plan], bool] | None = None
+    # The output activations (``geometry.activation``, set by ``leanconv.fuse``) whose
+    # ``run`` applies them itself; the dispatcher applies any other after ``run``.
+    activations: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.op not in OPS:

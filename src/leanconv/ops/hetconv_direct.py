@@ -1,0 +1,273 @@
+"""The ``direct`` HetConv backend: a C++ CPU kernel that computes both parts of
+HetConv in one pass (:file:`leanconv/kernels/hetconv_direct.cpp`).
+
+HetConv (Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120). The library
+forms of it (``split``: a grouped KxK convolution plus a 1x1 convolution) lose
+half their speed at 8-32 channels per group, where no library primitive is
+efficient. The kernel is register-blocked over output pixels x one or two
+vectors of a group's filters; the KxK taps of the group's channels and the 1x1
+part of the other channels accumulate in the same registers; bias and an
+optional ReLU are applied before the single store.
+
+* **Build.** Compiled on first use with ``torch.utils.cpp_extension`` (the C++
+  compiler already on the machine and ``ninja``), with ``-march=native``, and
+  cached by torch (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``)
+  under a name that includes the CPU capability. ``make test`` and ``make demo``
+  build it during set-up. Where it cannot be built, one warning says why and
+  ``auto`` keeps the library forms; ``LEANCONV_DIRECT=0`` turns it off.
+* **Inference** (cached by the layer): weights packed per group into filter tiles
+  (:func:`pack`).
+* **Training** (:class:`_DirectFunction`): the forward pass is the kernel; the input
+  gradient of a stride-1 layer is the same kernel run on the output gradient with
+  the transposed, flipped HetConv (:func:`transposed_parameters`: a HetConv's
+  transpose is a HetConv of the same P and layout); strided layers take the
+  dense weight's input gradient; the weight gradients are one grouped-convolution
+  weight gradient and one GEMM.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .conv_geometry import HetConvGeometry, centre_taps, reads_input_directly
+from .hetconv_layout import materialize_dense_weight, pointwise_channel_index
+from .hetconv_split import zero_diagonal_pointwise
+
+__all__ = ["DirectWeights", "available", "unavailable_reason", "load", "pack", "transposed_parameters", "prepare_direct", "run_direct"]
+
+SOURCE = Path(__file__).resolve().parent.parent / "kernels" / "hetconv_direct.cpp"
+_CL = torch.channels_last
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _extension_name() -> str:
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    return f"leanconv_hetconv_direct_{capability}"
+
+
+def _flags() -> list[str]:
+    import platform
+
+    flags = ["-O3", "-fopenmp", "-std=c++17"]
+    if platform.machine().lower() in ("x86_64", "amd64", "i686"):
+        flags.append("-march=native")
+    return flags
+
+
+def load():
+    """The compiled extension (built on the first call, then cached by torch), or
+    None where it cannot be built; the reason is :func:`unavailable_reason`."""
+    if "module" in _state or "error" in _state:
+        return _state.get("module")
+    with _lock:
+        if "module" in _state or "error" in _state:
+            return _state.get("module")
+        if os.environ.get("LEANCONV_DIRECT", "1") == "0":
+            _state["error"] = "turned off by LEANCONV_DIRECT=0"
+            return None
+        try:
+            from torch.utils import cpp_extension
+
+            if not _built_before(cpp_extension):
+                print("leanconv: building the 'direct' HetConv CPU kernel (once per machine, about 30 s)",
+                      file=sys.stderr, flush=True)
+            module = cpp_extension.load(
+                name=_extension_name(), sources=[str(SOURCE)], extra_cflags=_flags(), extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
+        except Exception as error:  # no compiler, no ninja, a failed build: the library forms remain
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            _state["error"] = f"the C++ kernel could not be built ({type(error).__name__}: {first_line})"
+            warnings.warn(f"leanconv: the 'direct' HetConv backend is unavailable: {_state['error']}; "
+                          "HetConv layers use the library forms", RuntimeWarning, stacklevel=2)
+            return None
+        _state["module"] = module
+        return module
+
+
+def _built_before(cpp_extension) -> bool:
+    try:  # torch's cache folder for this extension (a private helper: any failure means "unknown")
+        folder = cpp_extension._get_build_directory(_extension_name(), verbose=False)
+        return (Path(folder) / f"{_extension_name()}.so").exists()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def unavailable_reason() -> str | None:
+    """None once the extension is loaded; else why it is not (after :func:`load` tried)."""
+    return None if "module" in _state else _state.get("error", "not built yet")  # type: ignore[return-value]
+
+
+def available() -> bool:
+    """Whether the kernel is built or can be (builds it on the first call)."""
+    return load() is not None
+
+
+# ------------------------------------------------------------------------------ packing
+@dataclass(frozen=True)
+class DirectWeights:
+    """The kernel's operands: ``kxk`` (P, T, kh*kw, M/P, FT) and ``pointwise`` (P, T,
+    M - M/P, FT): each group's filters in tiles of FT (a multiple of the vector width,
+    zero-padded); ``channels`` (P, M - M/P) int32: the input channel of each
+    pointwise row. The bias is passed per call, in filter order."""
+
+    kxk: torch.Tensor
+    pointwise: torch.Tensor
+    channels: torch.Tensor
+
+
+def _group_order(t: torch.Tensor, p: int, layout: str) -> torch.Tensor:
+    """(N, ...) in filter order -> (P, N/P, ...): group g's filters in their order."""
+    if layout == "blocked":
+        return t.reshape(p, t.shape[0] // p, *t.shape[1:])
+    return t.reshape(t.shape[0] // p, p, *t.shape[1:]).transpose(0, 1)
+
+
+def pack(weight, pointwise_weight, in_channels: int, p: int, layout: str) -> DirectWeights:
+    """Pack ``weight`` (N, M/P, kh, kw) and ``pointwise_weight`` (N, M - M/P) for the
+    kernel (float32, detached)."""
+    module = load()
+    out_channels, per_group, kh, kw = weight.shape
+    ng = out_channels // p
+    tile = module.tile_width(ng)
+    tiles = -(-ng // tile)
+    pad = tiles * tile - ng
+
+    def tiled(t: torch.Tensor) -> torch.Tensor:  # (N, *rest) -> (P, T, FT, *rest)
+        grouped = _group_order(t.detach().float(), p, layout)
+        if pad:
+            grouped = torch.cat([grouped, grouped.new_zeros(p, pad, *grouped.shape[2:])], dim=1)
+        return grouped.reshape(p, tiles, tile, *t.shape[1:])
+
+    kxk = tiled(weight).permute(0, 1, 4, 5, 3, 2).reshape(p, tiles, kh * kw, per_group, tile).contiguous()
+    pointwise = tiled(pointwise_weight).permute(0, 1, 3, 2).contiguous()
+    first = torch.arange(p) * ng if layout == "blocked" else torch.arange(p)
+    channels = pointwise_channel_index(in_channels, out_channels, p, layout)[first].to(torch.int32).contiguous()
+    return DirectWeights(kxk, pointwise, channels)
+
+
+def transposed_parameters(weight, pointwise_weight, in_channels: int, p: int, layout: str):
+    """The HetConv whose stride-1 convolution is this layer's input gradient: in and
+    out channels swapped, kernels flipped, the same P and layout. Returns its
+    ``(weight (M, N/P, kh, kw), pointwise_weight (M, N - N/P))``."""
+    out_channels, per_group = weight.shape[:2]
+    ng = out_channels // p
+    if layout == "blocked":  # channel g*Mg + j gets filters g*Ng + i
+        kxk = weight.reshape(p, ng, per_group, *weight.shape[2:]).transpose(1, 2)
+    else:  # channel j*P + r gets filters q*P + r
+        kxk = weight.reshape(ng, p, per_group, *weight.shape[2:]).permute(2, 1, 0, 3, 4)
+    kxk = kxk.reshape(in_channels, ng, *weight.shape[2:]).flip(-1, -2)
+    matrix = zero_diagonal_pointwise(pointwise_weight, in_channels, out_channels, p, layout).t()
+    index = pointwise_channel_index(out_channels, in_channels, p, layout, matrix.device)
+    return kxk, matrix.gather(1, index)
+
+
+def _call(x: torch.Tensor, w: DirectWeights, bias, geometry: HetConvGeometry, relu: bool = False) -> torch.Tensor:
+    g = geometry
+    bias = None if bias is None else bias.detach()
+    return load().forward(
+        x.contiguous(memory_format=_CL), w.kxk, w.pointwise, bias, w.channels, g.out_channels,
+        list(g.kernel_size), list(g.stride), list(g.padding), list(g.dilation), g.p, g.layout == "shifted", relu,
+    )
+
+
+def _transposed_geometry(g: HetConvGeometry) -> HetConvGeometry | None:
+    """The geometry of the input gradient as a forward HetConv, where it is one:
+    stride 1 and padding at most dilation*(kernel-1) on each side."""
+    if g.stride != (1, 1):
+        return None
+    padding = tuple(d * (k - 1) - pad for k, pad, d in zip(g.kernel_size, g.padding, g.dilation))
+    if min(padding) < 0:
+        return None
+    return HetConvGeometry(g.out_channels, g.in_channels, g.kernel_size, (1, 1), padding, g.dilation, g.p, g.layout)
+
+
+class _DirectFunction(torch.autograd.Function):
+    """HetConv with the kernel forward and the gradients described in the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x, weight, pointwise_weight, bias, geometry):
+        g = geometry
+        ctx.geometry = g
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight, pointwise_weight)
+        return _call(x, pack(weight, pointwise_weight, g.in_channels, g.p, g.layout), bias, g)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, pointwise_weight = ctx.saved_tensors
+        g = ctx.geometry
+        grad_out = grad_out.contiguous(memory_format=_CL)
+        grad_x = grad_weight = grad_pointwise = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            transposed = _transposed_geometry(g)
+            if transposed is not None:
+                kxk_t, pointwise_t = transposed_parameters(weight, pointwise_weight, g.in_channels, g.p, g.layout)
+                grad_x = _call(grad_out, pack(kxk_t, pointwise_t, g.out_channels, g.p, g.layout), None, transposed)
+            else:
+                dense = materialize_dense_weight(weight, pointwise_weight, g.p, g.layout)
+                grad_x = torch.ops.aten.convolution_backward(
+                    grad_out, x, dense, None, g.stride, g.padding, g.dilation, False, [0, 0], 1, [True, False, False],
+                )[0]
+        if ctx.needs_input_grad[1]:
+            grad_weight = _kxk_weight_grad(x, grad_out, weight, g)
+        if ctx.needs_input_grad[2]:
+            taps = x if reads_input_directly(g.kernel_size, g.stride, g.padding, g.dilation) else centre_taps(
+                x, g.kernel_size, g.stride, g.padding, g.dilation)
+            flat_grad = grad_out.permute(0, 2, 3, 1).reshape(-1, g.out_channels)
+            flat_taps = taps.permute(0, 2, 3, 1).reshape(-1, g.in_channels)
+            matrix = flat_grad.t().mm(flat_taps)  # (N, M): every channel; the HetConv's own entries are gathered
+            index = pointwise_channel_index(g.in_channels, g.out_channels, g.p, g.layout, matrix.device)
+            grad_pointwise = matrix.gather(1, index)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_bias = grad_out.sum((0, 2, 3))
+        return grad_x, grad_weight, grad_pointwise, grad_bias, None
+
+
+def _kxk_weight_grad(x, grad_out, weight, g: HetConvGeometry) -> torch.Tensor:
+    """The KxK weights' gradient: a grouped convolution's weight gradient, in group order."""
+    if g.layout == "shifted":
+        channel_order = torch.arange(g.in_channels).view(g.in_channels // g.p, g.p).t().reshape(-1)
+        filter_order = torch.arange(g.out_channels).view(g.out_channels // g.p, g.p).t().reshape(-1)
+        x = x.index_select(1, channel_order)
+        grad_out = grad_out.index_select(1, filter_order)
+        weight = weight.index_select(0, filter_order)
+    grad = torch.ops.aten.convolution_backward(
+        grad_out, x, weight, None, g.stride, g.padding, g.dilation, False, [0, 0], g.p, [False, True, False],
+    )[1]
+    if g.layout == "shifted":
+        grad = torch.empty_like(grad).index_copy_(0, filter_order, grad)
+    return grad
+
+
+def prepare_direct(params, geometry: HetConvGeometry, plan, input_shape):
+    """The backend's ``prepare``: packed weights for a cached inference call, else the
+    parameters themselves (the autograd Function packs them on every call)."""
+    weight, pointwise_weight = params
+    if plan.cache and not plan.training:
+        return pack(weight, pointwise_weight, geometry.in_channels, geometry.p, geometry.layout)
+    return params
+
+
+def run_direct(x, prepared, bias, geometry: HetConvGeometry, plan) -> torch.Tensor:
+    """The backend's ``run``: ``prepared`` is a :class:`DirectWeights` (cached inference)
+    or the raw ``(weight, pointwise_weight)`` (autograd, uncached calls). Applies the
+    geometry's ReLU itself (in the kernel for inference)."""
+    relu = geometry.activation == "relu"
+    if isinstance(prepared, DirectWeights):
+        out = _call(x, prepared, bias, geometry, relu)
+    else:
+        weight, pointwise_weight = prepared
+        out = _DirectFunction.apply(x, weight, pointwise_weight, bias, geometry)
+        out = out.relu_() if relu else out
+    # the kernel reads and writes channels-last; the output keeps the input's format as nn.Conv2d's does
+    return out if plan.channels_last else out.contiguous()

@@ -1,0 +1,200 @@
+"""The ``direct`` C++ HetConv kernel against the readable reference: forward, every
+gradient, fused ReLU, awkward shapes (partial filter tiles, odd group sizes,
+strides, dilation, padding modes, tiny maps, empty batches), the layer cache and
+``auto``'s choice. Float32 against float64 on the same values (the kernel runs
+float32 only)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import leanconv
+from leanconv.ops import hetconv_direct
+from leanconv.ops.hetconv_layout import materialize_dense_weight
+
+from helpers import assert_matches_reference
+
+pytestmark = pytest.mark.skipif(not hetconv_direct.available(),
+                                reason=f"direct kernel unavailable: {hetconv_direct.unavailable_reason()}")
+CL = torch.channels_last
+
+
+def reference_output(layer: leanconv.HetConv2d, x: torch.Tensor) -> torch.Tensor:
+    """The layer's function in float64 through the reference backend (same float32 values)."""
+    ref = leanconv.HetConv2d(**layer._same_arguments(backend="reference", dtype=torch.float64))
+    ref.load_state_dict({k: v.double() for k, v in layer.state_dict().items()})
+    ref.set_activation(layer.activation)
+    return ref(x.double())
+
+
+def make(m, n, p, k=3, *, layout="blocked", bias=True, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return leanconv.HetConv2d(m, n, k, p=p, layout=layout, bias=bias, backend="direct", **kwargs)
+
+
+SHAPES = [
+    # (M, N, P, K, stride, padding, dilation, H, W, batch): partial tiles, Ng of 1..40, 1-pixel maps
+    (16, 16, 4, 3, 1, 1, 1, 7, 9, 2),
+    (12, 36, 3, 3, 2, 1, 1, 5, 4, 3),
+    (32, 96, 8, 5, 1, 2, 1, 6, 6, 1),
+    (8, 24, 2, 3, 1, 0, 2, 6, 7, 2),
+    (64, 64, 4, 3, 1, 1, 1, 2, 2, 3),
+    (24, 80, 2, 3, (2, 1), (1, 0), (1, 2), 7, 6, 2),
+    (40, 40, 5, (3, 1), 1, (1, 0), 1, 4, 5, 2),
+    (6, 6, 3, 3, 1, 1, 1, 1, 1, 5),
+    (64, 128, 4, 3, 2, 1, 1, 9, 9, 1),
+]
+
+
+@pytest.mark.parametrize("layout", ["blocked", "shifted"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_forward_and_every_gradient_match_reference(shape, layout):
+    m, n, p, k, stride, padding, dilation, h, w, batch = shape
+    layer = make(m, n, p, k, layout=layout, stride=stride, padding=padding, dilation=dilation)
+    x = torch.randn(batch, m, h, w).to(memory_format=CL).requires_grad_()
+    out = layer(x)
+    assert layer.last_backend == "direct" and out.is_contiguous(memory_format=CL)
+    x64 = x.detach().double().requires_grad_()
+    ref = leanconv.HetConv2d(**layer._same_arguments(backend="reference", dtype=torch.float64))
+    ref.load_state_dict({key: v.double() for key, v in layer.state_dict().items()})
+    out_ref = ref(x64)
+    assert_matches_reference(out.double(), out_ref)
+    grad = torch.randn_like(out_ref)
+    out.backward(grad.float())
+    out_ref.backward(grad)
+    assert_matches_reference(x.grad.double(), x64.grad, what="input grad")
+    for (name, param), param_ref in zip(layer.named_parameters(), ref.parameters()):
+        assert_matches_reference(param.grad.double(), param_ref.grad, what=f"{name} grad")
+
+
+@pytest.mark.parametrize("layout", ["blocked", "shifted"])
+def test_cached_inference_matches_and_follows_weight_updates(layout):
+    layer = make(32, 48, 4, layout=layout, padding=1).eval()
+    x = torch.randn(3, 32, 6, 5).to(memory_format=CL)
+    with torch.no_grad():
+        assert_matches_reference(layer(x).double(), reference_output(layer, x))
+        layer.weight.mul_(-2)  # in place: the packed weights must be rebuilt
+        layer.bias.add_(1)     # the bias is read per call
+        assert_matches_reference(layer(x).double(), reference_output(layer, x))
+    assert layer.last_backend == "direct"
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_fused_relu_is_applied_once_in_every_mode(training):
+    layer = make(16, 24, 4, padding=1)
+    layer.set_activation("relu")
+    x = torch.randn(2, 16, 5, 6).to(memory_format=CL).requires_grad_(training)
+    with torch.set_grad_enabled(training):
+        out = layer(x)
+    expected = reference_output(layer, x.detach())  # the reference backend applies the ReLU after its conv
+    assert (expected >= 0).all() and (expected == 0).any()
+    assert_matches_reference(out.double(), expected)
+    dense = materialize_dense_weight(layer.weight, layer.pointwise_weight, 4, "blocked")
+    assert_matches_reference(expected, F.conv2d(x.detach().double(), dense.double(), layer.bias.double(), padding=1).relu())
+
+
+def test_unbatched_empty_and_non_contiguous_inputs():
+    layer = make(8, 16, 4, padding=1).eval()
+    x = torch.randn(8, 5, 6)
+    with torch.no_grad():
+        cl = x.unsqueeze(0).to(memory_format=CL)
+        assert_matches_reference(layer(cl).double(), reference_output(layer, cl))
+        empty = torch.randn(0, 8, 5, 6).to(memory_format=CL)
+        assert layer(empty).shape == (0, 16, 5, 6)
+        # a view with gaps, and a contiguous input: copied to channels-last, output in the input's format
+        wide = torch.randn(2, 8, 5, 12).to(memory_format=CL)[..., ::2]
+        assert_matches_reference(layer(wide).double(), reference_output(layer, wide.contiguous()))
+        contiguous = torch.randn(2, 8, 5, 6)
+        out = layer(contiguous)
+        assert out.is_contiguous() and layer.last_backend == "direct"
+        assert_matches_reference(out.double(), reference_output(layer, contiguous))
+
+
+def test_auto_picks_direct_for_channels_last_float32_cpu():
+    layer = leanconv.HetConv2d(32, 32, 3, padding=1, p=4).eval()
+    with torch.no_grad():
+        layer(torch.randn(2, 32, 8, 8).to(memory_format=CL))
+        assert layer.last_backend == "direct"
+        layer(torch.randn(2, 32, 8, 8))  # contiguous: the library forms (no layout copies)
+        assert layer.last_backend != "direct"
+        layer.double()(torch.randn(2, 32, 8, 8, dtype=torch.float64).to(memory_format=CL))
+        assert layer.last_backend != "direct"
+
+
+def test_named_backend_refuses_what_it_cannot_run():
+    layer = make(8, 8, 2, padding=1)
+    with pytest.raises(ValueError, match="direct.*float32"):
+        layer.double()(torch.randn(1, 8, 4, 4, dtype=torch.float64).to(memory_format=CL))
+
+
+def test_transposed_parameters_give_the_input_gradient():
+    """A HetConv's transpose is a HetConv with the same P and layout (kernels flipped)."""
+    for layout in ("blocked", "shifted"):
+        layer = make(12, 18, 3, layout=layout, padding=1).double()
+        kxk, pointwise = hetconv_direct.transposed_parameters(layer.weight, layer.pointwise_weight, 12, 3, layout)
+        dense = materialize_dense_weight(layer.weight, layer.pointwise_weight, 3, layout)
+        dense_t = materialize_dense_weight(kxk, pointwise, 3, layout)
+        torch.testing.assert_close(dense_t, dense.transpose(0, 1).flip(-1, -2), rtol=0, atol=0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    p=st.sampled_from([2, 3, 4, 8]),
+    groups_in=st.integers(1, 5),
+    groups_out=st.integers(1, 11),
+    kh=st.sampled_from([1, 3, 5]),
+    kw=st.sampled_from([1, 3]),
+    sh=st.integers(1, 3),
+    sw=st.integers(1, 2),
+    dh=st.integers(1, 2),
+    ph=st.integers(0, 3),
+    pw=st.integers(0, 2),
+    extra=st.integers(0, 5),
+    batch=st.integers(1, 3),
+    bias=st.booleans(),
+    layout=st.sampled_from(["blocked", "shifted"]),
+    padding_mode=st.sampled_from(["zeros", "zeros", "reflect", "circular"]),
+)
+def test_random_configurations_match_reference(p, groups_in, groups_out, kh, kw, sh, sw, dh, ph, pw, extra, batch,
+                                               bias, layout, padding_mode):
+    m, n = p * groups_in, p * groups_out
+    h = max(dh * (kh - 1) + 1 - 2 * ph, ph + 1, 1) + extra
+    w = max(kw - 2 * pw, pw + 1, 1) + extra
+    layer = make(m, n, p, (kh, kw), layout=layout, bias=bias, stride=(sh, sw), padding=(ph, pw), dilation=(dh, 1),
+                 padding_mode=padding_mode)
+    x = torch.randn(batch, m, h, w).to(memory_format=CL).requires_grad_()
+    out = layer(x)
+    x64 = x.detach().double().requires_grad_()
+    ref = leanconv.HetConv2d(**layer._same_arguments(backend="reference", dtype=torch.float64))
+    ref.load_state_dict({key: v.double() for key, v in layer.state_dict().items()})
+    out_ref = ref(x64)
+    assert_matches_reference(out.double(), out_ref)
+    (g,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    (g_ref,) = torch.autograd.grad(out_ref, x64, torch.ones_like(out_ref))
+    assert_matches_reference(g.double(), g_ref, what="input grad")
+
+
+def test_turned_off_it_is_named_unavailable_and_auto_uses_the_library_forms():
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, leanconv\n"
+        "layer = leanconv.HetConv2d(32, 32, 3, padding=1, p=4).eval()\n"
+        "x = torch.randn(2, 32, 8, 8).to(memory_format=torch.channels_last)\n"
+        "with torch.no_grad(): layer(x)\n"
+        "print(layer.last_backend)\n"
+        "try:\n"
+        "    leanconv.HetConv2d(32, 32, 3, padding=1, p=4, backend='direct')(x)\n"
+        "except ValueError as error: print(error)\n"
+    )
+    env = {**__import__("os").environ, "LEANCONV_DIRECT": "0"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    backend, error = result.stdout.strip().splitlines()
+    assert backend in ("split", "reference")
+    assert "'direct' cannot run this call" in error and "LEANCONV_DIRECT=0" in error
