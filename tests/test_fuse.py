@@ -280,3 +280,73 @@ def test_batchnorm_after_a_standalone_depthwise_layer_is_folded():
         assert n_bn(fused) == 0 and isinstance(fused.dw, DepthwiseConv2d) and fused.dw.bias is not None
         assert report.pair_search == "torch.fx tracing"
         assert_matches_reference(fused(x), expected)
+
+
+# ------------------------------------------------------------------------- ReLU fusion
+class _SharedReLU(nn.Module):
+    """torchvision-ResNet style: one ReLU module called twice, and a residual read."""
+
+    def __init__(self, conv: nn.Module) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = conv, nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        y = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(y)) + y)
+
+
+def _randomise_bn(model: nn.Module) -> None:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("kind", ["standard", "hetconv"])
+def test_relu_after_conv_and_bn_is_fused_and_exact(kind, channels_last):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, padding=1) if kind == "standard" else leanconv.HetConv2d(8, 16, 3, padding=1, p=4)
+    model = nn.Sequential(conv, nn.BatchNorm2d(16), nn.ReLU(inplace=True), nn.Conv2d(16, 4, 1), nn.ReLU()).eval()
+    _randomise_bn(model)
+    x = torch.randn(2, 8, 6, 7)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = model(x)
+        fused, report = leanconv.fuse(model, return_report=True)
+        out = fused(x)
+    assert report.relu_fused == ["2 -> 0", "4 -> 3"], report
+    assert isinstance(fused[2], nn.Identity) and isinstance(fused[4], nn.Identity)
+    assert type(fused[3]).__name__ == "Conv2dReLU"
+    if kind == "hetconv":
+        assert fused[0].activation == "relu" and "activation='relu'" in repr(fused[0])
+    else:
+        assert type(fused[0]).__name__ == "Conv2dReLU"
+    assert set(fused.state_dict()) == {k for k in model.state_dict() if not k.startswith("1.")}
+    assert_matches_reference(out, expected, atol=1e-5, rtol=1e-5)
+    traced = torch.jit.trace(fused, x)  # the fused model stays traceable, with the ReLU in the graph
+    assert_matches_reference(traced(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_or_residual_relu_is_left_alone():
+    model = _SharedReLU(leanconv.HetConv2d(8, 8, 3, padding=1, p=2)).eval()
+    _randomise_bn(model)
+    x = torch.randn(2, 8, 5, 5)
+    with torch.no_grad():
+        expected = model(x)
+        fused, report = leanconv.fuse(model, return_report=True)
+        out = fused(x)
+    assert report.relu_fused == [] and fused.conv1.activation is None
+    assert len(report.folded) == 2
+    assert_matches_reference(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_relu_false_keeps_the_relu_modules():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()).eval()
+    fused, report = leanconv.fuse(model, relu=False, return_report=True)
+    assert report.relu_fused == [] and isinstance(fused[1], nn.ReLU) and type(fused[0]) is nn.Conv2d

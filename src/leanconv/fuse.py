@@ -1,5 +1,6 @@
-"""Inference fusion: fold BatchNorm into convolutions, merge BSConv-S's two
-pointwise convolutions, and turn the approximate HetConv form into the exact one.
+"""Inference fusion: fold BatchNorm into convolutions, fuse the ReLU that follows a
+convolution into it, merge BSConv-S's two pointwise convolutions, and turn the
+approximate HetConv form into the exact one.
 
 HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120.
 BSConv: Haase & Amthor, CVPR 2020, https://arxiv.org/abs/2003.13549.
@@ -23,7 +24,7 @@ import torch.nn as nn
 
 from .layers import LEANCONV_LAYERS, BSConvS2d, BSConvU2d, DepthwiseConv2d, DSConv2d, GWPWConv2d, HetConv2d, SeedHetConv2d
 
-__all__ = ["FuseReport", "fuse", "fold_batchnorm"]
+__all__ = ["FuseReport", "Conv2dReLU", "fuse", "fold_batchnorm"]
 
 
 @dataclass
@@ -34,6 +35,7 @@ class FuseReport:
 
     folded: list[str] = field(default_factory=list)
     merged: list[str] = field(default_factory=list)
+    relu_fused: list[str] = field(default_factory=list)
     exact_hetconv: list[str] = field(default_factory=list)
     left: list[tuple[str, str]] = field(default_factory=list)
     pair_search: str = ""
@@ -41,6 +43,8 @@ class FuseReport:
     def __str__(self) -> str:
         lines = [f"leanconv.fuse: conv -> BN pairs found by {self.pair_search}"]
         lines.append(f"  folded {len(self.folded)} BatchNorm layer(s)" + (": " + ", ".join(self.folded) if self.folded else ""))
+        if self.relu_fused:
+            lines.append(f"  fused {len(self.relu_fused)} ReLU(s): {', '.join(self.relu_fused)}")
         if self.merged:
             lines.append(f"  merged BSConv-S pw1+pw2: {', '.join(self.merged)}")
         if self.exact_hetconv:
@@ -109,6 +113,16 @@ def fold_batchnorm(conv: nn.Module, bn: nn.BatchNorm2d) -> None:
     if conv.out_channels != bn.num_features:
         raise ValueError(f"BatchNorm has {bn.num_features} features, the convolution {conv.out_channels} outputs")
     _fold_into(conv, *_bn_affine(bn))
+
+
+class Conv2dReLU(nn.Conv2d):
+    """``nn.Conv2d`` followed by ``ReLU``, as :func:`fuse` makes of an ``nn.Conv2d`` ->
+    ``nn.ReLU`` pair (the same parameters and ``state_dict``): the ReLU runs in place on
+    the convolution's output, the work an in-place ReLU module does. (A HetConv2d
+    gets ``activation="relu"``; its ``direct`` kernel applies it in registers.)"""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return torch.relu_(super().forward(input))
 
 
 # ------------------------------------------------------------------------------ absorbers
@@ -189,9 +203,10 @@ def _fold_internal(layer: nn.Module, merge_bsconv_s: bool) -> nn.Module | None:
 
 
 # --------------------------------------------------------------------------- pair search
-def _pairs_by_fx(model: nn.Module) -> list[tuple[str, str]]:
-    """(conv path, bn path) for each BN whose input is the output of a module
-    call used by nothing else, with both modules called once (torch.fx)."""
+def _pairs_by_fx(model: nn.Module, follower=nn.BatchNorm2d, skip=()) -> list[tuple[str, str]]:
+    """(conv path, follower path) for each ``follower`` module (BatchNorm2d) whose input
+    is the output of a module call used by nothing else, through modules of the types
+    ``skip`` (each used once), with both modules called once (torch.fx)."""
     import torch.fx
 
     class Tracer(torch.fx.Tracer):
@@ -207,9 +222,12 @@ def _pairs_by_fx(model: nn.Module) -> list[tuple[str, str]]:
             calls[node.target] = calls.get(node.target, 0) + 1
     pairs = []
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(model.get_submodule(node.target), nn.BatchNorm2d):
+        if node.op != "call_module" or not isinstance(model.get_submodule(node.target), follower):
             continue
         source = node.args[0] if node.args else None
+        while (isinstance(source, torch.fx.Node) and source.op == "call_module" and len(source.users) == 1
+               and isinstance(model.get_submodule(source.target), skip) and source.args):
+            source = source.args[0]
         if not isinstance(source, torch.fx.Node) or source.op != "call_module" or len(source.users) != 1:
             continue
         if calls[source.target] == 1 and calls[node.target] == 1 and len(node.args) == 1 and not node.kwargs:
@@ -217,21 +235,58 @@ def _pairs_by_fx(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
-def _pairs_by_sequential(model: nn.Module) -> list[tuple[str, str]]:
-    """(conv path, bn path) for consecutive children of plain nn.Sequential containers."""
+def _pairs_by_sequential(model: nn.Module, follower=nn.BatchNorm2d, skip=()) -> list[tuple[str, str]]:
+    """(conv path, follower path) for children of plain nn.Sequential containers, the
+    follower after the conv with only modules of the types ``skip`` between them."""
     pairs = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Sequential) or type(module).forward is not nn.Sequential.forward:
             continue
         children = list(module.named_children())
-        for (first_name, first), (second_name, second) in zip(children, children[1:]):
-            if isinstance(second, nn.BatchNorm2d):
-                prefix = f"{name}." if name else ""
-                pairs.append((prefix + first_name, prefix + second_name))
+        prefix = f"{name}." if name else ""
+        for index, (second_name, second) in enumerate(children):
+            if not isinstance(second, follower):
+                continue
+            before = index - 1
+            while before >= 0 and isinstance(children[before][1], skip):
+                before -= 1
+            if before >= 0:
+                pairs.append((prefix + children[before][0], prefix + second_name))
     return pairs
 
 
-def fuse(model: nn.Module, *, inplace: bool = False, merge_bsconv_s: bool = True, return_report: bool = False):
+def _find_pairs(model: nn.Module, follower, skip=()) -> tuple[list[tuple[str, str]], str]:
+    try:
+        return _pairs_by_fx(model, follower, skip), "torch.fx tracing"
+    except Exception as error:  # noqa: BLE001 - any tracing failure falls back
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return (_pairs_by_sequential(model, follower, skip),
+                f"nn.Sequential order (torch.fx could not trace the model: {first_line[:160]})")
+
+
+def _fuse_relus(model: nn.Module, report: FuseReport) -> None:
+    """Each ``nn.ReLU`` whose input is only a HetConv2d's or an nn.Conv2d's output
+    (through the Identity left by a folded BatchNorm) moves into that convolution."""
+    pairs, _ = _find_pairs(model, nn.ReLU, skip=(nn.Identity,))
+    occurrences: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        occurrences[id(m)] = occurrences.get(id(m), 0) + 1
+    for conv_name, relu_name in pairs:
+        conv, relu = model.get_submodule(conv_name), model.get_submodule(relu_name)
+        if occurrences[id(conv)] > 1 or occurrences[id(relu)] > 1:
+            continue  # a shared module may be used elsewhere without this ReLU
+        if isinstance(conv, HetConv2d) and conv.activation is None:
+            conv.set_activation("relu")
+        elif type(conv) is nn.Conv2d:
+            conv.__class__ = Conv2dReLU  # same parameters, state_dict and hooks
+        else:
+            continue
+        _replace_everywhere(model, relu, nn.Identity())
+        report.relu_fused.append(f"{relu_name} -> {conv_name}")
+
+
+def fuse(model: nn.Module, *, inplace: bool = False, merge_bsconv_s: bool = True, relu: bool = True,
+         return_report: bool = False):
     """An inference copy of ``model`` with BatchNorm folded and layers simplified.
 
     ``model`` must be in eval mode (``fuse(model.eval())``): folding uses the
@@ -259,7 +314,15 @@ def fuse(model: nn.Module, *, inplace: bool = False, merge_bsconv_s: bool = True
        When the model cannot be traced, only consecutive children of plain
        ``nn.Sequential`` containers are recognised. BN applied through
        ``F.batch_norm``, BN before a convolution, and BN after an activation
-       are left as they are (listed in the report).
+       are left as they are (listed in the report);
+    4. with ``relu`` (the default), every ``nn.ReLU`` module whose only input is a
+       ``HetConv2d``'s or an ``nn.Conv2d``'s output (directly or through a folded
+       BatchNorm) is fused into it: the HetConv2d gets ``activation="relu"``
+       (applied in registers by the ``direct`` kernel, after the convolution by
+       the other backends), the nn.Conv2d becomes a :class:`Conv2dReLU`; the ReLU
+       module becomes ``nn.Identity``. Found as in step 3; a functional
+       ``F.relu`` is left in place. The standard and the converted model get the
+       same treatment, so timings of both stay comparable.
 
     Returns the fused model (or ``(model, FuseReport)``), in eval mode, whose
     outputs equal ``model``'s within float32 rounding.
@@ -301,13 +364,7 @@ def fuse(model: nn.Module, *, inplace: bool = False, merge_bsconv_s: bool = True
                 _replace_everywhere(target, module, new)
 
     # 3. conv -> BN pairs in the model.
-    try:
-        pairs = _pairs_by_fx(target)
-        report.pair_search = "torch.fx tracing"
-    except Exception as error:  # noqa: BLE001 - any tracing failure falls back
-        pairs = _pairs_by_sequential(target)
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        report.pair_search = f"nn.Sequential order (torch.fx could not trace the model: {first_line[:160]})"
+    pairs, report.pair_search = _find_pairs(target, nn.BatchNorm2d)
     occurrences: dict[int, int] = {}
     for _, m in target.named_modules(remove_duplicate=False):
         occurrences[id(m)] = occurrences.get(id(m), 0) + 1
@@ -327,5 +384,8 @@ def fuse(model: nn.Module, *, inplace: bool = False, merge_bsconv_s: bool = True
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in folded_bns:
             reason = _why_not_foldable(m) or "not directly after a convolution that can absorb it"
             report.left.append((name, reason))
+    # 4. conv -> ReLU pairs.
+    if relu:
+        _fuse_relus(target, report)
     target.eval()
     return (target, report) if return_report else target
