@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .layers import LEANCONV_LAYERS, BSConvS2d, BSConvU2d, DepthwiseConv2d, DSConv2d, GWPWConv2d, HetConv2d, SeedHetConv2d
+from .layers import LEANCONV_LAYERS, BSConvS2d, BSConvU2d, Conv2dReLU, DepthwiseConv2d, DSConv2d, GWPWConv2d, HetConv2d, SeedHetConv2d
 
 __all__ = ["FuseReport", "Conv2dReLU", "fuse", "fold_batchnorm"]
 
@@ -113,16 +113,6 @@ def fold_batchnorm(conv: nn.Module, bn: nn.BatchNorm2d) -> None:
     if conv.out_channels != bn.num_features:
         raise ValueError(f"BatchNorm has {bn.num_features} features, the convolution {conv.out_channels} outputs")
     _fold_into(conv, *_bn_affine(bn))
-
-
-class Conv2dReLU(nn.Conv2d):
-    """``nn.Conv2d`` followed by ``ReLU``, as :func:`fuse` makes of an ``nn.Conv2d`` ->
-    ``nn.ReLU`` pair (the same parameters and ``state_dict``): the ReLU runs in place on
-    the convolution's output, the work an in-place ReLU module does. (A HetConv2d
-    gets ``activation="relu"``; its ``direct`` kernel applies it in registers.)"""
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return torch.relu_(super().forward(input))
 
 
 # ------------------------------------------------------------------------------ absorbers

@@ -5,7 +5,7 @@ from .approximate import SeedHetConv2d
 from .blueprint import BSConvS2d, BSConvU2d, bsconv_s_mid_channels, orthonormal_penalty
 from .depthwise import DepthwiseConv2d
 from .factory import CONV_KINDS, KIND_OPTIONS, check_kind_options, make_conv
-from .hetconv import HetConv2d
+from .hetconv import Conv2dReLU, HetConv2d
 from .separable import DSConv2d, GWPWConv2d
 
 # The layer kinds leanconv builds, defined once: model surgery treats each as one
@@ -22,6 +22,7 @@ __all__ = [
     "HetConv2d",
     "KIND_OPTIONS",
     "LEANCONV_LAYERS",
+    "Conv2dReLU",
     "SeedHetConv2d",
     "bsconv_s_mid_channels",
     "check_kind_options",

@@ -31,6 +31,17 @@ from ._common import DispatchedLayer
 __all__ = ["HetConv2d"]
 
 
+class Conv2dReLU(nn.Conv2d):
+    """``nn.Conv2d`` followed by ``ReLU``, as :func:`leanconv.fuse` makes of an
+    ``nn.Conv2d`` -> ``nn.ReLU`` pair (the same parameters and ``state_dict``): the
+    ReLU runs in place on the convolution's output, the work an in-place ReLU module
+    does. (A HetConv2d gets ``activation="relu"`` instead; its ``direct`` kernel
+    applies it in registers.)"""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return torch.relu_(super().forward(input))
+
+
 class HetConv2d(DispatchedLayer, nn.Module):
     r"""Exact HetConv: each filter has M/P KxK kernels and M - M/P 1x1 kernels.
 
@@ -188,8 +199,9 @@ class HetConv2d(DispatchedLayer, nn.Module):
         return materialize_dense_weight(self.weight, self.pointwise_weight, self.p, self.layout)
 
     def to_conv2d(self) -> nn.Conv2d:
-        """An ``nn.Conv2d`` computing the same function (dense weight, same arguments)."""
-        conv = nn.Conv2d(
+        """An ``nn.Conv2d`` computing the same function (dense weight, same arguments;
+        a :class:`Conv2dReLU` where the layer's ``activation`` is ``"relu"``)."""
+        conv = (Conv2dReLU if self.activation == "relu" else nn.Conv2d)(
             self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
             bias=self.bias is not None, padding_mode=self.padding_mode,
             device=self.weight.device, dtype=self.weight.dtype,
