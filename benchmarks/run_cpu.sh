@@ -31,8 +31,14 @@ part() {  # part NAME COMMAND...: run one part, print how long it took
 # Whole models: standard vs exact HetConv (auto) vs the public seed form, both memory formats;
 # infer_folded: the same after leanconv.fuse (BatchNorm folded into the convolutions).
 part models "$BIN/leanconv" bench models --model vgg16_cifar --p 4,8 --batch "$BATCH" --modes infer,train,infer_folded --repeats "$REPEATS" --out-dir "$OUT"
+# Batch-1 latency, VGG-16 (width 1), P=4: more rounds, each call is short.
+part models-b1 "$BIN/leanconv" bench models --model vgg16_cifar --p 4 --batch 1 --modes infer,infer_folded --repeats "$((REPEATS * 4))" --out-dir "$OUT"
+# ResNet-18 at 224x224, batch 16 (no target: shown for reference).
+part models-resnet18 "$BIN/leanconv" bench models --model resnet18 --p 4 --batch 16 --modes infer,infer_folded --repeats "$REPEATS" --out-dir "$OUT"
 # Layer grid: every VGG-16-CIFAR HetConv shape at each P of LAYER_P.
-part layers "$BIN/leanconv" bench layers --grid vgg --p "$LAYER_P" --batch "$BATCH" --repeats "$LAYER_REPEATS" --out-dir "$OUT"
+part layers "$BIN/leanconv" bench layers --grid vgg --p "$LAYER_P" --batch "$BATCH" --backends auto,reference,split,direct --baselines seed --repeats "$LAYER_REPEATS" --out-dir "$OUT"
+# Layer shapes beyond VGG-16's: 96/160/384/512 channels, 7x7 maps, stride 2.
+part layers-beyond "$BIN/leanconv" bench layers --grid beyond --p "$LAYER_P" --batch "$BATCH" --backends auto,split,direct --baselines seed --repeats "$LAYER_REPEATS" --out-dir "$OUT"
 # Every CPU form tried for one layer (the ones auto does not use included).
 part forms "$BIN/python" benchmarks/cpu_forms.py --batch "$BATCH" --repeats "$REPEATS" --out-dir "$OUT"
 # auto's deterministic rule against auto with measuring on, whole models, side by side.

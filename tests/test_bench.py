@@ -140,7 +140,7 @@ def test_cli_bench_tiny_grid_and_render(tmp_path, capsys):
     text = out.read_text()
     assert "HetConv" in text
     # The targets table is computed from the same files: the slowest auto layer is named.
-    assert "every layer: auto vs nn.Conv2d" in text and "slowest: M8-N8-6x6" in text
+    assert "every HetConv layer, inference: auto vs nn.Conv2d" in text and "slowest: M8-N8-6x6" in text
 
 
 def test_cli_rejects_bad_mode(capsys):

@@ -86,12 +86,16 @@ def layer_grid(name: str, batch: int, ps: Sequence[int] | None = None) -> list[L
         return [LayerConfig(m, n, s, p, batch) for m, n, s in _vgg_cifar_shapes() for p in ps or (2, 4, 8, 16)]
     if name == "wide":
         return [LayerConfig(c, c, s, p, batch) for c, s in ((256, 14), (512, 7), (1024, 7)) for p in ps or (4, 8, 32)]
+    if name == "beyond":  # shapes beyond VGG-16's: MobileNet/ResNet-like widths, 7x7 maps, strided layers
+        shapes = [(96, 96, 28, 1), (160, 160, 14, 1), (384, 384, 7, 1), (512, 512, 7, 1), (128, 128, 32, 2), (256, 256, 14, 2)]
+        return [LayerConfig(m, m, s, p, batch, stride=stride) for m, s, stride in
+                ((m, s, st) for m, _, s, st in shapes) for p in ps or (4, 8) if m % p == 0]
     if name == "small":
         return [LayerConfig(c, c, s, p, batch) for c, s in ((8, 32), (16, 32), (32, 16)) for p in ps or (2, 4, 8) if c % p == 0]
     raise ValueError(f"unknown grid {name!r}; choose from {sorted(GRIDS)}")
 
 
-GRIDS = ("tiny", "vgg", "wide", "small")
+GRIDS = ("tiny", "vgg", "wide", "small", "beyond")
 
 
 class _GatheredBaseline(nn.Module):

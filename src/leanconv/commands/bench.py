@@ -21,7 +21,7 @@ def _ints(text: str) -> list[int]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("what", choices=("layers", "models", "separable"),
                         help="layers: HetConv layer grid; models: whole zoo models; separable: DSC/BSConv layers")
-    parser.add_argument("--grid", default="vgg", help="layers: tiny, vgg, wide or small (default vgg)")
+    parser.add_argument("--grid", default="vgg", help="layers: tiny, vgg, wide, small or beyond (default vgg)")
     parser.add_argument("--model", default="vgg16_cifar", help="models: zoo name (default vgg16_cifar)")
     parser.add_argument("--p", type=_ints, default=None,
                         help="HetConv parts, e.g. 4,8 (models default 4,8; layers default: the grid's own)")
@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", default="infer,train",
                         help="infer, train, and for models infer_folded (BN folded by leanconv.fuse); default infer,train")
     parser.add_argument("--formats", default="channels_last,contiguous", help="memory formats to run")
-    parser.add_argument("--backends", default="auto,auto-measured,reference,split",
+    parser.add_argument("--backends", default="auto,auto-measured,reference,split,direct",
                         help="layers: HetConv backends (auto-measured: auto with measuring on)")
     parser.add_argument("--baselines", default="seed,p_branch,public_loop",
                         help="layers: baselines beside the backends (seed, p_branch, public_loop; '' for none)")

@@ -34,10 +34,12 @@ The rule (the same on every run; documented in the README's backend table):
   Conv + Add in every exported graph).
 * HetConv on CUDA: ``triton`` where it was measured faster than ``split``
   (:func:`triton_measured_win`), else as on the CPU.
-* HetConv elsewhere: ``reference`` for small calls (input elements x filters x
-  taps below :data:`SMALL_CALL_WORK`, where a second library call costs more
-  than the saved work) and where the split form does more than 80% of the dense
-  work (1/P + 1/K^2 > 0.8); otherwise ``split``.
+* HetConv elsewhere: ``reference`` where the split form does more than 80% of
+  the dense work (1/P + 1/K^2 > 0.8); ``direct`` (the C++ kernel) for float32
+  CPU inputs already in channels-last order, where it is built; ``reference``
+  for small calls (input elements x filters x taps below
+  :data:`SMALL_CALL_WORK`, where a second library call costs more than the
+  saved work); otherwise ``split``.
 * Depthwise: ``torch``; for cached eager CPU float32 calls with at most
   ``PACKED_DEPTHWISE_MAX_OUTPUT`` output elements it prepares the weight
   prepacked for oneDNN (:mod:`.backends`), which saves the weight reorder

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .conv_geometry import HetConvGeometry, centre_taps, reads_input_directly
 from .hetconv_layout import materialize_dense_weight, pointwise_channel_index
