@@ -163,9 +163,12 @@ template <int NP, int NV>
 void run(const Call& c) {
   const int64_t pixels = c.B * c.Ho * c.Wo;
   const int64_t blocks = (pixels + NP - 1) / NP;
-  // A task is a run of pixel blocks; inside it every group and tile, so a tile's weights
-  // stay in the L1 cache across the run and the run's input in L2.
+  // A task is a run of pixel blocks. Where all packed weights fit in the L2 cache, each
+  // block runs every group and tile while its input is in L1; otherwise each group and
+  // tile runs over the task's blocks, so a tile's weights stay in L1 across the run.
   constexpr int64_t kBlocksPerTask = 8;
+  constexpr int64_t kL2WeightBytes = 256 * 1024;
+  const bool block_outer = (c.KH * c.KW * c.Mg + c.Mp) * c.FT * c.T * c.P * int64_t(sizeof(float)) <= kL2WeightBytes;
   const int64_t tasks = (blocks + kBlocksPerTask - 1) / kBlocksPerTask;
   const int64_t table = (c.KH * c.KW + 1) * NP;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
@@ -174,13 +177,19 @@ void run(const Call& c) {
       const int64_t b0 = task * kBlocksPerTask, b1 = std::min(blocks, b0 + kBlocksPerTask);
       auto valid = [&](int64_t b) { return static_cast<int>(std::min<int64_t>(NP, pixels - b * NP)); };
       for (int64_t b = b0; b < b1; ++b) gather_rows<NP>(c, b * NP, valid(b), rows.data() + (b - b0) * table);
-      for (int64_t g = 0; g < c.P; ++g)
-        for (int64_t t = 0; t < c.T; ++t)
-          for (int64_t b = b0; b < b1; ++b)
-            block<NP, NV>(c, g, t, b * NP, valid(b), rows.data() + (b - b0) * table);
+      if (block_outer) {
+        for (int64_t b = b0; b < b1; ++b)
+          for (int64_t g = 0; g < c.P; ++g)
+            for (int64_t t = 0; t < c.T; ++t) block<NP, NV>(c, g, t, b * NP, valid(b), rows.data() + (b - b0) * table);
+      } else {
+        for (int64_t g = 0; g < c.P; ++g)
+          for (int64_t t = 0; t < c.T; ++t)
+            for (int64_t b = b0; b < b1; ++b) block<NP, NV>(c, g, t, b * NP, valid(b), rows.data() + (b - b0) * table);
+      }
     }
   });
 }
+
 
 }  // namespace
 
