@@ -4,6 +4,8 @@ nn.Sequential fallback), what is left alone, and bad input."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -344,6 +346,31 @@ def test_shared_or_residual_relu_is_left_alone():
     assert report.relu_fused == [] and fused.conv1.activation is None
     assert len(report.folded) == 2
     assert_matches_reference(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv2d_relu_matches_conv_then_relu_in_every_mode(channels_last):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 10, 3, stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2)
+    fused = copy.deepcopy(conv)
+    fused.__class__ = leanconv.layers.Conv2dReLU
+    x = torch.randn(3, 6, 9, 8)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    with torch.no_grad():  # oneDNN with the ReLU post-op; the output keeps the input's format
+        out = fused(x)
+        assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        assert_matches_reference(out, torch.relu(conv(x)), atol=1e-5, rtol=1e-5)
+    x.requires_grad_()
+    out = fused(x)  # autograd: convolution and an in-place ReLU
+    out.sum().backward()
+    expected = torch.relu(conv(x.detach().requires_grad_()))
+    assert_matches_reference(out.detach(), expected.detach(), atol=1e-5, rtol=1e-5)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fused(x)  # dispatch modes see the ordinary convolution
+    assert counter.get_total_flops() > 0
 
 
 def test_relu_false_keeps_the_relu_modules():
