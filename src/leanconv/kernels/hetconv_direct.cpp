@@ -65,18 +65,29 @@ struct Call {
   int64_t filter_stride;  // filter i of group g is g*filter_base + i*filter_stride
   int64_t filter_base;
   bool relu;
+  // Pixel order: row-major (image, row, column), or position-major (row, column, image)
+  // for small maps, where every image's pixel at one position has the same taps in the
+  // padding: blocks of one position skip those taps (a 2x2 map has 5/9 of its taps there).
+  bool position_major;
 };
 
 // The input row each of NP pixels from `pixel` (the first `valid` of them real) reads at
 // each tap, then at the window's centre: (KH*KW + 1) x NP pointers, the zero buffer where
-// the tap falls into the padding. Computed once per block, used by every group and tile.
+// the tap falls into the padding; and each pixel's output offset. Computed once per
+// block, used by every group and tile.
 template <int NP>
-void gather_rows(const Call& c, int64_t pixel, int valid, const float** rows) {
+void gather_rows(const Call& c, int64_t pixel, int valid, const float** rows, int64_t* outs) {
   const int64_t taps = c.KH * c.KW;
   for (int i = 0; i < NP; ++i) {
     const int64_t q = pixel + (i < valid ? i : 0);
-    const int64_t ow = q % c.Wo, rest = q / c.Wo;
-    const int64_t row0 = (rest % c.Ho) * c.sh - c.ph, col0 = ow * c.sw - c.pw, image = rest / c.Ho;
+    int64_t image, oh, ow;
+    if (c.position_major) {
+      image = q % c.B; ow = (q / c.B) % c.Wo; oh = q / (c.B * c.Wo);
+    } else {
+      ow = q % c.Wo; oh = (q / c.Wo) % c.Ho; image = q / (c.Wo * c.Ho);
+    }
+    outs[i] = ((image * c.Ho + oh) * c.Wo + ow) * c.N;
+    const int64_t row0 = oh * c.sh - c.ph, col0 = ow * c.sw - c.pw;
     auto at = [&](int64_t dy, int64_t dx) -> const float* {
       const int64_t ih = row0 + dy, iw = col0 + dx;
       if (i >= valid || ih < 0 || ih >= c.H || iw < 0 || iw >= c.W) return c.zeros;
@@ -88,10 +99,10 @@ void gather_rows(const Call& c, int64_t pixel, int valid, const float** rows) {
   }
 }
 
-// One block: the NP pixels whose rows are `rows` (the first `valid` real, from `pixel`)
-// x NV vectors of filters of tile t of group g.
+// One block: the NP pixels whose rows are `rows` (the first `valid` real) x NV vectors
+// of filters of tile t of group g; a tap in the padding for all of them is skipped.
 template <int NP, int NV>
-void block(const Call& c, int64_t g, int64_t t, int64_t pixel, int valid, const float* const* rows) {
+void block(const Call& c, int64_t g, int64_t t, int valid, const float* const* rows, const int64_t* outs) {
   const int64_t FT = c.FT;
   const int64_t first = t * FT, count = std::min<int64_t>(FT, c.Ng - first);
   const int64_t n0 = g * c.filter_base + first * c.filter_stride;
@@ -111,7 +122,9 @@ void block(const Call& c, int64_t g, int64_t t, int64_t pixel, int valid, const 
   const float* wk = c.wk + (g * c.T + t) * c.KH * c.KW * Mg * FT;
   const int64_t taps = c.KH * c.KW;
   for (int64_t tap = 0; tap < taps; ++tap) {
-    {
+    bool reads = false;
+    for (int i = 0; i < NP; ++i) reads |= rows[tap * NP + i] != c.zeros;
+    if (reads) {
       const float* src[NP];
       for (int i = 0; i < NP; ++i) src[i] = rows[tap * NP + i] + c0;
       const float* w = wk + tap * Mg * FT;
@@ -148,7 +161,7 @@ void block(const Call& c, int64_t g, int64_t t, int64_t pixel, int valid, const 
   }
   // Store the real pixels and the real filters of the tile.
   for (int i = 0; i < valid; ++i) {
-    float* o = c.out + (pixel + i) * c.N + n0;
+    float* o = c.out + outs[i] + n0;
     if (c.filter_stride == 1 && count == FT) {
       for (int v = 0; v < NV; ++v) store(o + v * kLanes, acc[i][v]);
     } else {
@@ -173,18 +186,23 @@ void run(const Call& c) {
   const int64_t table = (c.KH * c.KW + 1) * NP;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<const float*> rows(kBlocksPerTask * table);
+    std::vector<int64_t> outs(kBlocksPerTask * NP);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b0 = task * kBlocksPerTask, b1 = std::min(blocks, b0 + kBlocksPerTask);
       auto valid = [&](int64_t b) { return static_cast<int>(std::min<int64_t>(NP, pixels - b * NP)); };
-      for (int64_t b = b0; b < b1; ++b) gather_rows<NP>(c, b * NP, valid(b), rows.data() + (b - b0) * table);
+      for (int64_t b = b0; b < b1; ++b)
+        gather_rows<NP>(c, b * NP, valid(b), rows.data() + (b - b0) * table, outs.data() + (b - b0) * NP);
+      auto one = [&](int64_t g, int64_t t, int64_t b) {
+        block<NP, NV>(c, g, t, valid(b), rows.data() + (b - b0) * table, outs.data() + (b - b0) * NP);
+      };
       if (block_outer) {
         for (int64_t b = b0; b < b1; ++b)
           for (int64_t g = 0; g < c.P; ++g)
-            for (int64_t t = 0; t < c.T; ++t) block<NP, NV>(c, g, t, b * NP, valid(b), rows.data() + (b - b0) * table);
+            for (int64_t t = 0; t < c.T; ++t) one(g, t, b);
       } else {
         for (int64_t g = 0; g < c.P; ++g)
           for (int64_t t = 0; t < c.T; ++t)
-            for (int64_t b = b0; b < b1; ++b) block<NP, NV>(c, g, t, b * NP, valid(b), rows.data() + (b - b0) * table);
+            for (int64_t b = b0; b < b1; ++b) one(g, t, b);
       }
     }
   });
@@ -230,6 +248,8 @@ torch::Tensor forward(
   c.kxk_base = shifted ? 1 : c.Mg; c.kxk_stride = shifted ? p : 1;
   c.filter_base = shifted ? 1 : c.Ng; c.filter_stride = shifted ? p : 1;
   c.relu = relu;
+  constexpr int64_t kSmallMap = 64;  // output pixels per image up to which blocks run position-major
+  c.position_major = c.B > 1 && std::max<int64_t>(c.Ho, 0) * std::max<int64_t>(c.Wo, 0) <= kSmallMap;
   auto out = torch::empty({c.B, c.N, std::max<int64_t>(c.Ho, 0), std::max<int64_t>(c.Wo, 0)},
                           x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (out.numel() == 0) return out;
