@@ -198,3 +198,28 @@ def test_turned_off_it_is_named_unavailable_and_auto_uses_the_library_forms():
     backend, error = result.stdout.strip().splitlines()
     assert backend in ("split", "reference")
     assert "'direct' cannot run this call" in error and "LEANCONV_DIRECT=0" in error
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_flop_counter_counts_the_direct_layer(training):
+    """FlopCounterMode does not see C++ calls: under a dispatch mode the layer runs its
+    library form, so the count is the split form's (HetConv's MACs + the 1x1 diagonal)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    layer = make(16, 32, 4, padding=1).train(training)
+    x = torch.randn(2, 16, 8, 8).to(memory_format=CL)
+    with torch.set_grad_enabled(training):
+        layer(x)  # the plan and the packed weights exist before counting
+        with FlopCounterMode(display=False) as counter:
+            out = layer(x)
+    assert layer.last_backend == "direct"
+    assert_matches_reference(out.detach().double(), reference_output(layer, x))
+    macs = 2 * 8 * 8 * 32 * (4 * 9 + 16)  # split form: M/P*K^2 + M per output
+    assert counter.get_total_flops() == 2 * macs
+
+
+def test_graph_capture_with_direct_named_is_refused():
+    layer = make(8, 8, 2, padding=1).eval()
+    x = torch.randn(1, 8, 4, 4).to(memory_format=CL)
+    with pytest.raises(Exception, match="direct.*cannot record"):
+        torch.jit.trace(layer, x)

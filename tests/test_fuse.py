@@ -377,3 +377,21 @@ def test_relu_false_keeps_the_relu_modules():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()).eval()
     fused, report = leanconv.fuse(model, relu=False, return_report=True)
     assert report.relu_fused == [] and isinstance(fused[1], nn.ReLU) and type(fused[0]) is nn.Conv2d
+
+
+def test_fused_relu_survives_export_form_and_layout_change(tmp_path):
+    from leanconv.export import export_onnx, prepare_for_export
+
+    torch.manual_seed(0)
+    model = nn.Sequential(HetConv2d(8, 16, 3, padding=1, p=4), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 4, 1)).eval()
+    _randomise_bn(model)
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        expected = model(x)
+        fused = leanconv.fuse(model)
+        assert_matches_reference(prepare_for_export(fused)(x), expected, atol=1e-5, rtol=1e-5)
+        shifted = fused[0].to_layout("shifted")
+        assert shifted.activation == "relu" and (shifted(x[:, leanconv.ops.channel_permutation(8, 4).argsort()]) >= 0).all()
+    result = export_onnx(fused, x, tmp_path / "fused.onnx")  # checks onnxruntime against PyTorch
+    assert result.node_counts["Relu"] == 1

@@ -73,6 +73,7 @@ class HetConvExportForm(nn.Module):
         factory = {"device": layer.weight.device, "dtype": layer.weight.dtype}
         layout = layer.layout
         self.in_channels, self.out_channels, self.p, self.layout = m, n, p, layout
+        self.activation = layer.activation  # a ReLU fused by leanconv.fuse: exported as a Relu after the Add
         self.kxk = nn.Conv2d(
             m, n, layer.kernel_size, layer.stride, padding, layer.dilation, groups=p,
             bias=layer.bias is not None, padding_mode=layer.padding_mode, **factory,
@@ -109,11 +110,14 @@ class HetConvExportForm(nn.Module):
             out = out.index_select(-3, self.filter_inverse)
         if self.crop != (0, 0):
             taps = self.pointwise(x[..., self.crop[0]:, self.crop[1]:])
-            return out + taps[..., : out.shape[-2], : out.shape[-1]]
-        return out + self.pointwise(x)
+            out = out + taps[..., : out.shape[-2], : out.shape[-1]]
+        else:
+            out = out + self.pointwise(x)
+        return torch.relu(out) if self.activation == "relu" else out
 
     def extra_repr(self) -> str:
-        return f"p={self.p}, layout={self.layout!r}"
+        extra = f", activation={self.activation!r}" if self.activation is not None else ""
+        return f"p={self.p}, layout={self.layout!r}{extra}"
 
 
 def _replace_hetconv(model: nn.Module, hetconv_form: str) -> nn.Module:

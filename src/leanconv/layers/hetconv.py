@@ -256,6 +256,7 @@ class HetConv2d(DispatchedLayer, nn.Module):
         with torch.no_grad():
             weight, pointwise = convert_layout(self.weight, self.pointwise_weight, self.p, self.layout, layout)
             converted = HetConv2d(**self._same_arguments(layout=layout))
+            converted.set_activation(self.activation)  # an elementwise ReLU commutes with the permutation
             converted.weight.copy_(weight)
             converted.pointwise_weight.copy_(pointwise)
             if self.bias is not None:

@@ -75,6 +75,8 @@ def _run_hetconv_triton(x, packed, bias, geometry: HetConvGeometry, plan) -> tor
 
 
 def _direct_unsupported(x: torch.Tensor, geometry) -> str | None:
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return "it is a C++ call that tracing, torch.compile and torch.export cannot record (use 'split')"
     if not hetconv_direct.available():  # the first call builds the kernel
         return f"its C++ kernel is unavailable: {hetconv_direct.unavailable_reason()}"
     return None

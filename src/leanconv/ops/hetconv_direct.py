@@ -27,6 +27,7 @@ optional ReLU are applied before the single store.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import threading
@@ -38,7 +39,8 @@ import torch
 
 from .conv_geometry import HetConvGeometry, centre_taps, reads_input_directly
 from .hetconv_layout import materialize_dense_weight, pointwise_channel_index
-from .hetconv_split import zero_diagonal_pointwise
+from .hetconv_split import prepare_split, run_split, zero_diagonal_pointwise
+from .registry import under_dispatch_mode
 
 __all__ = ["DirectWeights", "available", "unavailable_reason", "load", "pack", "transposed_parameters", "prepare_direct", "run_direct"]
 
@@ -117,11 +119,14 @@ class DirectWeights:
     """The kernel's operands: ``kxk`` (P, T, kh*kw, M/P, FT) and ``pointwise`` (P, T,
     M - M/P, FT): each group's filters in tiles of FT (a multiple of the vector width,
     zero-padded); ``channels`` (P, M - M/P) int32: the input channel of each
-    pointwise row. The bias is passed per call, in filter order."""
+    pointwise row. The bias is passed per call, in filter order. ``params``: the
+    layer's own ``(weight, pointwise_weight)``, which a call under a torch dispatch mode
+    runs in the split form (``FlopCounterMode`` and the like do not see C++ calls)."""
 
     kxk: torch.Tensor
     pointwise: torch.Tensor
     channels: torch.Tensor
+    params: tuple = ()
 
 
 def _group_order(t: torch.Tensor, p: int, layout: str) -> torch.Tensor:
@@ -253,7 +258,8 @@ def prepare_direct(params, geometry: HetConvGeometry, plan, input_shape):
     parameters themselves (the autograd Function packs them on every call)."""
     weight, pointwise_weight = params
     if plan.cache and not plan.training:
-        return pack(weight, pointwise_weight, geometry.in_channels, geometry.p, geometry.layout)
+        packed = pack(weight, pointwise_weight, geometry.in_channels, geometry.p, geometry.layout)
+        return DirectWeights(packed.kxk, packed.pointwise, packed.channels, (weight, pointwise_weight))
     return params
 
 
@@ -262,6 +268,11 @@ def run_direct(x, prepared, bias, geometry: HetConvGeometry, plan) -> torch.Tens
     or the raw ``(weight, pointwise_weight)`` (autograd, uncached calls). Applies the
     geometry's ReLU itself (in the kernel for inference)."""
     relu = geometry.activation == "relu"
+    if under_dispatch_mode():  # the same function in library convolutions, which such modes see
+        params = prepared.params if isinstance(prepared, DirectWeights) else prepared
+        uncached = dataclasses.replace(plan, cache=False)
+        out = run_split(x, prepare_split(params, geometry, uncached, tuple(x.shape)), bias, geometry, uncached)
+        return torch.relu(out) if relu else out
     if isinstance(prepared, DirectWeights):
         out = _call(x, prepared, bias, geometry, relu)
     else:
