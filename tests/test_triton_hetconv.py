@@ -208,7 +208,10 @@ def test_opt_in_measuring_times_triton_where_it_can_run(monkeypatch, tmp_path, t
     with config.benchmarking(), torch.set_grad_enabled(train):
         y = layer(x)
     (key, entry), = json.loads(cache.read_text()).items()
-    assert set(entry["median_seconds"]) == {"reference", "split", "triton"}
+    from leanconv.ops import hetconv_direct
+
+    direct = {"direct"} if DEVICE == "cpu" and hetconv_direct.available() else set()  # the C++ kernel, CPU only
+    assert set(entry["median_seconds"]) == {"reference", "split", "triton"} | direct
     assert entry["choice"] == layer.last_backend and key.startswith("hetconv|")
     with torch.no_grad():
         expected = het_conv2d(x, layer.weight, layer.pointwise_weight, layer.bias, padding=1, p=4, backend="reference")
