@@ -357,19 +357,19 @@ def test_conv2d_relu_matches_conv_then_relu_in_every_mode(channels_last):
     x = torch.randn(3, 6, 9, 8)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    with torch.no_grad():  # oneDNN with the ReLU post-op; the output keeps the input's format
+    with torch.no_grad():  # the output keeps the input's format
         out = fused(x)
         assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         assert_matches_reference(out, torch.relu(conv(x)), atol=1e-5, rtol=1e-5)
     x.requires_grad_()
-    out = fused(x)  # autograd: convolution and an in-place ReLU
+    out = fused(x)  # autograd through the in-place ReLU
     out.sum().backward()
     expected = torch.relu(conv(x.detach().requires_grad_()))
     assert_matches_reference(out.detach(), expected.detach(), atol=1e-5, rtol=1e-5)
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        fused(x)  # dispatch modes see the ordinary convolution
+        fused(x)  # dispatch modes see the convolution
     assert counter.get_total_flops() > 0
 
 

@@ -309,7 +309,8 @@ def fuse(model: nn.Module, *, inplace: bool = False, merge_bsconv_s: bool = True
        ``HetConv2d``'s or an ``nn.Conv2d``'s output (directly or through a folded
        BatchNorm) is fused into it: the HetConv2d gets ``activation="relu"``
        (applied in registers by the ``direct`` kernel, after the convolution by
-       the other backends), the nn.Conv2d becomes a :class:`Conv2dReLU`; the ReLU
+       the other backends), the nn.Conv2d becomes a :class:`Conv2dReLU` (the
+       convolution, then the ReLU in place); the ReLU
        module becomes ``nn.Identity``. Found as in step 3; a functional
        ``F.relu`` is left in place. The standard and the converted model get the
        same treatment, so timings of both stay comparable.

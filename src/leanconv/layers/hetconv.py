@@ -33,33 +33,16 @@ __all__ = ["HetConv2d"]
 
 class Conv2dReLU(nn.Conv2d):
     """``nn.Conv2d`` followed by ``ReLU``, as :func:`leanconv.fuse` makes of an
-    ``nn.Conv2d`` -> ``nn.ReLU`` pair (the same parameters and ``state_dict``).
+    ``nn.Conv2d`` -> ``nn.ReLU`` pair (the same parameters and ``state_dict``): the
+    convolution, then the ReLU in place on its output. (A HetConv2d gets
+    ``activation="relu"`` instead; its ``direct`` kernel applies it in registers.)
 
-    In eager CPU float32 inference with zero padding, one oneDNN convolution with
-    the ReLU as a post-op (``torch.ops.mkldnn._convolution_pointwise``), so the
-    standard model is fused as fully as a HetConv2d with ``activation="relu"`` (whose
-    ``direct`` kernel applies it in registers); elsewhere (autograd, tracing,
-    compiling, exporting, other devices and dtypes, torch dispatch modes such as
-    ``FlopCounterMode``) the convolution followed by an in-place ReLU."""
+    oneDNN's convolution with a ReLU post-op (``torch.ops.mkldnn._convolution_pointwise``)
+    was measured as well: no faster at batch 64 on VGG-16 shapes, and, with the
+    weight reordered on every call, 1.6x slower for the whole VGG-16 at batch 1."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self._onednn_fusable(input):
-            out = torch.ops.mkldnn._convolution_pointwise(
-                input, self.weight, self.bias, list(self.padding), list(self.stride), list(self.dilation),
-                self.groups, "relu", [], "")
-            channels_last = input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous()
-            return out if channels_last else out.contiguous()  # nn.Conv2d keeps the input's memory format
         return torch.relu_(super().forward(input))
-
-    def _onednn_fusable(self, input: torch.Tensor) -> bool:
-        return (
-            input.dim() == 4 and input.device.type == "cpu" and input.dtype == torch.float32
-            and self.weight.dtype == torch.float32 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
-            and not (torch.is_grad_enabled() and (input.requires_grad or self.weight.requires_grad))
-            and not (torch.jit.is_tracing() or torch.compiler.is_compiling())
-            and not torch._C._len_torch_dispatch_stack()
-            and torch.backends.mkldnn.is_available() and torch._C._get_mkldnn_enabled()
-        )
 
 
 class HetConv2d(DispatchedLayer, nn.Module):
