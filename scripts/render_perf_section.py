@@ -267,6 +267,14 @@ def render_targets(models: list[tuple[str, dict]], layers: list[tuple[str, dict]
                 line(f"{model} batch {batch}, infer, P=4: public grouped + 1x1 form / HetConv", f">= {SEED_TARGET}x",
                      f"{ratio:.2f}x ({seed:.1f} ms {seed_fmt} / {het:.1f} ms {het_fmt})",
                      "yes" if ratio >= SEED_TARGET else "NO", name)
+        for fmt_ in ("channels_last", "contiguous"):  # issue 5's memory target, still checked
+            memory = {r["model_variant"]: r.get("peak_step_mib") for r in rows
+                      if r["mode"] == "train" and r["format"] == fmt_}
+            standard = memory.get("standard")
+            for variant, mib in memory.items():
+                if variant.startswith("hetconv") and mib is not None and standard is not None:
+                    line(f"{model} batch {batch}, peak training-step memory, {variant}, {fmt_}",
+                         f"<= standard ({standard:.0f} MiB)", f"{mib:.0f} MiB", "yes" if mib <= standard else "NO", name)
     for name, payload in layers:
         rows = [r for r in payload["rows"] if "median_ms" in r and r["mode"] == "infer"]
         auto = [r for r in rows if r["candidate"] == "hetconv:auto"]
