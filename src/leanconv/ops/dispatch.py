@@ -338,8 +338,8 @@ class Dispatcher:
                 if x.dtype is not plan.compute_dtype:
                     x, _, bias = _autocast_inputs(x, (), bias, plan)
                 out = entry.backend.run(x, entry.prepared, bias, geometry, plan)
-                if geometry.activation is not None and geometry.activation not in entry.backend.activations:
-                    out = out.relu_()
+                if geometry.activation is not None:  # checked here first: the common case pays no call
+                    out = _activate(out, entry.backend, geometry, plan)
         else:
             out = _execute(entry.backend, x, params, bias, geometry, plan, None)
         return out.squeeze(0) if unbatched else out

@@ -38,7 +38,9 @@ from pathlib import Path
 import torch
 
 from .conv_geometry import HetConvGeometry, centre_taps, reads_input_directly
-from .hetconv_layout import materialize_dense_weight, pointwise_channel_index
+from .hetconv_layout import (
+    group_channel_order, group_filter_order, materialize_dense_weight, pointwise_channel_index,
+)
 from .hetconv_split import prepare_split, run_split, zero_diagonal_pointwise
 from .registry import under_dispatch_mode
 
@@ -240,8 +242,8 @@ class _DirectFunction(torch.autograd.Function):
 def _kxk_weight_grad(x, grad_out, weight, g: HetConvGeometry) -> torch.Tensor:
     """The KxK weights' gradient: a grouped convolution's weight gradient, in group order."""
     if g.layout == "shifted":
-        channel_order = torch.arange(g.in_channels).view(g.in_channels // g.p, g.p).t().reshape(-1)
-        filter_order = torch.arange(g.out_channels).view(g.out_channels // g.p, g.p).t().reshape(-1)
+        channel_order = group_channel_order(g.in_channels, g.out_channels, g.p, g.layout, x.device)
+        filter_order = group_filter_order(g.in_channels, g.out_channels, g.p, g.layout, x.device)
         x = x.index_select(1, channel_order)
         grad_out = grad_out.index_select(1, filter_order)
         weight = weight.index_select(0, filter_order)
