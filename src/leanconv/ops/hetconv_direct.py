@@ -4,10 +4,13 @@ HetConv in one pass (:file:`leanconv/kernels/hetconv_direct.cpp`).
 HetConv (Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120). The library
 forms of it (``split``: a grouped KxK convolution plus a 1x1 convolution) lose
 half their speed at 8-32 channels per group, where no library primitive is
-efficient. The kernel is register-blocked over output pixels x one or two
-vectors of a group's filters; the KxK taps of the group's channels and the 1x1
-part of the other channels accumulate in the same registers; bias and an
-optional ReLU are applied before the single store.
+efficient. The kernel splits the sum by tap: the centre tap is one dense 1x1 over
+every channel (the 1x1 kernels, and each group's own channels the centre of its
+KxK kernels), the other taps a grouped convolution; both accumulate in the same
+registers, over a block of output pixels x one or two vectors of filters, then
+bias and an optional ReLU, then one store. No product by a structural zero is
+computed except in the lanes of a vector shared by groups of fewer filters than
+the vector is wide (:func:`pass_plan`).
 
 * **Build.** Compiled on first use with ``torch.utils.cpp_extension`` (the C++
   compiler already on the machine and ``ninja``), with ``-march=native``, and
@@ -15,7 +18,7 @@ optional ReLU are applied before the single store.
   under a name that includes the CPU capability. ``make test`` and ``make demo``
   build it during set-up. Where it cannot be built, one warning says why and
   ``auto`` keeps the library forms; ``LEANCONV_DIRECT=0`` turns it off.
-* **Inference** (cached by the layer): weights packed per group into filter tiles
+* **Inference** (cached by the layer): weights packed into filter tiles
   (:func:`pack`).
 * **Training** (:class:`_DirectFunction`): the forward pass is the kernel; the input
   gradient of a stride-1 layer is the same kernel run on the output gradient with
@@ -28,6 +31,7 @@ optional ReLU are applied before the single store.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 import threading
@@ -39,7 +43,7 @@ import torch
 
 from .conv_geometry import HetConvGeometry, centre_taps, reads_input_directly
 from .hetconv_layout import (
-    group_channel_order, group_filter_order, materialize_dense_weight, pointwise_channel_index,
+    group_channel_order, group_filter_order, kxk_channel_index, materialize_dense_weight, pointwise_channel_index,
 )
 from .hetconv_split import prepare_split, run_split, zero_diagonal_pointwise
 from .registry import under_dispatch_mode
@@ -118,47 +122,101 @@ def available() -> bool:
 # ------------------------------------------------------------------------------ packing
 @dataclass(frozen=True)
 class DirectWeights:
-    """The kernel's operands: ``kxk`` (P, T, kh*kw, M/P, FT) and ``pointwise`` (P, T,
-    M - M/P, FT): each group's filters in tiles of FT (a multiple of the vector width,
-    zero-padded); ``channels`` (P, M - M/P) int32: the input channel of each
-    pointwise row. The bias is passed per call, in filter order. ``params``: the
-    layer's own ``(weight, pointwise_weight)``, which a call under a torch dispatch mode
-    runs in the split form (``FlopCounterMode`` and the like do not see C++ calls)."""
+    """The kernel's operands, filters in group order (group g's filters in their order,
+    then group g+1's) cut into tiles of FT (one or two vector widths, zero-padded):
 
-    kxk: torch.Tensor
-    pointwise: torch.Tensor
-    channels: torch.Tensor
+    * ``centre`` (T, M, FT): the centre tap over every input channel: the 1x1
+      kernels, and on each group's own channels the centre of its KxK kernels;
+    * ``others`` (passes, kh*kw - 1, M/P, FT): the other taps of the KxK kernels,
+      one pass per group of each of a tile's vectors (:func:`pass_plan`), zero in
+      lanes of other groups;
+    * ``pass_groups`` (passes, 2) int32 and ``tile_passes`` (T + 1,) int32: the
+      plan of :func:`pass_plan`.
+
+    The bias is passed per call, in filter order. ``params``: the layer's own
+    ``(weight, pointwise_weight)``, which a call under a torch dispatch mode runs in
+    the split form (``FlopCounterMode`` and the like do not see C++ calls)."""
+
+    centre: torch.Tensor
+    others: torch.Tensor
+    pass_groups: torch.Tensor
+    tile_passes: torch.Tensor
     params: tuple = ()
 
 
-def _group_order(t: torch.Tensor, p: int, layout: str) -> torch.Tensor:
-    """(N, ...) in filter order -> (P, N/P, ...): group g's filters in their order."""
-    if layout == "blocked":
-        return t.reshape(p, t.shape[0] // p, *t.shape[1:])
-    return t.reshape(t.shape[0] // p, p, *t.shape[1:]).transpose(0, 1)
+@functools.lru_cache(maxsize=256)
+def pass_plan(out_channels: int, p: int, tile: int, lanes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """How the kernel runs the grouped taps of each filter tile.
+
+    A tile holds ``tile`` consecutive filters in group order, as ``tile // lanes``
+    vectors (one or two). A pass gives each vector at most one group; the kernel
+    reads that group's channels for it. Where both vectors hold the same group the
+    pass shares its input values between them; a group whose filters fill one
+    vector is paired with the next vector's group, so two groups run together.
+
+    Returns ``pass_groups`` (passes, 2) int32: the group of vector 0 and of vector 1
+    (-1: none; a one-vector tile repeats its group); ``tile_passes`` (T + 1,) int32:
+    tile t's passes are ``tile_passes[t]`` to ``tile_passes[t + 1] - 1``; and
+    ``lane_filter`` (passes, tile) int64: the group-order filter whose weights each
+    lane of each pass holds, or ``out_channels`` for a zero lane."""
+    per_group = out_channels // p
+    tiles = -(-out_channels // tile)
+    vectors = tile // lanes
+    groups: list[tuple[int, int]] = []
+    firsts = [0]
+    lane_filter: list[list[int]] = []
+    for t in range(tiles):
+        in_vector = []  # the groups of each vector, in order
+        for v in range(vectors):
+            start = t * tile + v * lanes
+            in_vector.append(sorted({q // per_group for q in range(start, min(start + lanes, out_channels))}))
+        if vectors == 1:
+            passes = [(g, g) for g in in_vector[0]]
+        else:
+            first, second = in_vector
+            passes = []
+            if first and second and first[-1] == second[0]:  # one group across both vectors
+                passes.append((first[-1], first[-1]))
+                first, second = first[:-1], second[1:]
+            for k in range(max(len(first), len(second))):
+                passes.append((first[k] if k < len(first) else -1, second[k] if k < len(second) else -1))
+        for g0, g1 in passes:
+            lanes_of_pass = []
+            for f in range(tile):
+                q = t * tile + f
+                group = g0 if f < lanes else g1
+                lanes_of_pass.append(q if q < out_channels and q // per_group == group else out_channels)
+            groups.append((g0, g1))
+            lane_filter.append(lanes_of_pass)
+        firsts.append(len(groups))
+    return (
+        torch.tensor(groups, dtype=torch.int32).reshape(-1, 2),
+        torch.tensor(firsts, dtype=torch.int32),
+        torch.tensor(lane_filter, dtype=torch.long).reshape(-1, tile),
+    )
 
 
 def pack(weight, pointwise_weight, in_channels: int, p: int, layout: str) -> DirectWeights:
     """Pack ``weight`` (N, M/P, kh, kw) and ``pointwise_weight`` (N, M - M/P) for the
     kernel (float32, detached)."""
     module = load()
+    weight, pointwise_weight = weight.detach().float(), pointwise_weight.detach().float()
     out_channels, per_group, kh, kw = weight.shape
-    ng = out_channels // p
-    tile = module.tile_width(ng)
-    tiles = -(-ng // tile)
-    pad = tiles * tile - ng
-
-    def tiled(t: torch.Tensor) -> torch.Tensor:  # (N, *rest) -> (P, T, FT, *rest)
-        grouped = _group_order(t.detach().float(), p, layout)
-        if pad:
-            grouped = torch.cat([grouped, grouped.new_zeros(p, pad, *grouped.shape[2:])], dim=1)
-        return grouped.reshape(p, tiles, tile, *t.shape[1:])
-
-    kxk = tiled(weight).permute(0, 1, 4, 5, 3, 2).reshape(p, tiles, kh * kw, per_group, tile).contiguous()
-    pointwise = tiled(pointwise_weight).permute(0, 1, 3, 2).contiguous()
-    first = torch.arange(p) * ng if layout == "blocked" else torch.arange(p)
-    channels = pointwise_channel_index(in_channels, out_channels, p, layout)[first].to(torch.int32).contiguous()
-    return DirectWeights(kxk, pointwise, channels)
+    tile = module.tile_width(out_channels)
+    tiles = -(-out_channels // tile)
+    order = group_filter_order(in_channels, out_channels, p, layout, weight.device)  # group order -> filter
+    taps = weight.reshape(out_channels, per_group, kh * kw)
+    centre_tap = (kh // 2) * kw + kw // 2
+    rows = torch.arange(out_channels, device=weight.device)[:, None].expand(out_channels, per_group)
+    centre = zero_diagonal_pointwise(pointwise_weight, in_channels, out_channels, p, layout).index_put(
+        (rows, kxk_channel_index(in_channels, out_channels, p, layout, weight.device)), taps[:, :, centre_tap])
+    centre = torch.cat([centre[order], centre.new_zeros(tiles * tile - out_channels, in_channels)])
+    centre = centre.reshape(tiles, tile, in_channels).transpose(1, 2).contiguous()
+    pass_groups, tile_passes, lane_filter = pass_plan(out_channels, p, tile, module.lanes())
+    others = torch.cat([taps[:, :, :centre_tap], taps[:, :, centre_tap + 1:]], 2)[order]
+    others = torch.cat([others, others.new_zeros(1, per_group, kh * kw - 1)])  # row N: a zero lane
+    others = others[lane_filter.to(weight.device)].permute(0, 3, 2, 1).contiguous()
+    return DirectWeights(centre, others, pass_groups, tile_passes)
 
 
 def transposed_parameters(weight, pointwise_weight, in_channels: int, p: int, layout: str):
@@ -181,7 +239,7 @@ def _call(x: torch.Tensor, w: DirectWeights, bias, geometry: HetConvGeometry, re
     g = geometry
     bias = None if bias is None else bias.detach()
     return load().forward(
-        x.contiguous(memory_format=_CL), w.kxk, w.pointwise, bias, w.channels, g.out_channels,
+        x.contiguous(memory_format=_CL), w.centre, w.others, w.pass_groups, w.tile_passes, bias, g.out_channels,
         list(g.kernel_size), list(g.stride), list(g.padding), list(g.dilation), g.p, g.layout == "shifted", relu,
     )
 
@@ -261,7 +319,7 @@ def prepare_direct(params, geometry: HetConvGeometry, plan, input_shape):
     weight, pointwise_weight = params
     if plan.cache and not plan.training:
         packed = pack(weight, pointwise_weight, geometry.in_channels, geometry.p, geometry.layout)
-        return DirectWeights(packed.kxk, packed.pointwise, packed.channels, (weight, pointwise_weight))
+        return dataclasses.replace(packed, params=(weight, pointwise_weight))
     return params
 
 
