@@ -5,7 +5,8 @@ library call is most of the time (issue 10's target: within 1.1x).
 On a (1, 16, 8, 8) input, one thread, eval mode, under ``torch.inference_mode()``:
 
 * ``HetConv2d(16, 16, 3, padding=1, p=4)`` against ``nn.Conv2d(16, 16, 3, padding=1)``
-  (the same shape; HetConv's rule runs one dense convolution at this size);
+  (the same shape; HetConv's rule runs the ``direct`` kernel here where it is built, else one
+  dense convolution);
 * ``DSConv2d``, ``BSConvU2d``, ``BSConvS2d``, ``GWPWConv2d`` (leanconv's defaults:
   BSConv-S with its two BNs, the others without BN) against the same
   convolutions (and BNs) as plain torch modules in an ``nn.Sequential``

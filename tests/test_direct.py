@@ -50,14 +50,18 @@ SHAPES = [
 ]
 
 
+FORMATS = [CL, torch.contiguous_format]
+
+
+@pytest.mark.parametrize("memory_format", FORMATS, ids=["channels_last", "contiguous"])
 @pytest.mark.parametrize("layout", ["blocked", "shifted"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_forward_and_every_gradient_match_reference(shape, layout):
+def test_forward_and_every_gradient_match_reference(shape, layout, memory_format):
     m, n, p, k, stride, padding, dilation, h, w, batch = shape
     layer = make(m, n, p, k, layout=layout, stride=stride, padding=padding, dilation=dilation)
-    x = torch.randn(batch, m, h, w).to(memory_format=CL).requires_grad_()
+    x = torch.randn(batch, m, h, w).contiguous(memory_format=memory_format).requires_grad_()
     out = layer(x)
-    assert layer.last_backend == "direct" and out.is_contiguous(memory_format=CL)
+    assert layer.last_backend == "direct" and out.is_contiguous(memory_format=memory_format)
     x64 = x.detach().double().requires_grad_()
     ref = leanconv.HetConv2d(**layer._same_arguments(backend="reference", dtype=torch.float64))
     ref.load_state_dict({key: v.double() for key, v in layer.state_dict().items()})
@@ -105,7 +109,7 @@ def test_unbatched_empty_and_non_contiguous_inputs():
         assert_matches_reference(layer(cl).double(), reference_output(layer, cl))
         empty = torch.randn(0, 8, 5, 6).to(memory_format=CL)
         assert layer(empty).shape == (0, 16, 5, 6)
-        # a view with gaps, and a contiguous input: copied to channels-last, output in the input's format
+        # a view with gaps is read as a contiguous copy; a contiguous input as it is
         wide = torch.randn(2, 8, 5, 12).to(memory_format=CL)[..., ::2]
         assert_matches_reference(layer(wide).double(), reference_output(layer, wide.contiguous()))
         contiguous = torch.randn(2, 8, 5, 6)
@@ -114,13 +118,13 @@ def test_unbatched_empty_and_non_contiguous_inputs():
         assert_matches_reference(out.double(), reference_output(layer, contiguous))
 
 
-def test_auto_picks_direct_for_channels_last_float32_cpu():
+def test_auto_picks_direct_for_float32_cpu_in_either_format():
     layer = leanconv.HetConv2d(32, 32, 3, padding=1, p=4).eval()
     with torch.no_grad():
-        layer(torch.randn(2, 32, 8, 8).to(memory_format=CL))
-        assert layer.last_backend == "direct"
-        layer(torch.randn(2, 32, 8, 8))  # contiguous: the library forms (no layout copies)
-        assert layer.last_backend != "direct"
+        for x in (torch.randn(2, 32, 8, 8).to(memory_format=CL), torch.randn(2, 32, 8, 8)):
+            out = layer(x)
+            assert layer.last_backend == "direct"
+            assert out.is_contiguous(memory_format=CL) == x.is_contiguous(memory_format=CL)  # no layout copy
         layer.double()(torch.randn(2, 32, 8, 8, dtype=torch.float64).to(memory_format=CL))
         assert layer.last_backend != "direct"
 
@@ -158,15 +162,16 @@ def test_transposed_parameters_give_the_input_gradient():
     bias=st.booleans(),
     layout=st.sampled_from(["blocked", "shifted"]),
     padding_mode=st.sampled_from(["zeros", "zeros", "reflect", "circular"]),
+    memory_format=st.sampled_from(FORMATS),
 )
 def test_random_configurations_match_reference(p, groups_in, groups_out, kh, kw, sh, sw, dh, ph, pw, extra, batch,
-                                               bias, layout, padding_mode):
+                                               bias, layout, padding_mode, memory_format):
     m, n = p * groups_in, p * groups_out
     h = max(dh * (kh - 1) + 1 - 2 * ph, ph + 1, 1) + extra
     w = max(kw - 2 * pw, pw + 1, 1) + extra
     layer = make(m, n, p, (kh, kw), layout=layout, bias=bias, stride=(sh, sw), padding=(ph, pw), dilation=(dh, 1),
                  padding_mode=padding_mode)
-    x = torch.randn(batch, m, h, w).to(memory_format=CL).requires_grad_()
+    x = torch.randn(batch, m, h, w).contiguous(memory_format=memory_format).requires_grad_()
     out = layer(x)
     x64 = x.detach().double().requires_grad_()
     ref = leanconv.HetConv2d(**layer._same_arguments(backend="reference", dtype=torch.float64))

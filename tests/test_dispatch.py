@@ -17,7 +17,7 @@ from leanconv import config
 from leanconv.layers import DepthwiseConv2d
 from leanconv.ops import measure
 from leanconv.ops.conv_geometry import HetConvGeometry
-from leanconv.ops.dispatch import SMALL_CALL_WORK, hetconv_rule
+from leanconv.ops.dispatch import SMALL_CALL_WORK, direct_runs, hetconv_rule
 from leanconv.ops.registry import Backend, Plan, register_backend, unregister_backend
 
 from helpers import assert_matches_reference
@@ -32,6 +32,7 @@ def _geometry(m, n, p, k=3):
 
 
 # ------------------------------------------------------------------ the rule
+# float64: the library forms' part of the rule (the direct kernel runs float32 only)
 @pytest.mark.parametrize(
     "shape,m,n,p,k,capturing,expected",
     [
@@ -44,17 +45,35 @@ def _geometry(m, n, p, k=3):
     ],
 )
 def test_rule_choices(shape, m, n, p, k, capturing, expected):
-    x = torch.empty(shape)
+    x = torch.empty(shape, dtype=torch.float64)
     for training in (False, True):  # the rule is the same for inference and training
-        assert hetconv_rule(x, _geometry(m, n, p, k), _plan(training), capturing) == expected
+        assert hetconv_rule(x, _geometry(m, n, p, k), _plan(training, dtype=torch.float64), capturing) == expected
+
+
+@pytest.mark.parametrize("shape", [(64, 64, 32, 32), (1, 16, 8, 8)], ids=["vgg-block", "small-call"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "channels_last"])
+def test_rule_takes_direct_for_float32_cpu_in_either_format(shape, memory_format):
+    """float32 CPU calls in channels-last or contiguous order go to the C++ kernel where it
+    builds; a strided view (neither order) and graph capture keep the library forms."""
+    x = torch.empty(shape).contiguous(memory_format=memory_format)
+    channels_last = memory_format == torch.channels_last
+    g = _geometry(shape[1], shape[1], 4)
+    library = "reference" if x.numel() * shape[1] * 9 < SMALL_CALL_WORK else "split"
+    for training in (False, True):
+        plan = _plan(training, channels_last)
+        assert hetconv_rule(x, g, plan, False) == ("direct" if direct_runs(x, g, plan) else library)
+        assert hetconv_rule(x, g, plan, True) == "split"
+    strided = torch.empty(shape[0], shape[1], shape[2], 2 * shape[3])[..., ::2]
+    assert hetconv_rule(strided, g, _plan(), False) == library
 
 
 def test_small_call_threshold_is_where_the_rule_says():
     g = _geometry(16, 16, 4)
-    below = torch.empty(1, 16, 8, 8)
-    assert below.numel() * 16 * 9 < SMALL_CALL_WORK and hetconv_rule(below, g, _plan(), False) == "reference"
+    plan = _plan(dtype=torch.float64)
+    below = torch.empty(1, 16, 8, 8, dtype=torch.float64)
+    assert below.numel() * 16 * 9 < SMALL_CALL_WORK and hetconv_rule(below, g, plan, False) == "reference"
     batch = SMALL_CALL_WORK // (16 * 8 * 8 * 16 * 9) + 1
-    assert hetconv_rule(torch.empty(batch, 16, 8, 8), g, _plan(), False) == "split"
+    assert hetconv_rule(torch.empty(batch, 16, 8, 8, dtype=torch.float64), g, plan, False) == "split"
 
 
 def test_default_never_measures_and_is_the_same_every_call(monkeypatch):
@@ -66,7 +85,7 @@ def test_default_never_measures_and_is_the_same_every_call(monkeypatch):
         with torch.no_grad():
             layer(x)
         choices.add(layer.last_backend)
-    assert choices == {"split"}
+    assert choices == {hetconv_rule(x, layer._geometry, _plan(), False)}
 
 
 # ------------------------------------- eager inference against the reference

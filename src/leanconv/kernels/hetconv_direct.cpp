@@ -1,4 +1,5 @@
-// Direct HetConv convolution for CPUs: one pass over a channels-last float32 input.
+// Direct HetConv convolution for CPUs: one pass over a float32 input, channels-last or
+// contiguous (NCHW); the output has the input's memory format.
 //
 // HetConv (Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120): filter n of
 // group g has KxK kernels on the group's Mg = M/P input channels and 1x1 kernels,
@@ -27,6 +28,10 @@
 // A tap that falls into the zero padding reads a buffer of zeros, and a tap in the
 // padding for the whole block is skipped.
 //
+// Memory formats: every input value is read through its tensor strides, so both
+// formats run the same code; channels-last keeps a pixel's channels in one cache line
+// and stores whole vectors, NCHW stores the tile's filters one by one.
+//
 // The readable statement of the same function is leanconv's "reference" backend (one
 // dense convolution); the tests compare the two on awkward shapes.
 //
@@ -39,6 +44,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -62,18 +69,19 @@ inline void store(float* p, vec v) { *reinterpret_cast<vec_unaligned*>(p) = v; }
 
 // The geometry and the packed operands of one call.
 struct Call {
-  const float* x;        // (B, H, W, M)
+  const float* x;        // (B, M, H, W) through the strides xs
   const float* wc;       // (T, M, FT): the centre tap, every channel
   const float* wn;       // (passes, KH*KW - 1, Mg, FT): the other taps, one pass's groups
   const int32_t* pass_groups;  // (passes, 2): the group of vector 0 and of vector 1 (-1: none)
   const int32_t* tile_passes;  // (T + 1,): tile t's passes are tile_passes[t] .. tile_passes[t+1]-1
   const float* bias;     // (N,) in filter order, or null
-  const float* zeros;    // M zeros: what a tap in the padding reads
-  float* out;            // (B, Ho, Wo, N)
+  const float* zeros;    // zeros at every channel's offset: what a tap in the padding reads
+  float* out;            // (B, N, Ho, Wo) through the strides os
+  int64_t xs[4], os[4];  // strides in floats: batch, channel, row, column
   int64_t B, H, W, M, N, Ho, Wo;
   int64_t KH, KW, sh, sw, ph, pw, dh, dw;
   int64_t P, Mg, Ng, T, FT;
-  int64_t kxk_base, kxk_stride;  // channel j of group g is g*kxk_base + j*kxk_stride
+  int64_t kxk_base, kxk_stride;  // channel j of group g is at g*kxk_base + j*kxk_stride (floats)
   bool shifted;                  // filter i of group g is g + i*P (else g*Ng + i)
   bool relu;
   // Pixel order: row-major (image, row, column), or position-major (row, column, image)
@@ -98,13 +106,13 @@ void gather_rows(const Call& c, int64_t pixel, int valid, const float** rows, in
     } else {
       ow = q % c.Wo; oh = (q / c.Wo) % c.Ho; image = q / (c.Wo * c.Ho);
     }
-    outs[i] = ((image * c.Ho + oh) * c.Wo + ow) * c.N;
+    outs[i] = image * c.os[0] + oh * c.os[2] + ow * c.os[3];
     const int64_t row0 = oh * c.sh - c.ph, col0 = ow * c.sw - c.pw;
     for (int64_t kh = 0; kh < c.KH; ++kh)
       for (int64_t kw = 0; kw < c.KW; ++kw) {
         const int64_t ih = row0 + kh * c.dh, iw = col0 + kw * c.dw;
         const bool inside = i < valid && ih >= 0 && ih < c.H && iw >= 0 && iw < c.W;
-        rows[(kh * c.KW + kw) * NP + i] = inside ? c.x + ((image * c.H + ih) * c.W + iw) * c.M : c.zeros;
+        rows[(kh * c.KW + kw) * NP + i] = inside ? c.x + image * c.xs[0] + ih * c.xs[2] + iw * c.xs[3] : c.zeros;
       }
   }
 }
@@ -180,7 +188,7 @@ void block(const Call& c, int64_t t, int valid, const float* const* rows, const 
   const int64_t centre = ((c.KH - 1) / 2) * c.KW + (c.KW - 1) / 2;
   // The centre tap: every channel, shared by all filters of the tile.
   if (any_reads(c, rows + centre * NP, NP))
-    shared_channels<NP, NV>(acc, rows + centre * NP, 0, 1, c.M, c.wc + t * c.M * FT, FT);
+    shared_channels<NP, NV>(acc, rows + centre * NP, 0, c.xs[1], c.M, c.wc + t * c.M * FT, FT);
   // The other taps: each pass's groups.
   const int64_t Mg = c.Mg, cs = c.kxk_stride, pass_size = (taps - 1) * Mg * FT;
   for (int64_t pass = c.tile_passes[t]; pass < c.tile_passes[t + 1]; ++pass) {
@@ -207,14 +215,14 @@ void block(const Call& c, int64_t t, int valid, const float* const* rows, const 
   }
   // Store the real pixels and the real filters of the tile.
   for (int i = 0; i < valid; ++i) {
-    if (!c.shifted && count == FT) {
+    if (!c.shifted && count == FT && c.os[1] == 1) {
       float* o = c.out + outs[i] + first;
       for (int v = 0; v < NV; ++v) store(o + v * kLanes, acc[i][v]);
     } else {
       float lanes[NV * kLanes];
       for (int v = 0; v < NV; ++v) store(lanes + v * kLanes, acc[i][v]);
       float* o = c.out + outs[i];
-      for (int64_t f = 0; f < count; ++f) o[filter_of(c, first + f)] = lanes[f];
+      for (int64_t f = 0; f < count; ++f) o[filter_of(c, first + f) * c.os[1]] = lanes[f];
     }
   }
 }
@@ -270,7 +278,8 @@ torch::Tensor forward(
     std::vector<int64_t> kernel, std::vector<int64_t> stride, std::vector<int64_t> padding,
     std::vector<int64_t> dilation, int64_t p, bool shifted, bool relu) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4, "hetconv_direct: x must be a 4-D CPU float32 tensor");
-  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), "hetconv_direct: x must be channels-last");
+  const bool channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(channels_last || x.is_contiguous(), "hetconv_direct: x must be channels-last or contiguous");
   TORCH_CHECK(wc.is_contiguous() && wn.is_contiguous() && pass_groups.is_contiguous() && tile_passes.is_contiguous(),
               "hetconv_direct: packed operands must be contiguous");
   TORCH_CHECK(pass_groups.scalar_type() == at::kInt && tile_passes.scalar_type() == at::kInt,
@@ -294,17 +303,27 @@ torch::Tensor forward(
     TORCH_CHECK(b.scalar_type() == at::kFloat && b.numel() == c.N, "hetconv_direct: bias must be float32 with N entries");
   }
   c.shifted = shifted;
-  c.kxk_base = shifted ? 1 : c.Mg; c.kxk_stride = shifted ? p : 1;
+  for (int d = 0; d < 4; ++d) c.xs[d] = x.stride(d);
+  c.kxk_base = (shifted ? 1 : c.Mg) * c.xs[1]; c.kxk_stride = (shifted ? p : 1) * c.xs[1];
   c.relu = relu;
-  constexpr int64_t kSmallMap = 64;  // output pixels per image up to which blocks run position-major
-  c.position_major = c.B > 1 && std::max<int64_t>(c.Ho, 0) * std::max<int64_t>(c.Wo, 0) <= kSmallMap;
+  // Blocks run position-major on small maps: up to 64 output pixels per image in
+  // channels-last. In NCHW a block of one position reads one cache line per channel and
+  // image, so only maps of up to 4 pixels gain (measured: 2x2 faster, 4x4 and 8x8 slower).
+  const int64_t small_map = channels_last ? 64 : 4;
+  c.position_major = c.B > 1 && std::max<int64_t>(c.Ho, 0) * std::max<int64_t>(c.Wo, 0) <= small_map;
   auto out = torch::empty({c.B, c.N, std::max<int64_t>(c.Ho, 0), std::max<int64_t>(c.Wo, 0)},
-                          x.options().memory_format(at::MemoryFormat::ChannelsLast));
+                          x.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
+                                                                  : at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
-  auto zeros = torch::zeros({c.M}, x.options());
+  for (int d = 0; d < 4; ++d) c.os[d] = out.stride(d);
+  // Zeros wherever a padded tap reads: channel k at k * xs[1]. For NCHW that spans an
+  // image plane per channel; calloc leaves large buffers to the system's zero pages.
+  std::unique_ptr<float, decltype(&std::free)> zeros(
+      static_cast<float*>(std::calloc((c.M - 1) * c.xs[1] + 1, sizeof(float))), &std::free);
+  TORCH_CHECK(zeros != nullptr, "hetconv_direct: out of memory for the padding buffer");
   c.x = x.data_ptr<float>(); c.wc = wc.data_ptr<float>(); c.wn = wn.data_ptr<float>();
   c.pass_groups = pass_groups.data_ptr<int32_t>(); c.tile_passes = tile_passes.data_ptr<int32_t>();
-  c.bias = b.defined() ? b.data_ptr<float>() : nullptr; c.zeros = zeros.data_ptr<float>();
+  c.bias = b.defined() ? b.data_ptr<float>() : nullptr; c.zeros = zeros.get();
   c.out = out.data_ptr<float>();
   // Register blocking: NP pixels x NV vectors of accumulators, leaving registers for the
   // weights and the broadcast values.
@@ -315,7 +334,7 @@ torch::Tensor forward(
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "direct HetConv forward (channels-last float32)");
+  m.def("forward", &forward, "direct HetConv forward (float32, channels-last or contiguous)");
   m.def("tile_width", &tile_width, "filters per register tile for a layer of n filters");
   m.def("lanes", &lanes, "floats per vector register in this build");
 }

@@ -6,7 +6,7 @@ HetConv (``op="hetconv"``):
 |---|---|---|
 | ``reference`` | one dense convolution with the materialised (N, M, kh, kw) weight: the readable statement every other backend is tested against | everywhere, training and inference |
 | ``split`` | grouped KxK conv + zero-diagonal 1x1 conv (:mod:`.hetconv_split`); cached and oneDNN-fused in eager CPU inference | everywhere, training and inference |
-| ``direct`` | the C++ kernel computing both parts in one pass (:mod:`.hetconv_direct`), built on first use | CPU, float32, channels-last input; training and inference |
+| ``direct`` | the C++ kernel computing both parts in one pass (:mod:`.hetconv_direct`), built on first use | CPU, float32, channels-last or contiguous input; training and inference |
 | ``triton`` | the direct Triton kernels (:mod:`.hetconv_triton`), where Triton is installed | CUDA (CPU only under ``TRITON_INTERPRET=1``); float32, bfloat16, float16 |
 
 Depthwise (``op="depthwise"``): ``torch`` (``F.conv2d`` with groups = C, cuDNN /

@@ -36,7 +36,8 @@ The rule (the same on every run; documented in the README's backend table):
   (:func:`triton_measured_win`), else as on the CPU.
 * HetConv elsewhere: ``reference`` where the split form does more than 80% of
   the dense work (1/P + 1/K^2 > 0.8); ``direct`` (the C++ kernel) for float32
-  CPU inputs already in channels-last order, where it is built; ``reference``
+  CPU inputs in channels-last or contiguous order (it reads both), where it is
+  built; ``reference``
   for small calls (input elements x filters x taps below
   :data:`SMALL_CALL_WORK`, where a second library call costs more than the
   saved work); otherwise ``split``.
@@ -127,7 +128,7 @@ def hetconv_rule(x: torch.Tensor, geometry: HetConvGeometry, plan: Plan, capturi
     taps = g.kernel_size[0] * g.kernel_size[1]
     if 1.0 / g.p + 1.0 / taps > 0.8:
         return "reference"
-    if x.device.type == "cpu" and x.is_contiguous(memory_format=_CL) and direct_runs(x, g, plan):
+    if x.device.type == "cpu" and (x.is_contiguous(memory_format=_CL) or x.is_contiguous()) and direct_runs(x, g, plan):
         return "direct"
     if x.numel() * g.out_channels * taps < SMALL_CALL_WORK:
         return "reference"

@@ -235,11 +235,17 @@ def transposed_parameters(weight, pointwise_weight, in_channels: int, p: int, la
     return kxk, matrix.gather(1, index)
 
 
+def _either_format(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself where the kernel reads it (channels-last or contiguous), else a
+    contiguous copy."""
+    return t if t.is_contiguous(memory_format=_CL) or t.is_contiguous() else t.contiguous()
+
+
 def _call(x: torch.Tensor, w: DirectWeights, bias, geometry: HetConvGeometry, relu: bool = False) -> torch.Tensor:
     g = geometry
     bias = None if bias is None else bias.detach()
     return load().forward(
-        x.contiguous(memory_format=_CL), w.centre, w.others, w.pass_groups, w.tile_passes, bias, g.out_channels,
+        _either_format(x), w.centre, w.others, w.pass_groups, w.tile_passes, bias, g.out_channels,
         list(g.kernel_size), list(g.stride), list(g.padding), list(g.dilation), g.p, g.layout == "shifted", relu,
     )
 
@@ -270,7 +276,7 @@ class _DirectFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, pointwise_weight = ctx.saved_tensors
         g = ctx.geometry
-        grad_out = grad_out.contiguous(memory_format=_CL)
+        grad_out = grad_out.contiguous(memory_format=_CL if x.is_contiguous(memory_format=_CL) else torch.contiguous_format)
         grad_x = grad_weight = grad_pointwise = grad_bias = None
         if ctx.needs_input_grad[0]:
             transposed = _transposed_geometry(g)
@@ -339,5 +345,5 @@ def run_direct(x, prepared, bias, geometry: HetConvGeometry, plan) -> torch.Tens
         weight, pointwise_weight = prepared
         out = _DirectFunction.apply(x, weight, pointwise_weight, bias, geometry)
         out = out.relu_() if relu else out
-    # the kernel reads and writes channels-last; the output keeps the input's format as nn.Conv2d's does
+    # the kernel writes the format it reads (channels-last, else contiguous), as nn.Conv2d does
     return out if plan.channels_last else out.contiguous()
