@@ -47,6 +47,7 @@ SHAPES = [
     (40, 40, 5, (3, 1), 1, (1, 0), 1, 4, 5, 2),
     (6, 6, 3, 3, 1, 1, 1, 1, 1, 5),
     (64, 128, 4, 3, 2, 1, 1, 9, 9, 1),
+    (32, 64, 8, 3, 1, 1, 1, 12, 13, 2),  # groups of 4 channels, 8 filters: interior blocks run all taps at once
 ]
 
 
