@@ -357,11 +357,11 @@ torch::Tensor forward(
     }
   c.other_taps = other_taps.data();
   c.relu = relu;
-  // Blocks run position-major on small maps: up to 64 output pixels per image in
-  // channels-last. In NCHW a block of one position reads one cache line per channel and
-  // image, so only maps of up to 4 pixels gain (measured: 2x2 faster, 4x4 and 8x8 slower).
-  const int64_t small_map = channels_last ? 64 : 4;
-  c.position_major = c.B > 1 && std::max<int64_t>(c.Ho, 0) * std::max<int64_t>(c.Wo, 0) <= small_map;
+  // Blocks run position-major on maps of at most 4x4 output pixels, in either format
+  // (measured: 2x2 and 4x4 maps faster that way, 8x8 maps faster row-major, where a
+  // block's pixels share most of their input).
+  constexpr int64_t kSmallMap = 16;
+  c.position_major = c.B > 1 && std::max<int64_t>(c.Ho, 0) * std::max<int64_t>(c.Wo, 0) <= kSmallMap;
   auto out = torch::empty({c.B, c.N, std::max<int64_t>(c.Ho, 0), std::max<int64_t>(c.Wo, 0)},
                           x.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
                                                                   : at::MemoryFormat::Contiguous));
