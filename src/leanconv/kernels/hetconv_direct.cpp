@@ -74,7 +74,7 @@ struct Call {
   const float* wn;       // (passes, KH*KW - 1, Mg, FT): the other taps, one pass's groups
   const int32_t* pass_groups;  // (passes, 2): the group of vector 0 and of vector 1 (-1: none)
   const int32_t* tile_passes;  // (T + 1,): tile t's passes are tile_passes[t] .. tile_passes[t+1]-1
-  const float* bias;     // (N,) in filter order, or null
+  const float* bias;     // (T, FT): each tile's bias in its lane order (zeros without a bias)
   const float* zeros;    // zeros at every channel's offset: what a tap in the padding reads
   float* out;            // (B, N, Ho, Wo) through the strides os
   int64_t xs[4], os[4];  // strides in floats: batch, channel, row, column
@@ -97,12 +97,15 @@ inline int64_t filter_of(const Call& c, int64_t q) { return c.shifted ? (q % c.N
 
 // The input row each of NP pixels from `pixel` (the first `valid` of them real) reads at
 // each tap: KH*KW x NP pointers, the zero buffer where the tap falls into the padding;
-// each pixel's output offset; and whether the block is interior (NP real pixels, no tap
-// in the padding), where `bases` holds each pixel's first tap (tap t is at
-// bases[i] + c.tap_offsets[t]). Computed once per block, used by every tile.
+// whether any of them reads the input at each tap (`reads`, KH*KW flags); each pixel's
+// output offset; and whether the block is interior (NP real pixels, no tap in the
+// padding), where `bases` holds each pixel's first tap (c.other_taps is relative to
+// it). Computed once per block, used by every tile.
 template <int NP>
-bool gather_rows(const Call& c, int64_t pixel, int valid, const float** rows, int64_t* outs, const float** bases) {
+bool gather_rows(const Call& c, int64_t pixel, int valid, const float** rows, char* reads, int64_t* outs,
+                 const float** bases) {
   bool interior = valid == NP;
+  std::fill(reads, reads + c.KH * c.KW, 0);
   for (int i = 0; i < NP; ++i) {
     const int64_t q = pixel + (i < valid ? i : 0);
     int64_t image, oh, ow;
@@ -119,17 +122,13 @@ bool gather_rows(const Call& c, int64_t pixel, int valid, const float** rows, in
         const bool inside = i < valid && ih >= 0 && ih < c.H && iw >= 0 && iw < c.W;
         rows[(kh * c.KW + kw) * NP + i] = inside ? c.x + image * c.xs[0] + ih * c.xs[2] + iw * c.xs[3] : c.zeros;
         interior = interior && inside;
+        reads[kh * c.KW + kw] |= inside;
       }
     bases[i] = rows[i];
   }
   return interior;
 }
 
-inline bool any_reads(const Call& c, const float* const* rows, int np) {
-  for (int i = 0; i < np; ++i)
-    if (rows[i] != c.zeros) return true;
-  return false;
-}
 
 // Where the j-th input value of a run of products is, relative to a pixel's pointer:
 // evenly spaced (one tap's channels), or listed (every other tap's channels of an
@@ -209,24 +208,19 @@ inline void grouped_channels(const Call& c, vec (&acc)[NP][NV], int32_t g0, int3
 // One block: the NP pixels whose rows are `rows` (the first `valid` real) x the NV
 // vectors of filter tile t.
 template <int NP, int NV>
-void block(const Call& c, int64_t t, int valid, const float* const* rows, const int64_t* outs,
+void block(const Call& c, int64_t t, int valid, const float* const* rows, const char* reads, const int64_t* outs,
            const float* const* bases, bool interior) {
   const int64_t FT = c.FT;
   const int64_t first = t * FT, count = std::min<int64_t>(FT, c.N - first);
   vec acc[NP][NV];
-  {
-    float lanes[NV * kLanes] = {};
-    if (c.bias != nullptr)
-      for (int64_t f = 0; f < count; ++f) lanes[f] = c.bias[filter_of(c, first + f)];
-    for (int v = 0; v < NV; ++v) {
-      const vec start = load(lanes + v * kLanes);
-      for (int i = 0; i < NP; ++i) acc[i][v] = start;
-    }
+  for (int v = 0; v < NV; ++v) {
+    const vec start = load(c.bias + first + v * kLanes);
+    for (int i = 0; i < NP; ++i) acc[i][v] = start;
   }
   const int64_t taps = c.KH * c.KW;
   const int64_t centre = ((c.KH - 1) / 2) * c.KW + (c.KW - 1) / 2;
   // The centre tap: every channel, shared by all filters of the tile.
-  if (any_reads(c, rows + centre * NP, NP))
+  if (reads[centre])
     shared_channels<NP, NV>(acc, rows + centre * NP, 0, Spaced{c.xs[1]}, c.M, c.wc + t * c.M * FT, FT);
   // The other taps: each pass's groups. In an interior block, groups of at most 8
   // channels run all of a pass's taps as one run of products: each tap's run would be
@@ -245,7 +239,7 @@ void block(const Call& c, int64_t t, int valid, const float* const* rows, const 
       if (tap == centre) continue;
       const float* wt = w + (k++) * Mg * FT;
       const float* const* r = rows + tap * NP;
-      if (any_reads(c, r, NP)) grouped_channels<NP, NV>(c, acc, g0, g1, r, Spaced{c.kxk_stride}, Mg, wt);
+      if (reads[tap]) grouped_channels<NP, NV>(c, acc, g0, g1, r, Spaced{c.kxk_stride}, Mg, wt);
     }
   }
   if (c.relu) {
@@ -283,6 +277,7 @@ void run(const Call& c) {
   const int64_t table = c.KH * c.KW * NP;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<const float*> rows(kBlocksPerTask * table), bases(kBlocksPerTask * NP);
+    std::vector<char> reads(kBlocksPerTask * c.KH * c.KW);
     std::vector<int64_t> outs(kBlocksPerTask * NP);
     bool interior[kBlocksPerTask];
     for (int64_t task = begin; task < end; ++task) {
@@ -290,10 +285,11 @@ void run(const Call& c) {
       auto valid = [&](int64_t b) { return static_cast<int>(std::min<int64_t>(NP, pixels - b * NP)); };
       for (int64_t b = b0; b < b1; ++b)
         interior[b - b0] = gather_rows<NP>(c, b * NP, valid(b), rows.data() + (b - b0) * table,
-                                           outs.data() + (b - b0) * NP, bases.data() + (b - b0) * NP);
+                                           reads.data() + (b - b0) * c.KH * c.KW, outs.data() + (b - b0) * NP,
+                                           bases.data() + (b - b0) * NP);
       auto one = [&](int64_t t, int64_t b) {
-        block<NP, NV>(c, t, valid(b), rows.data() + (b - b0) * table, outs.data() + (b - b0) * NP,
-                      bases.data() + (b - b0) * NP, interior[b - b0]);
+        block<NP, NV>(c, t, valid(b), rows.data() + (b - b0) * table, reads.data() + (b - b0) * c.KH * c.KW,
+                      outs.data() + (b - b0) * NP, bases.data() + (b - b0) * NP, interior[b - b0]);
       };
       if (block_outer) {
         for (int64_t b = b0; b < b1; ++b)
@@ -340,12 +336,15 @@ torch::Tensor forward(
   const int64_t passes = tile_passes[c.T].item<int32_t>();
   TORCH_CHECK(wc.numel() == c.T * c.M * c.FT && pass_groups.numel() == 2 * passes
               && wn.numel() == passes * (c.KH * c.KW - 1) * c.Mg * c.FT, "hetconv_direct: packed operand sizes");
-  torch::Tensor b;
-  if (bias.has_value()) {
-    b = bias->contiguous();
-    TORCH_CHECK(b.scalar_type() == at::kFloat && b.numel() == c.N, "hetconv_direct: bias must be float32 with N entries");
-  }
   c.shifted = shifted;
+  // The bias in each tile's lane order (group order), zero in padded lanes.
+  std::vector<float> bias_tiles(c.T * c.FT, 0.0f);
+  if (bias.has_value()) {
+    const torch::Tensor b = bias->contiguous();
+    TORCH_CHECK(b.scalar_type() == at::kFloat && b.numel() == c.N, "hetconv_direct: bias must be float32 with N entries");
+    const float* values = b.data_ptr<float>();
+    for (int64_t q = 0; q < c.N; ++q) bias_tiles[q] = values[filter_of(c, q)];
+  }
   for (int d = 0; d < 4; ++d) c.xs[d] = x.stride(d);
   c.kxk_base = (shifted ? 1 : c.Mg) * c.xs[1]; c.kxk_stride = (shifted ? p : 1) * c.xs[1];
   std::vector<int64_t> other_taps;
@@ -374,7 +373,7 @@ torch::Tensor forward(
   TORCH_CHECK(zeros != nullptr, "hetconv_direct: out of memory for the padding buffer");
   c.x = x.data_ptr<float>(); c.wc = wc.data_ptr<float>(); c.wn = wn.data_ptr<float>();
   c.pass_groups = pass_groups.data_ptr<int32_t>(); c.tile_passes = tile_passes.data_ptr<int32_t>();
-  c.bias = b.defined() ? b.data_ptr<float>() : nullptr; c.zeros = zeros.get();
+  c.bias = bias_tiles.data(); c.zeros = zeros.get();
   c.out = out.data_ptr<float>();
   // Register blocking: NP pixels x NV vectors of accumulators, leaving registers for the
   // weights and the broadcast values.
