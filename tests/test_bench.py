@@ -35,6 +35,18 @@ def test_timing_statistics():
     t = bench.Timing.from_samples([4.0, 1.0, 3.0, 2.0, 100.0])
     assert (t.minimum, t.median, t.maximum) == (1.0, 3.0, 100.0)
     assert t.q1 == 2.0 and t.q3 == 4.0 and t.spread == pytest.approx(2 / 3)
+    assert t.rounds == (4.0, 1.0, 3.0, 2.0, 100.0)  # in round order
+
+
+def test_per_round_ratio_cancels_a_load_that_moves_both_sides():
+    from leanconv.bench.timing import per_round_ratio
+
+    load = [1.0, 3.0, 1.5, 2.0, 5.0]  # the machine slows down and speeds up between rounds
+    standard = [2.0 * x for x in load]
+    variant = [x for x in load]
+    assert per_round_ratio(standard, variant) == (2.0, 2.0, 2.0)
+    with pytest.raises(ValueError, match="same rounds"):
+        per_round_ratio(standard, variant[:-1])
 
 
 def test_peak_memory_sees_a_temporary_allocation():
@@ -81,10 +93,11 @@ def tiny_zoo(name, conv="standard", p=None):
 def test_model_bench_gates_times_and_measures_memory():
     variants = bench.build_variants(tiny_zoo, "tiny", [4], seed_ps=[4])
     assert set(variants) == {"standard", "hetconv_p4", "seed_p4"}
-    rows = bench.bench_models(variants, input_shape=(2, 3, 8, 8), warmup=0, repeats=1)
+    rows = bench.bench_models(variants, input_shape=(2, 3, 8, 8), warmup=0, repeats=2)
     assert len(rows) == 3 * 2 * 2
     for row in rows:
         assert row["gate"] in ("pass", "n/a") and row["median_ms"] > 0
+        assert len(row["round_ms"]) == 2 and row["per_round_speedup_q1"] <= row["per_round_speedup"] <= row["per_round_speedup_q3"]
         if row["mode"] == "train":
             assert row["peak_step_mib"] > 0
     het = next(r for r in rows if r["model_variant"] == "hetconv_p4")

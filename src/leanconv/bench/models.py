@@ -4,6 +4,11 @@ zoo built with standard convolutions, exact HetConv (``auto``) and the public
 ``infer_folded`` is inference after :func:`leanconv.fuse` (BatchNorm folded into
 the convolutions) for every variant alike.
 
+Speed-ups are ratios of medians (``speedup_vs_*``); ``per_round_speedup`` is the
+same ratio taken in each round and its median and quartiles (both sides timed in
+the same round, so a load that drifts between rounds cancels), and ``round_ms``
+keeps every round's time.
+
 Gate: before timing, the HetConv model's output with its chosen backends is
 compared with the same model whose HetConv layers are replaced by the
 equivalent ``nn.Conv2d`` (eval mode, same weights); a model that differs by
@@ -22,7 +27,7 @@ import torch.nn.functional as F
 from ..accounting import count
 from ..layers import HetConv2d, SeedHetConv2d
 from .memory import peak_allocated_bytes
-from .timing import time_interleaved
+from .timing import per_round_ratio, time_interleaved
 
 __all__ = ["build_variants", "bench_models", "to_seed_form", "to_dense_form"]
 
@@ -146,13 +151,17 @@ def bench_models(
                     standard = timings.get(f"standard|{fmt}")
                     row.update(
                         median_ms=timing.median * 1e3, min_ms=timing.minimum * 1e3, max_ms=timing.maximum * 1e3,
-                        spread=timing.spread,
+                        spread=timing.spread, round_ms=[t * 1e3 for t in timing.rounds],
                         speedup_vs_standard_same_format=standard.median / timing.median if standard else None,
                         speedup_vs_best_standard=best_standard / timing.median if best_standard else None,
                         mac_speedup=macs["standard"] / macs[name],
                         # a training step counted as 3 x the forward MACs (forward, input and weight gradients)
                         gmacs=macs[name] * (3 if mode == "train" else 1) / timing.median / 1e9,
                     )
+                    if standard:  # the same ratio taken round by round (median, quartiles)
+                        paired = per_round_ratio(list(standard.rounds), list(timing.rounds))
+                        row.update(per_round_speedup=paired[0], per_round_speedup_q1=paired[1],
+                                   per_round_speedup_q3=paired[2])
                 if (name, fmt) in memory_runs:
                     row["peak_step_mib"] = memory_runs[(name, fmt)] / 2**20
                 if any(isinstance(m, HetConv2d) for m in variants[name].modules()):

@@ -12,12 +12,21 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Mapping
 
-__all__ = ["Timing", "time_interleaved"]
+__all__ = ["Timing", "time_interleaved", "per_round_ratio"]
+
+
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    ordered = sorted(values)
+    if len(ordered) >= 2:
+        q1, median, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
+        return q1, median, q3
+    return ordered[0], ordered[0], ordered[0]
 
 
 @dataclass(frozen=True)
 class Timing:
-    """Seconds per call of one candidate: median, fastest, slowest, quartiles."""
+    """Seconds per call of one candidate: median, fastest, slowest, quartiles, and
+    every round's sample in round order (``rounds``)."""
 
     median: float
     minimum: float
@@ -25,15 +34,12 @@ class Timing:
     q1: float
     q3: float
     repeats: int
+    rounds: tuple[float, ...] = ()
 
     @classmethod
     def from_samples(cls, samples: list[float]) -> "Timing":
-        ordered = sorted(samples)
-        if len(ordered) >= 2:
-            q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
-        else:
-            q1 = q3 = ordered[0]
-        return cls(statistics.median(ordered), ordered[0], ordered[-1], q1, q3, len(ordered))
+        q1, median, q3 = _quartiles(samples)
+        return cls(median, min(samples), max(samples), q1, q3, len(samples), tuple(samples))
 
     @property
     def spread(self) -> float:
@@ -42,6 +48,16 @@ class Timing:
 
     def as_dict(self) -> dict:
         return {**asdict(self), "spread": self.spread}
+
+
+def per_round_ratio(numerator: list[float], denominator: list[float]) -> tuple[float, float, float]:
+    """Median and quartiles over rounds of numerator / denominator, both timed in the
+    same rounds of one :func:`time_interleaved` call: a load that drifts between rounds
+    scales both sides of a round alike, so these ratios scatter less than the times."""
+    if len(numerator) != len(denominator) or not numerator:
+        raise ValueError(f"need samples of the same rounds; got {len(numerator)} and {len(denominator)}")
+    median_q = _quartiles([a / b for a, b in zip(numerator, denominator)])
+    return median_q[1], median_q[0], median_q[2]
 
 
 def time_interleaved(

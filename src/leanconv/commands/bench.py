@@ -46,8 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 LAYER_COLUMNS = ["config", "mode", "format", "candidate", "ran", "gate", "median_ms", "min_ms", "max_ms", "spread",
                  "macs", "mac_ratio", "gmacs", "speedup_vs_conv2d", "fraction_of_mac_ratio"]
 MODEL_COLUMNS = ["model_variant", "mode", "format", "batch", "gate", "median_ms", "min_ms", "max_ms", "spread", "macs",
-                 "mac_speedup", "speedup_vs_standard_same_format", "speedup_vs_best_standard", "gmacs",
-                 "peak_step_mib", "backends"]
+                 "mac_speedup", "speedup_vs_standard_same_format", "per_round_speedup", "per_round_speedup_q1",
+                 "per_round_speedup_q3", "speedup_vs_best_standard", "gmacs", "peak_step_mib", "backends"]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -111,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
         title = f"{args.model}: standard vs HetConv vs seed form, batch {args.batch}"
         notes.append("training step = forward, cross-entropy, backward, SGD(momentum) step; gmacs counts it as 3 x forward MACs")
         notes.append("peak_step_mib: peak bytes allocated during one training step above the level at its start (profiler)")
+        notes.append("per_round_speedup (q1-q3): standard / variant in the same format taken in each round, median and "
+                     "quartiles over rounds; the JSON keeps every round's time (round_ms)")
     out_dir = args.out_dir or os.path.join("results", "cpu" if not torch.cuda.is_available() else "gpu")
     stem = args.out or os.path.join(out_dir, f"{machine_slug(header)}-{setting}")
     config = {k: v for k, v in vars(args).items() if not k.startswith("_")}
