@@ -176,7 +176,7 @@ def test_wrong_channel_count_is_refused_on_every_path(monkeypatch):
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 def test_uneven_same_padding_needs_torch():
-    layer = DepthwiseConv2d(2, 2, 2, padding="same", backend="triton")
+    layer = DepthwiseConv2d(2, 2, 2, padding="same", backend="triton").to(DEVICE)
     with pytest.raises(ValueError, match="symmetric padding"):
         layer(torch.randn(1, 2, 4, 4, device=DEVICE))
     layer.backend = "auto"
