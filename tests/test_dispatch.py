@@ -53,15 +53,17 @@ def test_rule_choices(shape, m, n, p, k, capturing, expected):
 @pytest.mark.parametrize("shape", [(64, 64, 32, 32), (1, 16, 8, 8)], ids=["vgg-block", "small-call"])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "channels_last"])
 def test_rule_takes_direct_for_float32_cpu_in_either_format(shape, memory_format):
-    """float32 CPU calls in channels-last or contiguous order go to the C++ kernel where it
-    builds; a strided view (neither order) and graph capture keep the library forms."""
+    """float32 CPU calls in channels-last order, and contiguous ones in inference, go to the
+    C++ kernel where it builds; a strided view (neither order) and graph capture keep the
+    library forms."""
     x = torch.empty(shape).contiguous(memory_format=memory_format)
     channels_last = memory_format == torch.channels_last
     g = _geometry(shape[1], shape[1], 4)
     library = "reference" if x.numel() * shape[1] * 9 < SMALL_CALL_WORK else "split"
     for training in (False, True):
         plan = _plan(training, channels_last)
-        assert hetconv_rule(x, g, plan, False) == ("direct" if direct_runs(x, g, plan) else library)
+        takes_direct = direct_runs(x, g, plan) and (channels_last or not training)  # NCHW training: split
+        assert hetconv_rule(x, g, plan, False) == ("direct" if takes_direct else library)
         assert hetconv_rule(x, g, plan, True) == "split"
     strided = torch.empty(shape[0], shape[1], shape[2], 2 * shape[3])[..., ::2]
     assert hetconv_rule(strided, g, _plan(), False) == library

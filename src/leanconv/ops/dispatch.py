@@ -36,8 +36,8 @@ The rule (the same on every run; documented in the README's backend table):
   (:func:`triton_measured_win`), else as on the CPU.
 * HetConv elsewhere: ``reference`` where the split form does more than 80% of
   the dense work (1/P + 1/K^2 > 0.8); ``direct`` (the C++ kernel) for float32
-  CPU inputs in channels-last or contiguous order (it reads both), where it is
-  built; ``reference``
+  CPU inputs in channels-last order, and in contiguous order for inference
+  (:func:`direct_reads_well`), where it is built; ``reference``
   for small calls (input elements x filters x taps below
   :data:`SMALL_CALL_WORK`, where a second library call costs more than the
   saved work); otherwise ``split``.
@@ -128,11 +128,22 @@ def hetconv_rule(x: torch.Tensor, geometry: HetConvGeometry, plan: Plan, capturi
     taps = g.kernel_size[0] * g.kernel_size[1]
     if 1.0 / g.p + 1.0 / taps > 0.8:
         return "reference"
-    if x.device.type == "cpu" and (x.is_contiguous(memory_format=_CL) or x.is_contiguous()) and direct_runs(x, g, plan):
+    if x.device.type == "cpu" and direct_reads_well(x, plan) and direct_runs(x, g, plan):
         return "direct"
     if x.numel() * g.out_channels * taps < SMALL_CALL_WORK:
         return "reference"
     return "split"
+
+
+def direct_reads_well(x: torch.Tensor, plan: Plan) -> bool:
+    """Where ``direct`` was measured at least as fast as the library forms: channels-last
+    inputs, training and inference; contiguous (NCHW) inputs in inference. In NCHW
+    training its gradients were as fast as ``split``'s on 16x16-32x32 maps and up to 1.6x
+    slower on 4x4-8x8 maps with 128-512 channels (``leanconv bench layers --grid vgg
+    --formats contiguous --modes train``), so NCHW training keeps ``split``."""
+    if x.is_contiguous(memory_format=_CL):
+        return True
+    return x.is_contiguous() and not plan.training
 
 
 def direct_runs(x: torch.Tensor, geometry: HetConvGeometry, plan: Plan) -> bool:
