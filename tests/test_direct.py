@@ -48,6 +48,7 @@ SHAPES = [
     (6, 6, 3, 3, 1, 1, 1, 1, 1, 5),
     (64, 128, 4, 3, 2, 1, 1, 9, 9, 1),
     (32, 64, 8, 3, 1, 1, 1, 12, 13, 2),  # groups of 4 channels, 8 filters: interior blocks run all taps at once
+    (24, 48, 4, 3, 2, 1, 2, 5, 6, 2),  # 2x2 output, strided and dilated: the KxK weight gradient tap by tap
 ]
 
 
