@@ -145,7 +145,7 @@ class DirectWeights:
 
 
 @functools.lru_cache(maxsize=256)
-def pass_plan(out_channels: int, p: int, tile: int, lanes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pass_plan(out_channels: int, p: int, tile: int, lanes: int, layout: str):
     """How the kernel runs the grouped taps of each filter tile.
 
     A tile holds ``tile`` consecutive filters in group order, as ``tile // lanes``
@@ -157,14 +157,19 @@ def pass_plan(out_channels: int, p: int, tile: int, lanes: int) -> tuple[torch.T
     Returns ``pass_groups`` (passes, 2) int32: the group of vector 0 and of vector 1
     (-1: none; a one-vector tile repeats its group); ``tile_passes`` (T + 1,) int32:
     tile t's passes are ``tile_passes[t]`` to ``tile_passes[t + 1] - 1``; and
-    ``lane_filter`` (passes, tile) int64: the group-order filter whose weights each
-    lane of each pass holds, or ``out_channels`` for a zero lane."""
+    ``lane_filter`` (passes * tile,) int64: the filter (in the layer's order) whose
+    weights each lane of each pass holds, ``out_channels`` for a zero lane; None where
+    that is every filter in order (one pass per tile, no zero lane, blocked layout)."""
     per_group = out_channels // p
     tiles = -(-out_channels // tile)
     vectors = tile // lanes
+
+    def filter_of(q: int) -> int:  # group order -> the layer's filter order
+        return q if layout == "blocked" else (q % per_group) * p + q // per_group
+
     groups: list[tuple[int, int]] = []
     firsts = [0]
-    lane_filter: list[list[int]] = []
+    lane_filter: list[int] = []
     for t in range(tiles):
         in_vector = []  # the groups of each vector, in order
         for v in range(vectors):
@@ -181,41 +186,47 @@ def pass_plan(out_channels: int, p: int, tile: int, lanes: int) -> tuple[torch.T
             for k in range(max(len(first), len(second))):
                 passes.append((first[k] if k < len(first) else -1, second[k] if k < len(second) else -1))
         for g0, g1 in passes:
-            lanes_of_pass = []
             for f in range(tile):
                 q = t * tile + f
                 group = g0 if f < lanes else g1
-                lanes_of_pass.append(q if q < out_channels and q // per_group == group else out_channels)
+                lane_filter.append(filter_of(q) if q < out_channels and q // per_group == group else out_channels)
             groups.append((g0, g1))
-            lane_filter.append(lanes_of_pass)
         firsts.append(len(groups))
+    identity = lane_filter == list(range(out_channels))
     return (
         torch.tensor(groups, dtype=torch.int32).reshape(-1, 2),
         torch.tensor(firsts, dtype=torch.int32),
-        torch.tensor(lane_filter, dtype=torch.long).reshape(-1, tile),
+        None if identity else torch.tensor(lane_filter, dtype=torch.long),
     )
 
 
 def pack(weight, pointwise_weight, in_channels: int, p: int, layout: str) -> DirectWeights:
     """Pack ``weight`` (N, M/P, kh, kw) and ``pointwise_weight`` (N, M - M/P) for the
-    kernel (float32, detached)."""
+    kernel (float32, detached). Training packs on every call, so this is a handful of
+    copies: the centre matrix, one gather and one tap selection."""
     module = load()
     weight, pointwise_weight = weight.detach().float(), pointwise_weight.detach().float()
     out_channels, per_group, kh, kw = weight.shape
+    device = weight.device
     tile = module.tile_width(out_channels)
     tiles = -(-out_channels // tile)
-    order = group_filter_order(in_channels, out_channels, p, layout, weight.device)  # group order -> filter
     taps = weight.reshape(out_channels, per_group, kh * kw)
     centre_tap = (kh // 2) * kw + kw // 2
-    rows = torch.arange(out_channels, device=weight.device)[:, None].expand(out_channels, per_group)
-    centre = zero_diagonal_pointwise(pointwise_weight, in_channels, out_channels, p, layout).index_put(
-        (rows, kxk_channel_index(in_channels, out_channels, p, layout, weight.device)), taps[:, :, centre_tap])
-    centre = torch.cat([centre[order], centre.new_zeros(tiles * tile - out_channels, in_channels)])
-    centre = centre.reshape(tiles, tile, in_channels).transpose(1, 2).contiguous()
-    pass_groups, tile_passes, lane_filter = pass_plan(out_channels, p, tile, module.lanes())
-    others = torch.cat([taps[:, :, :centre_tap], taps[:, :, centre_tap + 1:]], 2)[order]
-    others = torch.cat([others, others.new_zeros(1, per_group, kh * kw - 1)])  # row N: a zero lane
-    others = others[lane_filter.to(weight.device)].permute(0, 3, 2, 1).contiguous()
+    rows = torch.arange(out_channels, device=device)[:, None].expand(out_channels, per_group)
+    centre = zero_diagonal_pointwise(pointwise_weight, in_channels, out_channels, p, layout).index_put_(
+        (rows, kxk_channel_index(in_channels, out_channels, p, layout, device)), taps[:, :, centre_tap])
+    if layout == "shifted":  # rows in group order
+        centre = centre.index_select(0, group_filter_order(in_channels, out_channels, p, layout, device))
+    centre = torch.nn.functional.pad(centre, (0, 0, 0, tiles * tile - out_channels))
+    centre = centre.view(tiles, tile, in_channels).transpose(1, 2).contiguous()
+    pass_groups, tile_passes, lane_filter = pass_plan(out_channels, p, tile, module.lanes(), layout)
+    if lane_filter is None:
+        lanes = taps.view(tiles, tile, per_group, kh * kw)
+    else:
+        padded = torch.nn.functional.pad(taps, (0, 0, 0, 0, 0, 1))  # filter N: a zero lane
+        lanes = padded.index_select(0, lane_filter.to(device)).view(-1, tile, per_group, kh * kw)
+    others = [tap for tap in range(kh * kw) if tap != centre_tap]
+    others = lanes.permute(0, 3, 2, 1).index_select(1, torch.tensor(others, dtype=torch.long, device=device)).contiguous()
     return DirectWeights(centre, others, pass_groups, tile_passes)
 
 
