@@ -145,7 +145,7 @@ class DirectWeights:
 
 
 @functools.lru_cache(maxsize=256)
-def pass_plan(out_channels: int, p: int, tile: int, lanes: int, layout: str):
+def pass_plan(in_channels: int, out_channels: int, p: int, tile: int, lanes: int, layout: str):
     """How the kernel runs the grouped taps of each filter tile.
 
     A tile holds ``tile`` consecutive filters in group order, as ``tile // lanes``
@@ -164,8 +164,7 @@ def pass_plan(out_channels: int, p: int, tile: int, lanes: int, layout: str):
     tiles = -(-out_channels // tile)
     vectors = tile // lanes
 
-    def filter_of(q: int) -> int:  # group order -> the layer's filter order
-        return q if layout == "blocked" else (q % per_group) * p + q // per_group
+    filter_of = group_filter_order(in_channels, out_channels, p, layout).tolist()  # group order -> filter
 
     groups: list[tuple[int, int]] = []
     firsts = [0]
@@ -189,7 +188,7 @@ def pass_plan(out_channels: int, p: int, tile: int, lanes: int, layout: str):
             for f in range(tile):
                 q = t * tile + f
                 group = g0 if f < lanes else g1
-                lane_filter.append(filter_of(q) if q < out_channels and q // per_group == group else out_channels)
+                lane_filter.append(filter_of[q] if q < out_channels and q // per_group == group else out_channels)
             groups.append((g0, g1))
         firsts.append(len(groups))
     identity = lane_filter == list(range(out_channels))
@@ -219,7 +218,7 @@ def pack(weight, pointwise_weight, in_channels: int, p: int, layout: str) -> Dir
         centre = centre.index_select(0, group_filter_order(in_channels, out_channels, p, layout, device))
     centre = torch.nn.functional.pad(centre, (0, 0, 0, tiles * tile - out_channels))
     centre = centre.view(tiles, tile, in_channels).transpose(1, 2).contiguous()
-    pass_groups, tile_passes, lane_filter = pass_plan(out_channels, p, tile, module.lanes(), layout)
+    pass_groups, tile_passes, lane_filter = pass_plan(in_channels, out_channels, p, tile, module.lanes(), layout)
     if lane_filter is None:
         lanes = taps.view(tiles, tile, per_group, kh * kw)
     else:
