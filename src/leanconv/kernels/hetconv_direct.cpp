@@ -82,6 +82,7 @@ struct Call {
   int64_t KH, KW, sh, sw, ph, pw, dh, dw;
   int64_t P, Mg, Ng, T, FT;
   int64_t kxk_base, kxk_stride;  // channel j of group g is at g*kxk_base + j*kxk_stride (floats)
+  const int64_t* tap_offsets;    // (KH*KW,): each tap relative to a pixel's first tap (floats)
   const int64_t* other_taps;     // ((KH*KW - 1) * Mg,): channel j at the k-th non-centre tap,
                                  // relative to a pixel's first tap (group 0)
   bool shifted;                  // filter i of group g is g + i*P (else g*Ng + i)
@@ -100,32 +101,57 @@ inline int64_t filter_of(const Call& c, int64_t q) { return c.shifted ? (q % c.N
 // whether any of them reads the input at each tap (`reads`, KH*KW flags); each pixel's
 // output offset; and whether the block is interior (NP real pixels, no tap in the
 // padding), where `bases` holds each pixel's first tap (c.other_taps is relative to
-// it). Computed once per block, used by every tile.
+// it). Computed once per block, used by every tile. A pixel whose taps are all inside
+// takes its pointers from one offset table without a test per tap (measured: the
+// gather of a 64-channel 32x32 layer, batch 64, 1.65 -> 0.6-0.8 ms of a 14 ms call).
 template <int NP>
 bool gather_rows(const Call& c, int64_t pixel, int valid, const float** rows, char* reads, int64_t* outs,
                  const float** bases) {
-  bool interior = valid == NP;
-  std::fill(reads, reads + c.KH * c.KW, 0);
+  // Locals: the stores below (pointers, chars) may alias any field of c.
+  const int64_t KH = c.KH, KW = c.KW, H = c.H, W = c.W, dh = c.dh, dw = c.dw, taps = KH * KW;
+  const int64_t xs0 = c.xs[0], xs2 = c.xs[2], xs3 = c.xs[3];
+  const int64_t reach_h = (KH - 1) * dh, reach_w = (KW - 1) * dw;
+  const float* const x = c.x;
+  const float* const zeros = c.zeros;
+  const int64_t* const tap_offsets = c.tap_offsets;
+  // The first pixel's coordinates by division, the others by counting on; pixels past
+  // `valid` keep the last real one's and read nothing.
+  int64_t image, oh, ow;
+  if (c.position_major) {
+    image = pixel % c.B; ow = (pixel / c.B) % c.Wo; oh = pixel / (c.B * c.Wo);
+  } else {
+    ow = pixel % c.Wo; oh = (pixel / c.Wo) % c.Ho; image = pixel / (c.Wo * c.Ho);
+  }
+  std::fill(reads, reads + taps, 0);
+  bool interior = valid == NP, any_whole = false;
   for (int i = 0; i < NP; ++i) {
-    const int64_t q = pixel + (i < valid ? i : 0);
-    int64_t image, oh, ow;
-    if (c.position_major) {
-      image = q % c.B; ow = (q / c.B) % c.Wo; oh = q / (c.B * c.Wo);
-    } else {
-      ow = q % c.Wo; oh = (q / c.Wo) % c.Ho; image = q / (c.Wo * c.Ho);
+    if (i > 0 && i < valid) {
+      if (c.position_major) {
+        if (++image == c.B) { image = 0; if (++ow == c.Wo) { ow = 0; ++oh; } }
+      } else if (++ow == c.Wo) {
+        ow = 0; if (++oh == c.Ho) { oh = 0; ++image; }
+      }
     }
     outs[i] = image * c.os[0] + oh * c.os[2] + ow * c.os[3];
     const int64_t row0 = oh * c.sh - c.ph, col0 = ow * c.sw - c.pw;
-    for (int64_t kh = 0; kh < c.KH; ++kh)
-      for (int64_t kw = 0; kw < c.KW; ++kw) {
-        const int64_t ih = row0 + kh * c.dh, iw = col0 + kw * c.dw;
-        const bool inside = i < valid && ih >= 0 && ih < c.H && iw >= 0 && iw < c.W;
-        rows[(kh * c.KW + kw) * NP + i] = inside ? c.x + image * c.xs[0] + ih * c.xs[2] + iw * c.xs[3] : c.zeros;
-        interior = interior && inside;
-        reads[kh * c.KW + kw] |= inside;
+    if (i < valid && row0 >= 0 && row0 + reach_h < H && col0 >= 0 && col0 + reach_w < W) {
+      // Every tap inside the input: the first tap plus each tap's offset.
+      const float* first = x + image * xs0 + row0 * xs2 + col0 * xs3;
+      for (int64_t tap = 0; tap < taps; ++tap) rows[tap * NP + i] = first + tap_offsets[tap];
+      any_whole = true;
+      continue;
+    }
+    interior = false;
+    for (int64_t kh = 0; kh < KH; ++kh)
+      for (int64_t kw = 0; kw < KW; ++kw) {
+        const int64_t ih = row0 + kh * dh, iw = col0 + kw * dw;
+        const bool inside = i < valid && ih >= 0 && ih < H && iw >= 0 && iw < W;
+        rows[(kh * KW + kw) * NP + i] = inside ? x + image * xs0 + ih * xs2 + iw * xs3 : zeros;
+        reads[kh * KW + kw] |= inside;
       }
-    bases[i] = rows[i];
   }
+  if (any_whole) std::fill(reads, reads + taps, 1);
+  for (int i = 0; i < NP; ++i) bases[i] = rows[i];
   return interior;
 }
 
@@ -355,6 +381,10 @@ torch::Tensor forward(
         other_taps.push_back(kh * c.dh * c.xs[2] + kw * c.dw * c.xs[3] + j * c.kxk_stride);
     }
   c.other_taps = other_taps.data();
+  std::vector<int64_t> tap_offsets;
+  for (int64_t kh = 0; kh < c.KH; ++kh)
+    for (int64_t kw = 0; kw < c.KW; ++kw) tap_offsets.push_back(kh * c.dh * c.xs[2] + kw * c.dw * c.xs[3]);
+  c.tap_offsets = tap_offsets.data();
   c.relu = relu;
   // Blocks run position-major on maps of at most 4x4 output pixels, in either format
   // (measured: 2x2 and 4x4 maps faster that way, 8x8 maps faster row-major, where a
