@@ -373,18 +373,15 @@ torch::Tensor forward(
   }
   for (int d = 0; d < 4; ++d) c.xs[d] = x.stride(d);
   c.kxk_base = (shifted ? 1 : c.Mg) * c.xs[1]; c.kxk_stride = (shifted ? p : 1) * c.xs[1];
-  std::vector<int64_t> other_taps;
-  for (int64_t kh = 0; kh < c.KH; ++kh)
-    for (int64_t kw = 0; kw < c.KW; ++kw) {
-      if (kh == (c.KH - 1) / 2 && kw == (c.KW - 1) / 2) continue;
-      for (int64_t j = 0; j < c.Mg; ++j)
-        other_taps.push_back(kh * c.dh * c.xs[2] + kw * c.dw * c.xs[3] + j * c.kxk_stride);
-    }
-  c.other_taps = other_taps.data();
-  std::vector<int64_t> tap_offsets;
+  std::vector<int64_t> tap_offsets, other_taps;
   for (int64_t kh = 0; kh < c.KH; ++kh)
     for (int64_t kw = 0; kw < c.KW; ++kw) tap_offsets.push_back(kh * c.dh * c.xs[2] + kw * c.dw * c.xs[3]);
+  const int64_t centre_tap = ((c.KH - 1) / 2) * c.KW + (c.KW - 1) / 2;
+  for (int64_t tap = 0; tap < c.KH * c.KW; ++tap)
+    if (tap != centre_tap)
+      for (int64_t j = 0; j < c.Mg; ++j) other_taps.push_back(tap_offsets[tap] + j * c.kxk_stride);
   c.tap_offsets = tap_offsets.data();
+  c.other_taps = other_taps.data();
   c.relu = relu;
   // Blocks run position-major on maps of at most 4x4 output pixels, in either format
   // (measured: 2x2 and 4x4 maps faster that way, 8x8 maps faster row-major, where a

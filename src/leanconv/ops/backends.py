@@ -85,7 +85,7 @@ def _direct_unsupported(x: torch.Tensor, geometry) -> str | None:
 # ---------------------------------------------------------------- depthwise
 # Output elements up to which a cached eager CPU float32 depthwise call runs with its weight
 # prepacked for oneDNN: F.conv2d reorders the weight on every call, a tenth to a quarter of a
-# small call's time (results/cpu/*-depthwise-small.md: 0.71-0.91x of F.conv2d's time up to
+# small call's time (results/cpu/*-depthwise-small.md: 0.69-0.96x of F.conv2d's time up to
 # here in both memory formats; beyond it the contiguous input's two layout copies cost more).
 PACKED_DEPTHWISE_MAX_OUTPUT = 8192
 
