@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from helpers import cli_command, cli_env, start_and_kill
 from leanconv.cli import main
-from leanconv.data import load_dataset
+from leanconv.data import load_dataset, normalize
 from leanconv.layers import HetConv2d
 from leanconv.train import TrainConfig, load_trained_model
 from leanconv.train.distill import DistillConfig, DistillationLoss, calibration_images, distill
@@ -56,14 +56,25 @@ def test_epochs_zero_writes_the_calibrated_student_as_a_training_checkpoint(teac
     assert evaluated["top1"] == pytest.approx(_summary(out)["final"]["top1"])
 
 
-def test_calibration_beats_transfer_alone_on_held_out_images(teacher_run, tmp_path):
-    results = {}
-    for images in (0, 400):
-        out = str(tmp_path / f"cal{images}")
-        summary = distill(DistillConfig(teacher=os.path.join(teacher_run, "last.pt"), conv="hetconv:p=4", epochs=0,
-                                        calibration_images=images, out=out, progress=False), log=lambda _: None)
-        results[images] = summary["final"]["loss"]
-    assert results[400] < results[0]
+def test_calibration_brings_the_student_closer_to_the_teacher_on_held_out_images(teacher_run, tmp_path):
+    """What calibration fits is the teacher's function, whatever its accuracy: on test
+    images it never saw, the calibrated student's logits are far closer to the teacher's
+    than those of weight transfer alone. (A comparison of losses would need a teacher
+    trained well above chance; this one had one epoch.)"""
+    teacher, _ = load_trained_model(os.path.join(teacher_run, "last.pt"))
+    test = load_dataset("embedded", "test")
+    images = normalize(test.images[:200], test.mean, test.std)
+    with torch.no_grad():
+        target = teacher.eval()(images)
+    errors = {}
+    for count in (0, 400):
+        out = str(tmp_path / f"cal{count}")
+        distill(DistillConfig(teacher=os.path.join(teacher_run, "last.pt"), conv="hetconv:p=4", epochs=0,
+                              calibration_images=count, out=out, progress=False), log=lambda _: None)
+        student, _ = load_trained_model(os.path.join(out, "last.pt"))
+        with torch.no_grad():
+            errors[count] = ((student.eval()(images) - target).norm() / target.norm()).item()
+    assert errors[400] < 0.5 * errors[0], errors
 
 
 def test_relu_refinement_reaches_the_conversion(teacher_run, tmp_path):
@@ -74,7 +85,10 @@ def test_relu_refinement_reaches_the_conversion(teacher_run, tmp_path):
     with open(os.path.join(out, "calibration.json")) as handle:
         fits = [r["calibration"] for r in json.load(handle)["replaced"]]
     refined = [f for f in fits if "ReLU-aware refinement (2 passes)" in f["method"]]
-    assert refined and all(f["relu_error_refined"] <= f["relu_error_linear"] for f in refined)
+    assert refined
+    # the refinement keeps its best pass, so it can never be worse; it must also help somewhere
+    lowered = [f for f in refined if f["relu_error_refined"] < 0.98 * f["relu_error_linear"]]
+    assert len(lowered) >= len(refined) / 2, [(f["relu_error_linear"], f["relu_error_refined"]) for f in refined]
     with open(os.path.join(out, "config.json")) as handle:
         assert json.load(handle)["relu_iterations"] == 2
 

@@ -101,9 +101,67 @@ def test_jit_script_raises_one_clear_error():
             torch.jit.script(nn.Sequential(layer, nn.ReLU()))
 
 
+# ------------------------------------------- each transform as a fresh process's first call
+# Every kind in one model, so that the transform is the first call of every kind after
+# ``import leanconv`` (what runs once per process, e.g. reading the environment, runs inside it).
+FIRST_CALL = """
+import sys, warnings
+import torch, torch.nn as nn
+import leanconv
+from leanconv.layers import DepthwiseConv2d
+
+torch.manual_seed(0)
+model = nn.Sequential(
+    leanconv.HetConv2d(8, 8, 3, padding=1, p=4), nn.ReLU(),
+    leanconv.HetConv2d(8, 8, 3, padding=1, p=2, layout="shifted"),
+    leanconv.DSConv2d(8, 8, 3, padding=1, with_bn=True), leanconv.GWPWConv2d(8, 8, 3, padding=1, groups=4),
+    leanconv.BSConvU2d(8, 8, 3, padding=1, with_bn=True), leanconv.BSConvS2d(8, 8, 3, padding=1, with_bn=True),
+    DepthwiseConv2d(8, 8, 3, padding=1),
+)
+transform, x = sys.argv[1], torch.randn(2, 8, 9, 7)
+if transform == "compile-train":
+    model.train()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    xc = x.clone().requires_grad_()
+    out = compiled(xc)
+    out.sum().backward()
+    model.zero_grad()
+    xe = x.clone().requires_grad_()
+    model(xe).sum().backward()
+    torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-4, atol=1e-5)
+else:
+    model.eval()
+    with torch.no_grad():
+        if transform == "compile-eval":
+            out = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+        elif transform == "export":
+            out = torch.export.export(model, (x,)).module()(x)
+        elif transform == "trace":
+            out = torch.jit.trace(model, (x,))(x)
+with torch.no_grad():
+    torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transform", ["compile-eval", "compile-train", "export", "trace"])
+def test_transform_as_the_first_call_of_a_fresh_process(transform):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", FIRST_CALL, transform], capture_output=True, text=True,
+                            timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
 # ---------------------------------------------------------------------- ONNX
-onnx = pytest.importorskip("onnx", reason="the onnx extra is not installed")
-ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+try:
+    import onnx
+    import onnxruntime as ort
+except ImportError:  # each ONNX test is skipped, the rest of the file runs
+    onnx = ort = None
+requires_onnx = pytest.mark.skipif(onnx is None, reason="the onnx extra is not installed (pip install 'leanconv[onnx]')")
 
 
 def _onnx_run(path, x):
@@ -111,6 +169,7 @@ def _onnx_run(path, x):
     return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
 
 
+@requires_onnx
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript-exporter", "dynamo-exporter"])
 @names

@@ -1,7 +1,7 @@
 """leanconv's global switches, in one place (in the spirit of timm's ``layers/config.py``).
 
-Each switch has a default, an environment variable read once (at the first use
-of any switch), a setter for the rest of the process and a thread-local context
+Each switch has a default, an environment variable read once (when leanconv is
+imported, so that nothing is read inside a traced or compiled forward), a setter for the rest of the process and a thread-local context
 manager that nests. Nothing here writes ``os.environ``.
 
 | switch | environment variable | setter | context manager |
@@ -77,7 +77,7 @@ generation = [0]  # a list so that readers holding the module see every change
 
 
 def _read_environment() -> None:
-    """Read the environment once: the first call of any getter."""
+    """Read the environment once (at import; again only after an invalid value raised)."""
     with _lock:
         if _settings.benchmark is not None:
             return
@@ -220,9 +220,25 @@ def set_benchmark_cache(path: str | os.PathLike | None) -> None:
     _set("benchmark_cache", None if path is None else os.fspath(path), "leanconv.config.set_benchmark_cache")
 
 
+def _read_environment_now() -> None:
+    """Read the environment at once. An invalid value leaves the switches unread, so
+    that the first use raises the error naming the variable (importing leanconv never
+    fails on the environment)."""
+    try:
+        _read_environment()
+    except ValueError:
+        pass
+
+
 def _reset_for_tests() -> None:
-    """Forget every setter and re-read the environment at the next use (tests only)."""
+    """Forget every setter and re-read the environment (tests only)."""
     with _lock:
         _settings.backend = _settings.depthwise_backend = _settings.benchmark = _settings.benchmark_cache = None
         _settings.sources = {}
+    _read_environment_now()
     generation[0] += 1
+
+
+# Read here, at import: TorchDynamo cannot trace the lock of a first read inside a layer's
+# forward, which made ``torch.compile(fullgraph=True)`` fail as a fresh process's first call.
+_read_environment_now()
