@@ -140,8 +140,8 @@ class BSConvS2d(nn.Module):
     ) -> None:
         super().__init__()
         check_conv_arguments(in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode, "BSConvS2d")
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
-            raise ValueError(f"BSConvS2d: p must be a number in [0, 1] (the bottleneck fraction), got {p!r}")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
+            raise ValueError(f"BSConvS2d: p must be a number in (0, 1] (the bottleneck fraction M'/M), got {p!r}")
         if isinstance(min_mid_channels, bool) or not isinstance(min_mid_channels, int) or min_mid_channels < 1:
             raise ValueError(f"BSConvS2d: min_mid_channels must be a positive int, got {min_mid_channels!r}")
         factory = {"device": device, "dtype": dtype}

@@ -23,6 +23,7 @@ __all__ = [
     "pad_for_mode",
     "centre_taps",
     "check_conv_input",
+    "check_window_fits",
     "HetConvGeometry",
     "DepthwiseGeometry",
     "reads_input_directly",
@@ -155,6 +156,20 @@ def check_conv_input(x: torch.Tensor, in_channels: int, layer: str) -> None:
             f"{layer}: expected input with {in_channels} channels (dimension -3), got {channels} "
             f"(input shape {tuple(x.shape)})"
         )
+
+
+def check_window_fits(x: torch.Tensor, geometry, layer: str) -> None:
+    """Refuse an input smaller than the dilated kernel after padding, as ``nn.Conv2d``
+    does (a kernel would otherwise return an empty output). ``x`` is 4-D, padded for
+    its padding mode; ``geometry`` has ``kernel_size``, ``padding`` and ``dilation``."""
+    for axis, (size, k, pad, d) in enumerate(zip(x.shape[-2:], geometry.kernel_size, geometry.padding, geometry.dilation)):
+        if size + 2 * pad < d * (k - 1) + 1:
+            raise ValueError(
+                f"{layer}: the padded input ({x.shape[-2] + 2 * geometry.padding[0]} x "
+                f"{x.shape[-1] + 2 * geometry.padding[1]}) is smaller than the dilated kernel "
+                f"({geometry.dilation[0] * (geometry.kernel_size[0] - 1) + 1} x "
+                f"{geometry.dilation[1] * (geometry.kernel_size[1] - 1) + 1}); input shape {tuple(x.shape)}"
+            )
 
 
 class HetConvGeometry(NamedTuple):

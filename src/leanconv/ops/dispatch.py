@@ -55,7 +55,7 @@ import torch
 
 from .. import config
 from . import measure
-from .conv_geometry import DepthwiseGeometry, HetConvGeometry, check_conv_input, pad_for_mode
+from .conv_geometry import DepthwiseGeometry, HetConvGeometry, check_conv_input, check_window_fits, pad_for_mode
 from .registry import Backend, Plan, backends, check_backend_name, get_backend
 
 __all__ = [
@@ -274,6 +274,7 @@ def _execute(backend: Backend, x, params, bias, geometry, plan: Plan, prepared):
 def dispatch_call(op: str, x: torch.Tensor, params, bias, geometry, requested: str | None = None, *, source: str = "backend"):
     """One call without a layer's cache (``leanconv.functional``): plan and run.
     ``x`` is 4-D and already padded for its padding mode."""
+    check_window_fits(x, geometry, f"leanconv.functional ({op})")
     plan = make_plan(op, requested, x, params, bias, geometry, source=source)
     if plan.cache:  # nothing keeps the prepared weights here: prepare nothing meant to be kept (no oneDNN packing)
         plan = dataclasses.replace(plan, cache=False)
@@ -372,6 +373,7 @@ class Dispatcher:
         x = input.unsqueeze(0) if input.dim() == 3 else input
         if mode_padding is not None:
             x, _ = pad_for_mode(x, *mode_padding)
+        check_window_fits(x, geometry, self.layer_name)
         return x
 
     def uncached(self, input, params, bias, geometry, requested, mode_padding=None):
