@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test test-fast venv clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,8 +14,6 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	# Build the 'direct' HetConv CPU kernel now (about 30 s) rather than in the first call; where it
 	# cannot be built, one warning says why and leanconv uses the library forms.
 	$(BIN)/python -c "from leanconv.ops import hetconv_direct; hetconv_direct.available()"
-	# The official BSConv package, only to check state_dict compatibility in tests.
-	$(BIN)/pip install --quiet --constraint constraints.txt --no-deps bsconv==0.4.0
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -25,6 +23,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The fast lane for daily work: everything but the tests marked slow (under 3 minutes on 2 cores).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -46,6 +46,22 @@ def cuda_available() -> bool:
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+def optional_module(name: str):
+    """The module ``name``, or None where it is not installed (tests that need it are then
+    skipped one by one with :func:`requires`, the rest of their file runs)."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def requires(*modules, reason: str):
+    """Skip a test (with ``reason``) where any of ``modules`` (from :func:`optional_module`) is None."""
+    return pytest.mark.skipif(any(m is None for m in modules), reason=reason)
+
+
 def run_gpu_benchmark_smoke(script: str, out_dir, *args: str) -> dict:
     """Run ``benchmarks/<script> --smoke`` on the CPU interpreter (TRITON_INTERPRET=1),
     assert it succeeded and return its JSON result (header, correct, rows)."""

@@ -82,6 +82,7 @@ def test_unreadable_checkpoints_give_one_line(bad_files, kind, command, capsys):
     assert "weights_only=False" not in captured.err and "set to `False`" not in captured.err
 
 
+@pytest.mark.slow
 def test_broken_pipe_ends_quietly():
     process = subprocess.Popen([sys.executable, "-m", "leanconv.cli", "profile", "resnet20_cifar", "--per-layer"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -14,7 +14,7 @@ from leanconv.cli import main
 
 TINY = ["--width", "0.125", "--epochs", "1", "--batch-size", "16", "--repeats", "2", "--no-progress"]
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # training runs
 
 
 @pytest.mark.parametrize("convs, message", [

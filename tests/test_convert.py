@@ -17,7 +17,7 @@ from leanconv.accounting import layer_macs
 from leanconv.convert import convert, load_converted
 from leanconv.layers import BSConvU2d, DSConv2d, GWPWConv2d, HetConv2d
 
-from helpers import assert_matches_reference
+from helpers import assert_matches_reference, optional_module, requires
 
 
 def n_params(module: nn.Module) -> int:
@@ -314,13 +314,15 @@ def test_standard_kind_replaces_nothing():
 
 
 # --------------------------------------------------- official bsconv ResNet-20
-bsconv_official = pytest.importorskip("bsconv.pytorch", reason="the official bsconv package is not installed")
+bsconv_official = optional_module("bsconv.pytorch")
+requires_bsconv = requires(bsconv_official, reason="the official bsconv package is not installed (the test extra has it)")
 
 
 @pytest.mark.parametrize("variant,kind,options", [
     ("cifar_resnet20_bsconvu", "bsconv_u", dict(with_bn=False)),
     ("cifar_resnet20_bsconvs_p1d4", "bsconv_s", dict(p=0.25, with_bn=True)),
 ])
+@requires_bsconv
 def test_official_bsconv_resnet20_parameter_count_and_weights(variant, kind, options):
     """The official package replaces every groups=1 3x3/5x5 conv, the stem
     included (BSConv-U without BN, BSConv-S with BN, p=1/4): so does

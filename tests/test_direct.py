@@ -225,8 +225,83 @@ def test_flop_counter_counts_the_direct_layer(training):
     assert counter.get_total_flops() == 2 * macs
 
 
-def test_graph_capture_with_direct_named_is_refused():
+def test_tracing_with_direct_named_is_refused():
+    """TorchScript tracing (and ONNX export) need standard operators; auto gives them split."""
     layer = make(8, 8, 2, padding=1).eval()
     x = torch.randn(1, 8, 4, 4).to(memory_format=CL)
-    with pytest.raises(Exception, match="direct.*cannot record"):
+    with pytest.raises(Exception, match="direct.*standard operators"):
         torch.jit.trace(layer, x)
+
+
+# ------------------------------------------------------------- the registered torch ops
+OP_CASES = [
+    # (M, N, P, K, stride, padding, dilation, layout, channels_last, bias)
+    (8, 12, 4, 3, 1, 1, 1, "blocked", False, True),
+    (12, 6, 3, 3, 2, 1, 1, "shifted", True, False),
+    (16, 16, 8, 5, 1, 4, 2, "blocked", True, True),
+]
+
+
+@pytest.mark.parametrize("m,n,p,k,stride,padding,dilation,layout,channels_last,bias", OP_CASES,
+                         ids=["blocked-nchw", "shifted-cl-stride2", "dilated-cl"])
+def test_registered_ops_pass_opcheck(m, n, p, k, stride, padding, dilation, layout, channels_last, bias):
+    """Fake implementations, autograd registration and schemas, as torch.library checks them."""
+    from torch.library import opcheck
+
+    torch.manual_seed(0)
+    x = torch.randn(2, m, 7, 6)
+    if channels_last:
+        x = x.to(memory_format=CL)
+    weight = torch.randn(n, m // p, k, k, requires_grad=True)
+    pointwise = torch.randn(n, m - m // p, requires_grad=True)
+    b = torch.randn(n, requires_grad=True) if bias else None
+    geometry = ([k, k], [stride, stride], [padding, padding], [dilation, dilation], p, layout)
+    opcheck(torch.ops.leanconv.hetconv_direct.default, (x.requires_grad_(), weight, pointwise, b, *geometry))
+    opcheck(torch.ops.leanconv.hetconv_direct_pack.default, (weight.detach(), pointwise.detach(), m, p, layout))
+    packed = torch.ops.leanconv.hetconv_direct_pack(weight.detach(), pointwise.detach(), m, p, layout)
+    for relu in (False, True):
+        opcheck(torch.ops.leanconv.hetconv_direct_packed.default,
+                (x.detach(), *packed, None if b is None else b.detach(), n, *geometry, relu))
+    out = torch.ops.leanconv.hetconv_direct(x, weight, pointwise, b, *geometry)
+    opcheck(torch.ops.leanconv.hetconv_direct_backward.default,
+            (torch.randn_like(out), x.detach(), weight.detach(), pointwise.detach(), *geometry, [True, True, True]))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.slow
+def test_compiled_and_exported_graphs_keep_the_kernel(channels_last):
+    """torch.export and torch.compile record the kernel's op (not the split form), and
+    the compiled forward and backward match eager."""
+    layer = make(16, 16, 4, padding=1)
+    layer.backend = None  # auto's rule
+    x = torch.randn(2, 16, 8, 8)
+    if channels_last:
+        x = x.to(memory_format=CL)
+    with torch.no_grad():
+        program = torch.export.export(layer.eval(), (x,))
+        targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+        assert "leanconv.hetconv_direct_packed.default" in targets, targets
+        assert not any("convolution" in t for t in targets), targets
+        assert_matches_reference(program.module()(x), layer(x))
+    graphs = []
+
+    def keep_graph(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    layer.train()
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend=keep_graph)
+    xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = compiled(xc)
+    expected = layer(xe)
+    assert_matches_reference(out, expected)
+    out.sum().backward()
+    grads = [t.grad.clone() for t in (xc, layer.weight, layer.pointwise_weight)]
+    layer.zero_grad()
+    expected.sum().backward()
+    for got, want in zip(grads, (xe.grad, layer.weight.grad, layer.pointwise_weight.grad)):
+        assert_matches_reference(got, want, what="gradient")
+    code = "\n".join(g.code for g in graphs)
+    if channels_last:  # NCHW training keeps split by the rule
+        assert "leanconv.hetconv_direct" in code, code

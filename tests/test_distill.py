@@ -37,6 +37,7 @@ def _summary(out: str) -> dict:
         return json.load(handle)
 
 
+@pytest.mark.slow
 def test_epochs_zero_writes_the_calibrated_student_as_a_training_checkpoint(teacher_run, tmp_path, capsys):
     out = str(tmp_path / "student")
     assert main(["distill", "--teacher", os.path.join(teacher_run, "last.pt"), "--conv", "hetconv:p=4",
@@ -56,6 +57,7 @@ def test_epochs_zero_writes_the_calibrated_student_as_a_training_checkpoint(teac
     assert evaluated["top1"] == pytest.approx(_summary(out)["final"]["top1"])
 
 
+@pytest.mark.slow
 def test_calibration_brings_the_student_closer_to_the_teacher_on_held_out_images(teacher_run, tmp_path):
     """What calibration fits is the teacher's function, whatever its accuracy: on test
     images it never saw, the calibrated student's logits are far closer to the teacher's
@@ -77,6 +79,7 @@ def test_calibration_brings_the_student_closer_to_the_teacher_on_held_out_images
     assert errors[400] < 0.5 * errors[0], errors
 
 
+@pytest.mark.slow
 def test_relu_refinement_reaches_the_conversion(teacher_run, tmp_path):
     out = str(tmp_path / "relu")
     assert main(["distill", "--teacher", os.path.join(teacher_run, "last.pt"), "--conv", "hetconv:p=4", "--epochs", "0",
@@ -93,6 +96,7 @@ def test_relu_refinement_reaches_the_conversion(teacher_run, tmp_path):
         assert json.load(handle)["relu_iterations"] == 2
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_match_an_uninterrupted_run_and_options_apply(teacher_run, tmp_path, capsys):
     common = ["distill", "--teacher", os.path.join(teacher_run, "last.pt"), "--conv", "hetconv:p=2",
               "--layout", "shifted", "--exclude", "features.40", "--calibration-images", "100", "--batch-size", "50",
@@ -120,6 +124,7 @@ def _write_state_dict(teacher_run: str, path: str) -> None:
     torch.save(model.state_dict(), path)
 
 
+@pytest.mark.slow
 def test_zoo_and_user_function_teachers(teacher_run, tmp_path, monkeypatch):
     weights = str(tmp_path / "teacher.pt")
     _write_state_dict(teacher_run, weights)
@@ -215,6 +220,7 @@ def test_help_shows_the_resolved_rules(capsys):
     assert "0.01 x batch-size / 128" in text and "--teacher-weights" in text
 
 
+@pytest.mark.slow
 def test_distill_under_torchrun_ddp(teacher_run, tiny_data, tmp_path):
     """Two gloo processes: each calibrates the same student, rank 0 alone writes."""
     import subprocess

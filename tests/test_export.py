@@ -16,11 +16,11 @@ from leanconv.convert import convert
 from leanconv.export import HetConvExportForm, export_onnx, export_program, export_torchscript, prepare_for_export, run_onnx
 from leanconv.layers import HetConv2d, SeedHetConv2d, make_conv
 
-from helpers import assert_matches_reference
+from helpers import assert_matches_reference, optional_module, requires
 
-onnx = pytest.importorskip("onnx", reason="the onnx extra is not installed")
-pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
-pytest.importorskip("onnxscript", reason="the onnx extra is not installed")
+onnx = optional_module("onnx")
+requires_onnx = requires(onnx, optional_module("onnxruntime"), optional_module("onnxscript"),
+                         reason="the onnx extra is not installed (pip install 'leanconv[onnx]')")
 
 LOOPING_OPS = {"Loop", "Scan", "If", "SequenceConstruct", "ConcatFromSequence", "ScatterND", "ScatterElements"}
 
@@ -47,6 +47,7 @@ def test_hetconv_export_form_is_exact(options, expected):
 
 
 @pytest.mark.parametrize("options,expected", HETCONV_CASES, ids=[case_id(c[0]) for c in HETCONV_CASES])
+@requires_onnx
 def test_hetconv_onnx_small_graph(options, expected, tmp_path):
     layer = HetConv2d(8, 12, 3, **options)
     result = export_onnx(layer, torch.randn(2, 8, 9, 10), tmp_path / "het.onnx")
@@ -59,6 +60,7 @@ def test_hetconv_onnx_small_graph(options, expected, tmp_path):
     assert result.opset >= 17 and result.max_abs_diff <= result.tolerance
 
 
+@requires_onnx
 def test_hetconv_dense_form(tmp_path):
     result = export_onnx(HetConv2d(8, 12, 3, padding=1, p=4), torch.randn(1, 8, 6, 6), tmp_path / "d.onnx", hetconv_form="dense")
     assert result.node_counts == {"Conv": 1}
@@ -71,6 +73,7 @@ LAYERS = [
 
 
 @pytest.mark.parametrize("kind,options", LAYERS, ids=[k + ("-bn" if o.get("with_bn") else "") for k, o in LAYERS])
+@requires_onnx
 def test_every_layer_kind_exports_and_matches(kind, options, tmp_path):
     layer = make_conv(kind, 8, 12, 3, stride=2, padding=1, **options)
     for m in layer.modules():  # non-trivial BN statistics
@@ -83,6 +86,7 @@ def test_every_layer_kind_exports_and_matches(kind, options, tmp_path):
     assert "BatchNormalization" not in result.node_counts
 
 
+@requires_onnx
 def test_seed_hetconv_exports(tmp_path):
     result = export_onnx(SeedHetConv2d(8, 12, 3, p=4), torch.randn(1, 8, 7, 7), tmp_path / "seed.onnx")
     assert result.node_counts == {"Conv": 2, "Add": 1}
@@ -100,6 +104,8 @@ def small_net() -> nn.Module:
 @pytest.mark.parametrize("kind,options", [
     ("hetconv", dict(p=4)), ("dsc", {}), ("bsconv_u", {}), ("bsconv_s", dict(with_bn=True)), ("gwpw", dict(g=4)),
 ])
+@requires_onnx
+@pytest.mark.slow
 def test_converted_model_onnx_dynamic_batch(kind, options, tmp_path):
     model = convert(small_net(), kind, **options).eval()
     path = tmp_path / "m.onnx"
@@ -110,12 +116,14 @@ def test_converted_model_onnx_dynamic_batch(kind, options, tmp_path):
         assert_matches_reference(run_onnx(path, x), model(x))
 
 
+@requires_onnx
 def test_legacy_torchscript_onnx_exporter(tmp_path):
     model = convert(small_net(), "hetconv", p=4).eval()
     result = export_onnx(model, None, tmp_path / "legacy.onnx", input_size=(3, 16, 16), dynamo=False, opset=17)
     assert result.opset == 17 and result.node_counts["Conv"] == 5  # stem + 2 x (grouped + 1x1)
 
 
+@requires_onnx
 def test_opset_below_17_refused(tmp_path):
     with pytest.raises(ValueError, match="opset"):
         export_onnx(small_net(), None, tmp_path / "x.onnx", input_size=(3, 8, 8), opset=13)
@@ -123,6 +131,7 @@ def test_opset_below_17_refused(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("kind,options", [("hetconv", dict(p=4)), ("hetconv", dict(p=4, layout="shifted")), ("bsconv_s", dict(with_bn=True))])
+@requires_onnx
 def test_torchscript_and_torch_export(kind, options, tmp_path):
     model = convert(small_net(), kind, **options).eval()
     x = torch.randn(2, 3, 16, 16)
@@ -157,6 +166,8 @@ ZOO_KINDS = [("hetconv", dict(p=4)), ("dsc", {}), ("bsconv_u", {}), ("bsconv_s",
 
 
 @pytest.mark.parametrize("kind,options", ZOO_KINDS, ids=[k for k, _ in ZOO_KINDS])
+@requires_onnx
+@pytest.mark.slow
 def test_zoo_vgg16_cifar_every_kind_onnx(kind, options, tmp_path):
     models = zoo()
     model = convert(models.create("vgg16_cifar", width=0.25), kind, **options).eval()
@@ -174,6 +185,7 @@ def zoo_names() -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", zoo_names() or ["(no zoo)"])
+@requires_onnx
 def test_every_zoo_model_exports_converted(name, tmp_path):
     models = zoo()
     if name not in models.names():
@@ -203,6 +215,7 @@ def user_module(tmp_path, monkeypatch):
     sys.modules.pop("user_export_models", None)
 
 
+@requires_onnx
 def test_cli_export_with_check(user_module, tmp_path, capsys):
     from leanconv.cli import main
 
@@ -214,6 +227,7 @@ def test_cli_export_with_check(user_module, tmp_path, capsys):
     assert "onnxruntime vs PyTorch" in text and "OK" in text and "Conv x3" in text
 
 
+@requires_onnx
 def test_cli_export_from_checkpoint(user_module, tmp_path, capsys):
     from leanconv.cli import main
 
@@ -223,6 +237,7 @@ def test_cli_export_from_checkpoint(user_module, tmp_path, capsys):
     assert "OK" in capsys.readouterr().out
 
 
+@requires_onnx
 def test_cli_export_errors(user_module, tmp_path, capsys):
     from leanconv.cli import main
 

@@ -123,6 +123,7 @@ def test_gwpw_groups_round_channels():
 
 @pytest.mark.parametrize("name,kind", [(name, "hetconv") for name in CIFAR + IMAGENET]
                          + [("resnet20_cifar", "gwpw"), ("vgg16_cifar", "gwpw")])
+@pytest.mark.slow
 def test_macs_never_grow_as_p_grows(name, kind):
     """For every width the zoo accepts, a larger P (groups) never costs more MACs
     or parameters. Counted on the meta device: shapes only."""

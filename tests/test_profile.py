@@ -85,6 +85,7 @@ def test_bad_input_is_one_clear_line(argv, match, capsys):
     assert "leanconv profile: error:" in err and match in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_console_script_runs_from_a_fresh_process():
     out = subprocess.run([sys.executable, "-m", "leanconv.cli", "profile", "resnet20_cifar", "--conv", "dsc"],
                          capture_output=True, text=True, check=True).stdout

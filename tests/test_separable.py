@@ -15,9 +15,10 @@ import torch.nn.functional as F
 import leanconv
 from leanconv.layers import bsconv_s_mid_channels, make_conv
 
-from helpers import assert_matches_reference
+from helpers import assert_matches_reference, optional_module, requires
 
-bsconv_pytorch = pytest.importorskip("bsconv.pytorch", reason="the official bsconv package is not installed")
+bsconv_pytorch = optional_module("bsconv.pytorch")
+requires_bsconv = requires(bsconv_pytorch, reason="the official bsconv package is not installed (the test extra has it)")
 
 
 def n_params(module: nn.Module) -> int:
@@ -67,6 +68,7 @@ def test_gwpw_is_groupwise_then_pointwise():
 
 @pytest.mark.parametrize("with_bn", [False, True])
 @pytest.mark.parametrize("args", [dict(), dict(stride=2, padding=1, dilation=1), dict(padding=2, dilation=2, bias=False, padding_mode="reflect")])
+@requires_bsconv
 def test_bsconv_u_loads_official_checkpoints(with_bn, args):
     official = bsconv_pytorch.BSConvU(10, 32, 3, with_bn=with_bn, **args).double()
     ours = leanconv.BSConvU2d(10, 32, 3, with_bn=with_bn, dtype=torch.float64, **args)
@@ -81,6 +83,7 @@ def test_bsconv_u_loads_official_checkpoints(with_bn, args):
 
 @pytest.mark.parametrize("with_bn", [False, True])
 @pytest.mark.parametrize("p,min_mid", [(0.25, 4), (0.5, 2), (1.0, 4)])
+@requires_bsconv
 def test_bsconv_s_loads_official_checkpoints(with_bn, p, min_mid):
     official = bsconv_pytorch.BSConvS(24, 16, 5, 2, 2, with_bn=with_bn, p=p, min_mid_channels=min_mid).double()
     ours = leanconv.BSConvS2d(24, 16, 5, 2, 2, with_bn=with_bn, p=p, min_mid_channels=min_mid, dtype=torch.float64)
@@ -92,6 +95,7 @@ def test_bsconv_s_loads_official_checkpoints(with_bn, p, min_mid):
     assert_matches_reference(ours.orthonormal_penalty(), official._reg_loss().double(), atol=1e-12, rtol=1e-12)
 
 
+@requires_bsconv
 def test_orthonormal_penalty_matches_official_mixin():
     torch.manual_seed(0)
 
@@ -179,6 +183,7 @@ def test_factory_builds_every_kind_and_rejects_foreign_options():
         make_conv("hetconv", 8, 8, 3)
 
 
+@pytest.mark.slow
 def test_torch_compile_handles_every_layer_kind():
     torch.manual_seed(0)
     model = nn.Sequential(

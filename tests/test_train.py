@@ -19,7 +19,7 @@ from leanconv.train import LRSchedule, TrainConfig, load_checkpoint, train
 
 MODEL = ["--model", "vgg16_cifar", "--width", "0.125"]
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # training runs
 
 
 def _weights(path: str) -> dict:

@@ -28,6 +28,7 @@ def head_conv():
 
 
 @pytest.mark.parametrize("kind,options", KINDS, ids=[k for k, _ in KINDS])
+@pytest.mark.slow
 def test_large_head_transfers_in_bounded_memory_and_time(head_conv, kind, options):
     weight_bytes = head_conv.weight.numel() * head_conv.weight.element_size()
     new = build(head_conv, kind, options)

@@ -78,6 +78,7 @@ def test_torch_export(name):
 
 
 @names
+@pytest.mark.slow
 def test_compile_fullgraph_forward_and_backward(name):
     layer, x = _layer(name)
     _train_with_frozen_bn(layer)

@@ -20,7 +20,10 @@ import torch.nn.functional as F
 from helpers import assert_lowp_policy, assert_matches_reference, run_gpu_benchmark_smoke
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (pip install 'leanconv[triton]')")
+pytestmark = [  # the Triton interpreter: slow on the CPU
+    pytest.mark.slow,
+    pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (pip install 'leanconv[triton]')"),
+]
 
 import leanconv  # noqa: E402
 from leanconv.layers import DepthwiseConv2d  # noqa: E402

@@ -20,7 +20,10 @@ import torch
 from helpers import assert_lowp_policy, assert_matches_reference, run_gpu_benchmark_smoke
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (pip install 'leanconv[triton]')")
+pytestmark = [  # the Triton interpreter: slow on the CPU
+    pytest.mark.slow,
+    pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (pip install 'leanconv[triton]')"),
+]
 
 # TRITON_INTERPRET=1 is set by conftest.py on machines without CUDA, before
 # any test module (which may import leanconv.kernels) is collected.
@@ -170,7 +173,7 @@ def test_hetconv2d_layer_with_triton_backend():
 
 def test_auto_rule_follows_the_committed_measurements():
     from leanconv.ops.conv_geometry import HetConvGeometry
-    from leanconv.ops.dispatch import hetconv_rule, triton_measured_win
+    from leanconv.ops.backends import hetconv_rule, triton_measured_win
     from leanconv.ops.registry import Plan
 
     def plan(dtype):

@@ -67,7 +67,8 @@ def check_conv_arguments(in_channels, out_channels, kernel_size, stride, padding
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{layer}: {name} must be a positive int, got {value!r}")
     kernel = normalize_kernel_size(kernel_size, require_odd=False)
-    normalize_padding(padding, kernel, normalize_pair(stride, "stride"), normalize_pair(dilation, "dilation"))
+    normalize_padding(padding, kernel, normalize_pair(stride, "stride"), normalize_pair(dilation, "dilation"),
+                      allow_uneven_same=True)  # as nn.Conv2d; a kind that cannot take it refuses it itself
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"{layer}: padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
 

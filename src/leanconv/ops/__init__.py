@@ -8,7 +8,8 @@ bottom-level ``leanconv.config`` and ``leanconv.files``).
 """
 
 from . import backends as _builtin  # noqa: F401  (registers the built-in backends)
-from .dispatch import Dispatcher, dispatch_call, hetconv_rule, make_plan
+from .backends import hetconv_rule
+from .dispatch import Dispatcher, dispatch_call, make_plan
 from .hetconv_layout import (
     LAYOUTS,
     channel_permutation,
@@ -23,6 +24,7 @@ from .registry import (
     Backend,
     Plan,
     backend_names,
+    ensure_ready,
     check_backend_name,
     get_backend,
     register_backend,
@@ -43,6 +45,7 @@ __all__ = [
     "check_backend_name",
     "convert_layout",
     "dispatch_call",
+    "ensure_ready",
     "extract_hetconv_weights",
     "get_backend",
     "hetconv_rule",

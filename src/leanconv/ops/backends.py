@@ -14,6 +14,24 @@ oneDNN; small cached eager CPU float32 calls run with the weight prepacked for
 oneDNN, see :data:`PACKED_DEPTHWISE_MAX_OUTPUT`) and ``triton``
 (:mod:`.depthwise_triton`).
 
+``auto``'s deterministic rules (:func:`hetconv_rule`, :func:`depthwise_rule`) live
+here, beside the backends they name, registered with :func:`~.registry.register_rule`:
+
+* HetConv, P = 1: ``split`` (one convolution with the layer's own weight).
+* HetConv while TorchScript traces or an ONNX exporter runs: ``split`` (Conv + Conv +
+  Add: standard operators only).
+* HetConv on CUDA, eager: ``triton`` where it was measured faster than ``split``
+  (:func:`triton_measured_win`), else as on the CPU.
+* HetConv where the split form does more than 80% of the dense work (1/P + 1/K^2 >
+  0.8): ``reference`` (``split`` in a captured graph).
+* ``direct`` (the C++ kernel, as registered torch ops, so ``torch.compile`` and
+  ``torch.export`` keep it) for float32 CPU inputs in channels-last order, and in
+  contiguous order for inference (:func:`direct_reads_well`), where it builds;
+* otherwise in a captured graph ``split``; eagerly ``reference`` for small calls
+  (input elements x filters x taps below :data:`SMALL_CALL_WORK`, where a second
+  library call costs more than the saved work), else ``split``.
+* Depthwise: ``torch``; the Triton kernels only by measuring.
+
 The public P-branch form of HetConv is not a backend (it never wins); it lives
 in ``benchmarks/baselines.py`` as a baseline. Triton is imported on the first
 use of a triton backend, never at ``import leanconv``.
@@ -30,10 +48,16 @@ from .conv_geometry import DepthwiseGeometry, HetConvGeometry, conv_output_size
 from . import hetconv_direct
 from .hetconv_layout import materialize_dense_weight
 from .hetconv_split import prepare_split, run_split
-from .registry import Backend, register_backend, under_dispatch_mode
+from .registry import Backend, Plan, backends, ensure_ready, register_backend, register_rule, under_dispatch_mode
 from .triton_launch import SUPPORTED_DTYPES as TRITON_DTYPES, device_unsupported, triton_installed
 
-__all__ = ["register_builtin_backends"]
+__all__ = [
+    "SMALL_CALL_WORK", "hetconv_rule", "depthwise_rule", "triton_measured_win", "direct_reads_well", "direct_runs",
+    "register_builtin_backends",
+]
+
+SMALL_CALL_WORK = 20_000_000
+_CL = torch.channels_last
 
 
 # ------------------------------------------------------------------ HetConv
@@ -74,12 +98,81 @@ def _run_hetconv_triton(x, packed, bias, geometry: HetConvGeometry, plan) -> tor
     return hetconv_triton_packed(x, wk, wp, bias, g.stride, g.padding, g.dilation, g.p, g.kernel_size, g.layout)
 
 
+def _standard_ops_only() -> bool:
+    """TorchScript tracing or an ONNX exporter: graphs of standard operators only."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 def _direct_unsupported(x: torch.Tensor, geometry) -> str | None:
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return "it is a C++ call that tracing, torch.compile and torch.export cannot record (use 'split')"
-    if not hetconv_direct.available():  # the first call builds the kernel
-        return f"its C++ kernel is unavailable: {hetconv_direct.unavailable_reason()}"
+    if _standard_ops_only():
+        return ("it is a leanconv torch op, which TorchScript tracing and ONNX export cannot write as "
+                "standard operators (use 'split')")
     return None
+
+
+def _direct_setup() -> str | None:
+    """Build (or load the cached build of) the C++ kernel."""
+    if hetconv_direct.available():
+        return None
+    return f"its C++ kernel is unavailable: {hetconv_direct.unavailable_reason()}"
+
+
+# ------------------------------------------------------------------ the rules
+def triton_measured_win(x: torch.Tensor, geometry: HetConvGeometry, plan: Plan) -> bool:
+    """Where ``triton`` beat ``split`` forward and forward+backward on an H100, batch
+    128, channels_last (results/gpu/nvidia-h100-80gb-hbm3-hetconv-p4-b128.md): P=4,
+    3x3, bfloat16/float16, 128 <= M <= 256 input channels on maps of at most 28x28.
+    Everywhere else measured split was as fast or faster."""
+    backend = backends("hetconv").get("triton")
+    if backend is None or geometry.p != 4 or geometry.kernel_size != (3, 3):
+        return False
+    if plan.compute_dtype not in (torch.bfloat16, torch.float16):
+        return False
+    channels, height, width = x.shape[1], x.shape[2], x.shape[3]
+    if not (128 <= channels <= 256 and height * width <= 28 * 28):
+        return False
+    return not ensure_ready("hetconv", "triton") and backend.why_not(x, geometry, plan) is None
+
+
+def direct_reads_well(x: torch.Tensor, plan: Plan) -> bool:
+    """Where ``direct`` was measured at least as fast as the library forms: channels-last
+    inputs, training and inference; contiguous (NCHW) inputs in inference. In NCHW
+    training its gradients were as fast as ``split``'s on 16x16-32x32 maps and up to 1.6x
+    slower on 4x4-8x8 maps with 128-512 channels (``leanconv bench layers --grid vgg
+    --formats contiguous --modes train``), so NCHW training keeps ``split``."""
+    if x.is_contiguous(memory_format=_CL):
+        return True
+    return x.is_contiguous() and not plan.training
+
+
+def direct_runs(x: torch.Tensor, geometry: HetConvGeometry, plan: Plan) -> bool:
+    """Whether the ``direct`` C++ kernel can run the call (CPU, float32, the kernel
+    built: readying it builds it once)."""
+    backend = backends("hetconv").get("direct")
+    return backend is not None and not ensure_ready("hetconv", "direct") and backend.why_not(x, geometry, plan) is None
+
+
+def hetconv_rule(x: torch.Tensor, geometry: HetConvGeometry, plan: Plan, capturing: bool) -> str:
+    """``auto``'s deterministic HetConv choice (module docstring)."""
+    g = geometry
+    if g.p == 1 or (capturing and _standard_ops_only()):
+        return "split"
+    if x.device.type == "cuda" and not capturing and triton_measured_win(x, g, plan):
+        return "triton"
+    taps = g.kernel_size[0] * g.kernel_size[1]
+    if 1.0 / g.p + 1.0 / taps > 0.8:
+        return "split" if capturing else "reference"
+    if x.device.type == "cpu" and direct_reads_well(x, plan) and direct_runs(x, g, plan):
+        return "direct"
+    if not capturing and x.numel() * g.out_channels * taps < SMALL_CALL_WORK:
+        return "reference"
+    return "split"
+
+
+def depthwise_rule(x: torch.Tensor, geometry: DepthwiseGeometry, plan: Plan, capturing: bool) -> str:
+    """``auto``'s deterministic depthwise choice: ``torch`` (cuDNN / oneDNN); the
+    Triton kernels are chosen only by measuring (not yet timed on a GPU)."""
+    return "torch"
 
 
 # ---------------------------------------------------------------- depthwise
@@ -164,7 +257,7 @@ def register_builtin_backends() -> None:
     ))
     register_backend(Backend(
         "direct", "hetconv", hetconv_direct.prepare_direct, hetconv_direct.run_direct, devices=("cpu",),
-        dtypes=(torch.float32,), unsupported=_direct_unsupported,
+        dtypes=(torch.float32,), unsupported=_direct_unsupported, setup=_direct_setup,
         activations=("relu",),
         description="C++ CPU kernel: both parts of HetConv in one register-blocked pass (built on first use)",
     ))
@@ -185,6 +278,9 @@ def register_builtin_backends() -> None:
             unsupported=_depthwise_triton_unsupported, measured=("cuda",),
             description="direct depthwise forward, input- and weight-gradient Triton kernels (CUDA)",
         ))
+
+    register_rule("hetconv", hetconv_rule)
+    register_rule("depthwise", depthwise_rule)
 
 
 register_builtin_backends()

@@ -72,9 +72,13 @@ def normalize_padding(
     kernel_size: tuple[int, int],
     stride: tuple[int, int],
     dilation: tuple[int, int],
-) -> tuple[int, int]:
+    *,
+    allow_uneven_same: bool = False,
+) -> tuple[int, int] | None:
     """Padding as a symmetric pair of ints, resolving ``"same"`` and ``"valid"``
-    exactly as ``nn.Conv2d`` does (``"same"`` is refused for stride > 1)."""
+    exactly as ``nn.Conv2d`` does (``"same"`` is refused for stride > 1). An uneven
+    ``"same"`` (odd total dilation*(kernel_size-1), which ``nn.Conv2d`` pads more on
+    the right) returns None where ``allow_uneven_same``, else is refused."""
     if isinstance(padding, str):
         if padding == "valid":
             return (0, 0)
@@ -83,6 +87,8 @@ def normalize_padding(
                 raise ValueError(f"padding='same' is not supported for strided convolutions, got stride={stride}")
             totals = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
             if any(t % 2 for t in totals):
+                if allow_uneven_same:
+                    return None
                 raise ValueError(
                     f"padding='same' needs an even total padding dilation*(kernel_size-1), got {totals}"
                 )
@@ -162,7 +168,9 @@ def check_window_fits(x: torch.Tensor, geometry, layer: str) -> None:
     """Refuse an input smaller than the dilated kernel after padding, as ``nn.Conv2d``
     does (a kernel would otherwise return an empty output). ``x`` is 4-D, padded for
     its padding mode; ``geometry`` has ``kernel_size``, ``padding`` and ``dilation``."""
-    for axis, (size, k, pad, d) in enumerate(zip(x.shape[-2:], geometry.kernel_size, geometry.padding, geometry.dilation)):
+    if geometry.padding is None:  # an uneven 'same': the output has the input's size
+        return
+    for size, k, pad, d in zip(x.shape[-2:], geometry.kernel_size, geometry.padding, geometry.dilation):
         if size + 2 * pad < d * (k - 1) + 1:
             raise ValueError(
                 f"{layer}: the padded input ({x.shape[-2] + 2 * geometry.padding[0]} x "

@@ -27,24 +27,11 @@ plan per input setting (shape, dtype, device, memory format, training,
 inference mode, autocast, configuration), so a repeated call costs a dictionary
 lookup.
 
-The rule (the same on every run; documented in the README's backend table):
-
-* HetConv, P = 1: ``split`` (one convolution with the layer's own weight).
-* HetConv while a graph is traced, compiled or exported: ``split`` (Conv +
-  Conv + Add in every exported graph).
-* HetConv on CUDA: ``triton`` where it was measured faster than ``split``
-  (:func:`triton_measured_win`), else as on the CPU.
-* HetConv elsewhere: ``reference`` where the split form does more than 80% of
-  the dense work (1/P + 1/K^2 > 0.8); ``direct`` (the C++ kernel) for float32
-  CPU inputs in channels-last order, and in contiguous order for inference
-  (:func:`direct_reads_well`), where it is built; ``reference``
-  for small calls (input elements x filters x taps below
-  :data:`SMALL_CALL_WORK`, where a second library call costs more than the
-  saved work); otherwise ``split``.
-* Depthwise: ``torch``; for cached eager CPU float32 calls with at most
-  ``PACKED_DEPTHWISE_MAX_OUTPUT`` output elements it prepares the weight
-  prepacked for oneDNN (:mod:`.backends`), which saves the weight reorder
-  ``F.conv2d`` repeats on every call (a tenth to a quarter of a small call).
+The rules themselves (the same on every run; documented in the README's backend
+table) belong to the backends: each op's is registered with its built-in backends
+(:mod:`leanconv.ops.backends`); this module names no backend. A backend with a
+``setup`` (a kernel to build) is readied by :func:`~.registry.ensure_ready` before
+its first use, outside any predicate.
 """
 
 from __future__ import annotations
@@ -56,21 +43,16 @@ import torch
 from .. import config
 from . import measure
 from .conv_geometry import DepthwiseGeometry, HetConvGeometry, check_conv_input, check_window_fits, pad_for_mode
-from .registry import Backend, Plan, backends, check_backend_name, get_backend
+from .registry import Backend, Plan, auto_rule, backends, check_backend_name, ensure_ready, get_backend
 
 __all__ = [
-    "SMALL_CALL_WORK",
     "graph_capturing",
     "compute_dtype",
-    "hetconv_rule",
-    "depthwise_rule",
-    "triton_measured_win",
     "make_plan",
     "dispatch_call",
     "Dispatcher",
 ]
 
-SMALL_CALL_WORK = 20_000_000
 _CL = torch.channels_last
 # The per-call checks, bound once (each dotted lookup costs on a path that runs per layer call).
 _tracing_state = torch._C._get_tracing_state
@@ -102,66 +84,6 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if enabled else x.dtype
 
 
-def triton_measured_win(x: torch.Tensor, geometry: HetConvGeometry, plan: Plan) -> bool:
-    """Where ``triton`` beat ``split`` forward and forward+backward on an H100, batch
-    128, channels_last (results/gpu/nvidia-h100-80gb-hbm3-hetconv-p4-b128.md): P=4,
-    3x3, bfloat16/float16, 128 <= M <= 256 input channels on maps of at most 28x28.
-    Everywhere else measured split was as fast or faster."""
-    backend = backends("hetconv").get("triton")
-    if backend is None or geometry.p != 4 or geometry.kernel_size != (3, 3):
-        return False
-    if plan.compute_dtype not in (torch.bfloat16, torch.float16):
-        return False
-    channels, height, width = x.shape[1], x.shape[2], x.shape[3]
-    if not (128 <= channels <= 256 and height * width <= 28 * 28):
-        return False
-    return backend.why_not(x, geometry, plan) is None
-
-
-def hetconv_rule(x: torch.Tensor, geometry: HetConvGeometry, plan: Plan, capturing: bool) -> str:
-    """``auto``'s deterministic HetConv choice (module docstring)."""
-    g = geometry
-    if g.p == 1 or capturing:
-        return "split"
-    if x.device.type == "cuda" and triton_measured_win(x, g, plan):
-        return "triton"
-    taps = g.kernel_size[0] * g.kernel_size[1]
-    if 1.0 / g.p + 1.0 / taps > 0.8:
-        return "reference"
-    if x.device.type == "cpu" and direct_reads_well(x, plan) and direct_runs(x, g, plan):
-        return "direct"
-    if x.numel() * g.out_channels * taps < SMALL_CALL_WORK:
-        return "reference"
-    return "split"
-
-
-def direct_reads_well(x: torch.Tensor, plan: Plan) -> bool:
-    """Where ``direct`` was measured at least as fast as the library forms: channels-last
-    inputs, training and inference; contiguous (NCHW) inputs in inference. In NCHW
-    training its gradients were as fast as ``split``'s on 16x16-32x32 maps and up to 1.6x
-    slower on 4x4-8x8 maps with 128-512 channels (``leanconv bench layers --grid vgg
-    --formats contiguous --modes train``), so NCHW training keeps ``split``."""
-    if x.is_contiguous(memory_format=_CL):
-        return True
-    return x.is_contiguous() and not plan.training
-
-
-def direct_runs(x: torch.Tensor, geometry: HetConvGeometry, plan: Plan) -> bool:
-    """Whether the ``direct`` C++ kernel can run the call (CPU, float32, the kernel
-    built: the first such call builds it)."""
-    backend = backends("hetconv").get("direct")
-    return backend is not None and backend.why_not(x, geometry, plan) is None
-
-
-def depthwise_rule(x: torch.Tensor, geometry: DepthwiseGeometry, plan: Plan, capturing: bool) -> str:
-    """``auto``'s deterministic depthwise choice: ``torch`` (cuDNN / oneDNN); the
-    Triton kernels are chosen only by measuring (not yet timed on a GPU)."""
-    return "torch"
-
-
-_RULES = {"hetconv": hetconv_rule, "depthwise": depthwise_rule}
-
-
 def _requested(op: str, argument: str | None, source: str) -> tuple[str, str]:
     """The backend name in force and where it comes from (for error messages)."""
     if argument is not None:
@@ -185,7 +107,7 @@ def _measure(op: str, x, params, bias, geometry, plan: Plan, prefer: str) -> str
     """Time every registered backend of ``op`` that can run the call."""
     names = [
         name for name, b in backends(op).items()
-        if x.device.type in b.measured and b.why_not(x, geometry, plan) is None
+        if x.device.type in b.measured and not ensure_ready(op, name) and b.why_not(x, geometry, plan) is None
     ]
     if len(names) < 2:
         return prefer if prefer in names or not names else names[0]
@@ -227,14 +149,16 @@ def make_plan(op: str, requested: str | None, x: torch.Tensor, params, bias, geo
     if name == "auto":
         for candidate in reversed(list(backends(op).values())):  # the latest registration first
             prefer = candidate.prefer
-            if prefer is not None and candidate.why_not(x, geometry, plan) is None and prefer(x, geometry, plan):
+            if (prefer is not None and not ensure_ready(op, candidate.name)
+                    and candidate.why_not(x, geometry, plan) is None and prefer(x, geometry, plan)):
                 name = candidate.name
                 break
         else:
-            name = _RULES[op](x, geometry, plan, capturing)
+            name = auto_rule(op)(x, geometry, plan, capturing)
             if _measurable(x, capturing):
                 name = _measure(op, x, params, bias, geometry, plan, prefer=name)
     backend = get_backend(check_backend_name(name, op, source), op)
+    ensure_ready(op, name)
     reason = backend.why_not(x, geometry, plan)
     if reason is not None:
         raise ValueError(f"{source}: backend {name!r} cannot run this call: {reason}")

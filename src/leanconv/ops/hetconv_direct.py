@@ -20,7 +20,9 @@ the vector is wide (:func:`pass_plan`).
   ``auto`` keeps the library forms; ``LEANCONV_DIRECT=0`` turns it off.
 * **Inference** (cached by the layer): weights packed into filter tiles
   (:func:`pack`).
-* **Training** (:class:`_DirectFunction`): the forward pass is the kernel; the input
+* **Torch ops** (``torch.ops.leanconv.hetconv_direct*``, below): the kernel registered with
+  fake implementations and autograd, so compiled and exported graphs keep it.
+* **Training** (``hetconv_direct`` and its backward op): the forward pass is the kernel; the input
   gradient of a stride-1 layer is the same kernel run on the output gradient with
   the transposed, flipped HetConv (:func:`transposed_parameters`: a HetConv's
   transpose is a HetConv of the same P and layout); strided layers take the
@@ -43,7 +45,7 @@ import torch
 
 from .conv_geometry import HetConvGeometry, centre_taps, reads_input_directly
 from .hetconv_layout import (
-    group_channel_order, group_filter_order, kxk_channel_index, materialize_dense_weight, pointwise_channel_index,
+    group_channel_order, group_filter_order, group_filter_order_list, kxk_channel_index, materialize_dense_weight, pointwise_channel_index,
 )
 from .hetconv_split import prepare_split, run_split, zero_diagonal_pointwise
 from .registry import under_dispatch_mode
@@ -97,6 +99,7 @@ def load():
             warnings.warn(f"leanconv: the 'direct' HetConv backend is unavailable: {_state['error']}; "
                           "HetConv layers use the library forms", RuntimeWarning, stacklevel=2)
             return None
+        _state["lanes"] = int(module.lanes())
         _state["module"] = module
         return module
 
@@ -117,6 +120,13 @@ def unavailable_reason() -> str | None:
 def available() -> bool:
     """Whether the kernel is built or can be (builds it on the first call)."""
     return load() is not None
+
+
+def tile_width(out_channels: int) -> int:
+    """Filters per register tile (one vector of the built ISA, or two): the kernel's own
+    rule (``tile_width`` in the C++ source), as a Python int that tracing sees as a constant."""
+    lanes = _state["lanes"]
+    return lanes if out_channels <= lanes else 2 * lanes
 
 
 # ------------------------------------------------------------------------------ packing
@@ -146,6 +156,17 @@ class DirectWeights:
 
 @functools.lru_cache(maxsize=256)
 def pass_plan(in_channels: int, out_channels: int, p: int, tile: int, lanes: int, layout: str):
+    """:func:`pass_plan_lists` as tensors (see there)."""
+    groups, firsts, lane_filter = pass_plan_lists(in_channels, out_channels, p, tile, lanes, layout)
+    return (
+        torch.tensor(groups, dtype=torch.int32).reshape(-1, 2),
+        torch.tensor(firsts, dtype=torch.int32),
+        None if lane_filter is None else torch.tensor(lane_filter, dtype=torch.long),
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def pass_plan_lists(in_channels: int, out_channels: int, p: int, tile: int, lanes: int, layout: str):
     """How the kernel runs the grouped taps of each filter tile.
 
     A tile holds ``tile`` consecutive filters in group order, as ``tile // lanes``
@@ -154,7 +175,8 @@ def pass_plan(in_channels: int, out_channels: int, p: int, tile: int, lanes: int
     pass shares its input values between them; a group whose filters fill one
     vector is paired with the next vector's group, so two groups run together.
 
-    Returns ``pass_groups`` (passes, 2) int32: the group of vector 0 and of vector 1
+    Returns (as Python tuples; :func:`pass_plan` makes them tensors) ``pass_groups``
+    (passes, 2) int32: the group of vector 0 and of vector 1
     (-1: none; a one-vector tile repeats its group); ``tile_passes`` (T + 1,) int32:
     tile t's passes are ``tile_passes[t]`` to ``tile_passes[t + 1] - 1``; and
     ``lane_filter`` (passes * tile,) int64: the filter (in the layer's order) whose
@@ -164,7 +186,7 @@ def pass_plan(in_channels: int, out_channels: int, p: int, tile: int, lanes: int
     tiles = -(-out_channels // tile)
     vectors = tile // lanes
 
-    filter_of = group_filter_order(in_channels, out_channels, p, layout).tolist()  # group order -> filter
+    filter_of = group_filter_order_list(out_channels, p, layout)  # group order -> filter (Python ints: no tensor)
 
     groups: list[tuple[int, int]] = []
     firsts = [0]
@@ -192,22 +214,18 @@ def pass_plan(in_channels: int, out_channels: int, p: int, tile: int, lanes: int
             groups.append((g0, g1))
         firsts.append(len(groups))
     identity = lane_filter == list(range(out_channels))
-    return (
-        torch.tensor(groups, dtype=torch.int32).reshape(-1, 2),
-        torch.tensor(firsts, dtype=torch.int32),
-        None if identity else torch.tensor(lane_filter, dtype=torch.long),
-    )
+    return tuple(groups), tuple(firsts), None if identity else tuple(lane_filter)
 
 
 def pack(weight, pointwise_weight, in_channels: int, p: int, layout: str) -> DirectWeights:
     """Pack ``weight`` (N, M/P, kh, kw) and ``pointwise_weight`` (N, M - M/P) for the
     kernel (float32, detached). Training packs on every call, so this is a handful of
     copies: the centre matrix, one gather and one tap selection."""
-    module = load()
+    load()
     weight, pointwise_weight = weight.detach().float(), pointwise_weight.detach().float()
     out_channels, per_group, kh, kw = weight.shape
     device = weight.device
-    tile = module.tile_width(out_channels)
+    tile = tile_width(out_channels)
     tiles = -(-out_channels // tile)
     taps = weight.reshape(out_channels, per_group, kh * kw)
     centre_tap = (kh // 2) * kw + kw // 2
@@ -218,7 +236,7 @@ def pack(weight, pointwise_weight, in_channels: int, p: int, layout: str) -> Dir
         centre = centre.index_select(0, group_filter_order(in_channels, out_channels, p, layout, device))
     centre = torch.nn.functional.pad(centre, (0, 0, 0, tiles * tile - out_channels))
     centre = centre.view(tiles, tile, in_channels).transpose(1, 2).contiguous()
-    pass_groups, tile_passes, lane_filter = pass_plan(in_channels, out_channels, p, tile, module.lanes(), layout)
+    pass_groups, tile_passes, lane_filter = pass_plan(in_channels, out_channels, p, tile, _state["lanes"], layout)
     if lane_filter is None:
         lanes = taps.view(tiles, tile, per_group, kh * kw)
     else:
@@ -271,46 +289,149 @@ def _transposed_geometry(g: HetConvGeometry) -> HetConvGeometry | None:
     return HetConvGeometry(g.out_channels, g.in_channels, g.kernel_size, (1, 1), padding, g.dilation, g.p, g.layout)
 
 
-class _DirectFunction(torch.autograd.Function):
-    """HetConv with the kernel forward and the gradients described in the module docstring."""
+# ------------------------------------------------------------------ registered torch ops
+# The kernel as torch ops (``torch.ops.leanconv.*``), with fake implementations and autograd,
+# so that torch.compile and torch.export keep it in their graphs (ONNX export, which needs
+# standard operators, gets the split form from the dispatcher's rule):
+#
+# * ``hetconv_direct_pack(weight, pointwise_weight, in_channels, p, layout)``: :func:`pack`'s
+#   operands; under inductor's freezing it is folded into constants with the weights;
+# * ``hetconv_direct_packed(x, centre, others, pass_groups, tile_passes, bias, ...)``: the
+#   kernel on packed operands (inference);
+# * ``hetconv_direct(x, weight, pointwise_weight, bias, ...)``: HetConv on the layer's own
+#   parameters, differentiable; its gradients are ``hetconv_direct_backward``.
 
-    @staticmethod
-    def forward(ctx, x, weight, pointwise_weight, bias, geometry):
-        g = geometry
-        ctx.geometry = g
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, weight, pointwise_weight)
-        return _call(x, pack(weight, pointwise_weight, g.in_channels, g.p, g.layout), bias, g)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight, pointwise_weight = ctx.saved_tensors
-        g = ctx.geometry
-        grad_out = grad_out.contiguous(memory_format=_CL if x.is_contiguous(memory_format=_CL) else torch.contiguous_format)
-        grad_x = grad_weight = grad_pointwise = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            transposed = _transposed_geometry(g)
-            if transposed is not None:
-                kxk_t, pointwise_t = transposed_parameters(weight, pointwise_weight, g.in_channels, g.p, g.layout)
-                grad_x = _call(grad_out, pack(kxk_t, pointwise_t, g.out_channels, g.p, g.layout), None, transposed)
-            else:
-                dense = materialize_dense_weight(weight, pointwise_weight, g.p, g.layout)
-                grad_x = torch.ops.aten.convolution_backward(
-                    grad_out, x, dense, None, g.stride, g.padding, g.dilation, False, [0, 0], 1, [True, False, False],
-                )[0]
-        if ctx.needs_input_grad[1]:
-            grad_weight = _kxk_weight_grad(x, grad_out, weight, g)
-        if ctx.needs_input_grad[2]:
-            taps = x if reads_input_directly(g.kernel_size, g.stride, g.padding, g.dilation) else centre_taps(
-                x, g.kernel_size, g.stride, g.padding, g.dilation)
-            flat_grad = grad_out.permute(0, 2, 3, 1).reshape(-1, g.out_channels)
-            flat_taps = taps.permute(0, 2, 3, 1).reshape(-1, g.in_channels)
-            matrix = flat_grad.t().mm(flat_taps)  # (N, M): every channel; the HetConv's own entries are gathered
-            index = pointwise_channel_index(g.in_channels, g.out_channels, g.p, g.layout, matrix.device)
-            grad_pointwise = matrix.gather(1, index)
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            grad_bias = grad_out.sum((0, 2, 3))
-        return grad_x, grad_weight, grad_pointwise, grad_bias, None
+def _geometry(x_channels: int, weight: torch.Tensor, kernel_size, stride, padding, dilation, p: int, layout: str):
+    return HetConvGeometry(x_channels, weight.shape[0], tuple(kernel_size), tuple(stride), tuple(padding),
+                           tuple(dilation), p, layout)
+
+
+def _output_like(x: torch.Tensor, out_channels: int, kernel_size, stride, padding, dilation) -> torch.Tensor:
+    """An empty output in the kernel's format: channels-last where ``x`` is, else contiguous."""
+    from .conv_geometry import conv_output_size
+
+    sizes = [max(0, conv_output_size(x.shape[2 + d], kernel_size[d], stride[d], padding[d], dilation[d])) for d in (0, 1)]
+    fmt = _CL if x.is_contiguous(memory_format=_CL) else torch.contiguous_format
+    return torch.empty((x.shape[0], out_channels, *sizes), dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+@torch.library.custom_op("leanconv::hetconv_direct_pack", mutates_args=())
+def _pack_op(weight: torch.Tensor, pointwise_weight: torch.Tensor, in_channels: int, p: int,
+             layout: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    packed = pack(weight, pointwise_weight, in_channels, p, layout)
+    return packed.centre, packed.others, packed.pass_groups.clone(), packed.tile_passes.clone()
+
+
+@_pack_op.register_fake
+def _(weight, pointwise_weight, in_channels, p, layout):
+    load()
+    out_channels, per_group, kh, kw = (int(d) for d in weight.shape)  # a layer's channels are static
+    tile = tile_width(out_channels)
+    tiles = -(-out_channels // tile)
+    passes = len(pass_plan_lists(in_channels, out_channels, p, tile, _state["lanes"], layout)[0])
+    return (weight.new_empty(tiles, in_channels, tile), weight.new_empty(passes, kh * kw - 1, per_group, tile),
+            weight.new_empty(passes, 2, dtype=torch.int32), weight.new_empty(tiles + 1, dtype=torch.int32))
+
+
+@torch.library.custom_op("leanconv::hetconv_direct_packed", mutates_args=())
+def _packed_op(x: torch.Tensor, centre: torch.Tensor, others: torch.Tensor, pass_groups: torch.Tensor,
+               tile_passes: torch.Tensor, bias: torch.Tensor | None, out_channels: int, kernel_size: list[int],
+               stride: list[int], padding: list[int], dilation: list[int], p: int, layout: str,
+               relu: bool) -> torch.Tensor:
+    geometry = HetConvGeometry(x.shape[1], out_channels, tuple(kernel_size), tuple(stride), tuple(padding),
+                               tuple(dilation), p, layout)
+    return _call(x, DirectWeights(centre, others, pass_groups, tile_passes), bias, geometry, relu)
+
+
+@_packed_op.register_fake
+def _(x, centre, others, pass_groups, tile_passes, bias, out_channels, kernel_size, stride, padding, dilation, p,
+      layout, relu):
+    return _output_like(x, out_channels, kernel_size, stride, padding, dilation)
+
+
+@torch.library.custom_op("leanconv::hetconv_direct", mutates_args=())
+def _direct_op(x: torch.Tensor, weight: torch.Tensor, pointwise_weight: torch.Tensor, bias: torch.Tensor | None,
+               kernel_size: list[int], stride: list[int], padding: list[int], dilation: list[int], p: int,
+               layout: str) -> torch.Tensor:
+    g = _geometry(x.shape[1], weight, kernel_size, stride, padding, dilation, p, layout)
+    return _call(x, pack(weight, pointwise_weight, g.in_channels, p, layout), bias, g)
+
+
+@_direct_op.register_fake
+def _(x, weight, pointwise_weight, bias, kernel_size, stride, padding, dilation, p, layout):
+    return _output_like(x, weight.shape[0], kernel_size, stride, padding, dilation)
+
+
+@torch.library.custom_op("leanconv::hetconv_direct_backward", mutates_args=())
+def _backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, pointwise_weight: torch.Tensor,
+                 kernel_size: list[int], stride: list[int], padding: list[int], dilation: list[int], p: int,
+                 layout: str, output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = _geometry(x.shape[1], weight, kernel_size, stride, padding, dilation, p, layout)
+    grad_x, grad_weight, grad_pointwise = _gradients(grad_out, x, weight, pointwise_weight, g, output_mask)
+    # Strides the fake implementation can state: the input gradient in the input's format,
+    # the weight gradients contiguous; a custom op returns no undefined tensors, so
+    # gradients not asked for are empty.
+    fmt = _CL if x.is_contiguous(memory_format=_CL) else torch.contiguous_format
+    return (x.new_empty(0) if grad_x is None else grad_x.contiguous(memory_format=fmt),
+            x.new_empty(0) if grad_weight is None else grad_weight.contiguous(),
+            x.new_empty(0) if grad_pointwise is None else grad_pointwise.contiguous())
+
+
+@_backward_op.register_fake
+def _(grad_out, x, weight, pointwise_weight, kernel_size, stride, padding, dilation, p, layout, output_mask):
+    fmt = _CL if x.is_contiguous(memory_format=_CL) else torch.contiguous_format
+    need_x, need_weight, need_pointwise = output_mask
+    return (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt) if need_x else x.new_empty(0),
+            weight.new_empty(weight.shape) if need_weight else x.new_empty(0),
+            pointwise_weight.new_empty(pointwise_weight.shape) if need_pointwise else x.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, pointwise_weight, bias, *arguments = inputs
+    ctx.arguments = arguments
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, pointwise_weight)
+
+
+def _backward(ctx, grad_out):
+    x, weight, pointwise_weight = ctx.saved_tensors
+    mask = [bool(n) for n in ctx.needs_input_grad[:3]]
+    grad_x, grad_weight, grad_pointwise = torch.ops.leanconv.hetconv_direct_backward(
+        grad_out, x, weight, pointwise_weight, *ctx.arguments, mask)
+    grad_bias = grad_out.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[3] else None
+    return (grad_x if mask[0] else None, grad_weight if mask[1] else None, grad_pointwise if mask[2] else None,
+            grad_bias, *([None] * len(ctx.arguments)))
+
+
+_direct_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _gradients(grad_out, x, weight, pointwise_weight, g: HetConvGeometry, mask):
+    """(input, KxK weight, 1x1 weight) gradients of HetConv, those ``mask`` asks for (module docstring)."""
+    grad_out = grad_out.contiguous(memory_format=_CL if x.is_contiguous(memory_format=_CL) else torch.contiguous_format)
+    grad_x = grad_weight = grad_pointwise = None
+    if mask[0]:
+        transposed = _transposed_geometry(g)
+        if transposed is not None:
+            kxk_t, pointwise_t = transposed_parameters(weight, pointwise_weight, g.in_channels, g.p, g.layout)
+            grad_x = _call(grad_out, pack(kxk_t, pointwise_t, g.out_channels, g.p, g.layout), None, transposed)
+        else:
+            dense = materialize_dense_weight(weight, pointwise_weight, g.p, g.layout)
+            grad_x = torch.ops.aten.convolution_backward(
+                grad_out, x, dense, None, g.stride, g.padding, g.dilation, False, [0, 0], 1, [True, False, False],
+            )[0]
+    if mask[1]:
+        grad_weight = _kxk_weight_grad(x, grad_out, weight, g)
+    if mask[2]:
+        taps = x if reads_input_directly(g.kernel_size, g.stride, g.padding, g.dilation) else centre_taps(
+            x, g.kernel_size, g.stride, g.padding, g.dilation)
+        flat_grad = grad_out.permute(0, 2, 3, 1).reshape(-1, g.out_channels)
+        flat_taps = taps.permute(0, 2, 3, 1).reshape(-1, g.in_channels)
+        matrix = flat_grad.t().mm(flat_taps)  # (N, M): every channel; the HetConv's own entries are gathered
+        index = pointwise_channel_index(g.in_channels, g.out_channels, g.p, g.layout, matrix.device)
+        grad_pointwise = matrix.gather(1, index)
+    return grad_x, grad_weight, grad_pointwise
 
 
 # Output maps up to this many pixels take the KxK weight gradient tap by tap (one batched
@@ -359,7 +480,7 @@ def _kxk_weight_grad_per_tap(x, grad_out, g: HetConvGeometry) -> torch.Tensor:
 
 def prepare_direct(params, geometry: HetConvGeometry, plan, input_shape):
     """The backend's ``prepare``: packed weights for a cached inference call, else the
-    parameters themselves (the autograd Function packs them on every call)."""
+    parameters themselves (packed by the ops on every call)."""
     weight, pointwise_weight = params
     if plan.cache and not plan.training:
         packed = pack(weight, pointwise_weight, geometry.in_channels, geometry.p, geometry.layout)
@@ -368,20 +489,29 @@ def prepare_direct(params, geometry: HetConvGeometry, plan, input_shape):
 
 
 def run_direct(x, prepared, bias, geometry: HetConvGeometry, plan) -> torch.Tensor:
-    """The backend's ``run``: ``prepared`` is a :class:`DirectWeights` (cached inference)
-    or the raw ``(weight, pointwise_weight)`` (autograd, uncached calls). Applies the
-    geometry's ReLU itself (in the kernel for inference)."""
-    relu = geometry.activation == "relu"
-    if under_dispatch_mode():  # the same function in library convolutions, which such modes see
+    """The backend's ``run``: ``prepared`` is a :class:`DirectWeights` (cached eager
+    inference: the kernel itself, no op dispatch) or the raw ``(weight,
+    pointwise_weight)``: the registered ops, differentiable under autograd, the pack
+    and packed ops otherwise (what a compiled or exported graph holds; freezing folds
+    the pack). Applies the geometry's ReLU itself."""
+    g = geometry
+    relu = g.activation == "relu"
+    if not torch.compiler.is_compiling() and under_dispatch_mode():  # library convolutions, which such modes see
         params = prepared.params if isinstance(prepared, DirectWeights) else prepared
         uncached = dataclasses.replace(plan, cache=False)
         out = run_split(x, prepare_split(params, geometry, uncached, tuple(x.shape)), bias, geometry, uncached)
         return torch.relu(out) if relu else out
+    x = _either_format(x)
+    arguments = (list(g.kernel_size), list(g.stride), list(g.padding), list(g.dilation), g.p, g.layout)
     if isinstance(prepared, DirectWeights):
         out = _call(x, prepared, bias, geometry, relu)
+    elif plan.training:
+        weight, pointwise_weight = prepared
+        out = torch.ops.leanconv.hetconv_direct(x, weight, pointwise_weight, bias, *arguments)
+        out = torch.relu(out) if relu else out
     else:
         weight, pointwise_weight = prepared
-        out = _DirectFunction.apply(x, weight, pointwise_weight, bias, geometry)
-        out = out.relu_() if relu else out
+        packed = torch.ops.leanconv.hetconv_direct_pack(weight, pointwise_weight, g.in_channels, g.p, g.layout)
+        out = torch.ops.leanconv.hetconv_direct_packed(x, *packed, bias, g.out_channels, *arguments, relu)
     # the kernel writes the format it reads (channels-last, else contiguous), as nn.Conv2d does
     return out if plan.channels_last else out.contiguous()

@@ -26,9 +26,10 @@ blocked layer B with ``B.dense[sigma_N(n), sigma_M(c)] = S.dense[n, c]`` satisfy
 from __future__ import annotations
 
 import functools
-import sys
 
 import torch
+
+from .tracing import assume_constant_result
 
 __all__ = [
     "LAYOUTS",
@@ -102,9 +103,7 @@ def _build_index_tables(in_channels: int, out_channels: int, p: int, layout: str
         kxk_rows.append(own)
         pointwise_rows.append([c for c in range(in_channels) if c not in own_set])
     channel_order = [c for g in range(p) for c in group_channels(g, in_channels, p, layout)]
-    filter_order = [
-        n for g in range(p) for n in range(out_channels) if filter_group(n, out_channels, p, layout) == g
-    ]
+    filter_order = group_filter_order_list(out_channels, p, layout)
     tables = (
         torch.tensor(kxk_rows, dtype=torch.long).reshape(out_channels, in_channels // p),
         torch.tensor(pointwise_rows, dtype=torch.long).reshape(out_channels, in_channels - in_channels // p),
@@ -118,18 +117,6 @@ def _build_index_tables(in_channels: int, out_channels: int, p: int, layout: str
 def _index_tables_on(in_channels: int, out_channels: int, p: int, layout: str, device: torch.device):
     with torch.inference_mode(False):
         return tuple(t.to(device) for t in _index_tables(in_channels, out_channels, p, layout))
-
-
-def assume_constant_result(fn):
-    """``torch.compiler.assume_constant_result`` without importing TorchDynamo when
-    leanconv is imported (that import costs ~1.2 s of every ``import leanconv`` and
-    CLI start). The public decorator only marks ``fn`` with the attribute Dynamo
-    reads when it traces; tests/test_hetconv.py checks that it still marks exactly
-    this attribute. Once Dynamo is loaded, the public decorator is used."""
-    if "torch._dynamo" in sys.modules:
-        return torch.compiler.assume_constant_result(fn)
-    fn._dynamo_marked_constant = True
-    return fn
 
 
 # A pure function of Python ints: torch.compile runs it once and keeps the result.
@@ -154,6 +141,11 @@ def pointwise_channel_index(in_channels: int, out_channels: int, p: int, layout:
 def group_channel_order(in_channels: int, out_channels: int, p: int, layout: str, device=None) -> torch.Tensor:
     """(M,) long tensor listing the input channels group by group (identity for blocked)."""
     return _tables(in_channels, out_channels, p, layout, device)[2]
+
+
+def group_filter_order_list(out_channels: int, p: int, layout: str) -> list[int]:
+    """The filters group by group, as Python ints (what :func:`group_filter_order` holds)."""
+    return [n for g in range(p) for n in range(out_channels) if filter_group(n, out_channels, p, layout) == g]
 
 
 def group_filter_order(in_channels: int, out_channels: int, p: int, layout: str, device=None) -> torch.Tensor:

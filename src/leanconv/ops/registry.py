@@ -15,7 +15,13 @@ rounding; they differ only in speed. It declares
 
 ``unsupported(x, geometry)`` may add a reason of its own (a sentence) for inputs
 it cannot take, and ``prefer(x, geometry, plan)`` claims calls for ``auto``'s
-deterministic rule (how a user's backend becomes the default where it wins). ``leanconv.HetConv2d``, ``leanconv.DepthwiseConv2d``,
+deterministic rule (how a user's backend becomes the default where it wins).
+``setup()`` readies a backend once (e.g. builds its C++ kernel) and returns None or
+why it cannot run at all; :func:`ensure_ready` calls it (the dispatcher does, before
+a backend's first use), never ``why_not``, which only reads the outcome.
+
+Each op's deterministic ``auto`` rule is registered beside its built-in backends
+(:func:`register_rule`; :mod:`leanconv.ops.backends`), so the dispatcher names none. ``leanconv.HetConv2d``, ``leanconv.DepthwiseConv2d``,
 ``leanconv.functional`` and a backend registered by a user all dispatch through
 :mod:`leanconv.ops.dispatch`, which picks among these entries.
 """
@@ -28,6 +34,7 @@ from typing import Any, Callable
 import torch
 
 from .. import config
+from .tracing import assume_constant_result
 from .triton_launch import TRITON_MISSING, triton_installed
 
 __all__ = [
@@ -36,6 +43,9 @@ __all__ = [
     "Plan",
     "register_backend",
     "unregister_backend",
+    "register_rule",
+    "auto_rule",
+    "ensure_ready",
     "backend_names",
     "get_backend",
     "check_backend_name",
@@ -97,6 +107,8 @@ class Backend:
     # The output activations (``geometry.activation``, set by ``leanconv.fuse``) whose
     # ``run`` applies them itself; the dispatcher applies any other after ``run``.
     activations: tuple[str, ...] = ()
+    # ``setup() -> str | None``: readies the backend once (builds a kernel); None or why it cannot run.
+    setup: Callable[[], str | None] | None = None
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
@@ -123,12 +135,48 @@ class Backend:
         memory_format = "channels_last" if plan.channels_last else "contiguous"
         if memory_format not in self.memory_formats:
             return f"it takes {' or '.join(self.memory_formats)} inputs, the input is {memory_format}"
+        if self.setup is not None:
+            state = _SETUP.get((self.op, self.name))
+            if state is None:
+                return (f"it has not been set up yet (leanconv.ops.ensure_ready({self.op!r}, {self.name!r}) "
+                        "does that; the dispatcher does before the backend's first use)")
+            if state:
+                return state
         if self.unsupported is not None:
             return self.unsupported(x, geometry)
         return None
 
 
 _REGISTRY: dict[str, dict[str, Backend]] = {op: {} for op in OPS}
+_RULES: dict[str, Callable[..., str]] = {}
+_SETUP: dict[tuple[str, str], str] = {}  # (op, name) -> "" once ready, else why it cannot run
+
+
+@assume_constant_result  # traced graphs see a constant; the setup runs eagerly, once
+def ensure_ready(op: str, name: str) -> str:
+    """Run backend ``name`` of ``op``'s ``setup`` once (e.g. build its kernel); returns
+    "" when it is ready (or needs no setup), else why it cannot run."""
+    key = (op, name)
+    state = _SETUP.get(key)
+    if state is None:
+        backend = _REGISTRY[op].get(name)
+        if backend is None or backend.setup is None:
+            return ""
+        state = _SETUP[key] = backend.setup() or ""
+    return state
+
+
+def register_rule(op: str, rule: Callable[..., str]) -> None:
+    """``auto``'s deterministic choice for ``op``: ``rule(x, geometry, plan, capturing)`` returns a
+    registered backend's name (see :mod:`leanconv.ops.backends` for the built-in rules)."""
+    if op not in OPS:
+        raise ValueError(f"register_rule: op must be one of {OPS}, got {op!r}")
+    _RULES[op] = rule
+    config.generation[0] += 1
+
+
+def auto_rule(op: str) -> Callable[..., str]:
+    return _RULES[op]
 
 
 def register_backend(backend: Backend) -> None:
@@ -137,6 +185,7 @@ def register_backend(backend: Backend) -> None:
     if not isinstance(backend, Backend):
         raise TypeError(f"register_backend: expected a leanconv.ops.registry.Backend, got {type(backend).__name__}")
     _REGISTRY[backend.op][backend.name] = backend
+    _SETUP.pop((backend.op, backend.name), None)
     config.generation[0] += 1  # layers re-plan: the choice may change
 
 
