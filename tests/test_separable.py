@@ -154,7 +154,7 @@ def test_extra_repr():
         (lambda: leanconv.DSConv2d(0, 8), "in_channels must be a positive int"),
         (lambda: leanconv.DSConv2d(8, 8, depth_multiplier=0), "depth_multiplier"),
         (lambda: leanconv.GWPWConv2d(8, 8, groups=3), "groups must divide in_channels"),
-        (lambda: leanconv.BSConvS2d(8, 8, p=1.5), "p must be a number in \\[0, 1\\]"),
+        (lambda: leanconv.BSConvS2d(8, 8, p=1.5), "p must be a number in \\(0, 1\\]"),
         (lambda: leanconv.BSConvU2d(8, 8, padding_mode="mirror"), "padding_mode"),
         (lambda: leanconv.BSConvU2d(8, 8, padding="same", stride=2), "strided"),
     ],
