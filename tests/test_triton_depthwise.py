@@ -298,7 +298,7 @@ def test_autocast_and_torch_compile():
 
 def test_geometry_errors_and_non_contiguous_bias():
     x, weight, bias = (t.float() for t in _leaves(1, 4, 1, 3, 3, (3, 3), True, seed=8))
-    with pytest.raises(ValueError, match="smaller than the kernel's reach"):
+    with pytest.raises(ValueError, match="smaller than the dilated kernel"):
         depthwise_conv2d(x, weight, bias, (1, 1), (0, 0), (2, 2), "triton")
     with pytest.raises(ValueError, match="padding must be >= 0 in each dimension"):
         depthwise_conv2d(x, weight, bias, (1, 1), (-1, 0), (1, 1), "triton")
@@ -306,7 +306,7 @@ def test_geometry_errors_and_non_contiguous_bias():
         depthwise_conv2d(x, weight, bias, (0, 1), (1, 1), (1, 1), "triton")
     with pytest.raises(ValueError, match=r"bias must have shape \(4,\)"):
         depthwise_conv2d(x, weight, bias[:3], (1, 1), (1, 1), (1, 1), "triton")
-    with pytest.raises(ValueError, match="smaller than the kernel's reach"):
+    with pytest.raises(ValueError, match="smaller than the dilated kernel"):
         DepthwiseConv2d(4, 4, 5, backend="triton").to(DEVICE)(x)
     strided_bias = torch.randn(8, device=DEVICE)[::2]
     expected = F.conv2d(x, weight, strided_bias, 1, 1, 1, 4)

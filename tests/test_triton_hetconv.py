@@ -296,7 +296,7 @@ def test_gpu_benchmark_script_runs_in_smoke_mode(tmp_path):
 
 def test_geometry_and_argument_errors_name_the_problem():
     leaves = _leaves(1, 4, 4, 3, 3, 3, 2, True, torch.float32, seed=4)
-    with pytest.raises(ValueError, match="smaller than the kernel's reach 5"):
+    with pytest.raises(ValueError, match=r"smaller than the dilated kernel \(5 x 5\)"):
         het_conv2d(*leaves, padding=0, dilation=2, p=2, backend="triton")
     with pytest.raises(TypeError, match="weight is torch.float64"):
         het_conv2d(leaves[0], leaves[1].double(), leaves[2], leaves[3], padding=1, p=2, backend="triton")
