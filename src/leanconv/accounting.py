@@ -45,7 +45,8 @@ from fractions import Fraction
 import torch
 import torch.nn as nn
 
-from .layers import DepthwiseConv2d, HetConv2d, SeedHetConv2d
+from .layers import LeanConvLayer
+from .layers.protocol import conv_macs_per_output, hetconv_mac_ratio, hetconv_macs_per_output, mac_stages
 from .ops.conv_geometry import conv_output_size, normalize_padding
 
 __all__ = [
@@ -55,11 +56,6 @@ __all__ = [
 ]
 
 CONVENTIONS = ("exact", "paper")
-
-
-def hetconv_mac_ratio(p: int, kernel_area: int) -> Fraction:
-    """R(P) = 1/P + (1 - 1/P)/K^2: HetConv's MACs over the standard conv's, exactly."""
-    return Fraction(1, p) + (1 - Fraction(1, p)) / kernel_area
 
 
 def format_macs(macs: float) -> str:
@@ -154,34 +150,9 @@ class CostReport:
 # ----------------------------------------------------------------- formulas
 # The one home of leanconv's MAC and parameter formulas: counting, model
 # conversion, the zoo, benchmarks and scripts all use these.
-def conv_macs_per_output(in_channels: int, kernel_volume: int, groups: int = 1) -> int:
-    """MACs of one output element of a (grouped) convolution: M/groups * kernel volume."""
-    return in_channels // groups * kernel_volume
-
-
-def hetconv_macs_per_output(in_channels: int, kernel_area: int, p: int) -> int:
-    """MACs of one HetConv output element: M/P KxK taps plus M - M/P centre taps."""
-    kxk_channels = in_channels // p
-    return kxk_channels * kernel_area + in_channels - kxk_channels
-
-
 def count_parameters(module: nn.Module) -> int:
     """Parameters of ``module`` (each shared tensor once)."""
     return sum(t.numel() for t in module.parameters())
-
-
-def _stages(module: nn.Module) -> list[tuple[nn.Module, int]]:
-    """The convolutions one call of a conv layer of any leanconv kind runs, in
-    order, each with its MACs per output element. The seed form's two parallel
-    branches are one stage (same output)."""
-    if isinstance(module, HetConv2d):
-        return [(module, hetconv_macs_per_output(module.in_channels, math.prod(module.kernel_size), module.p))]
-    if isinstance(module, SeedHetConv2d):
-        (gwc, per_gwc), (_, per_pwc) = _stages(module.gwc)[0], _stages(module.pwc)[0]
-        return [(gwc, per_gwc + per_pwc)]
-    if isinstance(module, nn.Conv2d):
-        return [(module, conv_macs_per_output(module.in_channels, math.prod(module.kernel_size), module.groups))]
-    return [stage for child in module.children() for stage in _stages(child)]
 
 
 def _output_size(conv: nn.Module, hw: tuple[int, int]) -> tuple[int, int]:
@@ -201,7 +172,7 @@ def layer_macs(module: nn.Module, input_hw: tuple[int, int]) -> tuple[int, tuple
         layer_macs(leanconv.make_conv("dsc", 8, 12, 3, padding=1), (9, 9))   # (9*9*8*(9 + 12), (9, 9))
     """
     total, hw = 0, tuple(input_hw)
-    for conv, per_output in _stages(module):
+    for conv, per_output in mac_stages(module):
         hw = _output_size(conv, hw)
         total += hw[0] * hw[1] * conv.out_channels * per_output
     return total, hw
@@ -213,7 +184,7 @@ def macs_per_output_pixel(module: nn.Module) -> Fraction:
     (BSConv's 1x1 at input resolution costs stride_h*stride_w times more).
     What :func:`leanconv.convert` compares to call a replacement cheaper."""
     total, density = Fraction(0), Fraction(1)  # pixels of the current stage per input pixel
-    for conv, per_output in _stages(module):
+    for conv, per_output in mac_stages(module):
         density /= conv.stride[0] * conv.stride[1]
         total += density * conv.out_channels * per_output
     return total / density
@@ -221,15 +192,11 @@ def macs_per_output_pixel(module: nn.Module) -> Fraction:
 
 def _row(name: str, module: nn.Module, inputs: torch.Tensor, output: torch.Tensor, convention: str) -> LayerCost | None:
     in_shape, out_shape = tuple(inputs.shape), tuple(output.shape)
-    if isinstance(module, HetConv2d):
-        kernel_area = module.kernel_size[0] * module.kernel_size[1]
-        if convention == "exact":
-            macs = output.numel() * hetconv_macs_per_output(module.in_channels, kernel_area, module.p)
-        else:
-            standard = output.numel() * (module.in_channels * kernel_area + 1)
-            macs = round(hetconv_mac_ratio(module.p, kernel_area) * standard)
-        detail = f"p={module.p}, R(P)={float(hetconv_mac_ratio(module.p, kernel_area)):.4f}"
-        return LayerCost(name, "HetConv2d", in_shape, out_shape, count_parameters(module), macs, detail)
+    if isinstance(module, LeanConvLayer):
+        counted = module.count_macs(output, convention)
+        if counted is not None:
+            macs, detail = counted
+            return LayerCost(name, type(module).__name__, in_shape, out_shape, count_parameters(module), macs, detail)
     if isinstance(module, nn.modules.conv._ConvNd):
         kernel_volume = math.prod(module.kernel_size)
         if module.transposed:  # every input element meets out_channels/groups x kernel weights
@@ -247,7 +214,10 @@ def _row(name: str, module: nn.Module, inputs: torch.Tensor, output: torch.Tenso
 
 
 def _counted(module: nn.Module) -> bool:
-    return isinstance(module, (HetConv2d, nn.modules.conv._ConvNd, nn.Linear))
+    """A row of its own: a convolution, a linear layer, or a leanconv layer that counts itself."""
+    if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+        return True
+    return isinstance(module, LeanConvLayer) and type(module).count_macs is not LeanConvLayer.count_macs
 
 
 def example_input(model: nn.Module, input_size) -> torch.Tensor:
@@ -300,9 +270,9 @@ def count(model: nn.Module, input_size, convention: str = "exact") -> CostReport
     flags = {module: module.training for module in runner.modules()}
     backends = {}
     for module in runner.modules():
-        if isinstance(module, (HetConv2d, DepthwiseConv2d)):
+        if isinstance(module, LeanConvLayer) and module.counting_backend is not None:
             backends[module] = module.backend
-            module.backend = "reference" if isinstance(module, HetConv2d) else "torch"
+            module.backend = module.counting_backend
     report = CostReport(convention, tuple(example.shape), params=params)
     calls: dict[str, int] = {}
 

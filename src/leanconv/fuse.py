@@ -19,10 +19,10 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-import torch
 import torch.nn as nn
 
-from .layers import LEANCONV_LAYERS, BSConvS2d, BSConvU2d, Conv2dReLU, DepthwiseConv2d, DSConv2d, GWPWConv2d, HetConv2d, SeedHetConv2d
+from .layers import Conv2dReLU, LeanConvLayer
+from .layers.protocol import fold_batchnorm, why_not_foldable
 
 __all__ = ["FuseReport", "Conv2dReLU", "fuse", "fold_batchnorm"]
 
@@ -54,67 +54,6 @@ class FuseReport:
         return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- folding maths
-def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) in float64 of an eval-mode BN."""
-    mean = bn.running_mean.detach().to(torch.float64)
-    var = bn.running_var.detach().to(torch.float64)
-    scale = torch.rsqrt(var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.detach().to(torch.float64)
-    shift = -mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.detach().to(torch.float64)
-    return scale, shift
-
-
-def _why_not_foldable(bn: nn.Module) -> str | None:
-    if not isinstance(bn, nn.BatchNorm2d):
-        return f"{type(bn).__name__} is not a BatchNorm2d"
-    if bn.training:
-        return "in training mode (uses batch statistics)"
-    if not bn.track_running_stats or bn.running_mean is None:
-        return "track_running_stats=False: normalises with batch statistics even in eval mode"
-    return None
-
-
-def _set_bias(module: nn.Module, value: torch.Tensor, reference: torch.Tensor) -> None:
-    value = value.to(device=reference.device, dtype=reference.dtype)
-    if getattr(module, "bias", None) is None:
-        module.bias = nn.Parameter(value.clone())
-    else:
-        with torch.no_grad():
-            module.bias.copy_(value)
-
-
-@torch.no_grad()
-def _fold_into(conv: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
-    """Apply ``y -> scale * y + shift`` per output channel inside ``conv``."""
-    weight = conv.weight
-    bias = conv.bias.detach().to(torch.float64) if conv.bias is not None else torch.zeros_like(scale)
-    weight.copy_((weight.to(torch.float64) * scale.view(-1, *([1] * (weight.dim() - 1)))).to(weight.dtype))
-    if isinstance(conv, HetConv2d):
-        pointwise = conv.pointwise_weight
-        pointwise.copy_((pointwise.to(torch.float64) * scale.view(-1, 1)).to(pointwise.dtype))
-    _set_bias(conv, bias * scale + shift, weight)
-
-
-def fold_batchnorm(conv: nn.Module, bn: nn.BatchNorm2d) -> None:
-    """Fold the eval-mode ``bn`` that follows ``conv`` into ``conv`` in place
-    (nn.Conv2d of any groups, or HetConv2d). ValueError if it cannot be folded.
-
-    Example::
-
-        fold_batchnorm(model.conv1, model.bn1); model.bn1 = torch.nn.Identity()
-    """
-    reason = _why_not_foldable(bn)
-    if reason:
-        raise ValueError(f"cannot fold this BatchNorm: {reason}")
-    if conv.out_channels != bn.num_features:
-        raise ValueError(f"BatchNorm has {bn.num_features} features, the convolution {conv.out_channels} outputs")
-    _fold_into(conv, *_bn_affine(bn))
-
-
 # ------------------------------------------------------------------------------ absorbers
 def _is_official_bsconv(module: nn.Module) -> bool:
     return type(module).__module__.startswith("bsconv.") and type(module).__name__ in ("BSConvU", "BSConvS")
@@ -123,11 +62,11 @@ def _is_official_bsconv(module: nn.Module) -> bool:
 def _absorber(module: nn.Module) -> nn.Module | None:
     """The convolution inside ``module`` whose outputs are ``module``'s outputs
     channel by channel (so a following BN folds into it), or None."""
-    if type(module) in (nn.Conv2d, DepthwiseConv2d) or isinstance(module, HetConv2d):
+    if type(module) is nn.Conv2d:
         return module
-    if isinstance(module, (DSConv2d, GWPWConv2d)):
-        return module.pw
-    if isinstance(module, (BSConvU2d, BSConvS2d)) or _is_official_bsconv(module):
+    if isinstance(module, LeanConvLayer):
+        return module.batchnorm_absorber()
+    if _is_official_bsconv(module):
         return module.dw
     return None
 
@@ -143,55 +82,6 @@ def _replace_everywhere(model: nn.Module, old: nn.Module, new: nn.Module) -> lis
     return names
 
 
-@torch.no_grad()
-def _merge_bsconv_s(layer: BSConvS2d) -> BSConvU2d:
-    """BSConv-S (pw1, [bn1], pw2, [bn2], dw) as BSConv-U with one pointwise conv:
-    W = S2 W2 S1 W1, b = S2 W2 t1 + t2 (BN folded, S the BN scales)."""
-    w1 = layer.pw1.weight[:, :, 0, 0].to(torch.float64)
-    b1 = torch.zeros(w1.shape[0], dtype=torch.float64, device=w1.device)
-    if layer.with_bn:
-        scale, shift = _bn_affine(layer.bn1)
-        w1, b1 = w1 * scale[:, None], shift
-    w2 = layer.pw2.weight[:, :, 0, 0].to(torch.float64)
-    weight, bias = w2 @ w1, w2 @ b1
-    if layer.with_bn:
-        scale, shift = _bn_affine(layer.bn2)
-        weight, bias = weight * scale[:, None], bias * scale + shift
-    dw = layer.dw
-    merged = BSConvU2d(
-        layer.in_channels, layer.out_channels, dw.kernel_size, dw.stride, dw.padding, dw.dilation,
-        bias=dw.bias is not None, padding_mode=dw.padding_mode, device=dw.weight.device, dtype=dw.weight.dtype,
-    )
-    factory = {"device": dw.weight.device, "dtype": dw.weight.dtype}
-    merged.pw = nn.Conv2d(layer.in_channels, layer.out_channels, 1, bias=True, **factory)
-    merged.pw.weight.copy_(weight[:, :, None, None])
-    merged.pw.bias.copy_(bias)
-    merged.dw = dw
-    return merged.eval()
-
-
-@torch.no_grad()
-def _fold_internal(layer: nn.Module, merge_bsconv_s: bool) -> nn.Module | None:
-    """Fold a leanconv layer's own BN layers; a replacement module or None."""
-    if isinstance(layer, (DSConv2d, GWPWConv2d)) and layer.bn is not None:
-        spatial = layer.dw if isinstance(layer, DSConv2d) else layer.gw
-        fold_batchnorm(spatial, layer.bn)
-        layer.bn, layer.with_bn = None, False
-    elif isinstance(layer, BSConvU2d) and layer.with_bn:
-        fold_batchnorm(layer.pw, layer.bn)
-        del layer.bn
-        layer.with_bn = False
-    elif isinstance(layer, BSConvS2d):
-        if merge_bsconv_s:
-            return _merge_bsconv_s(layer)
-        if layer.with_bn:
-            fold_batchnorm(layer.pw1, layer.bn1)
-            fold_batchnorm(layer.pw2, layer.bn2)
-            del layer.bn1, layer.bn2
-            layer.with_bn = False
-    return None
-
-
 # --------------------------------------------------------------------------- pair search
 def _pairs_by_fx(model: nn.Module, follower=nn.BatchNorm2d, skip=()) -> list[tuple[str, str]]:
     """(conv path, follower path) for each ``follower`` module (BatchNorm2d) whose input
@@ -201,7 +91,7 @@ def _pairs_by_fx(model: nn.Module, follower=nn.BatchNorm2d, skip=()) -> list[tup
 
     class Tracer(torch.fx.Tracer):
         def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-            if isinstance(module, LEANCONV_LAYERS):
+            if isinstance(module, LeanConvLayer):
                 return True
             return super().is_leaf_module(module, qualified_name)
 
@@ -265,11 +155,9 @@ def _fuse_relus(model: nn.Module, report: FuseReport) -> None:
         conv, relu = model.get_submodule(conv_name), model.get_submodule(relu_name)
         if occurrences[id(conv)] > 1 or occurrences[id(relu)] > 1:
             continue  # a shared module may be used elsewhere without this ReLU
-        if isinstance(conv, HetConv2d) and conv.activation is None:
-            conv.set_activation("relu")
-        elif type(conv) is nn.Conv2d:
+        if type(conv) is nn.Conv2d:
             conv.__class__ = Conv2dReLU  # same parameters, state_dict and hooks
-        else:
+        elif not (isinstance(conv, LeanConvLayer) and conv.fuse_activation("relu")):
             continue
         _replace_everywhere(model, relu, nn.Identity())
         report.relu_fused.append(f"{relu_name} -> {conv_name}")
@@ -283,7 +171,8 @@ def fuse(model: nn.Module, *, inplace: bool = False, merge_bsconv_s: bool = True
     BN running statistics, which is what eval mode computes; a model (or any
     BatchNorm in it) in training mode raises a ValueError.
 
-    What is done, in this order:
+    What is done, in this order (steps 1 and 2 are each leanconv layer's
+    :meth:`~leanconv.layers.LeanConvLayer.inference_form`):
 
     1. every :class:`SeedHetConv2d` (approximate HetConv) becomes the exact
        :class:`HetConv2d` computing the same function (N*M/P fewer weights);
@@ -340,15 +229,11 @@ def fuse(model: nn.Module, *, inplace: bool = False, merge_bsconv_s: bool = True
         if id(module) in done:
             continue
         done.add(id(module))
-        new = None
-        if isinstance(module, SeedHetConv2d):
-            new = module.to_hetconv().eval()
-            report.exact_hetconv.append(name or "(model)")
-        elif isinstance(module, (DSConv2d, GWPWConv2d, BSConvU2d, BSConvS2d)):
-            new = _fold_internal(module, merge_bsconv_s)
-            if new is not None:
-                report.merged.append(name or "(model)")
-        if new is not None:
+        if not isinstance(module, LeanConvLayer):
+            continue
+        new = module.inference_form(merge_bsconv_s=merge_bsconv_s)
+        if new is not module:
+            getattr(report, type(module).fuse_report_field).append(name or "(model)")
             if module is target:
                 target = new
             else:
@@ -363,7 +248,7 @@ def fuse(model: nn.Module, *, inplace: bool = False, merge_bsconv_s: bool = True
     for conv_name, bn_name in pairs:
         conv_module, bn = target.get_submodule(conv_name), target.get_submodule(bn_name)
         absorber = _absorber(conv_module)
-        if absorber is None or _why_not_foldable(bn) or absorber.out_channels != bn.num_features:
+        if absorber is None or why_not_foldable(bn) or absorber.out_channels != bn.num_features:
             continue
         if occurrences[id(conv_module)] > 1 or occurrences[id(bn)] > 1:
             continue  # a shared module may be used elsewhere without this BN
@@ -373,7 +258,7 @@ def fuse(model: nn.Module, *, inplace: bool = False, merge_bsconv_s: bool = True
         report.folded.append(f"{bn_name} -> {conv_name}")
     for name, m in target.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in folded_bns:
-            reason = _why_not_foldable(m) or "not directly after a convolution that can absorb it"
+            reason = why_not_foldable(m) or "not directly after a convolution that can absorb it"
             report.left.append((name, reason))
     # 4. conv -> ReLU pairs.
     if relu:

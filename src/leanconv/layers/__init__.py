@@ -6,11 +6,14 @@ from .blueprint import BSConvS2d, BSConvU2d, bsconv_s_mid_channels, orthonormal_
 from .depthwise import DepthwiseConv2d
 from .factory import CONV_KINDS, KIND_OPTIONS, check_kind_options, make_conv
 from .hetconv import Conv2dReLU, HetConv2d
+from .hetconv_export import HetConvExportForm
+from .protocol import LeanConvLayer
 from .separable import DSConv2d, GWPWConv2d
 
-# The layer kinds leanconv builds, defined once: model surgery treats each as one
-# unit (convert never replaces what is inside one, fuse folds BN into each whole).
-LEANCONV_LAYERS = (HetConv2d, DepthwiseConv2d, DSConv2d, GWPWConv2d, BSConvU2d, BSConvS2d, SeedHetConv2d)
+# Every leanconv layer kind, for isinstance checks: model surgery treats each as one unit
+# (convert never replaces what is inside one, fuse folds BN into each whole). A kind is
+# one by deriving from LeanConvLayer, whose protocol the rest of leanconv asks.
+LEANCONV_LAYERS = (LeanConvLayer,)
 
 __all__ = [
     "BSConvS2d",
@@ -20,8 +23,10 @@ __all__ = [
     "DepthwiseConv2d",
     "GWPWConv2d",
     "HetConv2d",
+    "HetConvExportForm",
     "KIND_OPTIONS",
     "LEANCONV_LAYERS",
+    "LeanConvLayer",
     "Conv2dReLU",
     "SeedHetConv2d",
     "bsconv_s_mid_channels",

@@ -25,11 +25,12 @@ from ..ops.conv_geometry import (
 )
 from ..ops.hetconv_layout import check_hetconv_channels, materialize_pointwise_matrix
 from .hetconv import HetConv2d
+from .protocol import LeanConvLayer, mac_stages
 
 __all__ = ["SeedHetConv2d"]
 
 
-class SeedHetConv2d(nn.Module):
+class SeedHetConv2d(LeanConvLayer, nn.Module):
     r"""Grouped KxK conv (groups = P) + dense 1x1 conv: **not** exact HetConv.
 
     ``y = gwc(x) + pwc(x)`` with
@@ -117,6 +118,18 @@ class SeedHetConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+    # ------------------------------------------------- the layer protocol (protocol.py)
+    fuse_report_field = "exact_hetconv"
+
+    def mac_stages(self) -> list[tuple[nn.Module, int]]:
+        """The two parallel branches are one stage (same output): their MACs add."""
+        (gwc, per_gwc), (_, per_pwc) = mac_stages(self.gwc)[0], mac_stages(self.pwc)[0]
+        return [(gwc, per_gwc + per_pwc)]
+
+    def inference_form(self, *, merge_bsconv_s: bool = True) -> HetConv2d:
+        """The exact HetConv2d (:meth:`to_hetconv`): N*M/P fewer weights."""
+        return self.to_hetconv().eval()
 
     def to_hetconv(self, backend: str | None = None) -> HetConv2d:
         """The exact, blocked-layout HetConv2d computing the same function.

@@ -19,6 +19,7 @@ import torch.nn as nn
 from ..ops.conv_geometry import check_conv_input
 from ._common import check_conv_arguments, describe_spatial
 from .depthwise import DepthwiseConv2d
+from .protocol import LeanConvLayer, batchnorm_affine, fold_batchnorm
 
 __all__ = ["BSConvU2d", "BSConvS2d", "orthonormal_penalty", "bsconv_s_mid_channels"]
 
@@ -35,7 +36,7 @@ def _describe(layer, extra: str) -> str:
     return describe_spatial(layer, layer.dw, layer.dw.bias is not None, extra + (", with_bn=True" if layer.with_bn else ""))
 
 
-class BSConvU2d(nn.Module):
+class BSConvU2d(LeanConvLayer, nn.Module):
     r"""Unconstrained blueprint separable convolution: pointwise 1x1 then depthwise KxK.
 
     Submodules (as the official ``BSConvU``): ``pw`` = Conv2d(M, N, 1, bias=False),
@@ -89,6 +90,18 @@ class BSConvU2d(nn.Module):
         check_conv_input(input, self.in_channels, "BSConvU2d")
         return _run_unbatched_safe(self, input)
 
+    # ------------------------------------------------- the layer protocol (protocol.py)
+    def inference_form(self, *, merge_bsconv_s: bool = True) -> nn.Module:
+        """Its BN folded into ``pw``."""
+        if self.with_bn:
+            fold_batchnorm(self.pw, self.bn)
+            del self.bn
+            self.with_bn = False
+        return self.eval()
+
+    def batchnorm_absorber(self) -> nn.Module:
+        return self.dw
+
     def extra_repr(self) -> str:
         return _describe(self, "")
 
@@ -98,7 +111,7 @@ def bsconv_s_mid_channels(in_channels: int, p: float = 0.25, min_mid_channels: i
     return min(in_channels, max(min_mid_channels, math.ceil(p * in_channels)))
 
 
-class BSConvS2d(nn.Module):
+class BSConvS2d(LeanConvLayer, nn.Module):
     r"""Subspace blueprint separable convolution: two pointwise 1x1 through a
     bottleneck of M' channels, then depthwise KxK.
 
@@ -171,6 +184,50 @@ class BSConvS2d(nn.Module):
 
     # The official package's model mixin looks for this name.
     _reg_loss = orthonormal_penalty
+
+    # ------------------------------------------------- the layer protocol (protocol.py)
+    def inference_form(self, *, merge_bsconv_s: bool = True) -> nn.Module:
+        """With ``merge_bsconv_s``, :meth:`merged` (one pointwise conv); else ``bn1``/``bn2``
+        folded into ``pw1``/``pw2``."""
+        if merge_bsconv_s:
+            return self.merged()
+        if self.with_bn:
+            fold_batchnorm(self.pw1, self.bn1)
+            fold_batchnorm(self.pw2, self.bn2)
+            del self.bn1, self.bn2
+            self.with_bn = False
+        return self.eval()
+
+    def batchnorm_absorber(self) -> nn.Module:
+        return self.dw
+
+    @torch.no_grad()
+    def merged(self) -> BSConvU2d:
+        """The same function as a BSConv-U with one biased pointwise conv (eval mode, BN
+        statistics): W = S2 W2 S1 W1, b = S2 W2 t1 + t2 (S, t the BNs' scales and shifts).
+        M*N weights instead of M'*(M+N): fewer passes over memory, more MACs where
+        M' < M*N/(M+N)."""
+        w1 = self.pw1.weight[:, :, 0, 0].to(torch.float64)
+        b1 = torch.zeros(w1.shape[0], dtype=torch.float64, device=w1.device)
+        if self.with_bn:
+            scale, shift = batchnorm_affine(self.bn1)
+            w1, b1 = w1 * scale[:, None], shift
+        w2 = self.pw2.weight[:, :, 0, 0].to(torch.float64)
+        weight, bias = w2 @ w1, w2 @ b1
+        if self.with_bn:
+            scale, shift = batchnorm_affine(self.bn2)
+            weight, bias = weight * scale[:, None], bias * scale + shift
+        dw = self.dw
+        factory = {"device": dw.weight.device, "dtype": dw.weight.dtype}
+        merged = BSConvU2d(
+            self.in_channels, self.out_channels, dw.kernel_size, dw.stride, dw.padding, dw.dilation,
+            bias=dw.bias is not None, padding_mode=dw.padding_mode, **factory,
+        )
+        merged.pw = nn.Conv2d(self.in_channels, self.out_channels, 1, bias=True, **factory)
+        merged.pw.weight.copy_(weight[:, :, None, None])
+        merged.pw.bias.copy_(bias)
+        merged.dw = dw
+        return merged.eval()
 
     def extra_repr(self) -> str:
         extra = f", p={self.p}" if self.p != 0.25 else ""

@@ -15,11 +15,12 @@ import torch.nn.functional as F
 
 from ..ops.conv_geometry import DepthwiseGeometry
 from ._common import DispatchedLayer
+from .protocol import LeanConvLayer, conv_macs_per_output
 
 __all__ = ["DepthwiseConv2d"]
 
 
-class DepthwiseConv2d(DispatchedLayer, nn.Conv2d):
+class DepthwiseConv2d(DispatchedLayer, LeanConvLayer, nn.Conv2d):
     r"""Depthwise KxK convolution: ``nn.Conv2d(in_channels, out_channels, ..., groups=in_channels)``
     with ``out_channels = D * in_channels`` (D the depth multiplier).
 
@@ -103,6 +104,26 @@ class DepthwiseConv2d(DispatchedLayer, nn.Conv2d):
         )
         self.__dict__["_geometry_cache"] = (stamp, geometry)
         return geometry
+
+    # ------------------------------------------------- the layer protocol (protocol.py)
+    counting_backend = "torch"
+
+    def mac_stages(self) -> list[tuple[nn.Module, int]]:
+        return [(self, conv_macs_per_output(self.in_channels, self.kernel_size[0] * self.kernel_size[1], self.groups))]
+
+    def batchnorm_absorber(self) -> nn.Module:
+        return self
+
+    def export_form(self, *, hetconv_form: str = "split") -> nn.Conv2d:
+        """The plain ``nn.Conv2d`` it is (same parameters), so that no backend choice
+        (``triton``, ``LEANCONV_DEPTHWISE_BACKEND``) reaches an exporter."""
+        conv = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
+            groups=self.groups, bias=self.bias is not None, padding_mode=self.padding_mode,
+            device=self.weight.device, dtype=self.weight.dtype,
+        )
+        conv.load_state_dict(self.state_dict())
+        return conv.train(self.training)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.padding_mode != "zeros":

@@ -27,6 +27,7 @@ from ..ops.hetconv_layout import (
     materialize_dense_weight,
 )
 from ._common import DispatchedLayer
+from .protocol import LeanConvLayer, hetconv_mac_ratio, hetconv_macs_per_output, set_bias
 
 __all__ = ["HetConv2d"]
 
@@ -46,7 +47,7 @@ class Conv2dReLU(nn.Conv2d):
         return torch.relu_(super().forward(input))
 
 
-class HetConv2d(DispatchedLayer, nn.Module):
+class HetConv2d(DispatchedLayer, LeanConvLayer, nn.Module):
     r"""Exact HetConv: each filter has M/P KxK kernels and M - M/P 1x1 kernels.
 
     The layer equals one KxK convolution whose (N, M, K, K) weight is zero except
@@ -187,6 +188,50 @@ class HetConv2d(DispatchedLayer, nn.Module):
             raise ValueError(f"activation must be None or 'relu', got {activation!r}")
         self.activation = activation
         self._geometry = self._geometry._replace(activation=activation)
+
+    # ------------------------------------------------- the layer protocol (protocol.py)
+    counting_backend = "reference"  # a shape-only pass builds and measures nothing
+
+    def mac_stages(self) -> list[tuple[nn.Module, int]]:
+        return [(self, hetconv_macs_per_output(self.in_channels, math.prod(self.kernel_size), self.p))]
+
+    def count_macs(self, output: torch.Tensor, convention: str) -> tuple[int, str]:
+        """``exact``: Ho*Wo*N*(M/P*K*K + M - M/P) per image; ``paper``: R(P) times the
+        standard convolution's MACs plus one bias add per output (the paper's tables)."""
+        kernel_area = math.prod(self.kernel_size)
+        ratio = hetconv_mac_ratio(self.p, kernel_area)
+        if convention == "exact":
+            macs = output.numel() * hetconv_macs_per_output(self.in_channels, kernel_area, self.p)
+        else:
+            macs = round(ratio * output.numel() * (self.in_channels * kernel_area + 1))
+        return macs, f"p={self.p}, R(P)={float(ratio):.4f}"
+
+    def batchnorm_absorber(self) -> nn.Module:
+        return self
+
+    @torch.no_grad()
+    def fold_output_affine_(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        """Both ``weight`` and ``pointwise_weight`` of filter n scaled by ``scale[n]``: the
+        layer stays an exact HetConv with the same P and layout."""
+        bias = self.bias.detach().to(torch.float64) if self.bias is not None else torch.zeros_like(scale)
+        for weight in (self.weight, self.pointwise_weight):
+            weight.copy_((weight.to(torch.float64) * scale.view(-1, *([1] * (weight.dim() - 1)))).to(weight.dtype))
+        set_bias(self, bias * scale + shift, self.weight)
+
+    def fuse_activation(self, activation: str) -> bool:
+        if self.activation is not None:
+            return False
+        self.set_activation(activation)
+        return True
+
+    def export_form(self, *, hetconv_form: str = "split") -> nn.Module:
+        """``split``: :class:`~leanconv.layers.hetconv_export.HetConvExportForm` (grouped KxK
+        conv + 1x1 conv + add); ``dense`` (and P = 1): :meth:`to_conv2d`."""
+        from .hetconv_export import HetConvExportForm
+
+        if self.p == 1 or hetconv_form == "dense":
+            return self.to_conv2d().eval()
+        return HetConvExportForm(self)
 
     # ---------------------------------------------------------------- forward
     def forward(self, input: torch.Tensor) -> torch.Tensor:

@@ -14,11 +14,36 @@ import torch.nn as nn
 from ..ops.conv_geometry import check_conv_input
 from ._common import check_conv_arguments, describe_spatial
 from .depthwise import DepthwiseConv2d
+from .protocol import LeanConvLayer, fold_batchnorm
 
 __all__ = ["DSConv2d", "GWPWConv2d"]
 
 
-class DSConv2d(nn.Module):
+class _SpatialThenPointwise(LeanConvLayer, nn.Module):
+    """What DSC and GWC+PWC share: a spatial KxK convolution (``_SPATIAL`` names it), an
+    optional BN, a pointwise 1x1 ``pw``; a following BN folds into ``pw``, their own into
+    the spatial convolution."""
+
+    _SPATIAL = "dw"
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        check_conv_input(input, self.in_channels, type(self).__name__)
+        x = getattr(self, self._SPATIAL)(input)
+        if self.bn is not None:
+            x = self.bn(x) if input.dim() == 4 else self.bn(x.unsqueeze(0)).squeeze(0)
+        return self.pw(x)
+
+    def inference_form(self, *, merge_bsconv_s: bool = True) -> nn.Module:
+        if self.bn is not None:
+            fold_batchnorm(getattr(self, self._SPATIAL), self.bn)
+            self.bn, self.with_bn = None, False
+        return self.eval()
+
+    def batchnorm_absorber(self) -> nn.Module:
+        return self.pw
+
+
+class DSConv2d(_SpatialThenPointwise):
     r"""Depthwise-separable convolution: depthwise KxK, optional BN, pointwise 1x1.
 
     Submodules: ``dw`` = DepthwiseConv2d(M, M*D, K, stride, padding, dilation)
@@ -73,19 +98,12 @@ class DSConv2d(nn.Module):
         self.bn = nn.BatchNorm2d(mid, **(bn_kwargs or {}), **factory) if with_bn else None
         self.pw = nn.Conv2d(mid, out_channels, 1, bias=bias, **factory)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        check_conv_input(input, self.in_channels, "DSConv2d")
-        x = self.dw(input)
-        if self.bn is not None:
-            x = self.bn(x) if input.dim() == 4 else self.bn(x.unsqueeze(0)).squeeze(0)
-        return self.pw(x)
-
     def extra_repr(self) -> str:
         extra = f", depth_multiplier={self.depth_multiplier}" if self.depth_multiplier != 1 else ""
         return describe_spatial(self, self.dw, self.has_bias, extra + (", with_bn=True" if self.with_bn else ""))
 
 
-class GWPWConv2d(nn.Module):
+class GWPWConv2d(_SpatialThenPointwise):
     r"""Group-wise KxK convolution (G groups) followed by a pointwise 1x1: the
     GWC + PWC baseline of the HetConv paper.
 
@@ -103,6 +121,8 @@ class GWPWConv2d(nn.Module):
         y = layer(torch.randn(2, 64, 8, 8))              # (2, 64, 8, 8)
         assert layer.gw.groups == 4
     """
+
+    _SPATIAL = "gw"
 
     def __init__(
         self,
@@ -138,13 +158,6 @@ class GWPWConv2d(nn.Module):
         )
         self.bn = nn.BatchNorm2d(in_channels, **(bn_kwargs or {}), **factory) if with_bn else None
         self.pw = nn.Conv2d(in_channels, out_channels, 1, bias=bias, **factory)
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        check_conv_input(input, self.in_channels, "GWPWConv2d")
-        x = self.gw(input)
-        if self.bn is not None:
-            x = self.bn(x) if input.dim() == 4 else self.bn(x.unsqueeze(0)).squeeze(0)
-        return self.pw(x)
 
     def extra_repr(self) -> str:
         return describe_spatial(self, self.gw, self.has_bias, f", groups={self.groups}" + (", with_bn=True" if self.with_bn else ""))

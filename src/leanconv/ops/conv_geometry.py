@@ -168,7 +168,7 @@ def check_window_fits(x: torch.Tensor, geometry, layer: str) -> None:
     """Refuse an input smaller than the dilated kernel after padding, as ``nn.Conv2d``
     does (a kernel would otherwise return an empty output). ``x`` is 4-D, padded for
     its padding mode; ``geometry`` has ``kernel_size``, ``padding`` and ``dilation``."""
-    if geometry.padding is None:  # an uneven 'same': the output has the input's size
+    if geometry.padding is None or torch.jit.is_tracing():  # uneven 'same': the input's size; traced sizes are tensors
         return
     for size, k, pad, d in zip(x.shape[-2:], geometry.kernel_size, geometry.padding, geometry.dilation):
         if size + 2 * pad < d * (k - 1) + 1:

@@ -42,7 +42,7 @@ import torch
 
 from .. import config
 from . import measure
-from .conv_geometry import DepthwiseGeometry, HetConvGeometry, check_conv_input, check_window_fits, pad_for_mode
+from .conv_geometry import check_conv_input, check_window_fits, pad_for_mode
 from .registry import Backend, Plan, auto_rule, backends, check_backend_name, ensure_ready, get_backend
 
 __all__ = [
