@@ -19,7 +19,8 @@ import torch.nn as nn
 from ..ops.conv_geometry import check_conv_input
 from ._common import check_conv_arguments, describe_spatial
 from .depthwise import DepthwiseConv2d
-from .protocol import LeanConvLayer, batchnorm_affine, fold_batchnorm
+from ..ops.least_squares import bordered_solve
+from .protocol import LeanConvLayer, batchnorm_affine, fold_batchnorm, write_parameter
 
 __all__ = ["BSConvU2d", "BSConvS2d", "orthonormal_penalty", "bsconv_s_mid_channels"]
 
@@ -32,11 +33,81 @@ def _run_unbatched_safe(layer: nn.Module, input: torch.Tensor) -> torch.Tensor:
     return x.squeeze(0) if input.dim() == 3 else x
 
 
+class _Blueprint(LeanConvLayer):
+    """What BSConv-U and BSConv-S share: each filter is a blueprint (``dw``'s KxK kernel)
+    scaled per input channel by a pointwise row, ``pointwise_rows()`` (N, M) =
+    coefficients (N, r) @ basis (r, M); a following BN folds into ``dw``."""
+
+    def batchnorm_absorber(self) -> nn.Module:
+        return self.dw
+
+    def _basis(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _coefficients(self) -> nn.Parameter:
+        raise NotImplementedError
+
+    def dense_equivalent(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        rows = self._coefficients().detach().double().cpu().flatten(1) @ self._basis()  # (N, M)
+        blueprint = self.dw.weight.detach().double().cpu().flatten(1)  # (N, T)
+        weight = (rows[:, :, None] * blueprint[:, None, :]).reshape(len(rows), self.in_channels, *self.dw.kernel_size)
+        return weight, self.dw.bias
+
+    def calibration_blocker(self) -> str:
+        return "not fitted: a BatchNorm inside the layer" if self.with_bn else ""
+
+    @torch.no_grad()
+    def calibration_fit(self, moments, settings, free_bias: bool) -> tuple[str, torch.Tensor | None]:
+        """Per filter, alternating least squares on (pointwise row in the basis, blueprint,
+        bias) from the transferred weights, each half step an exact ridge solve."""
+        m, n = self.in_channels, self.out_channels
+        taps = self.dw.kernel_size[0] * self.dw.kernel_size[1]
+        basis = self._basis()  # (r, M)
+        coefficients = self._coefficients().detach().double().cpu().flatten(1).clone()  # (N, r)
+        blueprint = self.dw.weight.detach().double().cpu().reshape(n, taps)
+        has_bias = self.dw.bias is not None or free_bias
+        bias = self.dw.bias.detach().double().cpu() if self.dw.bias is not None else torch.zeros(n, dtype=torch.float64)
+        d = m * taps
+        g4 = moments.gram[:d, :d].reshape(m, taps, m, taps)
+        sums = moments.gram[:d, d].reshape(m, taps)  # sum u
+        c4 = moments.cross[:d].reshape(m, taps, n)
+        count = float(moments.count)
+        tap_pairs = g4.permute(1, 3, 0, 2).reshape(taps * taps, m * m)  # G[:, t, :, s] for every (t, s)
+        chunk = max(1, (64 << 20) // (8 * m * m * taps))
+        for _ in range(max(1, settings.als_iterations)):
+            for start in range(0, n, chunk):
+                rows = slice(start, min(n, start + chunk))
+                bp = blueprint[rows]  # (n', T)
+                # pointwise half: gram_c[n] = sum_{t,s} bp[n,t] bp[n,s] G[:, t, :, s], one product over tap pairs
+                pairs = (bp[:, :, None] * bp[:, None, :]).reshape(len(bp), taps * taps)
+                gram_c = (pairs @ tap_pairs).reshape(len(bp), m, m)
+                gram_q = basis @ gram_c @ basis.mT  # (n', r, r)
+                sum_q = torch.einsum("ct,nt->nc", sums, bp) @ basis.mT  # (n', r)
+                rhs_q = torch.einsum("ctn,nt->nc", c4[:, :, rows], bp) @ basis.mT  # (n', r)
+                solution = bordered_solve(gram_q, sum_q, rhs_q, moments.target_sum[rows], count, has_bias,
+                                          settings.ridge)
+                coefficients[rows], bias[rows] = solution[:, :-1], solution[:, -1]
+                # blueprint half: gram_t[n] = sum_{c,d} s[n,c] s[n,d] G[c, :, d, :], s = coefficients @ basis
+                s = coefficients[rows] @ basis  # (n', M)
+                half = (s @ g4.reshape(m, taps * m * taps)).reshape(-1, taps, m, taps)
+                gram_t = torch.einsum("ntds,nd->nts", half, s)  # (n', T, T)
+                sum_t = torch.einsum("ct,nc->nt", sums, s)
+                rhs_t = torch.einsum("ctn,nc->nt", c4[:, :, rows], s)
+                solution = bordered_solve(gram_t, sum_t, rhs_t, moments.target_sum[rows], count, has_bias,
+                                          settings.ridge)
+                blueprint[rows], bias[rows] = solution[:, :-1], solution[:, -1]
+        write_parameter(self.dw.weight, blueprint)
+        if self.dw.bias is not None:
+            write_parameter(self.dw.bias, bias)
+        write_parameter(self._coefficients(), coefficients)
+        return self._fit_method(settings), None if self.dw.bias is not None or not free_bias else bias
+
+
 def _describe(layer, extra: str) -> str:
     return describe_spatial(layer, layer.dw, layer.dw.bias is not None, extra + (", with_bn=True" if layer.with_bn else ""))
 
 
-class BSConvU2d(LeanConvLayer, nn.Module):
+class BSConvU2d(_Blueprint, nn.Module):
     r"""Unconstrained blueprint separable convolution: pointwise 1x1 then depthwise KxK.
 
     Submodules (as the official ``BSConvU``): ``pw`` = Conv2d(M, N, 1, bias=False),
@@ -99,8 +170,14 @@ class BSConvU2d(LeanConvLayer, nn.Module):
             self.with_bn = False
         return self.eval()
 
-    def batchnorm_absorber(self) -> nn.Module:
-        return self.dw
+    def _basis(self) -> torch.Tensor:
+        return torch.eye(self.in_channels, dtype=torch.float64)
+
+    def _coefficients(self) -> nn.Parameter:
+        return self.pw.weight
+
+    def _fit_method(self, settings) -> str:
+        return f"alternating least squares per filter, {settings.als_iterations} iterations"
 
     def extra_repr(self) -> str:
         return _describe(self, "")
@@ -111,7 +188,7 @@ def bsconv_s_mid_channels(in_channels: int, p: float = 0.25, min_mid_channels: i
     return min(in_channels, max(min_mid_channels, math.ceil(p * in_channels)))
 
 
-class BSConvS2d(LeanConvLayer, nn.Module):
+class BSConvS2d(_Blueprint, nn.Module):
     r"""Subspace blueprint separable convolution: two pointwise 1x1 through a
     bottleneck of M' channels, then depthwise KxK.
 
@@ -198,8 +275,15 @@ class BSConvS2d(LeanConvLayer, nn.Module):
             self.with_bn = False
         return self.eval()
 
-    def batchnorm_absorber(self) -> nn.Module:
-        return self.dw
+    def _basis(self) -> torch.Tensor:
+        """pw1's rows (M', M), kept by calibration (orthonormal after the SVD transfer)."""
+        return self.pw1.weight.detach().double().cpu().flatten(1)
+
+    def _coefficients(self) -> nn.Parameter:
+        return self.pw2.weight
+
+    def _fit_method(self, settings) -> str:
+        return f"alternating least squares per filter (pw2, blueprint; pw1 kept), {settings.als_iterations} iterations"
 
     @torch.no_grad()
     def merged(self) -> BSConvU2d:

@@ -27,7 +27,8 @@ from ..ops.hetconv_layout import (
     materialize_dense_weight,
 )
 from ._common import DispatchedLayer
-from .protocol import LeanConvLayer, hetconv_mac_ratio, hetconv_macs_per_output, set_bias
+from ..ops.least_squares import ridge_solve
+from .protocol import LeanConvLayer, hetconv_mac_ratio, hetconv_macs_per_output, set_bias, write_parameter
 
 __all__ = ["HetConv2d"]
 
@@ -232,6 +233,39 @@ class HetConv2d(DispatchedLayer, LeanConvLayer, nn.Module):
         if self.p == 1 or hetconv_form == "dense":
             return self.to_conv2d().eval()
         return HetConvExportForm(self)
+
+    def dense_equivalent(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.dense_weight(), self.bias
+
+    def calibration_blocker(self) -> str:
+        return ""
+
+    @torch.no_grad()
+    def calibration_fit(self, moments, settings, free_bias: bool) -> tuple[str, torch.Tensor | None]:
+        """HetConv's output is linear in all its weights: per filter, ridge least squares
+        over the patch entries its pattern keeps (its group's KxK taps, the centre tap of
+        every other channel) and the bias; filters with one pattern share a factorisation."""
+        n = self.out_channels
+        with_bias = self.bias is not None or free_bias
+        ones = torch.ones_like(self.weight, dtype=torch.float64, device="cpu")
+        ones_pw = torch.ones_like(self.pointwise_weight, dtype=torch.float64, device="cpu")
+        pattern = materialize_dense_weight(ones, ones_pw, self.p, self.layout).reshape(n, -1) != 0
+        pattern = torch.cat([pattern, torch.full((n, 1), with_bias)], 1)  # (N, D+1)
+        weight = torch.zeros(n, pattern.shape[1], dtype=torch.float64)
+        unique, which = torch.unique(pattern, dim=0, return_inverse=True)
+        for u, mask in enumerate(unique):
+            filters = (which == u).nonzero().flatten()
+            index = mask.nonzero().flatten()
+            rhs = moments.cross[index][:, filters]
+            weight[filters[:, None], index[None, :]] = ridge_solve(moments.gram[index][:, index], rhs, settings.ridge,
+                                                                   with_bias).mT
+        dense = weight[:, :-1].reshape(n, self.in_channels, *self.kernel_size)
+        kxk, pointwise = extract_hetconv_weights(dense, self.p, self.layout, check_structure=False)
+        write_parameter(self.weight, kxk)
+        write_parameter(self.pointwise_weight, pointwise)
+        if self.bias is not None:
+            write_parameter(self.bias, weight[:, -1])
+        return "ridge least squares per filter", None if self.bias is not None or not free_bias else weight[:, -1]
 
     # ---------------------------------------------------------------- forward
     def forward(self, input: torch.Tensor) -> torch.Tensor:

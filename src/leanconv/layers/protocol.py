@@ -13,6 +13,9 @@ testing concrete types.
 | :meth:`~LeanConvLayer.fuse_activation` | ``fuse`` (a following ReLU moves in) | False: not taken |
 | :meth:`~LeanConvLayer.export_form` | ``export.prepare_for_export`` (standard operators only) | the layer itself, its children prepared |
 | ``counting_backend`` | ``accounting.count`` (the backend a shape-only pass runs) | None: no backend choice |
+| :meth:`~LeanConvLayer.dense_equivalent` | ``convert.calibrate`` (errors from moments), tests | not defined |
+| :meth:`~LeanConvLayer.calibration_blocker` | ``convert.calibrate`` (whether it can fit the layer) | "no fit for this kind" |
+| :meth:`~LeanConvLayer.calibration_fit` | ``convert.calibrate`` (fit to a dense layer's outputs) | not defined |
 
 Units: MACs (multiply-accumulates); FLOPs = 2 x MACs.
 """
@@ -27,7 +30,7 @@ import torch.nn as nn
 
 __all__ = [
     "LeanConvLayer", "batchnorm_affine", "conv_macs_per_output", "fold_batchnorm", "fold_conv_output_affine_",
-    "hetconv_mac_ratio", "hetconv_macs_per_output", "mac_stages", "set_bias", "why_not_foldable",
+    "hetconv_mac_ratio", "hetconv_macs_per_output", "mac_stages", "set_bias", "why_not_foldable", "write_parameter",
 ]
 
 
@@ -56,6 +59,12 @@ def mac_stages(module: nn.Module) -> list[tuple[nn.Module, int]]:
     if isinstance(module, nn.Conv2d):
         return [(module, conv_macs_per_output(module.in_channels, math.prod(module.kernel_size), module.groups))]
     return [stage for child in module.children() for stage in mac_stages(child)]
+
+
+def write_parameter(parameter: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy ``value`` (any shape with as many elements) into ``parameter``, in its device and dtype."""
+    with torch.no_grad():
+        parameter.copy_(value.reshape(parameter.shape).to(device=parameter.device, dtype=parameter.dtype))
 
 
 def set_bias(module: nn.Module, value: torch.Tensor, reference: torch.Tensor) -> None:
@@ -113,6 +122,23 @@ class LeanConvLayer:
         """The layer as standard PyTorch operators (for ONNX, TorchScript, torch.export):
         ``self`` for containers, whose children are prepared in turn."""
         return self
+
+    def dense_equivalent(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight (N, M, kh, kw), bias (N,) or None) of the one convolution that computes
+        the same function (with no BatchNorm inside the layer)."""
+        raise NotImplementedError(f"{type(self).__name__} declares no dense equivalent")
+
+    def calibration_blocker(self) -> str:
+        """"" where :meth:`calibration_fit` can fit the layer now, else why not (a sentence)."""
+        return f"no fit for {type(self).__name__}"
+
+    def calibration_fit(self, moments, settings, free_bias: bool) -> tuple[str, torch.Tensor | None]:
+        """Fit the layer in place to a dense layer's outputs, from the ``moments`` of
+        (input patch, target) pairs (:mod:`leanconv.ops.least_squares` states them) under
+        ``settings`` (``ridge``, ``als_iterations``, ``max_features``). ``free_bias``: a
+        BatchNorm follows, so a layer without a bias may fit one, returned for that
+        BatchNorm to absorb. Returns (how it was fitted, that bias or None)."""
+        raise NotImplementedError(f"{type(self).__name__} declares no calibration fit")
 
 
 @torch.no_grad()

@@ -8,13 +8,16 @@ https://arxiv.org/abs/1903.04120.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
 from ..ops.conv_geometry import check_conv_input
 from ._common import check_conv_arguments, describe_spatial
 from .depthwise import DepthwiseConv2d
-from .protocol import LeanConvLayer, fold_batchnorm
+from ..ops.least_squares import ridge_solve
+from .protocol import LeanConvLayer, fold_batchnorm, write_parameter
 
 __all__ = ["DSConv2d", "GWPWConv2d"]
 
@@ -41,6 +44,85 @@ class _SpatialThenPointwise(LeanConvLayer, nn.Module):
 
     def batchnorm_absorber(self) -> nn.Module:
         return self.pw
+
+    # ------------------------------------------------------ calibration (protocol.py)
+    def _spatial_index(self) -> torch.Tensor:
+        """(M', M/groups * T): the dense patch feature (channel * T + tap) of each entry of
+        the spatial weight, row by row."""
+        spatial = getattr(self, self._SPATIAL)
+        out, per_group = spatial.out_channels, spatial.in_channels // spatial.groups
+        taps = spatial.kernel_size[0] * spatial.kernel_size[1]
+        group_of = torch.arange(out) // (out // spatial.groups)
+        channels = group_of[:, None] * per_group + torch.arange(per_group)  # (M', M/groups)
+        return (channels[:, :, None] * taps + torch.arange(taps)).reshape(out, per_group * taps)
+
+    def _spatial_dense(self, flat: torch.Tensor) -> torch.Tensor:
+        """(M', M*T) dense form of the spatial weight given as (M', M/groups*T)."""
+        taps = math.prod(getattr(self, self._SPATIAL).kernel_size)
+        full = torch.zeros(len(flat), self.in_channels * taps, dtype=flat.dtype)
+        full[torch.arange(len(flat))[:, None], self._spatial_index()] = flat
+        return full
+
+    def dense_equivalent(self) -> tuple[torch.Tensor, torch.Tensor]:
+        spatial = getattr(self, self._SPATIAL)
+        flat = spatial.weight.detach().double().cpu().flatten(1)
+        pw = self.pw.weight.detach().double().cpu().flatten(1)
+        bias = torch.zeros(len(pw), dtype=torch.float64)
+        if self.pw.bias is not None:
+            bias = bias + self.pw.bias.detach().double().cpu()
+        if spatial.bias is not None:
+            bias = bias + pw @ spatial.bias.detach().double().cpu()
+        return (pw @ self._spatial_dense(flat)).reshape(len(pw), self.in_channels, *spatial.kernel_size), bias
+
+    def calibration_blocker(self) -> str:
+        return "not fitted: a BatchNorm inside the layer" if self.with_bn else ""
+
+    @torch.no_grad()
+    def calibration_fit(self, moments, settings, free_bias: bool) -> tuple[str, torch.Tensor | None]:
+        """Alternating least squares from the transferred weights, each half step an exact
+        ridge solve: the pointwise weights (with the bias), then the KxK weights jointly
+        (skipped where that would exceed ``settings.max_features`` unknowns: then only the
+        pointwise half is fitted)."""
+        spatial = getattr(self, self._SPATIAL)
+        out = spatial.out_channels
+        s = spatial.weight.detach().double().cpu().flatten(1)
+        index = self._spatial_index()
+        d = moments.gram.shape[0] - 1
+        joint = s.numel() <= settings.max_features
+        gram, cross = moments.gram, moments.cross
+        has_bias = self.pw.bias is not None or free_bias
+        weight, bias = self.dense_equivalent()
+        pw = self.pw.weight.detach().double().cpu().flatten(1)
+        flat = index.reshape(-1)
+        kxk_gram = gram[flat][:, flat].reshape(out, s.shape[1], out, s.shape[1]) if joint else None
+        for _ in range(max(1, settings.als_iterations)):
+            # pointwise half: features z = S_full u (and 1)
+            full = torch.zeros(out + 1, d + 1, dtype=torch.float64)
+            full[torch.arange(out)[:, None], index] = s
+            full[out, d] = 1.0
+            keep = slice(None) if has_bias else slice(0, out)
+            z_gram = (full @ gram @ full.mT)[keep, keep]
+            solution = ridge_solve(z_gram, (full @ cross)[keep], settings.ridge, has_bias).mT  # (N, M'(+1))
+            pw = solution[:, :out]
+            bias = solution[:, out] if has_bias else torch.zeros(len(pw), dtype=torch.float64)
+            if not joint or settings.als_iterations == 0:
+                break
+            # KxK half: unknowns S[j, e]; H = (pw^T pw)[j, j'] * G[index(j, e), index(j', e')]
+            outer = pw.mT @ pw  # (M', M')
+            h = (kxk_gram * outer[:, None, :, None]).reshape(len(flat), len(flat))
+            target = cross[:d] - gram[:d, d:d + 1] * bias[None, :]  # (D, N): sum u (y - b)
+            rhs = (target[flat].reshape(out, s.shape[1], -1) * pw.mT[:, None, :]).sum(-1).reshape(-1, 1)
+            s = ridge_solve(h, rhs, settings.ridge, False).reshape(out, s.shape[1])
+        write_parameter(spatial.weight, s)
+        if spatial.bias is not None:
+            spatial.bias.zero_()  # folded into the pointwise bias
+        write_parameter(self.pw.weight, pw)
+        if self.pw.bias is not None:
+            write_parameter(self.pw.bias, bias)
+        method = (f"alternating least squares, {settings.als_iterations} iterations" if joint else
+                  f"pointwise least squares (the joint KxK solve would have {spatial.weight.numel():,} unknowns > "
+                  f"max_features={settings.max_features})")
+        return method, None if self.pw.bias is not None or not free_bias else bias
 
 
 class DSConv2d(_SpatialThenPointwise):

@@ -1,0 +1,111 @@
+"""The calibration driver: each replaced layer, in network order, fitted by its own
+:meth:`~leanconv.layers.LeanConvLayer.calibration_fit` (see the package docstring)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ...layers import LeanConvLayer
+from ...ops.least_squares import augment
+from .batchnorm import bn_decision, reestimate_bn
+from .graph import batchnorm_after
+from .moments import Moments, as_batches, collect, samples as sampled_pairs
+from .relu import refine_for_relu
+from .settings import CalibrationSettings, LayerFit
+
+__all__ = ["calibrate", "effective_weight", "fit_layer"]
+
+def effective_weight(layer: nn.Module) -> torch.Tensor:
+    """(N, D+1) float64: the layer's dense equivalent, flattened, with its bias."""
+    return augment(*layer.dense_equivalent())
+
+
+def fit_layer(layer: nn.Module, moments: Moments, settings: CalibrationSettings, free_bias: bool):
+    """Fit ``layer`` in place (its :meth:`~leanconv.layers.LeanConvLayer.calibration_fit`).
+    Returns (method, effective weight after the fit, the bias a layer without one was fitted
+    with (``free_bias``: it goes into the following BatchNorm) or None)."""
+    method, extra = layer.calibration_fit(moments, settings, free_bias)
+    weight = effective_weight(layer)
+    if extra is not None:
+        weight[:, -1] += extra
+    return method, weight, extra
+
+
+def why_not_fitted(layer: nn.Module, features: int, settings: CalibrationSettings) -> str:
+    if not settings.fit:
+        return "not fitted: fit=False"
+    if not isinstance(layer, LeanConvLayer):
+        return f"no fit for {type(layer).__name__}"
+    blocker = layer.calibration_blocker()
+    if blocker:
+        return blocker
+    if features > settings.max_features:
+        return f"not fitted: {features:,} patch entries > max_features={settings.max_features:,}"
+    return ""
+
+
+@torch.no_grad()
+def calibrate(teacher: nn.Module, student: nn.Module, layers: list[tuple[nn.Conv2d, nn.Module, int]],
+              calibration, settings: CalibrationSettings | None = None) -> list[LayerFit]:
+    """Fit ``layers`` ((teacher's dense conv, student's replacement, calls per
+    forward pass), in execution order) to the teacher on ``calibration`` images;
+    returns one :class:`LayerFit` per layer. Both models run in eval mode;
+    their train/eval flags are restored."""
+    settings = settings or CalibrationSettings()
+    batches = as_batches(calibration, settings.batch_size)
+    flags = {m: m.training for m in (*teacher.modules(), *student.modules())}
+    teacher.eval()
+    student.eval()
+    try:
+        device = next((p.device for p in student.parameters()), torch.device("cpu"))
+        dtype = next((p.dtype for p in student.parameters() if p.is_floating_point()), torch.float32)
+        followers = batchnorm_after(student, [new for _, new, _ in layers], batches[0].to(device=device, dtype=dtype))
+        fits = []
+        for index, (old, new, calls) in enumerate(layers):
+            kh, kw = old.kernel_size
+            m, taps = old.in_channels, kh * kw
+            follower = followers.get(id(new))
+            reason = why_not_fitted(new, m * taps, settings) or (
+                "" if calls else "not fitted: did not run on the calibration images")
+            moments = None if reason else collect(teacher, student, old, new, batches, calls, settings, index)
+            if moments is None:
+                fit = LayerFit(reason or "not fitted: did not run on the calibration images")
+                if follower is not None and calls:
+                    fit.batchnorm, fit.bn_reestimated = follower[0], True
+                    reestimate_bn(student, follower[1], batches, device, dtype)
+                fits.append(fit)
+                continue
+            before = effective_weight(new)
+            fit = LayerFit("", error_transfer=moments.relative_error(before), samples=moments.count)
+            saved = {k: v.clone() for k, v in new.state_dict().items()}
+            # A layer without a bias before a BatchNorm is fitted with one, folded into the BatchNorm's mean.
+            free_bias = follower is not None
+            fit.method, weight, extra = fit_layer(new, moments, settings, free_bias)
+            fit.error_fit = moments.relative_error(weight)
+            if fit.error_fit >= fit.error_transfer:  # ridge or a poor sample: keep the transfer
+                new.load_state_dict(saved)
+                fit.method += " (not kept: no lower error than the transfer)"
+                fit.error_fit, weight, extra = None, before, None
+            refined = follower is not None and follower[2] and fit.error_fit is not None and settings.relu_iterations
+            if refined:
+                def new_pass():
+                    return sampled_pairs(teacher, student, old, new, batches, calls, settings, index)
+
+                weight, extra, fit.relu_error_linear, fit.relu_error_refined = refine_for_relu(
+                    new_pass, new, follower[1], moments, weight, extra, settings, free_bias, fit_layer)
+                fit.error_fit = moments.relative_error(weight)
+                fit.method += f", ReLU-aware refinement ({settings.relu_iterations} passes)"
+            if extra is not None:
+                fit.method += " (with a bias, folded into the following BatchNorm)"
+            if follower is not None:
+                fit.batchnorm = follower[0]
+                # the refinement fitted activations under the teacher's statistics: they stay
+                policy = "always" if fit.error_fit is None else "never" if refined else settings.batchnorm
+                fit.bn_error_kept, fit.bn_error_reestimated, fit.bn_reestimated = bn_decision(
+                    follower[1], weight, moments, policy, extra)
+            fits.append(fit)
+        return fits
+    finally:
+        for module, training in flags.items():
+            module.training = training
