@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from leanconv.bench import describe_environment, machine_slug, time_interleaved, write_results
 from leanconv import HetConv2d
-from leanconv.ops.hetconv_layout import materialize_dense_weight, materialize_pointwise_matrix
+from leanconv.ops.hetconv_layout import materialize_dense_weight, zero_diagonal_pointwise
 
 
 def rows_view(t):
@@ -55,7 +55,7 @@ def forms(x, weight, pointwise, p):
     n, per_group = weight.shape[:2]
     m = per_group * p
     dense = materialize_dense_weight(weight, pointwise, p, "blocked")
-    matrix = materialize_pointwise_matrix(pointwise, m, p, "blocked")
+    matrix = zero_diagonal_pointwise(pointwise, m, pointwise.shape[0], p, "blocked")
     matrix_t = matrix.t().contiguous()
     one_by_one = matrix[:, :, None, None].contiguous(memory_format=torch.channels_last)
     grouped_packed = torch.ops.mkldnn._reorder_convolution_weight(
@@ -146,7 +146,7 @@ def forms(x, weight, pointwise, p):
     out["sparse_pointwise"] = sparse_pointwise
     xb, wb, pb, db = x.bfloat16(), weight.bfloat16(), pointwise.bfloat16(), dense.bfloat16()
     out["dense_bfloat16"] = lambda: F.conv2d(xb, db, None, 1, 1)
-    matrix_b = materialize_pointwise_matrix(pb, m, p, "blocked")[:, :, None, None]
+    matrix_b = zero_diagonal_pointwise(pb, m, pb.shape[0], p, "blocked")[:, :, None, None]
     out["masked_bfloat16"] = lambda: F.conv2d(xb, wb, None, 1, 1, 1, p).add_(F.conv2d(xb, matrix_b))
     return out
 
@@ -155,7 +155,7 @@ def parts(x, weight, pointwise, p):
     """The two halves of the fused form alone (not HetConv; not gated): how fast
     each library primitive runs."""
     m = weight.shape[1] * p
-    matrix = materialize_pointwise_matrix(pointwise, m, p, "blocked")
+    matrix = zero_diagonal_pointwise(pointwise, m, pointwise.shape[0], p, "blocked")
     matrix_t = matrix.t().contiguous()
     one_by_one = matrix[:, :, None, None].contiguous(memory_format=torch.channels_last)
     return {

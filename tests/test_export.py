@@ -29,7 +29,8 @@ HETCONV_CASES = [
     (dict(p=4, padding=1, layout="shifted"), {"Conv": 2, "Add": 1, "Gather": 2}),
     (dict(p=4, padding=1, stride=2), {"Conv": 2, "Add": 1}),
     (dict(p=2, padding=0, stride=2), {"Conv": 2, "Add": 1, "Slice": "<= 4"}),  # 1x1 branch cropped to the centre taps
-    (dict(p=2, padding=2, dilation=2, padding_mode="reflect"), {"Conv": 2, "Add": 1, "Pad": 1}),
+    # the 1x1 branch reads the mode-padded input under each window's centre: cropped to it
+    (dict(p=2, padding=2, dilation=2, padding_mode="reflect"), {"Conv": 2, "Add": 1, "Pad": 1, "Slice": "<= 4"}),
     (dict(p=1, padding=1), {"Conv": 1}),
 ]
 

@@ -502,3 +502,13 @@ def test_index_tables_carry_the_mark_of_assume_constant_result():
     layer = leanconv.HetConv2d(8, 8, 3, padding=1, p=4, layout="shifted", backend="split")
     explained = torch._dynamo.explain(layer)(torch.randn(1, 8, 5, 5))
     assert explained.graph_break_count == 0, explained.break_reasons
+
+
+@pytest.mark.parametrize("channels,p", [(8, 2), (12, 4), (6, 6)])
+def test_the_split_forms_traceable_group_order_is_the_layouts(channels, p):
+    from leanconv.ops.hetconv_layout import group_channel_order, group_filter_order
+    from leanconv.ops.hetconv_split import _shifted_group_order
+
+    assert torch.equal(_shifted_group_order(channels, p, "cpu"), group_channel_order(channels, channels, p, "shifted"))
+    order = group_filter_order(channels, channels, p, "shifted")
+    assert torch.equal(_shifted_group_order(channels, channels // p, "cpu"), torch.argsort(order))

@@ -39,7 +39,7 @@ from .. import config as leanconv_config
 from ..accounting import conv_macs_per_output, hetconv_macs_per_output, layer_macs
 from ..layers import BSConvS2d, BSConvU2d, DSConv2d, HetConv2d, SeedHetConv2d
 from ..ops.conv_geometry import centre_taps
-from ..ops.hetconv_layout import kxk_channel_index, pointwise_channel_index
+from ..ops.hetconv_layout import group_filter_order_list, kxk_channel_index, pointwise_channel_index
 from .timing import Timing, time_interleaved
 
 __all__ = ["LayerConfig", "GRIDS", "layer_grid", "bench_layer_grid", "bench_hetconv_config", "bench_separable_config", "PublicLoopHetConv"]
@@ -149,7 +149,8 @@ class PBranchHetConv(_GatheredBaseline):
         n, p = layer.out_channels, layer.p
         kxk, others = self._tables(x)
         ng = n // p
-        filters = [[f for f in range(n) if (f // ng if layer.layout == "blocked" else f % p) == g] for g in range(p)]
+        order = group_filter_order_list(n, p, layer.layout)
+        filters = [order[g * ng: (g + 1) * ng] for g in range(p)]
         taps = centre_taps(x, layer.kernel_size, layer.stride, layer._padding_pair, layer.dilation)
         outs, order = [], []
         for group in filters:

@@ -23,7 +23,7 @@ from ..ops.conv_geometry import (
     normalize_pair,
     normalize_padding,
 )
-from ..ops.hetconv_layout import check_hetconv_channels, materialize_pointwise_matrix
+from ..ops.hetconv_layout import check_hetconv_channels, zero_diagonal_pointwise
 from .hetconv import HetConv2d
 from .protocol import LeanConvLayer, mac_stages
 
@@ -151,8 +151,7 @@ class SeedHetConv2d(LeanConvLayer, nn.Module):
         """The approximate form of an exact (blocked) HetConv2d, with the
         redundant 1x1 weights set to zero (same function, more parameters).
 
-        The form public code trains; also used to export HetConv as a grouped
-        conv + 1x1 conv + add."""
+        The form public code trains."""
         if layer.layout != "blocked":
             raise ValueError(
                 "SeedHetConv2d.from_hetconv needs a blocked-layout HetConv2d (the approximate form has no "
@@ -167,6 +166,6 @@ class SeedHetConv2d(LeanConvLayer, nn.Module):
             seed.gwc.weight.copy_(layer.weight)
             if layer.bias is not None:
                 seed.gwc.bias.copy_(layer.bias)
-            matrix = materialize_pointwise_matrix(layer.pointwise_weight, layer.in_channels, layer.p, "blocked")
+            matrix = zero_diagonal_pointwise(layer.pointwise_weight, layer.in_channels, layer.out_channels, layer.p, "blocked")
             seed.pwc.weight.copy_(matrix[:, :, None, None])
         return seed.train(layer.training)

@@ -21,6 +21,7 @@ __all__ = [
     "normalize_padding",
     "conv_output_size",
     "pad_for_mode",
+    "centre_input",
     "centre_taps",
     "check_conv_input",
     "check_window_fits",
@@ -116,6 +117,33 @@ def pad_for_mode(x: torch.Tensor, padding: tuple[int, int], padding_mode: str) -
     return F.pad(x, (pw, pw, ph, ph), mode=padding_mode), (0, 0)
 
 
+def centre_input(
+    x: torch.Tensor,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> torch.Tensor:
+    """``x`` cropped or zero-padded so that a 1x1 convolution with ``stride`` reads, at
+    output (i, j), the input under the centre tap of window (i, j) of a KxK convolution
+    with these arguments. That 1x1 output covers the KxK output's Ho x Wo and may have
+    extra rows or columns at the end (keep ``[..., :Ho, :Wo]``)."""
+    out_h = conv_output_size(x.shape[-2], kernel_size[0], stride[0], padding[0], dilation[0])
+    out_w = conv_output_size(x.shape[-1], kernel_size[1], stride[1], padding[1], dilation[1])
+    # Offset of the first window's centre in unpadded input coordinates.
+    offset_h = dilation[0] * (kernel_size[0] - 1) // 2 - padding[0]
+    offset_w = dilation[1] * (kernel_size[1] - 1) // 2 - padding[1]
+    if offset_h > 0 or offset_w > 0:
+        x = x[..., max(offset_h, 0):, max(offset_w, 0):]
+    before_h, before_w = max(0, -offset_h), max(0, -offset_w)
+    # the last centre read, (Ho - 1) * stride, must lie inside
+    after_h = max(0, (out_h - 1) * stride[0] + 1 - before_h - x.shape[-2])
+    after_w = max(0, (out_w - 1) * stride[1] + 1 - before_w - x.shape[-1])
+    if before_h or before_w or after_h or after_w:
+        x = F.pad(x, (before_w, after_w, before_h, after_h))
+    return x
+
+
 def centre_taps(
     x: torch.Tensor,
     kernel_size: tuple[int, int],
@@ -133,17 +161,9 @@ def centre_taps(
     """
     out_h = conv_output_size(x.shape[-2], kernel_size[0], stride[0], padding[0], dilation[0])
     out_w = conv_output_size(x.shape[-1], kernel_size[1], stride[1], padding[1], dilation[1])
-    # Offset of the first window's centre in unpadded input coordinates.
-    offset_h = dilation[0] * (kernel_size[0] - 1) // 2 - padding[0]
-    offset_w = dilation[1] * (kernel_size[1] - 1) // 2 - padding[1]
-    before_h, before_w = max(0, -offset_h), max(0, -offset_w)
-    after_h = max(0, offset_h + (out_h - 1) * stride[0] - (x.shape[-2] - 1))
-    after_w = max(0, offset_w + (out_w - 1) * stride[1] - (x.shape[-1] - 1))
-    if before_h or before_w or after_h or after_w:
-        x = F.pad(x, (before_w, after_w, before_h, after_h))
-    start_h, start_w = offset_h + before_h, offset_w + before_w
-    rows = slice(start_h, start_h + (out_h - 1) * stride[0] + 1, stride[0]) if out_h > 0 else slice(0, 0)
-    cols = slice(start_w, start_w + (out_w - 1) * stride[1] + 1, stride[1]) if out_w > 0 else slice(0, 0)
+    x = centre_input(x, kernel_size, stride, padding, dilation)
+    rows = slice(0, (out_h - 1) * stride[0] + 1, stride[0]) if out_h > 0 else slice(0, 0)
+    cols = slice(0, (out_w - 1) * stride[1] + 1, stride[1]) if out_w > 0 else slice(0, 0)
     return x[..., rows, cols]
 
 

@@ -43,7 +43,7 @@ __all__ = [
     "group_filter_order",
     "channel_permutation",
     "materialize_dense_weight",
-    "materialize_pointwise_matrix",
+    "zero_diagonal_pointwise",
     "extract_hetconv_weights",
     "convert_layout",
 ]
@@ -186,15 +186,43 @@ def materialize_dense_weight(
     return dense
 
 
-def materialize_pointwise_matrix(
-    pointwise_weight: torch.Tensor, in_channels: int, p: int, layout: str
+def _insert_zero_diagonal(blocks: torch.Tensor, lead: tuple[int, ...], p: int, width: int) -> torch.Tensor:
+    """(*lead, P, P-1, width) -> (*lead, P, P, width): row i gets a zero block
+    inserted at position i. Built from concatenations and reshapes only (no
+    indexed write), with every size a Python int, so that it is cheap to
+    differentiate and both ONNX exporters fold it into a constant: flatten the
+    (P, P-1) grid, view it as (P-1, P), append a zero block to each row,
+    flatten, prepend one zero block, view as (P, P)."""
+    factory = dict(dtype=blocks.dtype, device=blocks.device)
+    grid = blocks.reshape(*lead, p - 1, p, width)
+    grid = torch.cat([grid, torch.zeros(*lead, p - 1, 1, width, **factory)], dim=-2)
+    grid = torch.cat([torch.zeros(*lead, 1, width, **factory), grid.reshape(*lead, (p - 1) * (p + 1), width)], dim=-2)
+    return grid.reshape(*lead, p, p, width)
+
+
+def zero_diagonal_pointwise(
+    pointwise_weight: torch.Tensor, in_channels: int, out_channels: int, p: int, layout: str
 ) -> torch.Tensor:
-    """(N, M) matrix of the 1x1 kernels with zeros where a filter has KxK kernels."""
-    out_channels = pointwise_weight.shape[0]
-    pointwise_index = pointwise_channel_index(in_channels, out_channels, p, layout, pointwise_weight.device)
-    rows = torch.arange(out_channels, device=pointwise_weight.device)[:, None]
-    matrix = pointwise_weight.new_zeros(out_channels, in_channels)
-    return matrix.index_put((rows.expand_as(pointwise_index), pointwise_index), pointwise_weight)
+    """(N, M) matrix: ``pointwise_weight`` (N, M - M/P) on each filter's other
+    channels, zero on its own KxK channels. Differentiable; sizes come from the
+    arguments, never from tensor shapes (traced graphs keep them constant).
+
+    * blocked: filter n = g*Ng + i owns channel block g; its row is the P-1
+      blocks of Mg channels with a zero block inserted at position g.
+    * shifted: filter n = q*P + r owns the channels c = r (mod P); within each
+      run of P consecutive channels its row has a zero inserted at position r.
+    """
+    mg, ng = in_channels // p, out_channels // p
+    if p == 1:
+        return pointwise_weight.new_zeros(out_channels, in_channels)
+    if layout == "blocked":
+        # (P groups, Ng filters, P-1 blocks, Mg) -> (Ng, P, P-1, Mg) -> insert -> (P, Ng, P, Mg)
+        blocks = pointwise_weight.reshape(p, ng, p - 1, mg).transpose(0, 1)
+        return _insert_zero_diagonal(blocks, (ng,), p, mg).transpose(0, 1).reshape(out_channels, in_channels)
+    # shifted: (Ng q, P r, Mg runs, P-1) -> (Ng, Mg, P r, P-1, 1) -> insert -> (Ng, Mg, P, P)
+    runs = pointwise_weight.reshape(ng, p, mg, p - 1).transpose(1, 2).unsqueeze(-1)
+    matrix = _insert_zero_diagonal(runs, (ng, mg), p, 1).squeeze(-1)
+    return matrix.transpose(1, 2).reshape(out_channels, in_channels)
 
 
 def extract_hetconv_weights(

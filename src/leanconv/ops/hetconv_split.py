@@ -34,7 +34,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .conv_geometry import HetConvGeometry, centre_taps, reads_input_directly
+from .conv_geometry import HetConvGeometry, centre_input, reads_input_directly
+from .hetconv_layout import zero_diagonal_pointwise
 from .registry import under_dispatch_mode
 
 __all__ = ["SplitWeights", "zero_diagonal_pointwise", "prepare_split", "run_split", "onednn_packing"]
@@ -42,50 +43,12 @@ __all__ = ["SplitWeights", "zero_diagonal_pointwise", "prepare_split", "run_spli
 _CL = torch.channels_last
 
 
-def _insert_zero_diagonal(blocks: torch.Tensor, lead: tuple[int, ...], p: int, width: int) -> torch.Tensor:
-    """(*lead, P, P-1, width) -> (*lead, P, P, width): row i gets a zero block
-    inserted at position i. Built from concatenations and reshapes only (no
-    indexed write), with every size a Python int, so that it is cheap to
-    differentiate and both ONNX exporters fold it into a constant: flatten the
-    (P, P-1) grid, view it as (P-1, P), append a zero block to each row,
-    flatten, prepend one zero block, view as (P, P)."""
-    factory = dict(dtype=blocks.dtype, device=blocks.device)
-    grid = blocks.reshape(*lead, p - 1, p, width)
-    grid = torch.cat([grid, torch.zeros(*lead, p - 1, 1, width, **factory)], dim=-2)
-    grid = torch.cat([torch.zeros(*lead, 1, width, **factory), grid.reshape(*lead, (p - 1) * (p + 1), width)], dim=-2)
-    return grid.reshape(*lead, p, p, width)
-
-
-def zero_diagonal_pointwise(
-    pointwise_weight: torch.Tensor, in_channels: int, out_channels: int, p: int, layout: str
-) -> torch.Tensor:
-    """(N, M) matrix: ``pointwise_weight`` (N, M - M/P) on each filter's other
-    channels, zero on its own KxK channels. Differentiable; sizes come from the
-    arguments, never from tensor shapes (traced graphs keep them constant).
-
-    * blocked: filter n = g*Ng + i owns channel block g; its row is the P-1
-      blocks of Mg channels with a zero block inserted at position g.
-    * shifted: filter n = q*P + r owns the channels c = r (mod P); within each
-      run of P consecutive channels its row has a zero inserted at position r.
-    """
-    mg, ng = in_channels // p, out_channels // p
-    if p == 1:
-        return pointwise_weight.new_zeros(out_channels, in_channels)
-    if layout == "blocked":
-        # (P groups, Ng filters, P-1 blocks, Mg) -> (Ng, P, P-1, Mg) -> insert -> (P, Ng, P, Mg)
-        blocks = pointwise_weight.reshape(p, ng, p - 1, mg).transpose(0, 1)
-        return _insert_zero_diagonal(blocks, (ng,), p, mg).transpose(0, 1).reshape(out_channels, in_channels)
-    # shifted: (Ng q, P r, Mg runs, P-1) -> (Ng, Mg, P r, P-1, 1) -> insert -> (Ng, Mg, P, P)
-    runs = pointwise_weight.reshape(ng, p, mg, p - 1).transpose(1, 2).unsqueeze(-1)
-    matrix = _insert_zero_diagonal(runs, (ng, mg), p, 1).squeeze(-1)
-    return matrix.transpose(1, 2).reshape(out_channels, in_channels)
-
-
-def _group_order(channels: int, p: int, device) -> torch.Tensor:
-    """The shifted layout's channels (or filters) group by group: group r holds
-    r, r + P, r + 2P, ... (the same as :func:`.hetconv_layout.group_channel_order`).
-    With ``p`` replaced by C/P it is the inverse permutation. Built by torch ops
-    from constants, so every trace of it records the same graph."""
+def _shifted_group_order(channels: int, p: int, device) -> torch.Tensor:
+    """:func:`.hetconv_layout.group_channel_order` of the shifted layout (group r holds r,
+    r + P, r + 2P, ...; ``p`` = C/P gives the inverse), recomputed by torch ops from Python
+    ints: TorchScript tracing then records the same graph on every trace, where a cached
+    index tensor would be a new constant each time (its sanity check fails). The tests
+    hold it equal to the layout's tables."""
     return torch.arange(channels, device=device).view(channels // p, p).t().reshape(-1)
 
 
@@ -130,9 +93,9 @@ def prepare_split(params, geometry: HetConvGeometry, plan, input_shape) -> Split
     grouped, pointwise = weight, matrix[:, :, None, None]
     channel_order = filter_order = filter_inverse = None
     if g.layout == "shifted" and g.p > 1:
-        channel_order = _group_order(g.in_channels, g.p, weight.device)
-        filter_order = _group_order(g.out_channels, g.p, weight.device)
-        filter_inverse = _group_order(g.out_channels, g.out_channels // g.p, weight.device)
+        channel_order = _shifted_group_order(g.in_channels, g.p, weight.device)
+        filter_order = _shifted_group_order(g.out_channels, g.p, weight.device)
+        filter_inverse = _shifted_group_order(g.out_channels, g.out_channels // g.p, weight.device)
         grouped = weight.index_select(0, filter_order)
     packed = g.p > 1 and onednn_packing(weight, plan)
     unpacked = None
@@ -155,7 +118,8 @@ def run_split(x: torch.Tensor, w: SplitWeights, bias, geometry: HetConvGeometry,
     if g.p == 1:
         return F.conv2d(x, w.grouped, bias, g.stride, g.padding, g.dilation)
     direct = reads_input_directly(g.kernel_size, g.stride, g.padding, g.dilation)
-    taps = x if direct else centre_taps(x, g.kernel_size, g.stride, g.padding, g.dilation)
+    # the 1x1 part reads the input under each window's centre: a strided 1x1 convolution
+    taps = x if direct else centre_input(x, g.kernel_size, g.stride, g.padding, g.dilation)
     if w.packed and under_dispatch_mode():
         w = w.unpacked
     grouped_input = x if w.channel_order is None else x.index_select(1, w.channel_order)
@@ -164,7 +128,7 @@ def run_split(x: torch.Tensor, w: SplitWeights, bias, geometry: HetConvGeometry,
             grouped_input = grouped_input.contiguous(memory_format=_CL)
             if bias is not None:
                 bias = bias.index_select(0, w.filter_order)
-        acc = F.conv2d(taps.contiguous(memory_format=_CL), w.pointwise, bias)
+        acc = _centre_crop(F.conv2d(taps.contiguous(memory_format=_CL), w.pointwise, bias, g.stride), x, g)
         out = torch.ops.mkldnn._convolution_pointwise_.binary(
             acc, grouped_input, w.grouped, None, list(g.padding), list(g.stride), list(g.dilation),
             g.p, "add", 1.0, None, [], None,
@@ -175,12 +139,27 @@ def run_split(x: torch.Tensor, w: SplitWeights, bias, geometry: HetConvGeometry,
     grouped = F.conv2d(grouped_input, w.grouped, None, g.stride, g.padding, g.dilation, g.p)
     if w.filter_inverse is not None:
         grouped = grouped.index_select(1, w.filter_inverse)
-    pointwise = F.conv2d(taps, w.pointwise, bias)
+    pointwise = F.conv2d(taps, w.pointwise, bias, g.stride)
+    cropped = pointwise.shape[-2:] != grouped.shape[-2:]
+    if cropped:
+        pointwise = pointwise[..., : grouped.shape[-2], : grouped.shape[-1]]
     if plan.cache:
-        # Eager inference: accumulate in place, one output-sized tensor less.
-        out = pointwise.add_(grouped)
+        # Eager inference: accumulate in place (into a whole tensor), one output-sized tensor less.
+        out = grouped.add_(pointwise) if cropped else pointwise.add_(grouped)
     else:
         out = grouped + pointwise
     if plan.channels_last and not out.is_contiguous(memory_format=_CL):
         out = out.contiguous(memory_format=_CL)
     return out
+
+
+def _centre_crop(out: torch.Tensor, x: torch.Tensor, g: HetConvGeometry) -> torch.Tensor:
+    """The 1x1 part's output cut to the KxK output's size (it may have extra rows or columns)."""
+    from .conv_geometry import conv_output_size
+
+    height = conv_output_size(x.shape[-2], g.kernel_size[0], g.stride[0], g.padding[0], g.dilation[0])
+    width = conv_output_size(x.shape[-1], g.kernel_size[1], g.stride[1], g.padding[1], g.dilation[1])
+    if out.shape[-2:] == (height, width):
+        return out
+    return out[..., :height, :width].contiguous(memory_format=_CL)
+
