@@ -48,7 +48,7 @@ def parse_args(argv=None):
 def build(name: str, width: float, spec: str) -> nn.Module:
     from leanconv import models
     from leanconv.conv_spec import parse_conv_spec
-    from leanconv.convert import convert
+    from leanconv.conversion import convert
     from leanconv.fuse import fuse
 
     model = models.create(name, width=width)

@@ -54,7 +54,7 @@ def parse_args(argv=None):
 
 
 def build(args) -> nn.Module:
-    from leanconv.convert import convert, load_callable
+    from leanconv.conversion import convert, load_callable
 
     if ":" in args.model:  # module:function
         model = load_callable(args.model)()

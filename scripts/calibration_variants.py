@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from leanconv.convert import convert
+from leanconv.conversion import convert
 from leanconv.data import BatchLoader, load_dataset
 from leanconv.files import write_atomic
 from leanconv.train import evaluate, load_trained_model

@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 
 from leanconv.bench import describe_environment, peak_allocated_bytes
-from leanconv.convert.pipeline import build
-from leanconv.convert.transfer import transfer_weights
+from leanconv.conversion.pipeline import build
+from leanconv.conversion.transfer import transfer_weights
 
 KINDS = [("hetconv", dict(p=4)), ("dsc", {}), ("bsconv_u", {}), ("bsconv_s", {}), ("gwpw", dict(g=4))]
 

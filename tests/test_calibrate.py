@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import leanconv
-from leanconv.convert.calibrate import CalibrationSettings, LayerFit, as_batches
+from leanconv.conversion.calibrate import CalibrationSettings, LayerFit, as_batches
 from leanconv.layers import HetConv2d
 
 KINDS = ["hetconv:p=4", "hetconv:p=2,layout=shifted", "dsc", "dsc:depth_multiplier=2", "bsconv_u", "bsconv_s",
@@ -329,7 +329,7 @@ def test_relu_refinement_reports_true_activation_errors_and_lowers_them():
 
 
 def test_relu_after_batchnorm_is_seen_only_when_it_takes_the_whole_output():
-    from leanconv.convert.calibrate.graph import batchnorm_after as _batchnorm_after
+    from leanconv.conversion.calibrate.graph import batchnorm_after as _batchnorm_after
 
     class Branches(nn.Module):  # the BN's output also feeds an addition: not a ReLU-only consumer
         def __init__(self):

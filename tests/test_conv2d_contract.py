@@ -4,7 +4,7 @@ an error, never an empty or wrong-sized output) and otherwise returns a tensor o
 same shape and dtype.
 
 Arguments that a kind itself restricts (HetConv's odd kernel and P dividing the
-channels, GWC+PWC's groups dividing the input channels, SeedHetConv2d's padding of
+channels, GWC+PWC's groups dividing the input channels, ApproximateHetConv2d's padding of
 at least the centre offset) are drawn inside those rules; everything else (padding modes, 'same'/'valid', stride, dilation, inputs
 smaller than the dilated kernel, unbatched inputs, batch 0) is drawn freely.
 """
@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import leanconv
-from leanconv.layers import DepthwiseConv2d, SeedHetConv2d
+from leanconv.layers import DepthwiseConv2d, ApproximateHetConv2d
 
 ERRORS = (ValueError, TypeError, RuntimeError)
 
@@ -58,7 +58,7 @@ def conv_settings(draw, kind: str):
 
 BUILDERS = {
     "hetconv": leanconv.HetConv2d,
-    "seed_hetconv": SeedHetConv2d,
+    "seed_hetconv": ApproximateHetConv2d,
     "dsc": leanconv.DSConv2d,
     "gwpw": leanconv.GWPWConv2d,
     "bsconv_u": leanconv.BSConvU2d,

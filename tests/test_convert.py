@@ -14,7 +14,7 @@ import torch.nn as nn
 
 import leanconv
 from leanconv.accounting import layer_macs
-from leanconv.convert import convert, load_converted
+from leanconv.conversion import convert, load_converted
 from leanconv.layers import BSConvU2d, DSConv2d, GWPWConv2d, HetConv2d
 
 from helpers import assert_matches_reference, optional_module, requires

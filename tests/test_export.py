@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 
 import leanconv
-from leanconv.convert import convert
+from leanconv.conversion import convert
 from leanconv.export import HetConvExportForm, export_onnx, export_program, export_torchscript, prepare_for_export, run_onnx
-from leanconv.layers import HetConv2d, SeedHetConv2d, make_conv
+from leanconv.layers import HetConv2d, ApproximateHetConv2d, make_conv
 
 from helpers import assert_matches_reference, optional_module, requires
 
@@ -89,7 +89,7 @@ def test_every_layer_kind_exports_and_matches(kind, options, tmp_path):
 
 @requires_onnx
 def test_seed_hetconv_exports(tmp_path):
-    result = export_onnx(SeedHetConv2d(8, 12, 3, p=4), torch.randn(1, 8, 7, 7), tmp_path / "seed.onnx")
+    result = export_onnx(ApproximateHetConv2d(8, 12, 3, p=4), torch.randn(1, 8, 7, 7), tmp_path / "seed.onnx")
     assert result.node_counts == {"Conv": 2, "Add": 1}
 
 

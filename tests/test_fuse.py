@@ -11,9 +11,9 @@ import torch
 import torch.nn as nn
 
 import leanconv
-from leanconv.convert import convert
+from leanconv.conversion import convert
 from leanconv.fuse import fold_batchnorm, fuse
-from leanconv.layers import BSConvS2d, BSConvU2d, HetConv2d, SeedHetConv2d, make_conv
+from leanconv.layers import BSConvS2d, BSConvU2d, HetConv2d, ApproximateHetConv2d, make_conv
 
 from helpers import assert_matches_reference
 
@@ -91,7 +91,7 @@ def test_hetconv_fold_in_every_backend_stays_exact_hetconv(backend, layout):
 
 
 def test_seed_hetconv_becomes_exact_hetconv():
-    seed = SeedHetConv2d(16, 32, 3, stride=2, p=4)
+    seed = ApproximateHetConv2d(16, 32, 3, stride=2, p=4)
     model = randomize_bn(nn.Sequential(seed, nn.BatchNorm2d(32), nn.ReLU())).eval()
     fused, report = fuse(model, return_report=True)
     assert isinstance(fused[0], HetConv2d) and fused[0].p == 4 and report.exact_hetconv == ["0"]
@@ -104,13 +104,13 @@ def test_seed_hetconv_becomes_exact_hetconv():
 
 def test_seed_hetconv_round_trip_and_cost():
     exact = HetConv2d(8, 8, 3, padding=1, p=2)
-    seed = SeedHetConv2d.from_hetconv(exact)
+    seed = ApproximateHetConv2d.from_hetconv(exact)
     x = torch.randn(2, 8, 6, 6)
     assert_matches_reference(seed(x), exact(x))
     assert_matches_reference(seed.to_hetconv()(x), exact(x))
     assert n_params(seed) - n_params(exact) == 8 * 8 // 2
     with pytest.raises(ValueError, match="negative padding"):
-        SeedHetConv2d(8, 8, 3, padding=0, p=2)
+        ApproximateHetConv2d(8, 8, 3, padding=0, p=2)
 
 
 def test_bsconv_s_merge_and_no_merge():

@@ -512,3 +512,14 @@ def test_the_split_forms_traceable_group_order_is_the_layouts(channels, p):
     assert torch.equal(_shifted_group_order(channels, p, "cpu"), group_channel_order(channels, channels, p, "shifted"))
     order = group_filter_order(channels, channels, p, "shifted")
     assert torch.equal(_shifted_group_order(channels, channels // p, "cpu"), torch.argsort(order))
+
+
+def test_the_former_name_of_the_approximate_form_still_resolves_with_a_warning():
+    import leanconv.layers
+
+    with pytest.warns(DeprecationWarning, match="now ApproximateHetConv2d"):
+        assert leanconv.SeedHetConv2d is leanconv.ApproximateHetConv2d
+    with pytest.warns(DeprecationWarning):
+        assert leanconv.layers.SeedHetConv2d is leanconv.ApproximateHetConv2d
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchLayer'"):
+        leanconv.layers.NoSuchLayer

@@ -207,7 +207,7 @@ def test_torchvision_state_dict_loads(name):
 
 
 def test_converted_equals_built():
-    from leanconv.convert import convert
+    from leanconv.conversion import convert
     for name in ("resnet20_cifar", "wrn16_8_cifar", "resnet18"):
         built = models.create(name, conv="hetconv", p=4, width=0.25)
         converted = convert(models.create(name, width=0.25), "hetconv", p=4)

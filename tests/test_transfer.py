@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 
 from leanconv.bench.memory import peak_allocated_bytes
-from leanconv.convert.pipeline import build
-from leanconv.convert.transfer import low_rank_factors, transfer_weights
+from leanconv.conversion.pipeline import build
+from leanconv.conversion.transfer import low_rank_factors, transfer_weights
 
 KINDS = [("hetconv", dict(p=4)), ("dsc", {}), ("bsconv_u", {}), ("bsconv_s", {}), ("gwpw", dict(g=4))]
 

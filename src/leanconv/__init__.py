@@ -10,7 +10,7 @@ Papers:
 from . import config, export, functional, models
 from .accounting import count
 from .conv_spec import parse_conv_spec
-from .convert import convert, load_converted
+from .conversion import convert, load_converted
 from .fuse import fuse
 from .layers import (
     CONV_KINDS,
@@ -20,7 +20,7 @@ from .layers import (
     DSConv2d,
     GWPWConv2d,
     HetConv2d,
-    SeedHetConv2d,
+    ApproximateHetConv2d,
     make_conv,
     orthonormal_penalty,
 )
@@ -36,7 +36,7 @@ __all__ = [
     "DepthwiseConv2d",
     "GWPWConv2d",
     "HetConv2d",
-    "SeedHetConv2d",
+    "ApproximateHetConv2d",
     "__version__",
     "backend_names",
     "config",
@@ -54,3 +54,15 @@ __all__ = [
     "set_backend",
     "use_backend",
 ]
+
+
+def __getattr__(name: str):
+    """``SeedHetConv2d``, the former name of :class:`ApproximateHetConv2d`, still resolves
+    (with a DeprecationWarning) so that code written against it keeps running."""
+    if name == "SeedHetConv2d":
+        import warnings
+
+        warnings.warn("leanconv.SeedHetConv2d is now ApproximateHetConv2d (one name for the approximate "
+                      "HetConv form)", DeprecationWarning, stacklevel=2)
+        return ApproximateHetConv2d
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,7 +17,7 @@ Conventions
       whichever backend runs it (the reference backend's dense convolution
       multiplies zeros; those are not HetConv's MACs).
     * ``nn.Linear``: leading elements x in_features x out_features.
-    * DSC, BSConv-U/S, GWPW and the seed form are containers of ``nn.Conv2d``
+    * DSC, BSConv-U/S, GWPW and the approximate form are containers of ``nn.Conv2d``
       and are counted through them.
 
 ``paper``
@@ -163,7 +163,7 @@ def _output_size(conv: nn.Module, hw: tuple[int, int]) -> tuple[int, int]:
 
 def layer_macs(module: nn.Module, input_hw: tuple[int, int]) -> tuple[int, tuple[int, int]]:
     """MACs of one call of a convolution layer of any kind (``nn.Conv2d``,
-    ``HetConv2d``, DSC, GWPW, BSConv-U/S, the seed form) on one image of
+    ``HetConv2d``, DSC, GWPW, BSConv-U/S, the approximate form) on one image of
     spatial size ``input_hw``, and its output size. FLOPs = 2 x MACs; biases
     and BN are not counted.
 

@@ -174,7 +174,7 @@ def fuse(model: nn.Module, *, inplace: bool = False, merge_bsconv_s: bool = True
     What is done, in this order (steps 1 and 2 are each leanconv layer's
     :meth:`~leanconv.layers.LeanConvLayer.inference_form`):
 
-    1. every :class:`SeedHetConv2d` (approximate HetConv) becomes the exact
+    1. every :class:`ApproximateHetConv2d` (approximate HetConv) becomes the exact
        :class:`HetConv2d` computing the same function (N*M/P fewer weights);
     2. the BN inside leanconv layers is folded: DSC/GWC+PWC into the KxK conv,
        BSConv-U into ``pw``; BSConv-S's ``pw1``, ``bn1``, ``pw2``, ``bn2``

@@ -14,7 +14,7 @@ Candidates for a HetConv row:
   (``auto``: the deterministic rule; ``auto-measured``: auto with measuring on,
   see :mod:`leanconv.ops.measure`);
 * ``seed``: the public "approximate" form, grouped conv + dense 1x1 conv
-  modules summed (:class:`leanconv.layers.SeedHetConv2d`, redundant weights 0);
+  modules summed (:class:`leanconv.layers.ApproximateHetConv2d`, redundant weights 0);
 * ``p_branch``: the P-branch form of public implementations (2P library calls);
 * ``public_loop``: the public loop form, two small convolutions per filter
   (its channels gathered), written here as a baseline; inference only, timed
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from .. import config as leanconv_config
 from ..accounting import conv_macs_per_output, hetconv_macs_per_output, layer_macs
-from ..layers import BSConvS2d, BSConvU2d, DSConv2d, HetConv2d, SeedHetConv2d
+from ..layers import BSConvS2d, BSConvU2d, DSConv2d, HetConv2d, ApproximateHetConv2d
 from ..ops.conv_geometry import centre_taps
 from ..ops.hetconv_layout import group_filter_order_list, kxk_channel_index, pointwise_channel_index
 from .timing import Timing, time_interleaved
@@ -254,7 +254,7 @@ def bench_hetconv_config(
                 layer.load_state_dict(het.state_dict())
                 modules[f"hetconv:{backend}"] = (_Measuring(layer) if measured else layer, own)
             if "seed" in baselines and config.p > 1:
-                seed_layer = SeedHetConv2d.from_hetconv(het)
+                seed_layer = ApproximateHetConv2d.from_hetconv(het)
                 modules["seed"] = (seed_layer, config.batch * layer_macs(seed_layer, (config.size, config.size))[0])
             if "p_branch" in baselines and config.p > 1:
                 modules["p_branch"] = (PBranchHetConv(het), own)

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..accounting import count
-from ..layers import HetConv2d, SeedHetConv2d
+from ..layers import HetConv2d, ApproximateHetConv2d
 from .memory import peak_allocated_bytes
 from .timing import per_round_ratio, time_interleaved
 
@@ -39,7 +39,7 @@ def to_seed_form(model: nn.Module) -> nn.Module:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, HetConv2d) and child.layout == "blocked":
-                setattr(parent, name, SeedHetConv2d.from_hetconv(child))
+                setattr(parent, name, ApproximateHetConv2d.from_hetconv(child))
     return model
 
 
@@ -64,7 +64,7 @@ def to_dense_form(model: nn.Module) -> nn.Module:
         for name, child in list(parent.named_children()):
             if isinstance(child, HetConv2d):
                 setattr(parent, name, child.to_conv2d())
-            elif isinstance(child, SeedHetConv2d):
+            elif isinstance(child, ApproximateHetConv2d):
                 setattr(parent, name, child.to_hetconv().to_conv2d())
     return model
 
@@ -112,7 +112,7 @@ def bench_models(
                     model = fuse(model.eval())
                 built[(name, fmt)] = model
                 gates[(name, fmt)] = (
-                    _gate(model, x) if any(isinstance(m, (HetConv2d, SeedHetConv2d)) for m in model.modules()) else None
+                    _gate(model, x) if any(isinstance(m, (HetConv2d, ApproximateHetConv2d)) for m in model.modules()) else None
                 )
                 if mode in ("infer", "infer_folded"):
                     model.eval()

@@ -99,7 +99,7 @@ def _zoo_input_size(models, name: str) -> tuple[int, ...]:
 
 def load_source(args) -> tuple[object, dict, tuple[int, ...] | None]:
     """(unconverted model, checkpoint source record, default input size)."""
-    from ..convert import load_callable
+    from ..conversion import load_callable
 
     spec = args.model
     if ":" in spec:
@@ -132,7 +132,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from ..convert import convert, save_converted
+    from ..conversion import convert, save_converted
 
     model, source, default_size = load_source(args)
     input_size = args.input_size or default_size
@@ -151,5 +151,5 @@ def run(args) -> int:
             saved["input_size"] = list(input_size)
         save_converted(args.out, converted, source, kind, saved, report)
         if not args.json:
-            print(f"\nsaved {args.out} (rebuild: from leanconv.convert import load_converted)")
+            print(f"\nsaved {args.out} (rebuild: from leanconv.conversion import load_converted)")
     return 0

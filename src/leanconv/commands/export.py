@@ -27,8 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from ..convert import convert, load_converted
-    from ..convert.checkpoint import read_converted
+    from ..conversion import convert, load_converted
+    from ..conversion.checkpoint import read_converted
 
     if args.checkpoint:
         model = load_converted(args.checkpoint)

@@ -80,7 +80,7 @@ class ModelSource:
         self.model = model
         self.create_kwargs = {k: v for k, v in (("width", width), ("num_classes", num_classes)) if v is not None}
         if ":" in model:
-            from ..convert import load_callable
+            from ..conversion import load_callable
 
             if self.create_kwargs:
                 raise ValueError(f"--width and --num-classes apply to zoo models, not to {model!r}")
@@ -105,7 +105,7 @@ class ModelSource:
             raise ValueError(f"{self.model} returned {type(model).__name__}, not an nn.Module")
         if spec.kind == "standard":
             return model
-        from ..convert import convert
+        from ..conversion import convert
 
         return convert(model, spec.kind, input_size=input_size, **spec.options)
 

@@ -1,7 +1,7 @@
 """leanconv's nn.Modules: HetConv2d and the separable family, and the factory
 that builds any of them from nn.Conv2d-style arguments."""
 
-from .approximate import SeedHetConv2d
+from .approximate import ApproximateHetConv2d
 from .blueprint import BSConvS2d, BSConvU2d, bsconv_s_mid_channels, orthonormal_penalty
 from .depthwise import DepthwiseConv2d
 from .factory import CONV_KINDS, KIND_OPTIONS, check_kind_options, make_conv
@@ -28,9 +28,21 @@ __all__ = [
     "LEANCONV_LAYERS",
     "LeanConvLayer",
     "Conv2dReLU",
-    "SeedHetConv2d",
+    "ApproximateHetConv2d",
     "bsconv_s_mid_channels",
     "check_kind_options",
     "make_conv",
     "orthonormal_penalty",
 ]
+
+
+def __getattr__(name: str):
+    """``SeedHetConv2d``, the former name of :class:`ApproximateHetConv2d`, still resolves
+    (with a DeprecationWarning) so that code written against it keeps running."""
+    if name == "SeedHetConv2d":
+        import warnings
+
+        warnings.warn("leanconv.layers.SeedHetConv2d is now ApproximateHetConv2d (one name for the approximate "
+                      "HetConv form)", DeprecationWarning, stacklevel=2)
+        return ApproximateHetConv2d
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

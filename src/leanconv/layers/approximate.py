@@ -1,4 +1,4 @@
-"""SeedHetConv2d: the "approximate" HetConv of public repositories.
+"""ApproximateHetConv2d: the "approximate" HetConv of public repositories.
 
 HetConv: Singh et al., "HetConv: Heterogeneous Kernel-Based Convolutions for
 Deep CNNs", CVPR 2019, https://arxiv.org/abs/1903.04120.
@@ -7,7 +7,7 @@ Public HetConv code (and the seed this project grew from) builds the layer as a
 grouped KxK convolution plus a dense 1x1 convolution over all channels, summed.
 This module reproduces that form, with the usual submodule names ``gwc`` and
 ``pwc``, so that such checkpoints load unchanged; :func:`leanconv.fuse` (or
-:meth:`SeedHetConv2d.to_hetconv`) turns it into an exact
+:meth:`ApproximateHetConv2d.to_hetconv`) turns it into an exact
 :class:`~leanconv.layers.HetConv2d`.
 """
 
@@ -27,10 +27,10 @@ from ..ops.hetconv_layout import check_hetconv_channels, zero_diagonal_pointwise
 from .hetconv import HetConv2d
 from .protocol import LeanConvLayer, mac_stages
 
-__all__ = ["SeedHetConv2d"]
+__all__ = ["ApproximateHetConv2d"]
 
 
-class SeedHetConv2d(LeanConvLayer, nn.Module):
+class ApproximateHetConv2d(LeanConvLayer, nn.Module):
     r"""Grouped KxK conv (groups = P) + dense 1x1 conv: **not** exact HetConv.
 
     ``y = gwc(x) + pwc(x)`` with
@@ -59,7 +59,7 @@ class SeedHetConv2d(LeanConvLayer, nn.Module):
 
     Example::
 
-        seed = leanconv.layers.SeedHetConv2d(64, 64, 3, padding=1, p=4)
+        seed = leanconv.layers.ApproximateHetConv2d(64, 64, 3, padding=1, p=4)
         exact = seed.to_hetconv()                          # leanconv.HetConv2d, p=4
         assert torch.allclose(seed(x), exact(x), atol=1e-5)
     """
@@ -83,7 +83,7 @@ class SeedHetConv2d(LeanConvLayer, nn.Module):
         super().__init__()
         check_hetconv_channels(in_channels, out_channels, p)
         if padding_mode not in PADDING_MODES:
-            raise ValueError(f"SeedHetConv2d: padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+            raise ValueError(f"ApproximateHetConv2d: padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
         kernel = normalize_kernel_size(kernel_size)
         stride_pair = normalize_pair(stride, "stride")
         dilation_pair = normalize_pair(dilation, "dilation")
@@ -93,12 +93,12 @@ class SeedHetConv2d(LeanConvLayer, nn.Module):
         pointwise_padding = (padding_pair[0] - centre[0], padding_pair[1] - centre[1])
         if min(pointwise_padding) < 0:
             raise ValueError(
-                f"SeedHetConv2d: padding={padding!r} is smaller than the centre offset {centre}; the 1x1 branch "
+                f"ApproximateHetConv2d: padding={padding!r} is smaller than the centre offset {centre}; the 1x1 branch "
                 "would need negative padding"
             )
         if padding_mode != "zeros" and pointwise_padding != (0, 0):
             raise ValueError(
-                f"SeedHetConv2d: padding_mode={padding_mode!r} needs padding equal to the centre offset {centre}, "
+                f"ApproximateHetConv2d: padding_mode={padding_mode!r} needs padding equal to the centre offset {centre}, "
                 f"got {padding!r}"
             )
         factory = {"device": device, "dtype": dtype}
@@ -113,7 +113,7 @@ class SeedHetConv2d(LeanConvLayer, nn.Module):
         )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        check_conv_input(input, self.in_channels, "SeedHetConv2d")
+        check_conv_input(input, self.in_channels, "ApproximateHetConv2d")
         return self.gwc(input) + self.pwc(input)
 
     def extra_repr(self) -> str:
@@ -147,14 +147,14 @@ class SeedHetConv2d(LeanConvLayer, nn.Module):
         return layer.train(self.training)
 
     @classmethod
-    def from_hetconv(cls, layer: HetConv2d) -> "SeedHetConv2d":
+    def from_hetconv(cls, layer: HetConv2d) -> "ApproximateHetConv2d":
         """The approximate form of an exact (blocked) HetConv2d, with the
         redundant 1x1 weights set to zero (same function, more parameters).
 
         The form public code trains."""
         if layer.layout != "blocked":
             raise ValueError(
-                "SeedHetConv2d.from_hetconv needs a blocked-layout HetConv2d (the approximate form has no "
+                "ApproximateHetConv2d.from_hetconv needs a blocked-layout HetConv2d (the approximate form has no "
                 "shifted variant); convert with layer.to_layout('blocked'), which permutes channels"
             )
         seed = cls(

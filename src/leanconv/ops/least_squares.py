@@ -1,5 +1,5 @@
 """Ridge least squares from moments, in float64: the solves of data-aware calibration
-(:mod:`leanconv.convert.calibrate`), which each layer kind uses to fit itself
+(:mod:`leanconv.conversion.calibrate`), which each layer kind uses to fit itself
 (:meth:`leanconv.layers.LeanConvLayer.calibration_fit`).
 
 Moments of (patch, target) pairs, feature index D the constant 1 of the bias:

@@ -9,7 +9,7 @@
 2. The student is ``leanconv.convert(teacher, conv, transfer_weights=True,
    calibration=...)`` on ``calibration_images`` images drawn (by ``seed``)
    from the training split, preprocessed like training batches without
-   augmentation: data-aware conversion (:mod:`leanconv.convert.calibrate`).
+   augmentation: data-aware conversion (:mod:`leanconv.conversion.calibrate`).
    The conversion's options (``include``, ``exclude``, ``skip_stem``,
    ``p_policy``, the spec's ``layout``) apply. ``calibration.json`` records
    the per-layer report.
@@ -152,7 +152,7 @@ def load_teacher(config: DistillConfig, num_classes: int) -> tuple[nn.Module, di
         module.load_state_dict(checkpoint["model"])
         name, width = spec.get("name", teacher), spec.get("width")
     elif ":" in teacher:
-        from ..convert import load_callable
+        from ..conversion import load_callable
 
         module = load_callable(teacher)()
         if not isinstance(module, nn.Module):
@@ -197,7 +197,7 @@ class DistillSetup(StudentSetup):
         self.replaced: list[str] = []
 
     def _convert(self, **extra):
-        from ..convert import convert
+        from ..conversion import convert
 
         options = {**self.options, "input_size": tuple(self.options["input_size"])}
         return convert(self.teacher, self.kind, return_report=True, **options, **self.layer_options, **extra)

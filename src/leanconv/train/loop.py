@@ -67,7 +67,7 @@ def build_model(spec: dict) -> nn.Module:
     (``"converted"`` in the spec, written by distillation) a base network
     converted by :func:`leanconv.convert` with the recorded options."""
     if "converted" in spec:
-        from ..convert import build_source, convert
+        from ..conversion import build_source, convert
 
         base = spec["base"]
         network = build_source(base) if ("zoo" in base or "callable" in base) else build_model(base)

@@ -8,7 +8,7 @@ BSConv-U/S or GWC+PWC, report what that saves, save and rebuild the result.
 * :mod:`.checkpoint`: ``save_converted`` / ``load_converted``.
 
 ``leanconv.convert`` is the function; this package is reached as
-``from leanconv.convert import load_converted`` (or ``leanconv.load_converted``).
+``from leanconv.conversion import load_converted`` (or ``leanconv.load_converted``).
 """
 
 from .checkpoint import CHECKPOINT_FORMAT, build_source, load_callable, load_converted, save_converted

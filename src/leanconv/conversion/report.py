@@ -28,7 +28,7 @@ class ReplacedLayer:
     aliases: tuple[str, ...] = ()
     note: str = ""
     transfer_error: float | None = None
-    calibration: Any = None  # a leanconv.convert.calibrate.LayerFit when convert ran with calibration
+    calibration: Any = None  # a leanconv.conversion.calibrate.LayerFit when convert ran with calibration
 
 
 @dataclass

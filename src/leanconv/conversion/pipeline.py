@@ -22,7 +22,7 @@ BSConv: Haase & Amthor, CVPR 2020, https://arxiv.org/abs/2003.13549.
 6. :func:`compare_cost`: the new layer must have fewer MACs per output pixel
    and fewer parameters than the old one, or it is left alone with both
    figures in the reason (``allow_costlier=True`` replaces it anyway).
-7. :func:`leanconv.convert.transfer.transfer_weights` (``transfer_weights``).
+7. :func:`leanconv.conversion.transfer.transfer_weights` (``transfer_weights``).
 8. :func:`place` and the :class:`ConversionReport`.
 """
 
@@ -406,7 +406,7 @@ def convert(
             execution order; without, it is the first nn.Conv2d in module
             registration order.
         transfer_weights: initialise the new layers from the old weights (see
-            :mod:`leanconv.convert.transfer`): HetConv keeps each filter's KxK
+            :mod:`leanconv.conversion.transfer`): HetConv keeps each filter's KxK
             kernels on its own channels and the centre taps elsewhere (exact
             for p=1); the separable kinds get the best low-rank factorisation
             of the dense weight. An *initialisation*, not an equivalence: the
@@ -433,10 +433,10 @@ def convert(
             layer's output given the input it receives in the converted
             network; BatchNorm statistics after a replaced layer are
             re-estimated where that lowers the error
-            (:mod:`leanconv.convert.calibrate`). The report gives each layer's
+            (:mod:`leanconv.conversion.calibrate`). The report gives each layer's
             relative output error before and after the fit. The images should
             be preprocessed as in training (the model's own input).
-        calibration_settings: a :class:`~leanconv.convert.calibrate.CalibrationSettings`
+        calibration_settings: a :class:`~leanconv.conversion.calibrate.CalibrationSettings`
             or a dict of its fields (pixels_per_image, ridge, als_iterations,
             max_features, batch_size, seed).
         return_report: return ``(model, report)`` instead of the model.

@@ -91,7 +91,7 @@ def load_converted(path, map_location="cpu") -> nn.Module:
 
     Example::
 
-        from leanconv.convert import load_converted
+        from leanconv.conversion import load_converted
         model = load_converted("vgg16_hetconv_p4.pt")
     """
     payload = read_converted(path, map_location)
