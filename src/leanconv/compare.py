@@ -52,7 +52,8 @@ from .bench.report import markdown_table
 from .files import write_atomic
 from .bench.timing import time_interleaved
 from .data import load_dataset
-from .layers import BSConvS2d, orthonormal_penalty
+from .layers import orthonormal_penalty
+from .layers.protocol import regularizers
 from .accounting import count
 from .conv_spec import parse_conv_spec
 from .train import TrainConfig, autocast_context, load_trained_model, train
@@ -122,14 +123,14 @@ def _measure(models: dict, device: torch.device, num_classes: int, batch_size: i
         eval_model = model.to(device, memory_format=memory_format).eval()
         train_model = copy.deepcopy(eval_model).train()
         optimizer = torch.optim.SGD(train_model.parameters(), lr=1e-3, momentum=0.9)
-        has_bsconv_s = any(isinstance(m, BSConvS2d) for m in train_model.modules())
+        regularized = bool(regularizers(train_model))
 
         def infer(m=eval_model):
             with torch.no_grad(), autocast_context(amp, device):
                 m(x_latency)
             sync()
 
-        def step(m=train_model, opt=optimizer, penalty=has_bsconv_s):
+        def step(m=train_model, opt=optimizer, penalty=regularized):
             with autocast_context(amp, device):
                 loss = F.cross_entropy(m(x_train).float(), y_train)
             if penalty:

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..accounting import count
-from ..layers import HetConv2d, ApproximateHetConv2d
+from ..layers import ApproximateHetConv2d, HetConv2d, LeanConvLayer
 from .memory import peak_allocated_bytes
 from .timing import per_round_ratio, time_interleaved
 
@@ -56,16 +56,15 @@ def build_variants(create: Callable[..., nn.Module], name: str, ps: Sequence[int
 
 
 def to_dense_form(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every HetConv2d (and seed-form layer) replaced by
-    the equivalent ``nn.Conv2d`` (materialised weight): the reference for the
+    """A copy of ``model`` with every leanconv layer that one convolution computes (HetConv2d,
+    the approximate form) replaced by that ``nn.Conv2d`` (materialised weight): the reference for the
     gate, whatever backend the layers are set to."""
     model = copy.deepcopy(model)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, HetConv2d):
-                setattr(parent, name, child.to_conv2d())
-            elif isinstance(child, ApproximateHetConv2d):
-                setattr(parent, name, child.to_hetconv().to_conv2d())
+            dense = child.to_conv2d() if isinstance(child, LeanConvLayer) else None
+            if dense is not None:
+                setattr(parent, name, dense)
     return model
 
 
@@ -112,7 +111,8 @@ def bench_models(
                     model = fuse(model.eval())
                 built[(name, fmt)] = model
                 gates[(name, fmt)] = (
-                    _gate(model, x) if any(isinstance(m, (HetConv2d, ApproximateHetConv2d)) for m in model.modules()) else None
+                    _gate(model, x) if any(isinstance(m, LeanConvLayer) and m.to_conv2d() is not None
+                                           for m in model.modules()) else None
                 )
                 if mode in ("infer", "infer_folded"):
                     model.eval()

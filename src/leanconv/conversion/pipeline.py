@@ -42,7 +42,7 @@ from torch.nn.utils import parametrize
 
 from ..accounting import count, count_parameters, example_input, layer_macs, macs_per_output_pixel
 from ..conv_spec import resolve_conv
-from ..layers import LEANCONV_LAYERS, BSConvS2d, GWPWConv2d, HetConv2d, make_conv
+from ..layers import LeanConvLayer, make_conv
 from .calibrate import CalibrationSettings, calibrate
 from .report import ConversionReport, ReplacedLayer, SkippedLayer
 from .transfer import transfer_weights as transfer
@@ -182,7 +182,7 @@ def find_candidates(model: nn.Module, trace: CallTrace | None = None) -> list[Ca
                 else:
                     candidate = found[id(child)] = Candidate(full, child)
                 candidate.places.append((module, name))
-            elif not isinstance(child, LEANCONV_LAYERS):
+            elif not isinstance(child, LeanConvLayer):
                 walk(child, full + ".")
 
     if isinstance(model, nn.Conv2d):
@@ -348,16 +348,8 @@ def _short(module: nn.Module) -> str:
 
 
 def _describe_new(module: nn.Module) -> str:
-    extra = ""
-    if isinstance(module, HetConv2d):
-        extra = f"p={module.p}" + (f", layout={module.layout}" if module.layout != "blocked" else "")
-    elif isinstance(module, GWPWConv2d):
-        extra = f"groups={module.groups}"
-    elif isinstance(module, BSConvS2d):
-        extra = f"mid={module.mid_channels}"
-    if getattr(module, "with_bn", False):
-        extra += (", " if extra else "") + "with_bn"
-    return f"{type(module).__name__}({extra})" if extra else type(module).__name__
+    options = module.summary_options() if isinstance(module, LeanConvLayer) else []
+    return f"{type(module).__name__}({', '.join(options)})" if options else type(module).__name__
 
 
 def _check_divisor_helped(plan: ConversionPlan, decisions: list[tuple[Candidate, Decision]]) -> None:

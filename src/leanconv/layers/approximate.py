@@ -127,6 +127,9 @@ class ApproximateHetConv2d(LeanConvLayer, nn.Module):
         (gwc, per_gwc), (_, per_pwc) = mac_stages(self.gwc)[0], mac_stages(self.pwc)[0]
         return [(gwc, per_gwc + per_pwc)]
 
+    def to_conv2d(self) -> nn.Conv2d:
+        return self.to_hetconv().to_conv2d()
+
     def inference_form(self, *, merge_bsconv_s: bool = True) -> HetConv2d:
         """The exact HetConv2d (:meth:`to_hetconv`): N*M/P fewer weights."""
         return self.to_hetconv().eval()

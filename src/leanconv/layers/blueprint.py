@@ -20,7 +20,8 @@ from ..ops.conv_geometry import check_conv_input
 from ._common import check_conv_arguments, describe_spatial
 from .depthwise import DepthwiseConv2d
 from ..ops.least_squares import bordered_solve
-from .protocol import LeanConvLayer, batchnorm_affine, fold_batchnorm, write_parameter
+from ..ops.low_rank import low_rank_factors
+from .protocol import LeanConvLayer, batchnorm_affine, fold_batchnorm, regularizers, write_bias, write_parameter
 
 __all__ = ["BSConvU2d", "BSConvS2d", "orthonormal_penalty", "bsconv_s_mid_channels"]
 
@@ -55,6 +56,20 @@ class _Blueprint(LeanConvLayer):
 
     def calibration_blocker(self) -> str:
         return "not fitted: a BatchNorm inside the layer" if self.with_bn else ""
+
+    @torch.no_grad()
+    def transfer_from_dense(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[float, float]:
+        """Per filter the rank-1 SVD W[n] (M, T) ~ rows[n] (M, 1) @ blueprint[n] (1, T); the
+        rows (N, M) are then written as coefficients @ basis (:meth:`_write_rows`)."""
+        n, m, kh, kw = weight.shape
+        left, blueprint, residual, total = low_rank_factors(weight.reshape(n, m, kh * kw), 1)
+        write_parameter(self.dw.weight, blueprint)
+        write_bias(self.dw, bias)
+        return residual + self._write_rows(left[:, :, 0], blueprint), total
+
+    def _write_rows(self, rows: torch.Tensor, blueprint: torch.Tensor) -> float:
+        """Write the pointwise rows (N, M); the squared residual this adds to the transfer."""
+        raise NotImplementedError
 
     @torch.no_grad()
     def calibration_fit(self, moments, settings, free_bias: bool) -> tuple[str, torch.Tensor | None]:
@@ -176,6 +191,10 @@ class BSConvU2d(_Blueprint, nn.Module):
     def _coefficients(self) -> nn.Parameter:
         return self.pw.weight
 
+    def _write_rows(self, rows: torch.Tensor, blueprint: torch.Tensor) -> float:
+        write_parameter(self.pw.weight, rows)
+        return 0.0
+
     def _fit_method(self, settings) -> str:
         return f"alternating least squares per filter, {settings.als_iterations} iterations"
 
@@ -259,8 +278,9 @@ class BSConvS2d(_Blueprint, nn.Module):
         gram = w @ w.t()
         return torch.linalg.matrix_norm(gram - torch.eye(gram.shape[0], device=w.device, dtype=w.dtype))
 
-    # The official package's model mixin looks for this name.
+    # The official package's model mixin looks for this name; leanconv's training for the protocol's.
     _reg_loss = orthonormal_penalty
+    regularization_loss = orthonormal_penalty
 
     # ------------------------------------------------- the layer protocol (protocol.py)
     def inference_form(self, *, merge_bsconv_s: bool = True) -> nn.Module:
@@ -281,6 +301,18 @@ class BSConvS2d(_Blueprint, nn.Module):
 
     def _coefficients(self) -> nn.Parameter:
         return self.pw2.weight
+
+    def summary_options(self) -> list[str]:
+        return [f"mid={self.mid_channels}", *super().summary_options()]
+
+    def _write_rows(self, rows: torch.Tensor, blueprint: torch.Tensor) -> float:
+        """rows (N, M) ~ pw2 (N, M') @ pw1 (M', M), pw1 with orthonormal rows. The blueprint
+        residual is orthogonal to every x (x) blueprint[n], so the two errors add up."""
+        pw2, pw1, _, _ = low_rank_factors(rows[None], self.mid_channels, balanced=False)
+        write_parameter(self.pw1.weight, pw1[0])
+        write_parameter(self.pw2.weight, pw2[0])
+        rows_error = (rows - pw2[0] @ pw1[0]).square().sum(1)
+        return (rows_error * blueprint[:, 0].square().sum(1)).sum().item()
 
     def _fit_method(self, settings) -> str:
         return f"alternating least squares per filter (pw2, blueprint; pw1 kept), {settings.als_iterations} iterations"
@@ -320,7 +352,8 @@ class BSConvS2d(_Blueprint, nn.Module):
 
 
 def orthonormal_penalty(model: nn.Module, alpha: float = 0.1) -> torch.Tensor:
-    """alpha * sum over every BSConvS2d in ``model`` of ||W W^T - I||_F.
+    """alpha * the sum of every leanconv layer's training-loss term in ``model``: for
+    BSConvS2d ||W W^T - I||_F (the only kind with one).
 
     The value the official ``BSConvS_ModelRegLossMixin.reg_loss(alpha)`` returns;
     a zero tensor when the model has no BSConvS2d.
@@ -330,7 +363,7 @@ def orthonormal_penalty(model: nn.Module, alpha: float = 0.1) -> torch.Tensor:
         model = torch.nn.Sequential(leanconv.BSConvS2d(16, 32, 3))
         loss = task_loss + leanconv.orthonormal_penalty(model, alpha=0.1)
     """
-    terms = [m.orthonormal_penalty() for m in model.modules() if isinstance(m, BSConvS2d)]
+    terms = [m.regularization_loss() for m in regularizers(model)]
     if not terms:
         try:
             reference = next(model.parameters())

@@ -28,7 +28,9 @@ from ..ops.hetconv_layout import (
 )
 from ._common import DispatchedLayer
 from ..ops.least_squares import ridge_solve
-from .protocol import LeanConvLayer, hetconv_mac_ratio, hetconv_macs_per_output, set_bias, write_parameter
+from ..ops.hetconv_layout import pointwise_channel_index
+from ..ops.low_rank import CHUNK_BYTES
+from .protocol import LeanConvLayer, hetconv_mac_ratio, hetconv_macs_per_output, set_bias, write_bias, write_parameter
 
 __all__ = ["HetConv2d"]
 
@@ -210,6 +212,9 @@ class HetConv2d(DispatchedLayer, LeanConvLayer, nn.Module):
     def batchnorm_absorber(self) -> nn.Module:
         return self
 
+    def summary_options(self) -> list[str]:
+        return [f"p={self.p}"] + ([f"layout={self.layout}"] if self.layout != "blocked" else [])
+
     @torch.no_grad()
     def fold_output_affine_(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
         """Both ``weight`` and ``pointwise_weight`` of filter n scaled by ``scale[n]``: the
@@ -236,6 +241,26 @@ class HetConv2d(DispatchedLayer, LeanConvLayer, nn.Module):
 
     def dense_equivalent(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.dense_weight(), self.bias
+
+    @torch.no_grad()
+    def transfer_from_dense(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[float, float]:
+        """Each filter keeps W's KxK kernels on its own channels and W's centre taps elsewhere:
+        exact copies (no arithmetic); the residual is the off-centre energy of the 1x1 channels."""
+        kxk, pointwise = extract_hetconv_weights(weight, self.p, self.layout, check_structure=False)
+        write_parameter(self.weight, kxk)
+        write_parameter(self.pointwise_weight, pointwise)
+        write_bias(self, bias)
+        n, m, kh, kw = weight.shape
+        on_pointwise = torch.zeros(n, m, dtype=torch.bool, device=weight.device)
+        on_pointwise.scatter_(1, pointwise_channel_index(m, n, self.p, self.layout, weight.device), True)
+        residual = total = 0.0
+        step = max(1, CHUNK_BYTES // (8 * m * kh * kw))
+        for start in range(0, n, step):
+            energy = weight[start : start + step].to(torch.float64).square()
+            off_centre = energy.sum((2, 3)) - energy[:, :, kh // 2, kw // 2]
+            residual += off_centre[on_pointwise[start : start + step]].sum().item()
+            total += energy.sum().item()
+        return residual, total
 
     def calibration_blocker(self) -> str:
         return ""

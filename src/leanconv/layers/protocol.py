@@ -13,6 +13,10 @@ testing concrete types.
 | :meth:`~LeanConvLayer.fuse_activation` | ``fuse`` (a following ReLU moves in) | False: not taken |
 | :meth:`~LeanConvLayer.export_form` | ``export.prepare_for_export`` (standard operators only) | the layer itself, its children prepared |
 | ``counting_backend`` | ``accounting.count`` (the backend a shape-only pass runs) | None: no backend choice |
+| :meth:`~LeanConvLayer.summary_options` | ``convert``'s report | ``with_bn`` where set |
+| :meth:`~LeanConvLayer.regularization_loss` | training (``train``, ``compare``): :func:`regularizers` | None |
+| :meth:`~LeanConvLayer.to_conv2d` | benchmarks' correctness gates (the dense reference) | None |
+| :meth:`~LeanConvLayer.transfer_from_dense` | ``convert`` (initialise from the dense layer replaced) | not defined |
 | :meth:`~LeanConvLayer.dense_equivalent` | ``convert.calibrate`` (errors from moments), tests | not defined |
 | :meth:`~LeanConvLayer.calibration_blocker` | ``convert.calibrate`` (whether it can fit the layer) | "no fit for this kind" |
 | :meth:`~LeanConvLayer.calibration_fit` | ``convert.calibrate`` (fit to a dense layer's outputs) | not defined |
@@ -30,7 +34,7 @@ import torch.nn as nn
 
 __all__ = [
     "LeanConvLayer", "batchnorm_affine", "conv_macs_per_output", "fold_batchnorm", "fold_conv_output_affine_",
-    "hetconv_mac_ratio", "hetconv_macs_per_output", "mac_stages", "set_bias", "why_not_foldable", "write_parameter",
+    "hetconv_mac_ratio", "hetconv_macs_per_output", "mac_stages", "regularizers", "write_bias", "set_bias", "why_not_foldable", "write_parameter",
 ]
 
 
@@ -67,6 +71,13 @@ def write_parameter(parameter: torch.Tensor, value: torch.Tensor) -> None:
         parameter.copy_(value.reshape(parameter.shape).to(device=parameter.device, dtype=parameter.dtype))
 
 
+def write_bias(conv: nn.Module, value: torch.Tensor | None) -> None:
+    """Copy ``value`` into ``conv.bias`` where the conv has one (zeros for None)."""
+    if conv.bias is not None:
+        with torch.no_grad():
+            conv.bias.copy_(value.to(conv.bias.dtype) if value is not None else torch.zeros_like(conv.bias))
+
+
 def set_bias(module: nn.Module, value: torch.Tensor, reference: torch.Tensor) -> None:
     """Set ``module.bias`` to ``value`` (in ``reference``'s device and dtype), creating it if absent."""
     value = value.to(device=reference.device, dtype=reference.dtype)
@@ -75,6 +86,13 @@ def set_bias(module: nn.Module, value: torch.Tensor, reference: torch.Tensor) ->
     else:
         with torch.no_grad():
             module.bias.copy_(value)
+
+
+def regularizers(model: nn.Module) -> list[nn.Module]:
+    """The leanconv layers of ``model`` that add a term to the training loss (BSConv-S's
+    orthonormality): ``sum(m.regularization_loss() for m in regularizers(model))``."""
+    return [m for m in model.modules() if isinstance(m, LeanConvLayer)
+            and type(m).regularization_loss is not LeanConvLayer.regularization_loss]
 
 
 class LeanConvLayer:
@@ -122,6 +140,26 @@ class LeanConvLayer:
         """The layer as standard PyTorch operators (for ONNX, TorchScript, torch.export):
         ``self`` for containers, whose children are prepared in turn."""
         return self
+
+    def summary_options(self) -> list[str]:
+        """The options a one-line description of the layer shows (conversion reports):
+        the kind's own (``p=4``, ``groups=2``) and ``with_bn``."""
+        return ["with_bn"] if getattr(self, "with_bn", False) else []
+
+    def regularization_loss(self) -> torch.Tensor | None:
+        """The term the kind's paper adds to the training loss (unscaled), or None."""
+        return None
+
+    def to_conv2d(self) -> nn.Conv2d | None:
+        """An ``nn.Conv2d`` computing exactly the same function, or None where no single
+        convolution does (e.g. a 1x1 before a padded depthwise convolution)."""
+        return None
+
+    def transfer_from_dense(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[float, float]:
+        """Initialise the layer from a dense convolution's ``weight`` (N, M, kh, kw) and
+        ``bias`` (its best approximation of that weight; inner BN as identity). Returns
+        (squared Frobenius residual of the effective weight, squared norm of ``weight``)."""
+        raise NotImplementedError(f"no weight transfer into {type(self).__name__}")
 
     def dense_equivalent(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight (N, M, kh, kw), bias (N,) or None) of the one convolution that computes

@@ -17,7 +17,8 @@ from ..ops.conv_geometry import check_conv_input
 from ._common import check_conv_arguments, describe_spatial
 from .depthwise import DepthwiseConv2d
 from ..ops.least_squares import ridge_solve
-from .protocol import LeanConvLayer, fold_batchnorm, write_parameter
+from ..ops.low_rank import low_rank_factors
+from .protocol import LeanConvLayer, fold_batchnorm, write_bias, write_parameter
 
 __all__ = ["DSConv2d", "GWPWConv2d"]
 
@@ -76,6 +77,21 @@ class _SpatialThenPointwise(LeanConvLayer, nn.Module):
 
     def calibration_blocker(self) -> str:
         return "not fitted: a BatchNorm inside the layer" if self.with_bn else ""
+
+    @torch.no_grad()
+    def transfer_from_dense(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[float, float]:
+        """Per group g, the truncated SVD W[:, g] (N, Mg*T) ~ pw[:, outputs of g] (N, rank) @
+        kxk[outputs of g] (rank, Mg*T), rank = the spatial outputs per group."""
+        n, m, kh, kw = weight.shape
+        spatial = getattr(self, self._SPATIAL)
+        groups = spatial.groups
+        blocks = weight.reshape(n, groups, m // groups * kh * kw).permute(1, 0, 2)
+        left, right, residual, total = low_rank_factors(blocks, spatial.out_channels // groups)
+        write_parameter(spatial.weight, right)
+        write_parameter(self.pw.weight, left.permute(1, 0, 2))
+        write_bias(spatial, None)
+        write_bias(self.pw, bias)
+        return residual, total
 
     @torch.no_grad()
     def calibration_fit(self, moments, settings, free_bias: bool) -> tuple[str, torch.Tensor | None]:
@@ -205,6 +221,9 @@ class GWPWConv2d(_SpatialThenPointwise):
     """
 
     _SPATIAL = "gw"
+
+    def summary_options(self) -> list[str]:
+        return [f"groups={self.groups}", *super().summary_options()]
 
     def __init__(
         self,

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from .. import config as leanconv_config
 from ..data import BatchLoader, Dataset, load_dataset
 from ..files import write_atomic
-from ..layers import BSConvS2d, orthonormal_penalty
+from ..layers import orthonormal_penalty
+from ..layers.protocol import regularizers
 from ..models import create
 from .checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from .config import TrainConfig
@@ -257,7 +258,7 @@ def _train(config, ctx: DistributedContext, resume, train_data, test_data, log, 
         model.load_state_dict(setup.initial_state(model))
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    has_bsconv_s = any(isinstance(m, BSConvS2d) for m in model.modules())
+    regularized = bool(regularizers(model))  # BSConv-S's orthonormality term
     widths = getattr(model, "channel_widths", None)  # zoo models record theirs
     optimizer = torch.optim.SGD(model.parameters(), lr=config.base_lr(), momentum=config.momentum,
                                 weight_decay=config.weight_decay, nesterov=config.nesterov)
@@ -351,7 +352,7 @@ def _train(config, ctx: DistributedContext, resume, train_data, test_data, log, 
                     loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
                 else:
                     loss = criterion(images, logits, labels)
-            total_loss = loss + orthonormal_penalty(model, config.ortho_alpha) if has_bsconv_s else loss
+            total_loss = loss + orthonormal_penalty(model, config.ortho_alpha) if regularized else loss
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(total_loss).backward()
