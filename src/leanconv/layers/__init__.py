@@ -1,14 +1,16 @@
 """leanconv's nn.Modules: HetConv2d and the separable family, and the factory
 that builds any of them from nn.Conv2d-style arguments."""
 
+# The kinds in the order their names are listed (each registers itself on definition).
+from .hetconv import Conv2dReLU, HetConv2d  # isort: skip
+from .separable import DSConv2d, GWPWConv2d  # isort: skip
+from .blueprint import BSConvS2d, BSConvU2d, bsconv_s_mid_channels, orthonormal_penalty  # isort: skip
 from .approximate import ApproximateHetConv2d
-from .blueprint import BSConvS2d, BSConvU2d, bsconv_s_mid_channels, orthonormal_penalty
+from .conv_spec import CONV_KINDS, KIND_OPTIONS, check_kind_options
 from .depthwise import DepthwiseConv2d
-from .factory import CONV_KINDS, KIND_OPTIONS, check_kind_options, make_conv
-from .hetconv import Conv2dReLU, HetConv2d
+from .factory import make_conv
 from .hetconv_export import HetConvExportForm
 from .protocol import LeanConvLayer
-from .separable import DSConv2d, GWPWConv2d
 
 # Every leanconv layer kind, for isinstance checks: model surgery treats each as one unit
 # (convert never replaces what is inside one, fuse folds BN into each whole). A kind is

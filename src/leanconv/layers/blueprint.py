@@ -143,6 +143,9 @@ class BSConvU2d(_Blueprint, nn.Module):
         assert sum(t.numel() for t in layer.parameters()) == 640
     """
 
+    kind = "bsconv_u"
+    kind_options = frozenset({"with_bn", "bn_kwargs", "depthwise_backend"})
+
     def __init__(
         self,
         in_channels: int,
@@ -227,6 +230,9 @@ class BSConvS2d(_Blueprint, nn.Module):
         y = layer(torch.randn(2, 64, 8, 8))              # (2, 128, 8, 8)
         assert layer.pw1.out_channels == 16
     """
+
+    kind = "bsconv_s"
+    kind_options = frozenset({"p", "min_mid_channels", "with_bn", "bn_kwargs", "depthwise_backend"})
 
     def __init__(
         self,

@@ -6,7 +6,9 @@ Examples: ``standard``, ``hetconv:p=4``, ``hetconv:p=4,layout=shifted``,
 no ``:`` is another option of the spec before it.
 
 The kinds and the options each accepts are those of
-:func:`leanconv.layers.make_conv` (which takes a spec in place of a kind);
+:func:`leanconv.layers.make_conv` (which takes a spec in place of a kind): ``standard``
+and every layer class that names itself with ``kind = "..."`` (a
+:class:`~leanconv.layers.LeanConvLayer` registers on definition, :func:`register_kind`);
 values are read as int, float,
 ``true``/``false`` or, failing those, kept as strings.
 """
@@ -16,34 +18,56 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 __all__ = [
-    "CONV_KINDS", "KIND_OPTIONS", "ConvSpec", "check_kind_options", "parse_conv_spec", "parse_conv_specs", "resolve_conv",
+    "CONV_KINDS", "KIND_OPTIONS", "ConvSpec", "check_kind_options", "kind_class", "parse_conv_spec", "parse_conv_specs",
+    "register_kind", "resolve_conv",
 ]
 
-CONV_KINDS = ("standard", "hetconv", "dsc", "bsconv_u", "bsconv_s", "gwpw")
 
-# Options each kind accepts beyond nn.Conv2d's arguments.
-KIND_OPTIONS: dict[str, frozenset[str]] = {
-    "standard": frozenset(),
-    "hetconv": frozenset({"p", "layout", "backend"}),
-    "dsc": frozenset({"depth_multiplier", "with_bn", "bn_kwargs", "depthwise_backend"}),
-    "bsconv_u": frozenset({"with_bn", "bn_kwargs", "depthwise_backend"}),
-    "bsconv_s": frozenset({"p", "min_mid_channels", "with_bn", "bn_kwargs", "depthwise_backend"}),
-    "gwpw": frozenset({"groups", "g", "with_bn", "bn_kwargs"}),
-}
+@dataclass(frozen=True)
+class _Kind:
+    options: frozenset  # accepted beyond nn.Conv2d's arguments
+    required: dict  # option -> what it is, for the error; "a|b": either spelling
+    cls: type | None  # None: nn.Conv2d itself
+
+
+_KINDS: dict[str, _Kind] = {"standard": _Kind(frozenset(), {}, None)}
+
+
+def register_kind(name: str, cls: type, options, required: dict | None = None) -> None:
+    """Make ``name`` a conv kind built by ``cls.from_spec`` (``make_conv``, ``convert``, the
+    zoo's ``conv=``), accepting ``options`` and needing ``required`` (option -> meaning)."""
+    _KINDS[name] = _Kind(frozenset(options), dict(required or {}), cls)
+
+
+def kind_class(kind: str) -> type | None:
+    """The class that builds ``kind`` (None for ``standard``: nn.Conv2d)."""
+    return _KINDS[kind].cls
+
+
+def __getattr__(name: str):
+    # The kinds registered so far (every leanconv kind once leanconv.layers is imported).
+    if name == "CONV_KINDS":
+        return tuple(_KINDS)
+    if name == "KIND_OPTIONS":
+        return {kind: info.options for kind, info in _KINDS.items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def check_kind_options(kind: str, options: dict) -> None:
-    """ValueError for an unknown kind or an option that belongs to another kind."""
-    if kind not in CONV_KINDS:
-        raise ValueError(f"conv kind must be one of {CONV_KINDS}, got {kind!r}")
-    unknown = sorted(set(options) - KIND_OPTIONS[kind])
+    """ValueError for an unknown kind, an option that belongs to another kind, or a
+    required option missing."""
+    if kind not in _KINDS:
+        raise ValueError(f"conv kind must be one of {tuple(_KINDS)}, got {kind!r}")
+    info = _KINDS[kind]
+    unknown = sorted(set(options) - info.options)
     if unknown:
-        allowed = sorted(KIND_OPTIONS[kind]) or "none"
+        allowed = sorted(info.options) or "none"
         raise ValueError(f"option(s) {unknown} do not apply to conv kind {kind!r} (its options: {allowed})")
-    if kind == "hetconv" and options.get("p") is None:
-        raise ValueError("conv kind 'hetconv' needs the option p (the HetConv part P), got none")
-    if kind == "gwpw" and options.get("groups", options.get("g")) is None:
-        raise ValueError("conv kind 'gwpw' needs the option groups (or g), got none")
+    for names, meaning in info.required.items():
+        spellings = names.split("|")
+        if all(options.get(n) is None for n in spellings):
+            alias = f" (or {', '.join(spellings[1:])})" if len(spellings) > 1 else ""
+            raise ValueError(f"conv kind {kind!r} needs the option {spellings[0]}{alias} ({meaning}), got none")
 
 
 # nn.Conv2d's keyword arguments (make_conv passes them through; the rest are the kind's options).
@@ -105,16 +129,16 @@ def parse_conv_spec(text: str, *, complete: bool = False) -> ConvSpec:
         raise ValueError(f"conv spec must be a non-empty string like 'hetconv:p=4', got {text!r}")
     kind, _, rest = text.strip().partition(":")
     kind = kind.strip()
-    if kind not in CONV_KINDS:
-        raise ValueError(f"conv spec {text!r}: kind must be one of {', '.join(CONV_KINDS)}, got {kind!r}")
+    if kind not in _KINDS:
+        raise ValueError(f"conv spec {text!r}: kind must be one of {', '.join(_KINDS)}, got {kind!r}")
     options: dict = {}
     for piece in filter(None, (p.strip() for p in rest.split(","))):
         name, equals, value = piece.partition("=")
         name, value = name.strip(), value.strip()
         if not equals or not name or not value:
             raise ValueError(f"conv spec {text!r}: options are written name=value, got {piece!r}")
-        if name not in KIND_OPTIONS[kind]:
-            allowed = ", ".join(sorted(KIND_OPTIONS[kind])) or "none"
+        if name not in _KINDS[kind].options:
+            allowed = ", ".join(sorted(_KINDS[kind].options)) or "none"
             raise ValueError(f"conv spec {text!r}: option {name!r} does not apply to {kind!r} (its options: {allowed})")
         if name in options:
             raise ValueError(f"conv spec {text!r}: option {name!r} given twice")
@@ -150,7 +174,7 @@ def resolve_conv(kind_or_spec: str, options: dict | None = None, *, argument: st
     """
     if not isinstance(kind_or_spec, str):
         raise ValueError(f"{argument} must be a conv kind or spec string such as 'hetconv:p=4' "
-                         f"(kinds: {', '.join(CONV_KINDS)}), got {kind_or_spec!r}")
+                         f"(kinds: {', '.join(_KINDS)}), got {kind_or_spec!r}")
     spec = parse_conv_spec(kind_or_spec)
     merged = dict(spec.options)
     for name, value in (options or {}).items():

@@ -1,20 +1,19 @@
 """Build any leanconv convolution kind from nn.Conv2d-style arguments.
 
 The one place that maps a kind name ("standard", "hetconv", "dsc", "bsconv_u",
-"bsconv_s", "gwpw") and its options to a layer; the model zoo and model
-conversion both build their layers here.
+"bsconv_s", "gwpw": every class that registers one, see
+:class:`~leanconv.layers.LeanConvLayer`) and its options to a layer; the model zoo and
+model conversion both build their layers here.
 """
 
 from __future__ import annotations
 
 import torch.nn as nn
 
-from .blueprint import BSConvS2d, BSConvU2d
-from .conv_spec import CONV_KINDS, KIND_OPTIONS, check_kind_options, resolve_conv
-from .hetconv import HetConv2d
-from .separable import DSConv2d, GWPWConv2d
+from . import blueprint, hetconv, separable  # noqa: F401  (each kind registers itself on definition)
+from .conv_spec import check_kind_options, kind_class, resolve_conv
 
-__all__ = ["CONV_KINDS", "KIND_OPTIONS", "make_conv", "check_kind_options"]
+__all__ = ["make_conv", "check_kind_options"]
 
 def make_conv(
     kind: str,
@@ -43,16 +42,5 @@ def make_conv(
     kind, options = resolve_conv(kind, options)
     args = (in_channels, out_channels, kernel_size, stride, padding, dilation)
     common = dict(bias=bias, padding_mode=padding_mode, device=device, dtype=dtype)
-    if kind == "standard":
-        return nn.Conv2d(*args, **common)
-    if kind == "hetconv":
-        return HetConv2d(*args, **common, **options)
-    if kind == "dsc":
-        return DSConv2d(*args, **common, **options)
-    if kind == "bsconv_u":
-        return BSConvU2d(*args, **common, **options)
-    if kind == "bsconv_s":
-        return BSConvS2d(*args, **common, **options)
-    groups = options.pop("groups", None)
-    groups = options.pop("g", None) if groups is None else groups
-    return GWPWConv2d(*args, **common, groups=groups, **options)
+    cls = kind_class(kind)
+    return nn.Conv2d(*args, **common) if cls is None else cls.from_spec(*args, **common, **options)

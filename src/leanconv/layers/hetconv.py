@@ -193,6 +193,9 @@ class HetConv2d(DispatchedLayer, LeanConvLayer, nn.Module):
         self._geometry = self._geometry._replace(activation=activation)
 
     # ------------------------------------------------- the layer protocol (protocol.py)
+    kind = "hetconv"
+    kind_options = frozenset({"p", "layout", "backend"})
+    kind_required = {"p": "the HetConv part P"}
     counting_backend = "reference"  # a shape-only pass builds and measures nothing
 
     def mac_stages(self) -> list[tuple[nn.Module, int]]:

@@ -100,7 +100,28 @@ class LeanConvLayer:
 
     Model surgery treats an instance as one unit: ``convert`` never replaces what is
     inside one, ``fuse`` folds BatchNorm into each whole, torch.fx traces it as a leaf.
+
+    A class that sets ``kind`` (its conv-spec name, e.g. ``"hetconv"``) becomes buildable
+    by name (``make_conv``, ``leanconv.convert(model, kind)``, the zoo's ``conv=``): it
+    accepts ``kind_options`` beyond nn.Conv2d's arguments and needs ``kind_required``
+    (option -> meaning; ``"a|b"`` for two spellings); :meth:`from_spec` builds it.
     """
+
+    kind: str | None = None
+    kind_options: frozenset = frozenset()
+    kind_required: dict = {}
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "kind" in cls.__dict__ and cls.kind is not None:
+            from .conv_spec import register_kind
+
+            register_kind(cls.kind, cls, cls.kind_options, cls.kind_required)
+
+    @classmethod
+    def from_spec(cls, *conv_arguments, **options) -> nn.Module:
+        """The layer from nn.Conv2d's arguments and the kind's (checked) options."""
+        return cls(*conv_arguments, **options)
 
     counting_backend: str | None = None
     # The FuseReport list that names a layer whose inference_form is another module.

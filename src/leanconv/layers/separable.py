@@ -163,6 +163,9 @@ class DSConv2d(_SpatialThenPointwise):
         assert sum(t.numel() for t in layer.parameters()) == 452
     """
 
+    kind = "dsc"
+    kind_options = frozenset({"depth_multiplier", "with_bn", "bn_kwargs", "depthwise_backend"})
+
     def __init__(
         self,
         in_channels: int,
@@ -221,6 +224,14 @@ class GWPWConv2d(_SpatialThenPointwise):
     """
 
     _SPATIAL = "gw"
+    kind = "gwpw"
+    kind_options = frozenset({"groups", "g", "with_bn", "bn_kwargs"})
+    kind_required = {"groups|g": "the groups of the KxK convolution"}
+
+    @classmethod
+    def from_spec(cls, *conv_arguments, **options) -> nn.Module:
+        groups = options.pop("groups", None)
+        return cls(*conv_arguments, groups=options.pop("g", None) if groups is None else groups, **options)
 
     def summary_options(self) -> list[str]:
         return [f"groups={self.groups}", *super().summary_options()]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from ..layers.factory import CONV_KINDS, check_kind_options, make_conv
+from ..layers import CONV_KINDS, check_kind_options, make_conv
 
 __all__ = ["ConvBuilder", "init_resnet_weights"]
 
