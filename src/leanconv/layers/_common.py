@@ -1,7 +1,9 @@
-"""What the layers share: argument checks, ``extra_repr``, and the backend
-plumbing of the layers that dispatch (:class:`DispatchedLayer`)."""
+"""What the layers share: the constructor preamble (:func:`conv_arguments`), ``extra_repr``,
+and the backend plumbing of the layers that dispatch (:class:`DispatchedLayer`)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from .. import config
 from ..ops.conv_geometry import PADDING_MODES, normalize_kernel_size, normalize_pair, normalize_padding
@@ -61,16 +63,42 @@ class DispatchedLayer:
         )
 
 
-def check_conv_arguments(in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode, layer: str) -> None:
-    """Validate nn.Conv2d-style arguments up front, naming the layer and argument."""
+@dataclass(frozen=True)
+class ConvArguments:
+    """nn.Conv2d's constructor arguments, validated and normalised once for every kind:
+    pairs of ints, ``padding_pair`` the symmetric zero padding (None for an uneven
+    ``"same"``, which only kinds that pass it to a depthwise or nn.Conv2d accept), and the
+    ``factory`` keywords (``device``, ``dtype``) for every parameter."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: str | tuple[int, int]
+    padding_pair: tuple[int, int] | None
+    dilation: tuple[int, int]
+    padding_mode: str
+    factory: dict
+
+
+def conv_arguments(layer: str, in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode,
+                   device=None, dtype=None, *, odd_kernel: bool = False) -> ConvArguments:
+    """Validate nn.Conv2d-style arguments up front, naming ``layer`` and the argument; the
+    constructor preamble every leanconv layer shares (``odd_kernel``: a 1x1 kernel sits at
+    the window's centre tap, which only odd sizes have)."""
     for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{layer}: {name} must be a positive int, got {value!r}")
-    kernel = normalize_kernel_size(kernel_size, require_odd=False)
-    normalize_padding(padding, kernel, normalize_pair(stride, "stride"), normalize_pair(dilation, "dilation"),
-                      allow_uneven_same=True)  # as nn.Conv2d; a kind that cannot take it refuses it itself
+    try:
+        kernel = normalize_kernel_size(kernel_size, require_odd=odd_kernel)
+        stride_pair, dilation_pair = normalize_pair(stride, "stride"), normalize_pair(dilation, "dilation")
+        padding_pair = normalize_padding(padding, kernel, stride_pair, dilation_pair, allow_uneven_same=not odd_kernel)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{layer}: {error}") from None
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"{layer}: padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+    return ConvArguments(in_channels, out_channels, kernel, stride_pair, padding if isinstance(padding, str) else padding_pair,
+                         padding_pair, dilation_pair, padding_mode, {"device": device, "dtype": dtype})
 
 
 def describe_spatial(layer, spatial, has_bias: bool, extra: str) -> str:

@@ -16,14 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..ops.conv_geometry import (
-    PADDING_MODES,
-    check_conv_input,
-    normalize_kernel_size,
-    normalize_pair,
-    normalize_padding,
-)
+from ..ops.conv_geometry import check_conv_input, normalize_kernel_size, normalize_pair
 from ..ops.hetconv_layout import check_hetconv_channels, zero_diagonal_pointwise
+from ._common import conv_arguments
 from .hetconv import HetConv2d
 from .protocol import LeanConvLayer, mac_stages
 
@@ -81,15 +76,15 @@ class ApproximateHetConv2d(LeanConvLayer, nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
+        if padding is None:  # the centre offset, what public code uses
+            kernel, dilation_pair = normalize_kernel_size(kernel_size), normalize_pair(dilation, "dilation")
+            padding = (dilation_pair[0] * (kernel[0] - 1) // 2, dilation_pair[1] * (kernel[1] - 1) // 2)
+        arguments = conv_arguments("ApproximateHetConv2d", in_channels, out_channels, kernel_size, stride, padding,
+                                   dilation, padding_mode, device, dtype, odd_kernel=True)
         check_hetconv_channels(in_channels, out_channels, p)
-        if padding_mode not in PADDING_MODES:
-            raise ValueError(f"ApproximateHetConv2d: padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-        kernel = normalize_kernel_size(kernel_size)
-        stride_pair = normalize_pair(stride, "stride")
-        dilation_pair = normalize_pair(dilation, "dilation")
+        kernel, stride_pair, dilation_pair = arguments.kernel_size, arguments.stride, arguments.dilation
+        padding_pair, factory = arguments.padding_pair, arguments.factory
         centre = (dilation_pair[0] * (kernel[0] - 1) // 2, dilation_pair[1] * (kernel[1] - 1) // 2)
-        padding = centre if padding is None else padding
-        padding_pair = normalize_padding(padding, kernel, stride_pair, dilation_pair)
         pointwise_padding = (padding_pair[0] - centre[0], padding_pair[1] - centre[1])
         if min(pointwise_padding) < 0:
             raise ValueError(
@@ -101,7 +96,6 @@ class ApproximateHetConv2d(LeanConvLayer, nn.Module):
                 f"ApproximateHetConv2d: padding_mode={padding_mode!r} needs padding equal to the centre offset {centre}, "
                 f"got {padding!r}"
             )
-        factory = {"device": device, "dtype": dtype}
         self.in_channels, self.out_channels, self.p = in_channels, out_channels, p
         self.gwc = nn.Conv2d(
             in_channels, out_channels, kernel, stride_pair, padding_pair, dilation_pair, groups=p,

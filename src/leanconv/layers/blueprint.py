@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..ops.conv_geometry import check_conv_input
-from ._common import check_conv_arguments, describe_spatial
+from ._common import conv_arguments, describe_spatial
 from .depthwise import DepthwiseConv2d
 from ..ops.least_squares import bordered_solve
 from ..ops.low_rank import low_rank_factors
@@ -164,8 +164,8 @@ class BSConvU2d(_Blueprint, nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        check_conv_arguments(in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode, "BSConvU2d")
-        factory = {"device": device, "dtype": dtype}
+        factory = conv_arguments("BSConvU2d", in_channels, out_channels, kernel_size, stride, padding, dilation,
+                                 padding_mode, device, dtype).factory
         self.in_channels, self.out_channels, self.with_bn = in_channels, out_channels, with_bn
         self.pw = nn.Conv2d(in_channels, out_channels, 1, bias=False, **factory)
         if with_bn:
@@ -254,12 +254,12 @@ class BSConvS2d(_Blueprint, nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        check_conv_arguments(in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode, "BSConvS2d")
+        factory = conv_arguments("BSConvS2d", in_channels, out_channels, kernel_size, stride, padding, dilation,
+                                 padding_mode, device, dtype).factory
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
             raise ValueError(f"BSConvS2d: p must be a number in (0, 1] (the bottleneck fraction M'/M), got {p!r}")
         if isinstance(min_mid_channels, bool) or not isinstance(min_mid_channels, int) or min_mid_channels < 1:
             raise ValueError(f"BSConvS2d: min_mid_channels must be a positive int, got {min_mid_channels!r}")
-        factory = {"device": device, "dtype": dtype}
         mid = bsconv_s_mid_channels(in_channels, p, min_mid_channels)
         self.in_channels, self.out_channels, self.mid_channels = in_channels, out_channels, mid
         self.p, self.min_mid_channels, self.with_bn = p, min_mid_channels, with_bn

@@ -11,13 +11,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ..ops.conv_geometry import (
-    PADDING_MODES,
-    HetConvGeometry,
-    normalize_kernel_size,
-    normalize_pair,
-    normalize_padding,
-)
+from ..ops.conv_geometry import HetConvGeometry, normalize_kernel_size, normalize_pair, normalize_padding
 from ..ops.hetconv_layout import (
     channel_permutation,
     check_hetconv_channels,
@@ -25,11 +19,11 @@ from ..ops.hetconv_layout import (
     convert_layout,
     extract_hetconv_weights,
     materialize_dense_weight,
+    pointwise_channel_index,
 )
-from ._common import DispatchedLayer
 from ..ops.least_squares import ridge_solve
-from ..ops.hetconv_layout import pointwise_channel_index
 from ..ops.low_rank import CHUNK_BYTES
+from ._common import DispatchedLayer, conv_arguments
 from .protocol import LeanConvLayer, hetconv_mac_ratio, hetconv_macs_per_output, set_bias, write_bias, write_parameter
 
 __all__ = ["HetConv2d"]
@@ -116,17 +110,13 @@ class HetConv2d(DispatchedLayer, LeanConvLayer, nn.Module):
             raise ValueError(
                 f"HetConv2d supports only groups=1 (its P groups of KxK kernels are set by p), got groups={groups!r}"
             )
+        arguments = conv_arguments("HetConv2d", in_channels, out_channels, kernel_size, stride, padding, dilation,
+                                   padding_mode, device, dtype, odd_kernel=True)
         check_hetconv_channels(in_channels, out_channels, p)
         check_layout(layout)
-        if padding_mode not in PADDING_MODES:
-            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size = normalize_kernel_size(kernel_size)
-        self.stride = normalize_pair(stride, "stride")
-        self.dilation = normalize_pair(dilation, "dilation")
-        self._padding_pair = normalize_padding(padding, self.kernel_size, self.stride, self.dilation)
-        self.padding = padding if isinstance(padding, str) else self._padding_pair
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.dilation = arguments.kernel_size, arguments.stride, arguments.dilation
+        self._padding_pair, self.padding = arguments.padding_pair, arguments.padding
         self.padding_mode = padding_mode
         self.p = p
         self.layout = layout
@@ -138,7 +128,7 @@ class HetConv2d(DispatchedLayer, LeanConvLayer, nn.Module):
             (0, 0) if explicit else self._padding_pair, self.dilation, p, layout,
         )
 
-        factory = {"device": device, "dtype": dtype}
+        factory = arguments.factory
         per_group = in_channels // p
         self.weight = nn.Parameter(torch.empty(out_channels, per_group, *self.kernel_size, **factory))
         self.pointwise_weight = nn.Parameter(torch.empty(out_channels, in_channels - per_group, **factory))

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..ops.conv_geometry import check_conv_input
-from ._common import check_conv_arguments, describe_spatial
+from ._common import conv_arguments, describe_spatial
 from .depthwise import DepthwiseConv2d
 from ..ops.least_squares import ridge_solve
 from ..ops.low_rank import low_rank_factors
@@ -185,10 +185,10 @@ class DSConv2d(_SpatialThenPointwise):
         dtype=None,
     ) -> None:
         super().__init__()
-        check_conv_arguments(in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode, "DSConv2d")
+        factory = conv_arguments("DSConv2d", in_channels, out_channels, kernel_size, stride, padding, dilation,
+                                 padding_mode, device, dtype).factory
         if isinstance(depth_multiplier, bool) or not isinstance(depth_multiplier, int) or depth_multiplier < 1:
             raise ValueError(f"DSConv2d: depth_multiplier must be a positive int, got {depth_multiplier!r}")
-        factory = {"device": device, "dtype": dtype}
         mid = in_channels * depth_multiplier
         self.in_channels, self.out_channels = in_channels, out_channels
         self.depth_multiplier, self.with_bn, self.has_bias = depth_multiplier, with_bn, bias
@@ -254,14 +254,14 @@ class GWPWConv2d(_SpatialThenPointwise):
         dtype=None,
     ) -> None:
         super().__init__()
-        check_conv_arguments(in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode, "GWPWConv2d")
+        factory = conv_arguments("GWPWConv2d", in_channels, out_channels, kernel_size, stride, padding, dilation,
+                                 padding_mode, device, dtype).factory
         if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
             raise ValueError(f"GWPWConv2d: groups must be a positive int, got {groups!r}")
         if in_channels % groups:
             raise ValueError(
                 f"GWPWConv2d: groups must divide in_channels: in_channels={in_channels} is not divisible by groups={groups}"
             )
-        factory = {"device": device, "dtype": dtype}
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.with_bn, self.has_bias = with_bn, bias
         self.gw = nn.Conv2d(
