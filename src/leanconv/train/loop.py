@@ -28,6 +28,7 @@ import json
 import os
 import random
 import time
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -230,10 +231,81 @@ def train(
         ctx.close()
 
 
+@dataclass
+class _Run:
+    """Everything one training run holds between its steps (:func:`_train`)."""
+
+    config: TrainConfig
+    ctx: DistributedContext
+    log: Callable[[str], None]
+    spec: dict
+    model: nn.Module
+    net: nn.Module  # the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None
+    train_data: Dataset
+    test_data: Dataset
+    train_loader: BatchLoader
+    test_loader: BatchLoader
+    steps_per_epoch: int
+    widths: list | None
+    checkpoint_path: str
+    metrics_path: str
+    criterion: Callable | None = None
+    regularized: bool = False
+    start_epoch: int = 0
+    earlier_epochs: list = field(default_factory=list)
+    extensions: list = field(default_factory=list)  # each --resume with a larger --epochs
+    train_seconds: float = 0.0
+    last: dict | None = None
+    run_start: float = field(default_factory=time.perf_counter)
+
+    def save(self, epochs_done: int, metrics: dict) -> None:
+        save_checkpoint({
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "epoch": epochs_done,
+            "rng": rng_states(),
+            "data": {"seed": self.config.seed, "next_epoch": epochs_done},
+            "config": self.config.to_dict(),
+            "model_spec": self.spec,
+            "channel_widths": self.widths,
+            "extensions": self.extensions,
+            "metrics": metrics,
+        }, self.checkpoint_path)
+
+    def record(self, epochs_done: int, metrics: dict) -> None:
+        """Checkpoint and metrics line of an epoch (rank 0 writes)."""
+        self.last = metrics
+        if self.ctx.is_main:
+            self.save(epochs_done, metrics)
+            _append_jsonl(self.metrics_path, metrics)
+
+
 def _train(config, ctx: DistributedContext, resume, train_data, test_data, log, setup=None) -> dict:
-    out = config.out
-    checkpoint_path = os.path.join(out, "last.pt")
-    metrics_path = os.path.join(out, "metrics.jsonl")
+    """setup, resume (or a fresh start), one epoch at a time, finish."""
+    run, resuming = _setup(config, ctx, resume, train_data, test_data, log, setup)
+    if resuming:
+        _resume(run)
+    elif ctx.is_main and os.path.exists(run.metrics_path):
+        os.unlink(run.metrics_path)  # a run that died before its first checkpoint
+    _announce(run)
+    run.criterion = setup.criterion(run.model, config) if setup is not None else None
+    if ctx.active:
+        device = ctx.device
+        run.net = nn.parallel.DistributedDataParallel(run.model, device_ids=[device.index] if device.type == "cuda" else None)
+    run.run_start = time.perf_counter()
+    for epoch in range(run.start_epoch, config.epochs):
+        _one_epoch(run, epoch)
+    return _finish(run)
+
+
+def _setup(config, ctx, resume, train_data, test_data, log, setup) -> tuple[_Run, bool]:
+    """Checks, data, the model (a student's starting weights), optimizer, schedule, scaler."""
+    checkpoint_path = os.path.join(config.out, "last.pt")
     if os.path.exists(checkpoint_path) and not resume:
         raise ValueError(f"{checkpoint_path} exists: pass --resume to continue it, or choose another --out")
     if config.batch_size % ctx.world_size:
@@ -249,6 +321,10 @@ def _train(config, ctx: DistributedContext, resume, train_data, test_data, log, 
     train_loader = BatchLoader(train_data, per_rank, shuffle=True, augment=config.augment, seed=config.seed,
                                drop_last=True, workers=config.workers, **common)
     test_loader = BatchLoader(test_data, max(per_rank, 256), **common)
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size {config.batch_size} is larger than the {len(train_data)} training images of "
+                         f"{config.data}")
 
     _seed_everything(config.seed)
     spec = setup.spec if setup is not None else model_spec(config, train_data.num_classes)
@@ -258,167 +334,149 @@ def _train(config, ctx: DistributedContext, resume, train_data, test_data, log, 
         model.load_state_dict(setup.initial_state(model))
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    regularized = bool(regularizers(model))  # BSConv-S's orthonormality term
-    widths = getattr(model, "channel_widths", None)  # zoo models record theirs
     optimizer = torch.optim.SGD(model.parameters(), lr=config.base_lr(), momentum=config.momentum,
                                 weight_decay=config.weight_decay, nesterov=config.nesterov)
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
-        raise ValueError(f"batch_size {config.batch_size} is larger than the {len(train_data)} training images of "
-                         f"{config.data}")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _plan_schedule(config, steps_per_epoch))
-    scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
+    run = _Run(
+        config, ctx, log, spec, model, model, optimizer, scheduler,
+        torch.amp.GradScaler(device.type) if config.amp == "fp16" else None,
+        train_data, test_data, train_loader, test_loader, steps_per_epoch,
+        getattr(model, "channel_widths", None),  # zoo models record theirs
+        checkpoint_path, os.path.join(config.out, "metrics.jsonl"),
+        regularized=bool(regularizers(model)),  # BSConv-S's orthonormality term
+    )
+    return run, resuming
 
-    start_epoch = 0
-    earlier_epochs: list[dict] = []
-    extensions: list[dict] = []  # each --resume with a larger --epochs
-    if resuming:
-        checkpoint = load_checkpoint(checkpoint_path)  # on the CPU: RNG states must stay there
-        if checkpoint["model_spec"] != spec:
-            raise ValueError(f"{checkpoint_path} holds {checkpoint['model_spec']}, not the configured {spec}")
-        changed = _recipe_changes(checkpoint["config"], config.to_dict())
-        if changed:
-            raise ValueError(f"{checkpoint_path} was trained with another recipe ({changed}); an exact resume needs "
-                             f"the same one (or choose another --out)")
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])  # restores the saved schedule's plan too
-        if scaler is not None and checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
-        restore_rng_states(checkpoint["rng"])
-        start_epoch = checkpoint["epoch"]
-        extensions = list(checkpoint.get("extensions", []))
-        saved_epochs = checkpoint["config"]["epochs"]
-        if config.epochs != saved_epochs:
-            _replan_schedule(scheduler, optimizer, _plan_schedule(config, steps_per_epoch))
-            extensions.append({"at_epoch": start_epoch, "epochs_before": saved_epochs, "epochs_after": config.epochs})
-            log(f"extending {checkpoint_path} from {saved_epochs} to {config.epochs} epochs: the {config.schedule} "
-                f"schedule is re-planned for {config.epochs} epochs and continues from epoch {start_epoch}")
-        earlier_epochs = _keep_metrics_until(metrics_path, start_epoch) if ctx.is_main else []
-        log(f"resuming {checkpoint_path} after epoch {start_epoch}/{config.epochs}")
-    elif ctx.is_main and os.path.exists(metrics_path):
-        os.unlink(metrics_path)  # a run that died before its first checkpoint
 
+def _resume(run: _Run) -> None:
+    """Restore an exact state from last.pt; a larger --epochs re-plans the schedule."""
+    config, path = run.config, run.checkpoint_path
+    checkpoint = load_checkpoint(path)  # on the CPU: RNG states must stay there
+    if checkpoint["model_spec"] != run.spec:
+        raise ValueError(f"{path} holds {checkpoint['model_spec']}, not the configured {run.spec}")
+    changed = _recipe_changes(checkpoint["config"], config.to_dict())
+    if changed:
+        raise ValueError(f"{path} was trained with another recipe ({changed}); an exact resume needs "
+                         f"the same one (or choose another --out)")
+    run.model.load_state_dict(checkpoint["model"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.scheduler.load_state_dict(checkpoint["scheduler"])  # restores the saved schedule's plan too
+    if run.scaler is not None and checkpoint.get("scaler"):
+        run.scaler.load_state_dict(checkpoint["scaler"])
+    restore_rng_states(checkpoint["rng"])
+    run.start_epoch = checkpoint["epoch"]
+    run.extensions = list(checkpoint.get("extensions", []))
+    saved_epochs = checkpoint["config"]["epochs"]
+    if config.epochs != saved_epochs:
+        _replan_schedule(run.scheduler, run.optimizer, _plan_schedule(config, run.steps_per_epoch))
+        run.extensions.append({"at_epoch": run.start_epoch, "epochs_before": saved_epochs, "epochs_after": config.epochs})
+        run.log(f"extending {path} from {saved_epochs} to {config.epochs} epochs: the {config.schedule} "
+                f"schedule is re-planned for {config.epochs} epochs and continues from epoch {run.start_epoch}")
+    run.earlier_epochs = _keep_metrics_until(run.metrics_path, run.start_epoch) if run.ctx.is_main else []
+    run.log(f"resuming {path} after epoch {run.start_epoch}/{config.epochs}")
+
+
+def _announce(run: _Run) -> None:
+    """config.json (rank 0) and the run's one-line description."""
+    config, ctx, spec = run.config, run.ctx, run.spec
     if ctx.is_main:
-        os.makedirs(out, exist_ok=True)
-        _write_json(os.path.join(out, "config.json"), {**config.to_dict(), "model_spec": spec,
-                                                        "channel_widths": widths,
-                                                        "resolved": {"lr": config.base_lr(),
-                                                                     "warmup": config.warmup_epochs()},
-                                                        "extensions": extensions, "world_size": ctx.world_size})
-    params = sum(p.numel() for p in model.parameters())
-    log(f"{spec['name']} conv={config.conv} width={spec.get('width', config.width)} (channel widths "
-        f"{', '.join(map(str, widths or ['?']))}): {params:,} parameters; "
-        f"{len(train_data)} train / {len(test_data)} test images from {train_data.source}; "
-        f"{config.epochs} epochs x {steps_per_epoch} steps of {config.batch_size} on {device}"
-        f"{f' x {ctx.world_size} processes' if ctx.active else ''}; {config.recipe_line()}")
+        os.makedirs(config.out, exist_ok=True)
+        _write_json(os.path.join(config.out, "config.json"), {
+            **config.to_dict(), "model_spec": spec, "channel_widths": run.widths,
+            "resolved": {"lr": config.base_lr(), "warmup": config.warmup_epochs()},
+            "extensions": run.extensions, "world_size": ctx.world_size})
+    params = sum(p.numel() for p in run.model.parameters())
+    run.log(f"{spec['name']} conv={config.conv} width={spec.get('width', config.width)} (channel widths "
+            f"{', '.join(map(str, run.widths or ['?']))}): {params:,} parameters; "
+            f"{len(run.train_data)} train / {len(run.test_data)} test images from {run.train_data.source}; "
+            f"{config.epochs} epochs x {run.steps_per_epoch} steps of {config.batch_size} on {ctx.device}"
+            f"{f' x {ctx.world_size} processes' if ctx.active else ''}; {config.recipe_line()}")
 
-    def save(epochs_done: int, metrics: dict) -> None:
-        save_checkpoint({
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "epoch": epochs_done,
-            "rng": rng_states(),
-            "data": {"seed": config.seed, "next_epoch": epochs_done},
-            "config": config.to_dict(),
-            "model_spec": spec,
-            "channel_widths": widths,
-            "extensions": extensions,
-            "metrics": metrics,
-        }, checkpoint_path)
 
-    criterion = setup.criterion(model, config) if setup is not None else None
-    net = model
-    if ctx.active:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    run_start = time.perf_counter()
-    train_seconds = 0.0
-    last = None
-    for epoch in range(start_epoch, config.epochs):
-        train_loader.set_epoch(epoch)
-        net.train()
-        progress = Progress(steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}", config.progress and ctx.is_main)
-        epoch_start = time.perf_counter()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        correct = torch.zeros((), dtype=torch.float64, device=device)
-        seen = 0
-        for images, labels in train_loader:
-            with autocast_context(config.amp, device):
-                logits = net(images)
-                if criterion is None:
-                    loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
-                else:
-                    loss = criterion(images, logits, labels)
-            total_loss = loss + orthonormal_penalty(model, config.ortho_alpha) if regularized else loss
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(total_loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+def _one_epoch(run: _Run, epoch: int) -> None:
+    """Train one epoch, evaluate, checkpoint, log."""
+    config, ctx, device = run.config, run.ctx, run.ctx.device
+    run.train_loader.set_epoch(epoch)
+    run.net.train()
+    progress = Progress(run.steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}", config.progress and ctx.is_main)
+    epoch_start = time.perf_counter()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.float64, device=device)
+    seen = 0
+    for images, labels in run.train_loader:
+        with autocast_context(config.amp, device):
+            logits = run.net(images)
+            if run.criterion is None:
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
             else:
-                total_loss.backward()
-                optimizer.step()
-            scheduler.step()
-            loss_sum += loss.detach() * labels.shape[0]
-            correct += (logits.detach().argmax(1) == labels).sum()
-            seen += labels.shape[0]
-            if progress.enabled:
-                elapsed = time.perf_counter() - epoch_start
-                progress.update(loss=loss_sum.item() / seen, acc=correct.item() / seen,
-                                img_s=round(seen * ctx.world_size / max(elapsed, 1e-9)))
-        progress.close()
-        epoch_seconds = time.perf_counter() - epoch_start
-        train_seconds += epoch_seconds
-        train_loss, train_correct, train_seen = all_reduce_sum([loss_sum.item(), correct.item(), seen], device)
-        if ctx.active:
-            # Each rank's last forward updated its own BN statistics; evaluate
-            # (and checkpoint) rank 0's on every shard, as DDP does before a forward.
-            for buffer in model.buffers():
-                torch.distributed.broadcast(buffer, 0)
-        test = evaluate(model, test_loader, amp=config.amp)
-        last = {
-            "epoch": epoch + 1,
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": train_loss / train_seen,
-            "train_acc": train_correct / train_seen,
-            "test_loss": test["loss"],
-            "test_top1": test["top1"],
-            "test_top5": test["top5"],
-            "epoch_seconds": epoch_seconds,
-            "images_per_second": train_seen / epoch_seconds,
-        }
-        if ctx.is_main:
-            save(epoch + 1, last)
-            _append_jsonl(metrics_path, last)
-        log(f"epoch {epoch + 1}/{config.epochs}: train loss {last['train_loss']:.4f} acc {last['train_acc']:.4f} | "
+                loss = run.criterion(images, logits, labels)
+        total_loss = loss + orthonormal_penalty(run.model, config.ortho_alpha) if run.regularized else loss
+        run.optimizer.zero_grad(set_to_none=True)
+        if run.scaler is not None:
+            run.scaler.scale(total_loss).backward()
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+        else:
+            total_loss.backward()
+            run.optimizer.step()
+        run.scheduler.step()
+        loss_sum += loss.detach() * labels.shape[0]
+        correct += (logits.detach().argmax(1) == labels).sum()
+        seen += labels.shape[0]
+        if progress.enabled:
+            elapsed = time.perf_counter() - epoch_start
+            progress.update(loss=loss_sum.item() / seen, acc=correct.item() / seen,
+                            img_s=round(seen * ctx.world_size / max(elapsed, 1e-9)))
+    progress.close()
+    epoch_seconds = time.perf_counter() - epoch_start
+    run.train_seconds += epoch_seconds
+    train_loss, train_correct, train_seen = all_reduce_sum([loss_sum.item(), correct.item(), seen], device)
+    if ctx.active:
+        # Each rank's last forward updated its own BN statistics; evaluate
+        # (and checkpoint) rank 0's on every shard, as DDP does before a forward.
+        for buffer in run.model.buffers():
+            torch.distributed.broadcast(buffer, 0)
+    test = evaluate(run.model, run.test_loader, amp=config.amp)
+    run.record(epoch + 1, {
+        "epoch": epoch + 1,
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "train_loss": train_loss / train_seen,
+        "train_acc": train_correct / train_seen,
+        "test_loss": test["loss"],
+        "test_top1": test["top1"],
+        "test_top5": test["top5"],
+        "epoch_seconds": epoch_seconds,
+        "images_per_second": train_seen / epoch_seconds,
+    })
+    last = run.last
+    run.log(f"epoch {epoch + 1}/{config.epochs}: train loss {last['train_loss']:.4f} acc {last['train_acc']:.4f} | "
             f"test loss {test['loss']:.4f} top1 {test['top1']:.4f} top5 {test['top5']:.4f} | "
             f"{epoch_seconds:.1f}s, {last['images_per_second']:.0f} img/s")
 
-    if last is None and start_epoch == 0 and config.epochs == 0:  # distillation's --epochs 0: the student as built
-        test = evaluate(model, test_loader, amp=config.amp)
-        last = {"epoch": 0, "test_loss": test["loss"], "test_top1": test["top1"], "test_top5": test["top5"]}
-        if ctx.is_main:
-            save(0, last)
-            _append_jsonl(metrics_path, last)
-    final = evaluate(model, test_loader, amp=config.amp) if last is None else {
-        "top1": last["test_top1"], "top5": last["test_top5"], "loss": last["test_loss"], "n": len(test_data)}
+
+def _finish(run: _Run) -> dict:
+    """The final evaluation and summary.json (rank 0 writes)."""
+    config = run.config
+    if run.last is None and run.start_epoch == 0 and config.epochs == 0:  # distillation's --epochs 0: the student as built
+        test = evaluate(run.model, run.test_loader, amp=config.amp)
+        run.record(0, {"epoch": 0, "test_loss": test["loss"], "test_top1": test["top1"], "test_top5": test["top5"]})
+    last = run.last
+    final = evaluate(run.model, run.test_loader, amp=config.amp) if last is None else {
+        "top1": last["test_top1"], "top5": last["test_top5"], "loss": last["test_loss"], "n": len(run.test_data)}
     summary = {
-        "model_spec": spec,
+        "model_spec": run.spec,
         "conv": config.conv,
-        "params": params,
+        "params": sum(p.numel() for p in run.model.parameters()),
         "epochs": config.epochs,
-        "resumed_from_epoch": start_epoch,
+        "resumed_from_epoch": run.start_epoch,
         "final": final,
-        "train_seconds": train_seconds + sum(row.get("epoch_seconds", 0.0) for row in earlier_epochs),
-        "train_seconds_this_process": train_seconds,
-        "wall_seconds_this_process": time.perf_counter() - run_start,
-        "world_size": ctx.world_size,
-        "device": str(device),
-        "checkpoint": os.path.abspath(checkpoint_path),
+        "train_seconds": run.train_seconds + sum(row.get("epoch_seconds", 0.0) for row in run.earlier_epochs),
+        "train_seconds_this_process": run.train_seconds,
+        "wall_seconds_this_process": time.perf_counter() - run.run_start,
+        "world_size": run.ctx.world_size,
+        "device": str(run.ctx.device),
+        "checkpoint": os.path.abspath(run.checkpoint_path),
     }
-    if ctx.is_main:
-        _write_json(os.path.join(out, "summary.json"), summary)
+    if run.ctx.is_main:
+        _write_json(os.path.join(config.out, "summary.json"), summary)
     return summary
