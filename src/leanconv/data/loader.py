@@ -137,10 +137,8 @@ class BatchLoader:
         plan = plan_epoch(len(self.data), self.seed, self.epoch, shuffle=self.shuffle, augment=self.augment,
                           padding=self.padding)
         positions = self._positions()
-        # A batch is ~0.4 M pixels: on a busy CPU, splitting such small ops over
-        # threads costs far more in waiting than it saves (70 ms vs 2 ms per
-        # batch of 128 measured on 2 shared cores). The thread count is per
-        # calling thread under OpenMP, so this touches no other thread.
+        # One thread for these small ops (docs/performance_notes.md); the thread count is
+        # per calling thread under OpenMP, so this touches no other thread.
         single = self.device.type == "cpu"
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             threads = torch.get_num_threads()

@@ -34,11 +34,7 @@ class Conv2dReLU(nn.Conv2d):
     ``nn.Conv2d`` -> ``nn.ReLU`` pair (the same parameters and ``state_dict``): the
     convolution, then the ReLU in place on its output. (A HetConv2d gets
     ``activation="relu"`` instead; its ``direct`` kernel applies it in registers.)
-
-    oneDNN's convolution with a ReLU post-op (``torch.ops.mkldnn._convolution_pointwise``)
-    was measured as well: 0-6% faster per VGG-16 layer at batch 64, but, with the
-    weight reordered on every call, 1.6x slower for the whole VGG-16 at batch 1 (a
-    prepacked weight would avoid that; not done)."""
+    Why not oneDNN's ReLU post-op: docs/performance_notes.md."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return torch.relu_(super().forward(input))

@@ -136,10 +136,8 @@ def triton_measured_win(x: torch.Tensor, geometry: HetConvGeometry, plan: Plan) 
 
 def direct_reads_well(x: torch.Tensor, plan: Plan) -> bool:
     """Where ``direct`` was measured at least as fast as the library forms: channels-last
-    inputs, training and inference; contiguous (NCHW) inputs in inference. In NCHW
-    training its gradients were as fast as ``split``'s on 16x16-32x32 maps and up to 1.6x
-    slower on 4x4-8x8 maps with 128-512 channels (``leanconv bench layers --grid vgg
-    --formats contiguous --modes train``), so NCHW training keeps ``split``."""
+    inputs, training and inference; contiguous (NCHW) inputs in inference. NCHW training
+    keeps ``split`` (its gradients were slower on small maps: docs/performance_notes.md)."""
     if x.is_contiguous(memory_format=_CL):
         return True
     return x.is_contiguous() and not plan.training

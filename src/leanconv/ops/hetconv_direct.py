@@ -435,9 +435,8 @@ def _gradients(grad_out, x, weight, pointwise_weight, g: HetConvGeometry, mask):
 
 
 # Output maps up to this many pixels take the KxK weight gradient tap by tap (one batched
-# GEMM per tap over the groups) instead of oneDNN's grouped convolution backward: at 2x2 maps
-# with 512 channels that was 3.7 ms against 10.6 (P=4) and 3.2 against 6.7 (P=8); equal at
-# 4x4, slower from 8x8 on (batch 64, VGG-16's shapes).
+# GEMM per tap over the groups) instead of oneDNN's grouped convolution backward, which is
+# faster from 8x8 maps on (docs/performance_notes.md).
 PER_TAP_WEIGHT_GRAD_MAX_PIXELS = 4
 
 
