@@ -263,3 +263,18 @@ def test_inference_mode_then_training(name, recwarn):
     with torch.no_grad():
         assert_matches_reference(layer(x.detach()), first)
     assert not [w for w in recwarn if "leanconv" in str(w.message)], [str(w.message) for w in recwarn]
+
+
+def test_a_compiled_model_is_not_recompiled_on_its_second_call():
+    """Nothing leanconv reads in a forward changes between calls (e.g. a thread-local
+    created on first read), so one compilation serves every call of the same setting."""
+    from torch._dynamo.utils import counters
+
+    layer, x = _layer("hetconv-blocked")
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(layer, backend="eager")
+    with torch.no_grad():
+        for _ in range(3):
+            compiled(x)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])

@@ -96,17 +96,18 @@ def _read_environment() -> None:
         _settings.benchmark = flag in _TRUE
 
 
-def _stack(kind: str) -> list:
-    stack = getattr(_local, kind, None)
-    if stack is None:
-        stack = []
-        setattr(_local, kind, stack)
-    return stack
+def _stack(kind: str):
+    """This thread's context-manager stack of ``kind`` (empty until a block opens one). Reading
+    creates nothing, so that a compiled graph's guard on it stays true on the next call."""
+    return getattr(_local, kind, None) or ()
 
 
 @contextlib.contextmanager
 def _pushed(kind: str, value) -> Iterator[None]:
-    stack = _stack(kind)
+    stack = getattr(_local, kind, None)
+    if stack is None:
+        stack = []
+        setattr(_local, kind, stack)
     stack.append(value)
     try:
         yield

@@ -410,6 +410,23 @@ torch::Tensor forward(
   return out;
 }
 
+// The kernel as the CPU implementation of the torch op leanconv::hetconv_direct_packed
+// (its schema and fake implementation are defined in Python, leanconv/ops/hetconv_direct.py):
+// a dispatcher call of a few microseconds, where a Python-implemented op costs tens.
+torch::Tensor packed_op(
+    const torch::Tensor& x, const torch::Tensor& wc, const torch::Tensor& wn, const torch::Tensor& pass_groups,
+    const torch::Tensor& tile_passes, const c10::optional<torch::Tensor>& bias, int64_t out_channels,
+    c10::IntArrayRef kernel, c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
+    int64_t p, c10::string_view layout, bool relu) {
+  const bool readable = x.is_contiguous(at::MemoryFormat::ChannelsLast) || x.is_contiguous();
+  return forward(readable ? x : x.contiguous(), wc, wn, pass_groups, tile_passes, bias, out_channels, kernel.vec(),
+                 stride.vec(), padding.vec(), dilation.vec(), p, layout == "shifted", relu);
+}
+
+TORCH_LIBRARY_IMPL(leanconv, CPU, m) {
+  m.impl("hetconv_direct_packed", &packed_op);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "direct HetConv forward (float32, channels-last or contiguous)");
   m.def("tile_width", &tile_width, "filters per register tile for a layer of n filters");

@@ -270,11 +270,13 @@ def _either_format(t: torch.Tensor) -> torch.Tensor:
 
 
 def _call(x: torch.Tensor, w: DirectWeights, bias, geometry: HetConvGeometry, relu: bool = False) -> torch.Tensor:
+    """The kernel on packed weights, called directly (eager mode: no dispatcher on the
+    path; graphs call the same C++ function as the op ``leanconv::hetconv_direct_packed``)."""
     g = geometry
-    bias = None if bias is None else bias.detach()
     return load().forward(
-        _either_format(x), w.centre, w.others, w.pass_groups, w.tile_passes, bias, g.out_channels,
-        list(g.kernel_size), list(g.stride), list(g.padding), list(g.dilation), g.p, g.layout == "shifted", relu,
+        _either_format(x), w.centre, w.others, w.pass_groups, w.tile_passes, None if bias is None else bias.detach(),
+        g.out_channels, list(g.kernel_size), list(g.stride), list(g.padding), list(g.dilation), g.p, g.layout == "shifted",
+        relu,
     )
 
 
@@ -334,17 +336,16 @@ def _(weight, pointwise_weight, in_channels, p, layout):
             weight.new_empty(passes, 2, dtype=torch.int32), weight.new_empty(tiles + 1, dtype=torch.int32))
 
 
-@torch.library.custom_op("leanconv::hetconv_direct_packed", mutates_args=())
-def _packed_op(x: torch.Tensor, centre: torch.Tensor, others: torch.Tensor, pass_groups: torch.Tensor,
-               tile_passes: torch.Tensor, bias: torch.Tensor | None, out_channels: int, kernel_size: list[int],
-               stride: list[int], padding: list[int], dilation: list[int], p: int, layout: str,
-               relu: bool) -> torch.Tensor:
-    geometry = HetConvGeometry(x.shape[1], out_channels, tuple(kernel_size), tuple(stride), tuple(padding),
-                               tuple(dilation), p, layout)
-    return _call(x, DirectWeights(centre, others, pass_groups, tile_passes), bias, geometry, relu)
+# Defined here, implemented for the CPU in C++ (``TORCH_LIBRARY_IMPL`` in the kernel's source,
+# registered when the extension loads): a dispatcher call, not a Python one.
+torch.library.define(
+    "leanconv::hetconv_direct_packed",
+    "(Tensor x, Tensor centre, Tensor others, Tensor pass_groups, Tensor tile_passes, Tensor? bias, int out_channels, "
+    "int[] kernel_size, int[] stride, int[] padding, int[] dilation, int p, str layout, bool relu) -> Tensor",
+)
 
 
-@_packed_op.register_fake
+@torch.library.register_fake("leanconv::hetconv_direct_packed")
 def _(x, centre, others, pass_groups, tile_passes, bias, out_channels, kernel_size, stride, padding, dilation, p,
       layout, relu):
     return _output_like(x, out_channels, kernel_size, stride, padding, dilation)
