@@ -35,6 +35,8 @@ import sys
 import torch
 import torch.nn as nn
 
+from leanconv.bench.models import trained_looking_batchnorm
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -72,12 +74,7 @@ def build(args) -> nn.Module:
     if args.with_bn:
         options["with_bn"] = True
     model = convert(model, args.conv, **options) if args.conv != "standard" else model
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # trained-looking BN statistics
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.rand(m.num_features, generator=generator) - 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+    trained_looking_batchnorm(model)
     return model.eval().to(args.device)
 
 

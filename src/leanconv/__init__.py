@@ -7,7 +7,7 @@ Papers:
 * BSConv, Haase & Amthor, CVPR 2020, https://arxiv.org/abs/2003.13549
 """
 
-from . import config, export, functional, models
+from . import config, export, functional, layers, models
 from .accounting import count
 from .conv_spec import parse_conv_spec
 from .conversion import convert, load_converted
@@ -57,12 +57,7 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    """``SeedHetConv2d``, the former name of :class:`ApproximateHetConv2d`, still resolves
-    (with a DeprecationWarning) so that code written against it keeps running."""
+    """``SeedHetConv2d``, the former name of :class:`ApproximateHetConv2d` (see leanconv.layers)."""
     if name == "SeedHetConv2d":
-        import warnings
-
-        warnings.warn("leanconv.SeedHetConv2d is now ApproximateHetConv2d (one name for the approximate "
-                      "HetConv form)", DeprecationWarning, stacklevel=2)
-        return ApproximateHetConv2d
+        return layers.SeedHetConv2d  # warns
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -29,7 +29,19 @@ from ..layers import ApproximateHetConv2d, HetConv2d, LeanConvLayer
 from .memory import peak_allocated_bytes
 from .timing import per_round_ratio, time_interleaved
 
-__all__ = ["build_variants", "bench_models", "to_seed_form", "to_dense_form"]
+__all__ = ["build_variants", "bench_models", "to_seed_form", "to_dense_form", "trained_looking_batchnorm"]
+
+
+@torch.no_grad()
+def trained_looking_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm2d of ``model`` running statistics that are not the identity
+    (mean in [-0.5, 0.5), variance in [0.5, 1.5)), as a trained network has; returns it."""
+    generator = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=generator) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+    return model
 
 
 def to_seed_form(model: nn.Module) -> nn.Module:

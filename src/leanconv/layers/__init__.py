@@ -44,7 +44,7 @@ def __getattr__(name: str):
     if name == "SeedHetConv2d":
         import warnings
 
-        warnings.warn("leanconv.layers.SeedHetConv2d is now ApproximateHetConv2d (one name for the approximate "
-                      "HetConv form)", DeprecationWarning, stacklevel=2)
+        warnings.warn("SeedHetConv2d is now ApproximateHetConv2d (one name for the approximate HetConv form)",
+                      DeprecationWarning, stacklevel=3)
         return ApproximateHetConv2d
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

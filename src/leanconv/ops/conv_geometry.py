@@ -22,6 +22,7 @@ __all__ = [
     "conv_output_size",
     "pad_for_mode",
     "centre_input",
+    "output_hw",
     "centre_taps",
     "check_conv_input",
     "check_window_fits",
@@ -117,6 +118,11 @@ def pad_for_mode(x: torch.Tensor, padding: tuple[int, int], padding_mode: str) -
     return F.pad(x, (pw, pw, ph, ph), mode=padding_mode), (0, 0)
 
 
+def output_hw(x: torch.Tensor, kernel_size, stride, padding, dilation) -> tuple[int, int]:
+    """(Ho, Wo) of a convolution of ``x`` (PyTorch's formula on its last two dimensions)."""
+    return tuple(conv_output_size(x.shape[-2 + d], kernel_size[d], stride[d], padding[d], dilation[d]) for d in (0, 1))
+
+
 def centre_input(
     x: torch.Tensor,
     kernel_size: tuple[int, int],
@@ -128,8 +134,7 @@ def centre_input(
     output (i, j), the input under the centre tap of window (i, j) of a KxK convolution
     with these arguments. That 1x1 output covers the KxK output's Ho x Wo and may have
     extra rows or columns at the end (keep ``[..., :Ho, :Wo]``)."""
-    out_h = conv_output_size(x.shape[-2], kernel_size[0], stride[0], padding[0], dilation[0])
-    out_w = conv_output_size(x.shape[-1], kernel_size[1], stride[1], padding[1], dilation[1])
+    out_h, out_w = output_hw(x, kernel_size, stride, padding, dilation)
     # Offset of the first window's centre in unpadded input coordinates.
     offset_h = dilation[0] * (kernel_size[0] - 1) // 2 - padding[0]
     offset_w = dilation[1] * (kernel_size[1] - 1) // 2 - padding[1]
@@ -159,12 +164,9 @@ def centre_taps(
     so a 1x1 convolution of ``t`` is exactly a KxK convolution whose kernels
     are zero except at the centre tap.
     """
-    out_h = conv_output_size(x.shape[-2], kernel_size[0], stride[0], padding[0], dilation[0])
-    out_w = conv_output_size(x.shape[-1], kernel_size[1], stride[1], padding[1], dilation[1])
-    x = centre_input(x, kernel_size, stride, padding, dilation)
-    rows = slice(0, (out_h - 1) * stride[0] + 1, stride[0]) if out_h > 0 else slice(0, 0)
-    cols = slice(0, (out_w - 1) * stride[1] + 1, stride[1]) if out_w > 0 else slice(0, 0)
-    return x[..., rows, cols]
+    out_h, out_w = output_hw(x, kernel_size, stride, padding, dilation)
+    taps = centre_input(x, kernel_size, stride, padding, dilation)[..., :: stride[0], :: stride[1]]
+    return taps[..., : max(out_h, 0), : max(out_w, 0)]
 
 
 def check_conv_input(x: torch.Tensor, in_channels: int, layer: str) -> None:

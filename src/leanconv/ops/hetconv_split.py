@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .conv_geometry import HetConvGeometry, centre_input, reads_input_directly
+from .conv_geometry import HetConvGeometry, centre_input, output_hw, reads_input_directly
 from .hetconv_layout import zero_diagonal_pointwise
 from .registry import under_dispatch_mode
 
@@ -155,11 +155,7 @@ def run_split(x: torch.Tensor, w: SplitWeights, bias, geometry: HetConvGeometry,
 
 def _centre_crop(out: torch.Tensor, x: torch.Tensor, g: HetConvGeometry) -> torch.Tensor:
     """The 1x1 part's output cut to the KxK output's size (it may have extra rows or columns)."""
-    from .conv_geometry import conv_output_size
-
-    height = conv_output_size(x.shape[-2], g.kernel_size[0], g.stride[0], g.padding[0], g.dilation[0])
-    width = conv_output_size(x.shape[-1], g.kernel_size[1], g.stride[1], g.padding[1], g.dilation[1])
+    height, width = output_hw(x, g.kernel_size, g.stride, g.padding, g.dilation)
     if out.shape[-2:] == (height, width):
         return out
     return out[..., :height, :width].contiguous(memory_format=_CL)
-
