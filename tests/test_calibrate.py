@@ -329,7 +329,12 @@ def test_relu_refinement_reports_true_activation_errors_and_lowers_them():
 
 
 def test_relu_after_batchnorm_is_seen_only_when_it_takes_the_whole_output():
-    from leanconv.conversion.calibrate.graph import batchnorm_after as _batchnorm_after
+    from leanconv.graph import followers
+
+    def relu_only(model, layer, images):
+        (found,) = followers(model, layers=[layer], example=images)[0]
+        assert model.get_submodule(found.layer) is layer
+        return found.relu_only
 
     class Branches(nn.Module):  # the BN's output also feeds an addition: not a ReLU-only consumer
         def __init__(self):
@@ -343,10 +348,9 @@ def test_relu_after_batchnorm_is_seen_only_when_it_takes_the_whole_output():
     images = torch.randn(2, 4, 6, 6)
     for relu, expected in [(nn.ReLU(inplace=True), True), (nn.ReLU(), True), (nn.LeakyReLU(), False)]:
         model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), relu, nn.Conv2d(4, 4, 1))
-        found = _batchnorm_after(model, [model[0]], images)
-        assert found[id(model[0])][2] is expected, relu
+        assert relu_only(model, model[0], images) is expected, relu
     model = Branches()
-    assert _batchnorm_after(model, [model.conv], images)[id(model.conv)][2] is False
+    assert relu_only(model, model.conv, images) is False
 
     class Functional(nn.Module):  # ResNet-style: the ReLU is a function, applied in place or not
         def __init__(self, relu):
@@ -358,4 +362,4 @@ def test_relu_after_batchnorm_is_seen_only_when_it_takes_the_whole_output():
 
     for relu in (torch.nn.functional.relu, lambda t: torch.nn.functional.relu(t, inplace=True), torch.Tensor.relu_):
         model = Functional(relu)
-        assert _batchnorm_after(model, [model.conv], images)[id(model.conv)][2] is True
+        assert relu_only(model, model.conv, images) is True

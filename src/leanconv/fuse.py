@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
+from .graph import followers
 from .layers import Conv2dReLU, LeanConvLayer
 from .layers.protocol import fold_batchnorm, why_not_foldable
 
@@ -82,76 +83,14 @@ def _replace_everywhere(model: nn.Module, old: nn.Module, new: nn.Module) -> lis
     return names
 
 
-# --------------------------------------------------------------------------- pair search
-def _pairs_by_fx(model: nn.Module, follower=nn.BatchNorm2d, skip=()) -> list[tuple[str, str]]:
-    """(conv path, follower path) for each ``follower`` module (BatchNorm2d) whose input
-    is the output of a module call used by nothing else, through modules of the types
-    ``skip`` (each used once), with both modules called once (torch.fx)."""
-    import torch.fx
-
-    class Tracer(torch.fx.Tracer):
-        def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-            if isinstance(module, LeanConvLayer):
-                return True
-            return super().is_leaf_module(module, qualified_name)
-
-    graph = Tracer().trace(model)
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    pairs = []
-    for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(model.get_submodule(node.target), follower):
-            continue
-        source = node.args[0] if node.args else None
-        while (isinstance(source, torch.fx.Node) and source.op == "call_module" and len(source.users) == 1
-               and isinstance(model.get_submodule(source.target), skip) and source.args):
-            source = source.args[0]
-        if not isinstance(source, torch.fx.Node) or source.op != "call_module" or len(source.users) != 1:
-            continue
-        if calls[source.target] == 1 and calls[node.target] == 1 and len(node.args) == 1 and not node.kwargs:
-            pairs.append((source.target, node.target))
-    return pairs
-
-
-def _pairs_by_sequential(model: nn.Module, follower=nn.BatchNorm2d, skip=()) -> list[tuple[str, str]]:
-    """(conv path, follower path) for children of plain nn.Sequential containers, the
-    follower after the conv with only modules of the types ``skip`` between them."""
-    pairs = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Sequential) or type(module).forward is not nn.Sequential.forward:
-            continue
-        children = list(module.named_children())
-        prefix = f"{name}." if name else ""
-        for index, (second_name, second) in enumerate(children):
-            if not isinstance(second, follower):
-                continue
-            before = index - 1
-            while before >= 0 and isinstance(children[before][1], skip):
-                before -= 1
-            if before >= 0:
-                pairs.append((prefix + children[before][0], prefix + second_name))
-    return pairs
-
-
-def _find_pairs(model: nn.Module, follower, skip=()) -> tuple[list[tuple[str, str]], str]:
-    try:
-        return _pairs_by_fx(model, follower, skip), "torch.fx tracing"
-    except Exception as error:  # noqa: BLE001 - any tracing failure falls back
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return (_pairs_by_sequential(model, follower, skip),
-                f"nn.Sequential order (torch.fx could not trace the model: {first_line[:160]})")
-
-
 def _fuse_relus(model: nn.Module, report: FuseReport) -> None:
     """Each ``nn.ReLU`` whose input is only a HetConv2d's or an nn.Conv2d's output
     (through the Identity left by a folded BatchNorm) moves into that convolution."""
-    pairs, _ = _find_pairs(model, nn.ReLU, skip=(nn.Identity,))
+    pairs, _ = followers(model, follower=nn.ReLU, skip=(nn.Identity,))
     occurrences: dict[int, int] = {}
     for _, m in model.named_modules(remove_duplicate=False):
         occurrences[id(m)] = occurrences.get(id(m), 0) + 1
-    for conv_name, relu_name in pairs:
+    for conv_name, relu_name, _ in ((p.layer, p.follower, p.relu_only) for p in pairs):
         conv, relu = model.get_submodule(conv_name), model.get_submodule(relu_name)
         if occurrences[id(conv)] > 1 or occurrences[id(relu)] > 1:
             continue  # a shared module may be used elsewhere without this ReLU
@@ -240,12 +179,12 @@ def fuse(model: nn.Module, *, inplace: bool = False, merge_bsconv_s: bool = True
                 _replace_everywhere(target, module, new)
 
     # 3. conv -> BN pairs in the model.
-    pairs, report.pair_search = _find_pairs(target, nn.BatchNorm2d)
+    pairs, report.pair_search = followers(target)
     occurrences: dict[int, int] = {}
     for _, m in target.named_modules(remove_duplicate=False):
         occurrences[id(m)] = occurrences.get(id(m), 0) + 1
     folded_bns: set[int] = set()
-    for conv_name, bn_name in pairs:
+    for conv_name, bn_name in ((p.layer, p.follower) for p in pairs):
         conv_module, bn = target.get_submodule(conv_name), target.get_submodule(bn_name)
         absorber = _absorber(conv_module)
         if absorber is None or why_not_foldable(bn) or absorber.out_channels != bn.num_features:

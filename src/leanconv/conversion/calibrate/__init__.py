@@ -62,7 +62,7 @@ For every replaced layer ``i`` (in the order the network runs them):
    ``"never"`` forces the choice after fitted layers, to measure both).
 
 The package: :mod:`.settings` (what is asked, what is reported), :mod:`.moments`
-(sampling and moments), :mod:`.graph` (which BatchNorm and ReLU follow a layer),
+(sampling and moments), :mod:`leanconv.graph` (which BatchNorm and ReLU follow a layer; fuse asks it too),
 :mod:`.batchnorm`, :mod:`.relu` (the refinement) and :mod:`.driver`; each kind's fit
 is its own (``calibration_fit`` in its layer file).
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ...graph import followers as find_followers
 from ...layers import LeanConvLayer
 from ...ops.least_squares import augment
 from .batchnorm import bn_decision, reestimate_bn
-from .graph import batchnorm_after
 from .moments import Moments, as_batches, collect, samples as sampled_pairs
 from .relu import refine_for_relu
 from .settings import CalibrationSettings, LayerFit
@@ -60,7 +60,10 @@ def calibrate(teacher: nn.Module, student: nn.Module, layers: list[tuple[nn.Conv
     try:
         device = next((p.device for p in student.parameters()), torch.device("cpu"))
         dtype = next((p.dtype for p in student.parameters() if p.is_floating_point()), torch.float32)
-        followers = batchnorm_after(student, [new for _, new, _ in layers], batches[0].to(device=device, dtype=dtype))
+        pairs, _ = find_followers(student, layers=[new for _, new, _ in layers],
+                                  example=batches[0].to(device=device, dtype=dtype))
+        followers = {id(student.get_submodule(p.layer)): (p.follower, student.get_submodule(p.follower), p.relu_only)
+                     for p in pairs}
         fits = []
         for index, (old, new, calls) in enumerate(layers):
             kh, kw = old.kernel_size
