@@ -17,9 +17,10 @@ testing concrete types.
 | :meth:`~LeanConvLayer.regularization_loss` | training (``train``, ``compare``): :func:`regularizers` | None |
 | :meth:`~LeanConvLayer.to_conv2d` | benchmarks' correctness gates (the dense reference) | None |
 | :meth:`~LeanConvLayer.transfer_from_dense` | ``convert`` (initialise from the dense layer replaced) | not defined |
-| :meth:`~LeanConvLayer.dense_equivalent` | ``convert.calibrate`` (errors from moments), tests | not defined |
-| :meth:`~LeanConvLayer.calibration_blocker` | ``convert.calibrate`` (whether it can fit the layer) | "no fit for this kind" |
-| :meth:`~LeanConvLayer.calibration_fit` | ``convert.calibrate`` (fit to a dense layer's outputs) | not defined |
+| :meth:`~LeanConvLayer.dense_equivalent` | ``conversion.calibrate`` (errors from moments), tests | not defined |
+| :meth:`~LeanConvLayer.calibration_blocker` | ``conversion.calibrate`` (whether it can fit the layer) | "no fit for this kind" |
+| :meth:`~LeanConvLayer.calibration_fit` | ``conversion.calibrate`` (fit to a dense layer's outputs) | not defined |
+| ``kind``, ``kind_options``, ``kind_required``, :meth:`~LeanConvLayer.from_spec` | ``make_conv``, ``convert``, the zoo (build by name) | no name: not buildable by name |
 
 Units: MACs (multiply-accumulates); FLOPs = 2 x MACs.
 """
@@ -34,7 +35,8 @@ import torch.nn as nn
 
 __all__ = [
     "LeanConvLayer", "batchnorm_affine", "conv_macs_per_output", "fold_batchnorm", "fold_conv_output_affine_",
-    "hetconv_mac_ratio", "hetconv_macs_per_output", "mac_stages", "regularizers", "write_bias", "set_bias", "why_not_foldable", "write_parameter",
+    "hetconv_mac_ratio", "hetconv_macs_per_output", "mac_stages", "regularizers", "set_bias", "why_not_foldable",
+    "write_bias", "write_parameter",
 ]
 
 
