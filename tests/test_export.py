@@ -262,3 +262,19 @@ def test_prepare_turns_depthwise_layers_into_plain_convolutions():
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         assert_matches_reference(prepared(x), model.eval()(x))
+
+
+@pytest.mark.parametrize("options", [dict(p=4, stride=2, padding=1), dict(p=4, stride=2, padding=0),
+                                     dict(p=2, stride=(2, 1), padding=(2, 0), layout="shifted")],
+                         ids=["stride2-pad1", "stride2-pad0", "shifted-stride21-pad20"])
+def test_export_form_holds_for_any_input_size(options):
+    """The split form's crops and pads are constants of the geometry: a program exported
+    with dynamic height and width is right at sizes other than the traced one."""
+    layer = HetConv2d(8, 12, 3, **options).eval()
+    form = prepare_for_export(layer)
+    auto = torch.export.Dim.AUTO
+    program = torch.export.export(form, (torch.randn(2, 8, 16, 16),), dynamic_shapes=({2: auto, 3: auto},))
+    for size in ((9, 10), (17, 6), (32, 31)):
+        x = torch.randn(2, 8, *size)
+        with torch.no_grad():
+            assert_matches_reference(program.module()(x), layer(x))

@@ -84,7 +84,7 @@ def _model():
 
 
 def test_a_kind_defined_in_one_class_works_through_the_whole_library(bottleneck_kind, tmp_path):
-    assert "bottleneck_test" in leanconv.CONV_KINDS or "bottleneck_test" in conv_spec.CONV_KINDS
+    assert "bottleneck_test" in leanconv.CONV_KINDS and "bottleneck_test" in leanconv.layers.CONV_KINDS
     layer = leanconv.make_conv("bottleneck_test:rank=4", 8, 16, 3, padding=1)
     assert isinstance(layer, bottleneck_kind) and layer.rank == 4
     with pytest.raises(ValueError, match="needs the option rank"):
@@ -97,6 +97,10 @@ def test_a_kind_defined_in_one_class_works_through_the_whole_library(bottleneck_
     converted, report = leanconv.convert(model, "bottleneck_test", rank=8, return_report=True)
     assert isinstance(converted[3], bottleneck_kind) and report.replaced
     assert "bottleneck_test" not in str(type(converted[0]))  # the stem stays (convert's rule)
+
+    # the zoo builds it by name too
+    zoo = leanconv.models.create("vgg16_cifar", conv="bottleneck_test", rank=4, width=0.125)
+    assert sum(isinstance(m, bottleneck_kind) for m in zoo.modules()) == 12
 
     # cost accounting through its convolutions: 32x32 maps, R=8: 8*(16*9) + 32*8 MACs per pixel
     costs = leanconv.count(converted, (3, 32, 32))

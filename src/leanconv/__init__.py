@@ -13,7 +13,6 @@ from .conv_spec import parse_conv_spec
 from .conversion import convert, load_converted
 from .fuse import fuse
 from .layers import (
-    CONV_KINDS,
     BSConvS2d,
     BSConvU2d,
     DepthwiseConv2d,
@@ -57,7 +56,14 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    """``SeedHetConv2d``, the former name of :class:`ApproximateHetConv2d` (see leanconv.layers)."""
+    """``CONV_KINDS`` (the kinds registered now) and ``SeedHetConv2d``, the former name of
+    :class:`ApproximateHetConv2d` (with a DeprecationWarning)."""
+    if name == "CONV_KINDS":
+        return layers.CONV_KINDS
     if name == "SeedHetConv2d":
-        return layers.SeedHetConv2d  # warns
+        import warnings
+
+        warnings.warn("SeedHetConv2d is now ApproximateHetConv2d (one name for the approximate HetConv form)",
+                      DeprecationWarning, stacklevel=2)
+        return ApproximateHetConv2d
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -43,6 +43,7 @@ from torch.nn.utils import parametrize
 from ..accounting import count, count_parameters, example_input, layer_macs, macs_per_output_pixel
 from ..conv_spec import resolve_conv
 from ..layers import LeanConvLayer, make_conv
+from ..layers.conv_spec import kind_divisor
 from .calibrate import CalibrationSettings, calibrate
 from .report import ConversionReport, ReplacedLayer, SkippedLayer
 from .transfer import transfer_weights as transfer
@@ -81,12 +82,9 @@ class ConversionPlan:
 
     @property
     def divisor_option(self) -> str | None:
-        """The option that must divide a layer's channels: HetConv's p, GWPW's groups."""
-        if self.kind == "hetconv":
-            return "p"
-        if self.kind == "gwpw":
-            return "groups" if "groups" in self.layer_options else "g"
-        return None
+        """The option that must divide a layer's channels (the kind's ``kind_divisor``: HetConv's p,
+        GWPW's groups), or None."""
+        return None if self.kind == "standard" else kind_divisor(self.kind, self.layer_options)[0]
 
     def report_options(self) -> dict:
         """The layer options and every switch that differs from its default."""
@@ -247,7 +245,7 @@ def _divisor_options(conv: nn.Conv2d, plan: ConversionPlan) -> Decision:
     if key is None:
         return Decision(options)
     wanted = options[key]
-    channels = (conv.in_channels, conv.out_channels) if plan.kind == "hetconv" else (conv.in_channels,)
+    channels = tuple(getattr(conv, name) for name in kind_divisor(plan.kind, options)[1])
     if not isinstance(wanted, int) or isinstance(wanted, bool) or wanted < 1 or not any(c % wanted for c in channels):
         return Decision(options)  # make_conv names a bad value
     what = " and ".join(f"{label}={c}" for label, c in zip(("in_channels", "out_channels"), channels))

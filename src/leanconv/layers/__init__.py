@@ -6,7 +6,8 @@ from .hetconv import Conv2dReLU, HetConv2d  # isort: skip
 from .separable import DSConv2d, GWPWConv2d  # isort: skip
 from .blueprint import BSConvS2d, BSConvU2d, bsconv_s_mid_channels, orthonormal_penalty  # isort: skip
 from .approximate import ApproximateHetConv2d
-from .conv_spec import CONV_KINDS, KIND_OPTIONS, check_kind_options
+from . import conv_spec as _registry
+from .conv_spec import check_kind_options
 from .depthwise import DepthwiseConv2d
 from .factory import make_conv
 from .hetconv_export import HetConvExportForm
@@ -41,10 +42,12 @@ __all__ = [
 def __getattr__(name: str):
     """``SeedHetConv2d``, the former name of :class:`ApproximateHetConv2d`, still resolves
     (with a DeprecationWarning) so that code written against it keeps running."""
+    if name in ("CONV_KINDS", "KIND_OPTIONS"):  # the kinds registered now
+        return getattr(_registry, name)
     if name == "SeedHetConv2d":
         import warnings
 
         warnings.warn("SeedHetConv2d is now ApproximateHetConv2d (one name for the approximate HetConv form)",
-                      DeprecationWarning, stacklevel=3)
+                      DeprecationWarning, stacklevel=2)
         return ApproximateHetConv2d
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

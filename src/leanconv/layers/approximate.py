@@ -166,3 +166,14 @@ class ApproximateHetConv2d(LeanConvLayer, nn.Module):
             matrix = zero_diagonal_pointwise(layer.pointwise_weight, layer.in_channels, layer.out_channels, layer.p, "blocked")
             seed.pwc.weight.copy_(matrix[:, :, None, None])
         return seed.train(layer.training)
+
+
+def __getattr__(name: str):
+    """``SeedHetConv2d``, the former name (objects pickled under it still load), with a warning."""
+    if name == "SeedHetConv2d":
+        import warnings
+
+        warnings.warn("SeedHetConv2d is now ApproximateHetConv2d (one name for the approximate HetConv form)",
+                      DeprecationWarning, stacklevel=2)
+        return ApproximateHetConv2d
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

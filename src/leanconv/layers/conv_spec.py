@@ -18,7 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 __all__ = [
-    "CONV_KINDS", "KIND_OPTIONS", "ConvSpec", "check_kind_options", "kind_class", "parse_conv_spec", "parse_conv_specs",
+    "CONV_KINDS", "KIND_OPTIONS", "ConvSpec", "check_kind_options", "kind_class", "kind_divisor", "parse_conv_spec",
+    "parse_conv_specs",
     "register_kind", "resolve_conv",
 ]
 
@@ -37,6 +38,16 @@ def register_kind(name: str, cls: type, options, required: dict | None = None) -
     """Make ``name`` a conv kind built by ``cls.from_spec`` (``make_conv``, ``convert``, the
     zoo's ``conv=``), accepting ``options`` and needing ``required`` (option -> meaning)."""
     _KINDS[name] = _Kind(frozenset(options), dict(required or {}), cls)
+
+
+def kind_divisor(kind: str, options: dict) -> tuple[str | None, tuple[str, ...]]:
+    """(the option of ``kind`` that must divide channels, spelled as in ``options``; the
+    channels it divides: "in_channels", "out_channels"), or (None, ()) for a kind without one."""
+    cls = _KINDS[kind].cls
+    spellings = getattr(cls, "kind_divisor", ())
+    if not spellings:
+        return None, ()
+    return next((s for s in spellings if s in options), spellings[0]), tuple(cls.kind_divides)
 
 
 def kind_class(kind: str) -> type | None:

@@ -182,6 +182,7 @@ class HetConv2d(DispatchedLayer, LeanConvLayer, nn.Module):
     kind = "hetconv"
     kind_options = frozenset({"p", "layout", "backend"})
     kind_required = {"p": "the HetConv part P"}
+    kind_divisor, kind_divides = ("p",), ("in_channels", "out_channels")
     counting_backend = "reference"  # a shape-only pass builds and measures nothing
 
     def mac_stages(self) -> list[tuple[nn.Module, int]]:

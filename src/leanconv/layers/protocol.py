@@ -112,6 +112,11 @@ class LeanConvLayer:
     kind: str | None = None
     kind_options: frozenset = frozenset()
     kind_required: dict = {}
+    # The option (its spellings) that must divide the channels named in kind_divides (HetConv's p
+    # divides in and out channels; GWC+PWC's groups the input channels): conversion and the zoo
+    # round or skip layers it does not divide.
+    kind_divisor: tuple = ()
+    kind_divides: tuple = ()
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)

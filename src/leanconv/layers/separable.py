@@ -227,6 +227,7 @@ class GWPWConv2d(_SpatialThenPointwise):
     kind = "gwpw"
     kind_options = frozenset({"groups", "g", "with_bn", "bn_kwargs"})
     kind_required = {"groups|g": "the groups of the KxK convolution"}
+    kind_divisor, kind_divides = ("groups", "g"), ("in_channels",)
 
     @classmethod
     def from_spec(cls, *conv_arguments, **options) -> nn.Module:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from ..layers import CONV_KINDS, check_kind_options, make_conv
+from ..layers import check_kind_options, conv_spec, make_conv
 
 __all__ = ["ConvBuilder", "init_resnet_weights"]
 
@@ -41,15 +41,15 @@ class ConvBuilder:
     misfits: list[tuple[int, int]] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
-        if self.kind not in CONV_KINDS:
-            raise ValueError(f"conv must be one of {CONV_KINDS}, got {self.kind!r}")
+        if self.kind not in conv_spec.CONV_KINDS:
+            raise ValueError(f"conv must be one of {conv_spec.CONV_KINDS}, got {self.kind!r}")
         if (isinstance(self.width, bool) or not isinstance(self.width, (int, float)) or not self.width > 0
                 or not math.isfinite(self.width)):
             raise ValueError(f"width must be a positive finite number, got {self.width!r}")
         check_kind_options(self.kind, self.options)
         self.divisor_name, self.divisor = None, 1
-        if self.kind in ("hetconv", "gwpw"):
-            key = "p" if self.kind == "hetconv" else ("groups" if "groups" in self.options else "g")
+        key, _ = conv_spec.kind_divisor(self.kind, self.options)
+        if key is not None:
             value = self.options[key]
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key} must be a positive int for conv kind {self.kind!r}, got {value!r}")

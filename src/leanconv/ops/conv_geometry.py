@@ -22,7 +22,6 @@ __all__ = [
     "conv_output_size",
     "pad_for_mode",
     "centre_input",
-    "output_hw",
     "centre_taps",
     "check_conv_input",
     "check_window_fits",
@@ -118,11 +117,6 @@ def pad_for_mode(x: torch.Tensor, padding: tuple[int, int], padding_mode: str) -
     return F.pad(x, (pw, pw, ph, ph), mode=padding_mode), (0, 0)
 
 
-def output_hw(x: torch.Tensor, kernel_size, stride, padding, dilation) -> tuple[int, int]:
-    """(Ho, Wo) of a convolution of ``x`` (PyTorch's formula on its last two dimensions)."""
-    return tuple(conv_output_size(x.shape[-2 + d], kernel_size[d], stride[d], padding[d], dilation[d]) for d in (0, 1))
-
-
 def centre_input(
     x: torch.Tensor,
     kernel_size: tuple[int, int],
@@ -130,22 +124,20 @@ def centre_input(
     padding: tuple[int, int],
     dilation: tuple[int, int],
 ) -> torch.Tensor:
-    """``x`` cropped or zero-padded so that a 1x1 convolution with ``stride`` reads, at
-    output (i, j), the input under the centre tap of window (i, j) of a KxK convolution
-    with these arguments. That 1x1 output covers the KxK output's Ho x Wo and may have
-    extra rows or columns at the end (keep ``[..., :Ho, :Wo]``)."""
-    out_h, out_w = output_hw(x, kernel_size, stride, padding, dilation)
-    # Offset of the first window's centre in unpadded input coordinates.
+    """``x`` cropped or zero-padded, the same amount at both ends, so that a 1x1 convolution
+    with ``stride`` reads, at output (i, j), the input under the centre tap of window (i, j)
+    of a KxK convolution with these arguments, and has exactly its Ho x Wo outputs: with c
+    the centre offset and p the padding, Ho = (H + 2p - 2c - 1) // s + 1, which is the 1x1
+    output of H + 2(p - c) rows. The crops and pads are constants of the geometry, never of
+    the input's size, so exported graphs hold for any input size."""
     offset_h = dilation[0] * (kernel_size[0] - 1) // 2 - padding[0]
     offset_w = dilation[1] * (kernel_size[1] - 1) // 2 - padding[1]
     if offset_h > 0 or offset_w > 0:
-        x = x[..., max(offset_h, 0):, max(offset_w, 0):]
-    before_h, before_w = max(0, -offset_h), max(0, -offset_w)
-    # the last centre read, (Ho - 1) * stride, must lie inside
-    after_h = max(0, (out_h - 1) * stride[0] + 1 - before_h - x.shape[-2])
-    after_w = max(0, (out_w - 1) * stride[1] + 1 - before_w - x.shape[-1])
-    if before_h or before_w or after_h or after_w:
-        x = F.pad(x, (before_w, after_w, before_h, after_h))
+        crop_h, crop_w = max(offset_h, 0), max(offset_w, 0)
+        x = x[..., crop_h: x.shape[-2] - crop_h, crop_w: x.shape[-1] - crop_w]
+    pad_h, pad_w = max(0, -offset_h), max(0, -offset_w)
+    if pad_h or pad_w:
+        x = F.pad(x, (pad_w, pad_w, pad_h, pad_h))
     return x
 
 
@@ -164,9 +156,7 @@ def centre_taps(
     so a 1x1 convolution of ``t`` is exactly a KxK convolution whose kernels
     are zero except at the centre tap.
     """
-    out_h, out_w = output_hw(x, kernel_size, stride, padding, dilation)
-    taps = centre_input(x, kernel_size, stride, padding, dilation)[..., :: stride[0], :: stride[1]]
-    return taps[..., : max(out_h, 0), : max(out_w, 0)]
+    return centre_input(x, kernel_size, stride, padding, dilation)[..., :: stride[0], :: stride[1]]
 
 
 def check_conv_input(x: torch.Tensor, in_channels: int, layer: str) -> None:

@@ -20,8 +20,8 @@ never changing the arithmetic):
 * eager inference: the weights are built once and cached by the layer; on
   channels-last float32/bfloat16 CPU inputs the grouped weight is packed for
   oneDNN and the grouped convolution adds itself onto the 1x1 result as a
-  oneDNN post-op (no extra pass over the output), elsewhere the 1x1 result is
-  added into the grouped output in place.
+  oneDNN post-op (no extra pass over the output), elsewhere the grouped output is
+  added into the 1x1 result in place.
 
 Cost: Ho*Wo*N*(M/P*K*K + M) MACs per image: HetConv's count plus the N*M/P zero
 products of the 1x1 part's diagonal (8% above HetConv at P = 4, K = 3).
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .conv_geometry import HetConvGeometry, centre_input, output_hw, reads_input_directly
+from .conv_geometry import HetConvGeometry, centre_input, reads_input_directly
 from .hetconv_layout import zero_diagonal_pointwise
 from .registry import under_dispatch_mode
 
@@ -128,7 +128,7 @@ def run_split(x: torch.Tensor, w: SplitWeights, bias, geometry: HetConvGeometry,
             grouped_input = grouped_input.contiguous(memory_format=_CL)
             if bias is not None:
                 bias = bias.index_select(0, w.filter_order)
-        acc = _centre_crop(F.conv2d(taps.contiguous(memory_format=_CL), w.pointwise, bias, g.stride), x, g)
+        acc = F.conv2d(taps.contiguous(memory_format=_CL), w.pointwise, bias, g.stride)
         out = torch.ops.mkldnn._convolution_pointwise_.binary(
             acc, grouped_input, w.grouped, None, list(g.padding), list(g.stride), list(g.dilation),
             g.p, "add", 1.0, None, [], None,
@@ -140,22 +140,11 @@ def run_split(x: torch.Tensor, w: SplitWeights, bias, geometry: HetConvGeometry,
     if w.filter_inverse is not None:
         grouped = grouped.index_select(1, w.filter_inverse)
     pointwise = F.conv2d(taps, w.pointwise, bias, g.stride)
-    cropped = pointwise.shape[-2:] != grouped.shape[-2:]
-    if cropped:
-        pointwise = pointwise[..., : grouped.shape[-2], : grouped.shape[-1]]
     if plan.cache:
-        # Eager inference: accumulate in place (into a whole tensor), one output-sized tensor less.
-        out = grouped.add_(pointwise) if cropped else pointwise.add_(grouped)
+        # Eager inference: accumulate in place, one output-sized tensor less.
+        out = pointwise.add_(grouped)
     else:
         out = grouped + pointwise
     if plan.channels_last and not out.is_contiguous(memory_format=_CL):
         out = out.contiguous(memory_format=_CL)
     return out
-
-
-def _centre_crop(out: torch.Tensor, x: torch.Tensor, g: HetConvGeometry) -> torch.Tensor:
-    """The 1x1 part's output cut to the KxK output's size (it may have extra rows or columns)."""
-    height, width = output_hw(x, g.kernel_size, g.stride, g.padding, g.dilation)
-    if out.shape[-2:] == (height, width):
-        return out
-    return out[..., :height, :width].contiguous(memory_format=_CL)
