@@ -136,3 +136,21 @@ def test_bad_input_is_named(model, input_size, convention, match):
 
 def test_count_is_exported_at_top_level():
     assert leanconv.count is count
+
+
+def test_counting_a_model_prepared_for_export_counts_its_hetconv_layers():
+    from leanconv.export import prepare_for_export
+
+    model = torch.nn.Sequential(leanconv.HetConv2d(8, 16, 3, padding=1, p=4), torch.nn.ReLU(),
+                                leanconv.HetConv2d(16, 16, 3, padding=1, p=4)).eval()
+    prepared = count(prepare_for_export(model), (8, 8, 8))
+    # the split form computes M/P*K*K + M products per output (its zero diagonal included)
+    assert prepared.macs == 64 * 16 * (2 * 9 + 8) + 64 * 16 * (4 * 9 + 16)
+    assert prepared.params == sum(p.numel() for p in model.parameters()) + 16 * 2 + 16 * 4  # + the zero diagonal
+
+
+def test_layer_macs_of_an_uneven_same_padding():
+    from leanconv.accounting import layer_macs
+
+    macs, size = layer_macs(leanconv.make_conv("dsc", 8, 8, 2, padding="same"), (9, 9))
+    assert size == (9, 9) and macs == 81 * 8 * (4 + 8)

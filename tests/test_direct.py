@@ -303,5 +303,7 @@ def test_compiled_and_exported_graphs_keep_the_kernel(channels_last):
     for got, want in zip(grads, (xe.grad, layer.weight.grad, layer.pointwise_weight.grad)):
         assert_matches_reference(got, want, what="gradient")
     code = "\n".join(g.code for g in graphs)
-    if channels_last:  # NCHW training keeps split by the rule
+    if channels_last:
         assert "leanconv.hetconv_direct" in code, code
+    else:  # NCHW training keeps split by the rule: library convolutions in the graph
+        assert "leanconv.hetconv_direct" not in code and "conv2d" in code, code

@@ -395,3 +395,15 @@ def test_fused_relu_survives_export_form_and_layout_change(tmp_path):
         assert shifted.activation == "relu" and (shifted(x[:, leanconv.ops.channel_permutation(8, 4).argsort()]) >= 0).all()
     result = export_onnx(fused, x, tmp_path / "fused.onnx")  # checks onnxruntime against PyTorch
     assert result.node_counts["Relu"] == 1
+
+
+def test_fold_batchnorm_into_a_composite_kind_folds_into_its_last_convolution():
+    torch.manual_seed(0)
+    layer, bn = leanconv.DSConv2d(4, 6, 3, padding=1).eval(), nn.BatchNorm2d(6).eval()
+    bn.running_mean.uniform_(-0.5, 0.5)
+    bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 4, 7, 7)
+    with torch.no_grad():
+        expected = bn(layer(x))
+        fold_batchnorm(layer, bn)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)

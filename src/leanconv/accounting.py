@@ -157,7 +157,10 @@ def count_parameters(module: nn.Module) -> int:
 
 def _output_size(conv: nn.Module, hw: tuple[int, int]) -> tuple[int, int]:
     kernel, stride, dilation = conv.kernel_size, conv.stride, conv.dilation
-    padding = getattr(conv, "_padding_pair", None) or normalize_padding(conv.padding, kernel, stride, dilation)
+    padding = getattr(conv, "_padding_pair", None) or normalize_padding(conv.padding, kernel, stride, dilation,
+                                                                       allow_uneven_same=True)
+    if padding is None:  # an uneven 'same' (stride 1): the input's size
+        return tuple(hw)
     return tuple(conv_output_size(hw[i], kernel[i], stride[i], padding[i], dilation[i]) for i in range(2))
 
 

@@ -7,7 +7,7 @@ testing concrete types.
 |---|---|---|
 | :meth:`~LeanConvLayer.mac_stages` | ``accounting`` (MACs of a call, cheaper-than checks of ``convert``) | the stages of the layer's children, in order |
 | :meth:`~LeanConvLayer.count_macs` | ``accounting.count`` (a row of its own) | None: counted through its convolutions |
-| :meth:`~LeanConvLayer.inference_form` | ``fuse`` (step 1: its own BN folded, simpler forms) | the layer itself |
+| :meth:`~LeanConvLayer.inference_form` | ``fuse`` (step 1: its own BN folded, simpler forms; ``fuse_report_field`` names the report's list for a replaced one) | the layer itself |
 | :meth:`~LeanConvLayer.batchnorm_absorber` | ``fuse`` (a following BN folds into this conv) | None |
 | :meth:`~LeanConvLayer.fold_output_affine_` | ``fuse`` (``y -> scale * y + shift`` per output channel) | scale ``weight``, fold into ``bias`` |
 | :meth:`~LeanConvLayer.fuse_activation` | ``fuse`` (a following ReLU moves in) | False: not taken |
@@ -259,6 +259,14 @@ def fold_batchnorm(conv: nn.Module, bn: nn.BatchNorm2d) -> None:
         raise ValueError(f"cannot fold this BatchNorm: {reason}")
     if conv.out_channels != bn.num_features:
         raise ValueError(f"BatchNorm has {bn.num_features} features, the convolution {conv.out_channels} outputs")
+    if isinstance(conv, LeanConvLayer):
+        absorber = conv.batchnorm_absorber()
+        if absorber is None:
+            raise ValueError(f"cannot fold this BatchNorm: {type(conv).__name__} has no convolution whose outputs "
+                             "are its own")
+        if absorber is not conv:  # a composite kind: its last convolution takes the fold
+            fold_batchnorm(absorber, bn)
+            return
     scale, shift = batchnorm_affine(bn)
     if isinstance(conv, LeanConvLayer):
         conv.fold_output_affine_(scale, shift)
