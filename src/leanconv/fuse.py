@@ -90,7 +90,8 @@ def _fuse_relus(model: nn.Module, report: FuseReport) -> None:
     occurrences: dict[int, int] = {}
     for _, m in model.named_modules(remove_duplicate=False):
         occurrences[id(m)] = occurrences.get(id(m), 0) + 1
-    for conv_name, relu_name, _ in ((p.layer, p.follower, p.relu_only) for p in pairs):
+    for pair in pairs:
+        conv_name, relu_name = pair.layer, pair.follower
         conv, relu = model.get_submodule(conv_name), model.get_submodule(relu_name)
         if occurrences[id(conv)] > 1 or occurrences[id(relu)] > 1:
             continue  # a shared module may be used elsewhere without this ReLU
@@ -184,7 +185,8 @@ def fuse(model: nn.Module, *, inplace: bool = False, merge_bsconv_s: bool = True
     for _, m in target.named_modules(remove_duplicate=False):
         occurrences[id(m)] = occurrences.get(id(m), 0) + 1
     folded_bns: set[int] = set()
-    for conv_name, bn_name in ((p.layer, p.follower) for p in pairs):
+    for pair in pairs:
+        conv_name, bn_name = pair.layer, pair.follower
         conv_module, bn = target.get_submodule(conv_name), target.get_submodule(bn_name)
         absorber = _absorber(conv_module)
         if absorber is None or why_not_foldable(bn) or absorber.out_channels != bn.num_features:

@@ -24,7 +24,10 @@ from ..ops.hetconv_layout import (
 from ..ops.least_squares import ridge_solve
 from ..ops.low_rank import CHUNK_BYTES
 from ._common import DispatchedLayer, conv_arguments
-from .protocol import LeanConvLayer, hetconv_mac_ratio, hetconv_macs_per_output, set_bias, write_bias, write_parameter
+from .protocol import (
+    LeanConvLayer, fold_conv_output_affine_, hetconv_mac_ratio, hetconv_macs_per_output, hetconv_paper_macs, write_bias,
+    write_parameter,
+)
 
 __all__ = ["HetConv2d"]
 
@@ -196,7 +199,7 @@ class HetConv2d(DispatchedLayer, LeanConvLayer, nn.Module):
         if convention == "exact":
             macs = output.numel() * hetconv_macs_per_output(self.in_channels, kernel_area, self.p)
         else:
-            macs = round(ratio * output.numel() * (self.in_channels * kernel_area + 1))
+            macs = hetconv_paper_macs(output.numel(), self.in_channels, kernel_area, self.p)
         return macs, f"p={self.p}, R(P)={float(ratio):.4f}"
 
     def batchnorm_absorber(self) -> nn.Module:
@@ -209,10 +212,9 @@ class HetConv2d(DispatchedLayer, LeanConvLayer, nn.Module):
     def fold_output_affine_(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
         """Both ``weight`` and ``pointwise_weight`` of filter n scaled by ``scale[n]``: the
         layer stays an exact HetConv with the same P and layout."""
-        bias = self.bias.detach().to(torch.float64) if self.bias is not None else torch.zeros_like(scale)
-        for weight in (self.weight, self.pointwise_weight):
-            weight.copy_((weight.to(torch.float64) * scale.view(-1, *([1] * (weight.dim() - 1)))).to(weight.dtype))
-        set_bias(self, bias * scale + shift, self.weight)
+        pointwise = self.pointwise_weight
+        pointwise.copy_((pointwise.to(torch.float64) * scale.view(-1, 1)).to(pointwise.dtype))
+        fold_conv_output_affine_(self, scale, shift)  # weight and bias, as an nn.Conv2d's
 
     def fuse_activation(self, activation: str) -> bool:
         if self.activation is not None:

@@ -13,7 +13,7 @@ import torch.nn as nn
 from ..ops.conv_geometry import pad_for_mode
 from ..ops.hetconv_split import SplitWeights, prepare_split, run_split
 from ..ops.registry import Plan
-from .protocol import LeanConvLayer, hetconv_mac_ratio
+from .protocol import LeanConvLayer, hetconv_mac_ratio, hetconv_paper_macs
 
 __all__ = ["HetConvExportForm"]
 
@@ -73,8 +73,8 @@ class HetConvExportForm(LeanConvLayer, nn.Module):
         kernel_area = self.kernel_size[0] * self.kernel_size[1]
         if convention == "exact":
             return output.numel() * self.mac_stages()[0][1], f"p={self.p}, split form (zero 1x1 diagonal computed)"
-        ratio = hetconv_mac_ratio(self.p, kernel_area)
-        return round(ratio * output.numel() * (self.in_channels * kernel_area + 1)), f"p={self.p}, R(P)={float(ratio):.4f}"
+        macs = hetconv_paper_macs(output.numel(), self.in_channels, kernel_area, self.p)
+        return macs, f"p={self.p}, R(P)={float(hetconv_mac_ratio(self.p, kernel_area)):.4f}"
 
     def extra_repr(self) -> str:
         extra = f", activation={self.activation!r}" if self.activation is not None else ""

@@ -35,7 +35,8 @@ import torch.nn as nn
 
 __all__ = [
     "LeanConvLayer", "batchnorm_affine", "conv_macs_per_output", "fold_batchnorm", "fold_conv_output_affine_",
-    "hetconv_mac_ratio", "hetconv_macs_per_output", "mac_stages", "regularizers", "set_bias", "why_not_foldable",
+    "hetconv_mac_ratio", "hetconv_macs_per_output", "hetconv_paper_macs", "mac_stages", "regularizers", "set_bias",
+    "why_not_foldable",
     "write_bias", "write_parameter",
 ]
 
@@ -54,6 +55,12 @@ def hetconv_macs_per_output(in_channels: int, kernel_area: int, p: int) -> int:
 def hetconv_mac_ratio(p: int, kernel_area: int) -> Fraction:
     """R(P) = 1/P + (1 - 1/P)/K^2: HetConv's MACs over the standard conv's, exactly."""
     return Fraction(1, p) + (1 - Fraction(1, p)) / kernel_area
+
+
+def hetconv_paper_macs(output_elements: int, in_channels: int, kernel_area: int, p: int) -> int:
+    """The HetConv paper's convention: R(P) times the standard convolution's MACs plus one
+    bias add per output element."""
+    return round(hetconv_mac_ratio(p, kernel_area) * output_elements * (in_channels * kernel_area + 1))
 
 
 def mac_stages(module: nn.Module) -> list[tuple[nn.Module, int]]:

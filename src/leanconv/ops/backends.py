@@ -48,7 +48,7 @@ from .conv_geometry import DepthwiseGeometry, HetConvGeometry, conv_output_size
 from . import hetconv_direct
 from .hetconv_layout import materialize_dense_weight
 from .hetconv_split import prepare_split, run_split
-from .registry import Backend, Plan, backends, ensure_ready, register_backend, register_rule, under_dispatch_mode
+from .registry import Backend, Plan, backends, register_backend, register_rule, under_dispatch_mode, why_not_ready
 from .triton_launch import SUPPORTED_DTYPES as TRITON_DTYPES, device_unsupported, triton_installed
 
 __all__ = [
@@ -131,7 +131,7 @@ def triton_measured_win(x: torch.Tensor, geometry: HetConvGeometry, plan: Plan) 
     channels, height, width = x.shape[1], x.shape[2], x.shape[3]
     if not (128 <= channels <= 256 and height * width <= 28 * 28):
         return False
-    return not ensure_ready("hetconv", "triton") and backend.why_not(x, geometry, plan) is None
+    return why_not_ready(backend, x, geometry, plan) is None
 
 
 def direct_reads_well(x: torch.Tensor, plan: Plan) -> bool:
@@ -147,7 +147,7 @@ def direct_runs(x: torch.Tensor, geometry: HetConvGeometry, plan: Plan) -> bool:
     """Whether the ``direct`` C++ kernel can run the call (CPU, float32, the kernel
     built: readying it builds it once)."""
     backend = backends("hetconv").get("direct")
-    return backend is not None and not ensure_ready("hetconv", "direct") and backend.why_not(x, geometry, plan) is None
+    return backend is not None and why_not_ready(backend, x, geometry, plan) is None
 
 
 def hetconv_rule(x: torch.Tensor, geometry: HetConvGeometry, plan: Plan, capturing: bool) -> str:

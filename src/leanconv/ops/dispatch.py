@@ -31,7 +31,7 @@ The rules themselves (the same on every run; documented in the README's backend
 table) belong to the backends: each op's is registered with its built-in backends
 (:mod:`leanconv.ops.backends`); this module names no backend. A backend with a
 ``setup`` (a kernel to build) is readied by :func:`~.registry.ensure_ready` before
-its first use, outside any predicate.
+its first use (:func:`~.registry.why_not_ready`), outside any predicate.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import torch
 from .. import config
 from . import measure
 from .conv_geometry import check_conv_input, check_window_fits, pad_for_mode
-from .registry import Backend, Plan, auto_rule, backends, check_backend_name, ensure_ready, get_backend
+from .registry import Backend, Plan, auto_rule, backends, check_backend_name, get_backend, why_not_ready
 
 __all__ = [
     "graph_capturing",
@@ -107,7 +107,7 @@ def _measure(op: str, x, params, bias, geometry, plan: Plan, prefer: str) -> str
     """Time every registered backend of ``op`` that can run the call."""
     names = [
         name for name, b in backends(op).items()
-        if x.device.type in b.measured and not ensure_ready(op, name) and b.why_not(x, geometry, plan) is None
+        if x.device.type in b.measured and why_not_ready(b, x, geometry, plan) is None
     ]
     if len(names) < 2:
         return prefer if prefer in names or not names else names[0]
@@ -149,8 +149,7 @@ def make_plan(op: str, requested: str | None, x: torch.Tensor, params, bias, geo
     if name == "auto":
         for candidate in reversed(list(backends(op).values())):  # the latest registration first
             prefer = candidate.prefer
-            if (prefer is not None and not ensure_ready(op, candidate.name)
-                    and candidate.why_not(x, geometry, plan) is None and prefer(x, geometry, plan)):
+            if prefer is not None and why_not_ready(candidate, x, geometry, plan) is None and prefer(x, geometry, plan):
                 name = candidate.name
                 break
         else:
@@ -158,8 +157,7 @@ def make_plan(op: str, requested: str | None, x: torch.Tensor, params, bias, geo
             if _measurable(x, capturing):
                 name = _measure(op, x, params, bias, geometry, plan, prefer=name)
     backend = get_backend(check_backend_name(name, op, source), op)
-    ensure_ready(op, name)
-    reason = backend.why_not(x, geometry, plan)
+    reason = why_not_ready(backend, x, geometry, plan)
     if reason is not None:
         raise ValueError(f"{source}: backend {name!r} cannot run this call: {reason}")
     return Plan(name, training, channels_last, plan.compute_dtype, plan.cache)

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from .conv_geometry import HetConvGeometry, centre_taps, reads_input_directly
+from .conv_geometry import HetConvGeometry, centre_taps, conv_output_size, reads_input_directly
 from .hetconv_layout import (
     group_channel_order, group_filter_order, group_filter_order_list, kxk_channel_index, materialize_dense_weight, pointwise_channel_index,
 )
@@ -311,8 +311,6 @@ def _geometry(x_channels: int, weight: torch.Tensor, kernel_size, stride, paddin
 
 def _output_like(x: torch.Tensor, out_channels: int, kernel_size, stride, padding, dilation) -> torch.Tensor:
     """An empty output in the kernel's format: channels-last where ``x`` is, else contiguous."""
-    from .conv_geometry import conv_output_size
-
     sizes = [max(0, conv_output_size(x.shape[2 + d], kernel_size[d], stride[d], padding[d], dilation[d])) for d in (0, 1)]
     fmt = _CL if x.is_contiguous(memory_format=_CL) else torch.contiguous_format
     return torch.empty((x.shape[0], out_channels, *sizes), dtype=x.dtype, device=x.device, memory_format=fmt)
@@ -501,17 +499,16 @@ def run_direct(x, prepared, bias, geometry: HetConvGeometry, plan) -> torch.Tens
         uncached = dataclasses.replace(plan, cache=False)
         out = run_split(x, prepare_split(params, geometry, uncached, tuple(x.shape)), bias, geometry, uncached)
         return torch.relu(out) if relu else out
-    x = _either_format(x)
-    arguments = (list(g.kernel_size), list(g.stride), list(g.padding), list(g.dilation), g.p, g.layout)
     if isinstance(prepared, DirectWeights):
         out = _call(x, prepared, bias, geometry, relu)
-    elif plan.training:
-        weight, pointwise_weight = prepared
-        out = torch.ops.leanconv.hetconv_direct(x, weight, pointwise_weight, bias, *arguments)
-        out = torch.relu(out) if relu else out
     else:
         weight, pointwise_weight = prepared
-        packed = torch.ops.leanconv.hetconv_direct_pack(weight, pointwise_weight, g.in_channels, g.p, g.layout)
-        out = torch.ops.leanconv.hetconv_direct_packed(x, *packed, bias, g.out_channels, *arguments, relu)
+        arguments = (list(g.kernel_size), list(g.stride), list(g.padding), list(g.dilation), g.p, g.layout)
+        if plan.training:
+            out = torch.ops.leanconv.hetconv_direct(x, weight, pointwise_weight, bias, *arguments)
+            out = torch.relu(out) if relu else out
+        else:
+            packed = torch.ops.leanconv.hetconv_direct_pack(weight, pointwise_weight, g.in_channels, g.p, g.layout)
+            out = torch.ops.leanconv.hetconv_direct_packed(x, *packed, bias, g.out_channels, *arguments, relu)
     # the kernel writes the format it reads (channels-last, else contiguous), as nn.Conv2d does
     return out if plan.channels_last else out.contiguous()

@@ -46,6 +46,7 @@ __all__ = [
     "register_rule",
     "auto_rule",
     "ensure_ready",
+    "why_not_ready",
     "backend_names",
     "get_backend",
     "check_backend_name",
@@ -164,6 +165,13 @@ def ensure_ready(op: str, name: str) -> str:
             return ""
         state = _SETUP[key] = backend.setup() or ""
     return state
+
+
+def why_not_ready(backend: Backend, x: torch.Tensor, geometry, plan: Plan) -> str | None:
+    """:meth:`Backend.why_not` after :func:`ensure_ready`: None when the backend is set up
+    and can run the call, else why not (what the dispatcher and the rules ask)."""
+    ensure_ready(backend.op, backend.name)
+    return backend.why_not(x, geometry, plan)
 
 
 def register_rule(op: str, rule: Callable[..., str]) -> None:
