@@ -44,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     kd.add_argument("--relu-iterations", type=int, default=S,
                     help="passes of the ReLU-aware refinement of layers followed by BatchNorm + ReLU in the "
                          "data-aware conversion (default 0: least squares on the layer outputs only)")
+    kd.add_argument("--block-steps", type=int, default=S,
+                    help=f"Adam steps of each block's reconstruction after the layer fits of the data-aware "
+                         f"conversion: the block's output (after its residual addition and activation) is fitted "
+                         f"to the teacher's (default {default('block_steps')}; 0: layer fits only)")
     which = parser.add_argument_group("which layers (as leanconv convert)")
     which.add_argument("--include", action="append", default=S, metavar="PATTERN", help="fnmatch pattern (repeatable)")
     which.add_argument("--exclude", action="append", default=S, metavar="PATTERN", help="fnmatch pattern (repeatable)")

@@ -481,7 +481,7 @@ def convert(
             fitted.append((candidate, new, record))
             target = new if candidate.conv is target else target
     if batches is not None and fitted:
-        _calibrate(teacher, target, fitted, trace, batches, settings)
+        report.blocks = _calibrate(teacher, target, fitted, trace, batches, settings)
 
     report.params_after = count_parameters(target)
     if trace is not None:
@@ -511,16 +511,19 @@ def _calibration_settings(calibration, settings, plan: ConversionPlan) -> Calibr
     raise TypeError(f"calibration_settings must be a CalibrationSettings or a dict, got {type(settings).__name__}")
 
 
-def _calibrate(teacher, student, fitted, trace: CallTrace, batches, settings: CalibrationSettings) -> None:
-    """Fit the replaced layers in the order the network runs them (see :mod:`.calibrate`)."""
+def _calibrate(teacher, student, fitted, trace: CallTrace, batches, settings: CalibrationSettings) -> list:
+    """Fit the replaced layers in the order the network runs them and reconstruct their
+    blocks (see :mod:`.calibrate`); returns the blocks' reports."""
     order = {key: position for position, key in enumerate(trace.order)}
     fitted = sorted(fitted, key=lambda item: order.get(id(item[0].conv), len(order)))
     layers = []
     for candidate, new, _ in fitted:
         old = teacher if candidate.name == "(model)" else teacher.get_submodule(candidate.name)
         layers.append((old, new, len(candidate.input_sizes)))
-    for (_, _, record), fit in zip(fitted, calibrate(teacher, student, layers, batches, settings)):
+    fits, blocks = calibrate(teacher, student, layers, batches, settings)
+    for (_, _, record), fit in zip(fitted, fits):
         record.calibration = fit
+    return blocks
 
 
 def _copy(model: nn.Module) -> nn.Module:

@@ -59,6 +59,7 @@ class ConversionReport:
     input_size: tuple[int, ...] | None = None
     model_macs_before: int | None = None
     model_macs_after: int | None = None
+    blocks: list = field(default_factory=list)  # leanconv.conversion.calibrate.BlockFit per reconstructed block
 
     @property
     def replaced_params_before(self) -> int:
@@ -89,6 +90,7 @@ class ConversionReport:
                                        "calibration": None if r.calibration is None else asdict(r.calibration)}
                          for r in self.replaced],
             "skipped": [s.__dict__ for s in self.skipped],
+            "blocks": [asdict(b) for b in self.blocks],
             "totals": {
                 "params_before": self.params_before,
                 "params_after": self.params_after,
@@ -139,6 +141,12 @@ class ConversionReport:
             lines.append(f"left alone ({len(self.skipped)}):")
             for s in self.skipped:
                 lines.append(f"  {s.name:<{width}}  {s.module}: {s.reason}")
+        if self.blocks:
+            width = max(len(b.block) for b in self.blocks)
+            lines.append("")
+            lines.append(f"blocks reconstructed after the layer fits ({len(self.blocks)}):")
+            for b in self.blocks:
+                lines.append(f"  {b.block:<{width}}  {b.describe()}")
         lines.append("")
         lines.append("totals:")
 

@@ -70,6 +70,7 @@ class DistillConfig(TrainConfig):
     feature_weight: float = 0.0
     calibration_images: int = 1024
     relu_iterations: int = 0  # ReLU-aware refinement passes of the data-aware conversion (CalibrationSettings)
+    block_steps: int = 1000  # Adam steps of each block's reconstruction after the layer fits (0: layer fits only)
     include: list | None = None
     exclude: list | None = None
     skip_stem: bool = True
@@ -96,6 +97,8 @@ class DistillConfig(TrainConfig):
              and self.calibration_images >= 0, "calibration_images", "an integer >= 0 (0: transfer only)")
         need(isinstance(self.relu_iterations, int) and not isinstance(self.relu_iterations, bool)
              and self.relu_iterations >= 0, "relu_iterations", "an integer >= 0 (0: no ReLU-aware refinement)")
+        need(isinstance(self.block_steps, int) and not isinstance(self.block_steps, bool)
+             and self.block_steps >= 0, "block_steps", "an integer >= 0 (0: no block reconstruction)")
         need(self.p_policy in P_POLICIES, "p_policy", f"one of {P_POLICIES}")
         need(self.conv_spec().kind != "standard", "conv", "a kind to convert to (hetconv:p=4, dsc, bsconv_u, ...)")
         need(not self.round_channels, "round_channels", "False: the teacher fixes the student's channel widths")
@@ -208,7 +211,8 @@ class DistillSetup(StudentSetup):
         images = calibration_images(self.train_data, self.config.calibration_images, self.config.seed)
         extra = {}
         if len(images):
-            extra = {"calibration": images, "calibration_settings": {"relu_iterations": self.config.relu_iterations}}
+            extra = {"calibration": images, "calibration_settings": {
+                "relu_iterations": self.config.relu_iterations, "block_steps": self.config.block_steps}}
         student, report = self._convert(transfer_weights=True, **extra)
         self.replaced = [r.name for r in report.replaced]
         if int(os.environ.get("RANK", "0")) == 0:

@@ -72,6 +72,6 @@ pixels of every calibration image.
 
 from .driver import calibrate
 from .moments import as_batches
-from .settings import CalibrationSettings, LayerFit
+from .settings import BlockFit, CalibrationSettings, LayerFit
 
-__all__ = ["CalibrationSettings", "LayerFit", "as_batches", "calibrate"]
+__all__ = ["BlockFit", "CalibrationSettings", "LayerFit", "as_batches", "calibrate"]

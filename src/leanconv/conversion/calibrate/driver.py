@@ -1,5 +1,6 @@
 """The calibration driver: each replaced layer, in network order, fitted by its own
-:meth:`~leanconv.layers.LeanConvLayer.calibration_fit` (see the package docstring)."""
+:meth:`~leanconv.layers.LeanConvLayer.calibration_fit`, and each block that holds
+replaced layers reconstructed after its layers' fits (see the package docstring)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from ...graph import followers as find_followers
 from ...layers import LeanConvLayer
 from ...ops.least_squares import augment
 from .batchnorm import bn_decision, reestimate_bn
+from .blocks import block_error, cache_block, find_blocks, reconstruct, split
 from .moments import Moments, as_batches, collect, samples as sampled_pairs
 from .relu import refine_for_relu
-from .settings import CalibrationSettings, LayerFit
+from .settings import BlockFit, CalibrationSettings, LayerFit
 
 __all__ = ["calibrate", "effective_weight", "fit_layer"]
 
@@ -47,11 +49,13 @@ def why_not_fitted(layer: nn.Module, features: int, settings: CalibrationSetting
 
 @torch.no_grad()
 def calibrate(teacher: nn.Module, student: nn.Module, layers: list[tuple[nn.Conv2d, nn.Module, int]],
-              calibration, settings: CalibrationSettings | None = None) -> list[LayerFit]:
+              calibration, settings: CalibrationSettings | None = None) -> tuple[list[LayerFit], list[BlockFit]]:
     """Fit ``layers`` ((teacher's dense conv, student's replacement, calls per
-    forward pass), in execution order) to the teacher on ``calibration`` images;
-    returns one :class:`LayerFit` per layer. Both models run in eval mode;
-    their train/eval flags are restored."""
+    forward pass), in execution order) to the teacher on ``calibration`` images,
+    then reconstruct each block that holds them (``settings.block_steps``; the
+    block's layers are fitted just before it, on the inputs the student gives
+    them). Returns one :class:`LayerFit` per layer and one :class:`BlockFit` per
+    block. Both models run in eval mode; their train/eval flags are restored."""
     settings = settings or CalibrationSettings()
     batches = as_batches(calibration, settings.batch_size)
     flags = {m: m.training for m in (*teacher.modules(), *student.modules())}
@@ -64,51 +68,90 @@ def calibrate(teacher: nn.Module, student: nn.Module, layers: list[tuple[nn.Conv
                                   example=batches[0].to(device=device, dtype=dtype))
         followers = {id(student.get_submodule(p.layer)): (p.follower, student.get_submodule(p.follower), p.relu_only)
                      for p in pairs}
-        fits = []
-        for index, (old, new, calls) in enumerate(layers):
-            kh, kw = old.kernel_size
-            m, taps = old.in_channels, kh * kw
-            follower = followers.get(id(new))
-            reason = why_not_fitted(new, m * taps, settings) or (
-                "" if calls else "not fitted: did not run on the calibration images")
-            moments = None if reason else collect(teacher, student, old, new, batches, calls, settings, index)
-            if moments is None:
-                fit = LayerFit(reason or "not fitted: did not run on the calibration images")
-                if follower is not None and calls:
-                    fit.batchnorm, fit.bn_reestimated = follower[0], True
-                    reestimate_bn(student, follower[1], batches, device, dtype)
-                fits.append(fit)
+        fitter = _LayerFitter(teacher, student, batches, settings, followers, device, dtype)
+        blocks = []
+        if settings.fit and settings.block_steps:
+            blocks = find_blocks(student, [new for _, new, _ in layers], settings.block_layers)
+        block_of = {index: block for block in blocks for index in block.layers}
+        names = {id(module): name for name, module in student.named_modules()}
+        fits: list[LayerFit | None] = [None] * len(layers)
+        block_fits = []
+        for index in range(len(layers)):
+            if fits[index] is not None:
                 continue
-            before = effective_weight(new)
-            fit = LayerFit("", error_transfer=moments.relative_error(before), samples=moments.count)
-            saved = {k: v.clone() for k, v in new.state_dict().items()}
-            # A layer without a bias before a BatchNorm is fitted with one, folded into the BatchNorm's mean.
-            free_bias = follower is not None
-            fit.method, weight, extra = fit_layer(new, moments, settings, free_bias)
-            fit.error_fit = moments.relative_error(weight)
-            if fit.error_fit >= fit.error_transfer:  # ridge or a poor sample: keep the transfer
-                new.load_state_dict(saved)
-                fit.method += " (not kept: no lower error than the transfer)"
-                fit.error_fit, weight, extra = None, before, None
-            refined = follower is not None and follower[2] and fit.error_fit is not None and settings.relu_iterations
-            if refined:
-                def new_pass():
-                    return sampled_pairs(teacher, student, old, new, batches, calls, settings, index)
-
-                weight, extra, fit.relu_error_linear, fit.relu_error_refined = refine_for_relu(
-                    new_pass, new, follower[1], moments, weight, extra, settings, free_bias, fit_layer)
-                fit.error_fit = moments.relative_error(weight)
-                fit.method += f", ReLU-aware refinement ({settings.relu_iterations} passes)"
-            if extra is not None:
-                fit.method += " (with a bias, folded into the following BatchNorm)"
-            if follower is not None:
-                fit.batchnorm = follower[0]
-                # the refinement fitted activations under the teacher's statistics: they stay
-                policy = "always" if fit.error_fit is None else "never" if refined else settings.batchnorm
-                fit.bn_error_kept, fit.bn_error_reestimated, fit.bn_reestimated = bn_decision(
-                    follower[1], weight, moments, policy, extra)
-            fits.append(fit)
-        return fits
+            block = block_of.get(index)
+            if block is None:
+                fits[index] = fitter.fit(index, *layers[index])
+                continue
+            record = BlockFit(block.name, [names.get(id(layers[i][1]), "") for i in block.layers])
+            cache = cache_block(teacher, student, block, batches, device, dtype, settings)
+            if cache.reason:
+                record.method = cache.reason
+            else:
+                seed = settings.seed + 7919 * len(block_fits)
+                fitting, held_out = split(cache, seed)
+                record.images, record.held_out = cache.images, len(held_out)
+                record.error_transfer = block_error(student, block, cache, held_out, settings)
+            for i in block.layers:
+                fits[i] = fitter.fit(i, *layers[i])
+            if not cache.reason:
+                record.error_layers = block_error(student, block, cache, held_out, settings)
+                reconstruct(student, block, cache, record, fitting, held_out, settings, seed)
+            del cache
+            block_fits.append(record)
+        return fits, block_fits
     finally:
         for module, training in flags.items():
             module.training = training
+
+
+class _LayerFitter:
+    """The per-layer steps (fit, ReLU-aware refinement, BatchNorm) of one replaced layer."""
+
+    def __init__(self, teacher, student, batches, settings, followers, device, dtype) -> None:
+        self.teacher, self.student, self.batches, self.settings = teacher, student, batches, settings
+        self.followers, self.device, self.dtype = followers, device, dtype
+
+    def fit(self, index: int, old: nn.Conv2d, new: nn.Module, calls: int) -> LayerFit:
+        teacher, student, batches, settings = self.teacher, self.student, self.batches, self.settings
+        kh, kw = old.kernel_size
+        m, taps = old.in_channels, kh * kw
+        follower = self.followers.get(id(new))
+        reason = why_not_fitted(new, m * taps, settings) or (
+            "" if calls else "not fitted: did not run on the calibration images")
+        moments = None if reason else collect(teacher, student, old, new, batches, calls, settings, index)
+        if moments is None:
+            fit = LayerFit(reason or "not fitted: did not run on the calibration images")
+            if follower is not None and calls:
+                fit.batchnorm, fit.bn_reestimated = follower[0], True
+                reestimate_bn(student, follower[1], batches, self.device, self.dtype)
+            return fit
+        before = effective_weight(new)
+        fit = LayerFit("", error_transfer=moments.relative_error(before), samples=moments.count)
+        saved = {k: v.clone() for k, v in new.state_dict().items()}
+        # A layer without a bias before a BatchNorm is fitted with one, folded into the BatchNorm's mean.
+        free_bias = follower is not None
+        fit.method, weight, extra = fit_layer(new, moments, settings, free_bias)
+        fit.error_fit = moments.relative_error(weight)
+        if fit.error_fit >= fit.error_transfer:  # ridge or a poor sample: keep the transfer
+            new.load_state_dict(saved)
+            fit.method += " (not kept: no lower error than the transfer)"
+            fit.error_fit, weight, extra = None, before, None
+        refined = follower is not None and follower[2] and fit.error_fit is not None and settings.relu_iterations
+        if refined:
+            def new_pass():
+                return sampled_pairs(teacher, student, old, new, batches, calls, settings, index)
+
+            weight, extra, fit.relu_error_linear, fit.relu_error_refined = refine_for_relu(
+                new_pass, new, follower[1], moments, weight, extra, settings, free_bias, fit_layer)
+            fit.error_fit = moments.relative_error(weight)
+            fit.method += f", ReLU-aware refinement ({settings.relu_iterations} passes)"
+        if extra is not None:
+            fit.method += " (with a bias, folded into the following BatchNorm)"
+        if follower is not None:
+            fit.batchnorm = follower[0]
+            # the refinement fitted activations under the teacher's statistics: they stay
+            policy = "always" if fit.error_fit is None else "never" if refined else settings.batchnorm
+            fit.bn_error_kept, fit.bn_error_reestimated, fit.bn_reestimated = bn_decision(
+                follower[1], weight, moments, policy, extra)
+        return fit

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["CalibrationSettings", "LayerFit"]
+__all__ = ["BlockFit", "CalibrationSettings", "LayerFit"]
 
 @dataclass(frozen=True)
 class CalibrationSettings:
@@ -22,9 +22,19 @@ class CalibrationSettings:
     fit: bool = True  # False: no layer is fitted, only the BatchNorms after them re-estimated
     # Layers followed by BatchNorm + ReLU: passes of the ReLU-aware refinement after the linear fit (0: none)
     relu_iterations: int = 0
+    # Block reconstruction after the per-layer fits (see .blocks): Adam steps per block (0: none),
+    # its learning rate, images per step, most cached inputs and outputs per block (MiB), and most
+    # replaced layers in one block.
+    block_steps: int = 1000
+    block_lr: float = 5e-3
+    block_batch_size: int = 32
+    block_cache_mb: int = 1024
+    block_layers: int = 4
 
     def __post_init__(self) -> None:
-        for name, low in (("pixels_per_image", 1), ("als_iterations", 0), ("relu_iterations", 0), ("max_features", 1), ("batch_size", 1)):
+        for name, low in (("pixels_per_image", 1), ("als_iterations", 0), ("relu_iterations", 0), ("max_features", 1),
+                          ("batch_size", 1), ("block_steps", 0), ("block_batch_size", 1), ("block_cache_mb", 1),
+                          ("block_layers", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"calibration setting {name} must be an integer >= {low}, got {value!r}")
@@ -33,6 +43,10 @@ class CalibrationSettings:
                              f"{self.batchnorm!r}")
         if not isinstance(self.ridge, (int, float)) or isinstance(self.ridge, bool) or not self.ridge >= 0:
             raise ValueError(f"calibration setting ridge must be a number >= 0, got {self.ridge!r}")
+        for name in ("block_lr",):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"calibration setting {name} must be a number > 0, got {value!r}")
 
 
 @dataclass
@@ -68,3 +82,31 @@ class LayerFit:
                 errors = f" (error kept {self.bn_error_kept:.3g}, re-estimated {self.bn_error_reestimated:.3g})"
             parts.append(f"{self.batchnorm} statistics {action}{errors}")
         return "; ".join(parts)
+
+
+@dataclass
+class BlockFit:
+    """What calibration did to one block (see :mod:`.blocks`): its relative output error
+    against the teacher's block on the held-out calibration images with the transferred
+    weights, after the per-layer fits and after the block's optimisation (with its error
+    on the images it was fitted to), and whether that optimisation was kept."""
+
+    block: str
+    layers: list[str]
+    method: str = ""
+    images: int = 0
+    held_out: int = 0
+    error_transfer: float | None = None
+    error_layers: float | None = None
+    error_block: float | None = None
+    error_block_fitting: float | None = None
+    kept: bool = False
+    seconds: float = 0.0
+
+    def describe(self) -> str:
+        steps = [(label, value) for label, value in (("transfer", self.error_transfer), ("layer fits", self.error_layers),
+                                                     ("optimised", self.error_block)) if value is not None]
+        errors = " -> ".join(f"{value:.3g} ({label})" for label, value in steps)
+        where = f" on {self.held_out} held-out samples ({self.images} images cached)" if self.images else ""
+        return "; ".join(filter(None, (self.method, f"output error {errors}{where}" if errors else "",
+                                       f"{self.seconds:.1f} s" if self.seconds else "")))

@@ -1,0 +1,300 @@
+"""Block reconstruction: after the per-layer fits, the parameters of each block that
+holds replaced layers are optimised so that what the block passes on (its output
+after the residual addition and the activation, whatever they are) matches the
+teacher's block, on the inputs the converted network actually gives it.
+
+Per-layer least squares fits each convolution's output; in a residual block the
+second convolution's output goes through a BatchNorm into an addition and a
+ReLU, and a chain of blocks compounds what each per-layer fit leaves. Block-wise
+reconstruction, as post-training quantization does it (Li et al., "BRECQ:
+Pushing the Limit of Post-Training Quantization by Block Reconstruction", ICLR
+2021, https://arxiv.org/abs/2102.05426), fits the quantity that matters.
+
+**Blocks** (:func:`find_blocks`) come from the module tree alone (no tracing: any
+``nn.Module`` works). From each replaced layer, climb to the highest enclosing
+module that is not a container (``nn.Sequential``, ``nn.ModuleList``,
+``nn.ModuleDict``) nor the model, and holds at most ``block_layers`` replaced
+layers: a ResNet's ``BasicBlock``/``Bottleneck``, a DenseNet's dense layer, a
+user's ``Block``. Inside an ``nn.Sequential`` the block takes the siblings after
+it that hold no computation of their own (normalisation layers and
+parameter-free modules: BatchNorm, ReLU, pooling), so a VGG's ``conv, bn, relu,
+pool`` is one block. A block is one module called on its inputs, or a run of
+``nn.Sequential`` siblings each fed the previous one's output.
+
+**Reconstruction** (:func:`reconstruct`) of one block: its inputs in the student
+and its outputs in the teacher, on the calibration images (at most
+``block_cache_mb`` of them), are cached; a seeded eighth of the images is held
+out. ``block_steps`` steps of Adam (learning rate ``block_lr``, cosine decay, mini-batches of
+``block_batch_size`` images) on the relative squared error of the block's output
+train every floating parameter of the block (the replaced layers, its
+BatchNorms' affine parameters, an unreplaced shortcut) except parameters that a
+module outside the block also uses; BatchNorms keep their running statistics
+(eval mode). The result is kept only if it lowers the held-out error. The
+report gives the held-out relative error with the transferred weights, after
+the per-layer fits and after the block's optimisation.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from ...layers import LeanConvLayer
+from .moments import Stop
+from .settings import BlockFit, CalibrationSettings
+
+__all__ = ["Block", "BlockCache", "block_error", "cache_block", "find_blocks", "reconstruct", "split"]
+
+CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+NORMALISATIONS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
+@dataclass
+class Block:
+    """A run of modules (by name) whose last output the teacher's must match; ``layers``
+    are the indices of the replaced layers it holds (in calibration's list)."""
+
+    members: list[str]
+    layers: list[int] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.members[0] if len(self.members) == 1 else f"{self.members[0]}..{self.members[-1]}"
+
+
+def _parent(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+def _holds_computation(module: nn.Module) -> bool:
+    """True when a module has parameters outside normalisation layers (a convolution, a linear layer...)."""
+    return any(p is not None for m in module.modules() if not isinstance(m, NORMALISATIONS)
+               for p in m.parameters(recurse=False))
+
+
+def find_blocks(model: nn.Module, layers: list[nn.Module], block_layers: int) -> list[Block]:
+    """The blocks of ``model`` that hold ``layers`` (replaced layers, in execution order), in
+    the order of their first layer (see the module docstring). A layer that is the model itself
+    has no block."""
+    names = {id(module): name for name, module in model.named_modules()}
+    replaced = {id(layer) for layer in layers}
+
+    def count(module: nn.Module) -> int:
+        return sum(id(m) in replaced for m in module.modules())
+
+    blocks: dict[tuple[str, ...], Block] = {}
+    for index, layer in enumerate(layers):
+        name = names.get(id(layer), "")
+        if not name:
+            continue
+        while True:
+            parent_name = _parent(name)
+            parent = model.get_submodule(parent_name)
+            if not parent_name or isinstance(parent, CONTAINERS) or count(parent) > block_layers:
+                break
+            name = parent_name
+        members = [name]
+        parent = model.get_submodule(_parent(name))
+        if isinstance(parent, nn.Sequential):
+            children = list(parent.named_children())
+            position = [child for child, _ in children].index(name.rpartition(".")[2])
+            prefix = _parent(name) + "." if _parent(name) else ""
+            for child, module in children[position + 1:]:
+                if _holds_computation(module) or count(module):
+                    break
+                members.append(prefix + child)
+        blocks.setdefault(tuple(members), Block(members)).layers.append(index)
+    return sorted(blocks.values(), key=lambda block: block.layers[0])
+
+
+# ------------------------------------------------------------------ the cache
+class BlockCache:
+    """The block's inputs in the student and outputs in the teacher for the calibration
+    images: ``inputs`` (one tensor per positional argument, batch first), ``kwargs``
+    (constant keyword arguments) and ``targets``; empty with ``reason`` when the
+    block cannot be reconstructed."""
+
+    def __init__(self) -> None:
+        self.inputs: list[torch.Tensor] = []
+        self.kwargs: dict = {}
+        self.targets: torch.Tensor | None = None
+        self.images = 0
+        self.reason = ""
+
+    def __len__(self) -> int:
+        return 0 if self.targets is None else len(self.targets)
+
+
+def _capture(model: nn.Module, images: torch.Tensor, module: nn.Module, pre: bool, stop_after: int | None):
+    """Run ``model`` on ``images``; each call of ``module``: (args, kwargs) (``pre``) or its output."""
+    seen: list = []
+
+    def keep(value):
+        seen.append(value)
+        if stop_after is not None and len(seen) >= stop_after:
+            raise Stop
+
+    if pre:
+        handle = module.register_forward_pre_hook(
+            lambda m, args, kwargs: keep((tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args),
+                                          dict(kwargs))), with_kwargs=True)
+    else:
+        handle = module.register_forward_hook(
+            lambda m, args, output: keep(output.detach().clone() if isinstance(output, torch.Tensor) else output))
+    try:
+        model(images)
+    except Stop:
+        pass
+    finally:
+        handle.remove()
+    return seen
+
+
+def cache_block(teacher: nn.Module, student: nn.Module, block: Block, batches, device, dtype,
+                settings: CalibrationSettings) -> BlockCache:
+    """The block's student inputs and teacher outputs (see :class:`BlockCache`), at most
+    ``block_cache_mb`` MiB of them (whole calibration batches, in order)."""
+    cache = BlockCache()
+    first, last = student.get_submodule(block.members[0]), teacher.get_submodule(block.members[-1])
+    inputs: list[tuple] = []
+    targets: list[torch.Tensor] = []
+    budget, used, calls = settings.block_cache_mb * 2 ** 20, 0, None
+    for images in batches:
+        images = images.to(device=device, dtype=dtype)
+        given = _capture(student, images, first, True, calls)
+        produced = _capture(teacher, images, last, False, calls)
+        calls = len(given)
+        if not given or len(produced) != len(given):
+            cache.reason = "not reconstructed: the block did not run on the calibration images" if not given else (
+                f"not reconstructed: its first module ran {len(given)} times and its last {len(produced)} times")
+            return cache
+        for (args, kwargs), output in zip(given, produced):
+            why = _why_not_batched(args, kwargs, output, len(images))
+            if why:
+                cache.reason = f"not reconstructed: {why}"
+                return cache
+            if not inputs:
+                cache.kwargs = kwargs
+            inputs.append(args)
+            targets.append(output)
+            used += sum(a.numel() * a.element_size() for a in args) + output.numel() * output.element_size()
+        cache.images += len(images)
+        if used >= budget:
+            break
+    cache.inputs = [torch.cat(column) for column in zip(*inputs)]
+    cache.targets = torch.cat(targets)
+    return cache
+
+
+def _why_not_batched(args: tuple, kwargs: dict, output, batch: int) -> str:
+    if not args or not all(isinstance(a, torch.Tensor) and a.dim() and len(a) == batch for a in args):
+        return "its inputs are not tensors with the images' batch dimension"
+    if any(isinstance(v, torch.Tensor) for v in kwargs.values()):
+        return "it takes tensors as keyword arguments"
+    if not isinstance(output, torch.Tensor) or not output.dim() or len(output) != batch:
+        return "its output is not a tensor with the images' batch dimension"
+    return ""
+
+
+# ------------------------------------------------------------------ the optimisation
+def _run(modules: list[nn.Module], inputs: list[torch.Tensor], kwargs: dict) -> torch.Tensor:
+    out = modules[0](*inputs, **kwargs)
+    for module in modules[1:]:
+        out = module(out)
+    return out
+
+
+def _relative_error(modules, cache: BlockCache, index: torch.Tensor, batch_size: int) -> float:
+    error = total = 0.0
+    with torch.no_grad():
+        for chunk in index.split(batch_size):
+            out = _run(modules, [x[chunk] for x in cache.inputs], cache.kwargs).double()
+            target = cache.targets[chunk].double()
+            error += (out - target).square().sum().item()
+            total += target.square().sum().item()
+    return math.sqrt(error / total) if total > 0 else 0.0
+
+
+def _trainable(model: nn.Module, block: Block) -> list[nn.Parameter]:
+    """The block's floating parameters that no module outside the block uses."""
+    inside = {id(m) for name in block.members for m in model.get_submodule(name).modules()}
+    outside = {id(p) for m in model.modules() if id(m) not in inside for p in m.parameters(recurse=False)}
+    seen, parameters = set(), []
+    for name in block.members:
+        for p in model.get_submodule(name).parameters():
+            if p.is_floating_point() and id(p) not in outside and id(p) not in seen:
+                seen.add(id(p))
+                parameters.append(p)
+    return parameters
+
+
+def split(cache: BlockCache, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fitting, held-out) sample indices: a seeded eighth held out (every sample in both
+    when there are fewer than 16)."""
+    order = torch.randperm(len(cache), generator=torch.Generator().manual_seed(seed))
+    if len(cache) < 16:
+        return order, order
+    held = len(cache) // 8
+    return order[held:], order[:held]
+
+
+def block_error(student: nn.Module, block: Block, cache: BlockCache, index: torch.Tensor,
+                settings: CalibrationSettings) -> float:
+    """The block's relative output error against the teacher's on the cached samples ``index``."""
+    modules = [student.get_submodule(name) for name in block.members]
+    return _relative_error(modules, cache, index, settings.batch_size)
+
+
+def reconstruct(student: nn.Module, block: Block, cache: BlockCache, fit: BlockFit, fitting: torch.Tensor,
+                held_out: torch.Tensor, settings: CalibrationSettings, seed: int) -> None:
+    """Optimise the block's parameters (see the module docstring) in place; fills ``fit``."""
+    modules = [student.get_submodule(name) for name in block.members]
+    parameters = _trainable(student, block)
+    if not parameters:
+        fit.method = "not reconstructed: no parameter of the block is its own"
+        return
+    modules_inside = (m for name in block.members for m in student.get_submodule(name).modules())
+    if not any(isinstance(m, LeanConvLayer) for m in modules_inside):
+        fit.method = "not reconstructed: holds no leanconv layer"
+        return
+    start = time.perf_counter()
+    saved = [p.detach().clone() for p in parameters]
+    flags = [p.requires_grad for p in parameters]
+    generator = torch.Generator().manual_seed(seed)
+    steps, lr = settings.block_steps, settings.block_lr
+    batch = min(settings.block_batch_size, len(fitting))
+    with torch.enable_grad():
+        for p in parameters:
+            p.requires_grad_(True)
+        optimizer = torch.optim.Adam(parameters, lr=lr)
+        try:
+            for step in range(steps):
+                for group in optimizer.param_groups:  # cosine decay to zero
+                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+                chosen = fitting[torch.randint(len(fitting), (batch,), generator=generator)]
+                target = cache.targets[chosen]
+                out = _run(modules, [x[chosen] for x in cache.inputs], cache.kwargs)
+                loss = (out - target).square().sum() / target.square().sum().clamp(min=1e-12)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        finally:
+            for p, flag in zip(parameters, flags):
+                p.requires_grad_(flag)
+    fit.error_block = _relative_error(modules, cache, held_out, settings.batch_size)
+    fit.error_block_fitting = _relative_error(modules, cache, fitting, settings.batch_size)
+    fit.seconds = time.perf_counter() - start
+    fit.method = f"{steps} Adam steps on {len(parameters)} parameter tensors"
+    before = fit.error_layers if fit.error_layers is not None else fit.error_transfer
+    if before is not None and not fit.error_block < before:
+        with torch.no_grad():
+            for p, value in zip(parameters, saved):
+                p.copy_(value)
+        fit.method += " (not kept: no lower held-out error)"
+        fit.kept = False
+    else:
+        fit.kept = True
