@@ -15,7 +15,9 @@ from leanconv.layers import HetConv2d
 
 KINDS = ["hetconv:p=4", "hetconv:p=2,layout=shifted", "dsc", "dsc:depth_multiplier=2", "bsconv_u", "bsconv_s",
          "gwpw:g=2"]
-ALL_PIXELS = {"pixels_per_image": 10_000}  # every output pixel: the sampled moments are the whole maps'
+# the per-layer steps alone (tests/test_blocks.py covers the block reconstruction that follows them)
+LAYERS_ONLY = {"block_steps": 0}
+ALL_PIXELS = {"pixels_per_image": 10_000, **LAYERS_ONLY}  # every output pixel: the moments are the whole maps'
 
 
 def _settled(model: nn.Module, images: torch.Tensor) -> nn.Module:
@@ -81,7 +83,8 @@ def test_a_dense_layer_with_hetconv_structure_is_recovered(layout):
     conv = het.to_conv2d()
     images = torch.randn(8, 8, 6, 6)
     student, report = leanconv.convert(nn.Sequential(conv), "hetconv", p=4, layout=layout, transfer_weights=True,
-                                       skip_stem=False, calibration=images, return_report=True)
+                                       skip_stem=False, calibration=images, calibration_settings=LAYERS_ONLY,
+                                       return_report=True)
     fit = report.replaced[0].calibration
     assert fit.error_transfer < 1e-6
     with torch.no_grad():
@@ -106,7 +109,7 @@ def test_calibration_brings_the_network_closer_to_the_teacher(kind):
     teacher = _settled(_network(), images)
     transferred = leanconv.convert(teacher, kind, transfer_weights=True)
     student, report = leanconv.convert(teacher, kind, transfer_weights=True, calibration=images[:48],
-                                       return_report=True)
+                                       calibration_settings=LAYERS_ONLY, return_report=True)
     held_out = images[48:]
     with torch.no_grad():
         reference = teacher(held_out)
@@ -185,7 +188,7 @@ def test_batchnorm_policy_forces_the_choice(policy):
     images = torch.randn(24, 3, 8, 8)
     teacher = _settled(_network(), images)
     _, report = leanconv.convert(teacher, "hetconv:p=4", transfer_weights=True, calibration=images,
-                                 calibration_settings={"batchnorm": policy}, return_report=True)
+                                 calibration_settings={"batchnorm": policy, **LAYERS_ONLY}, return_report=True)
     assert [r.calibration.bn_reestimated for r in report.replaced[:2]] == [policy == "always"] * 2
 
 
@@ -205,7 +208,7 @@ def test_layers_with_an_inner_batchnorm_are_not_fitted_but_their_batchnorm_is_re
     images = torch.randn(16, 3, 8, 8)
     teacher = _settled(_network(), images)
     student, report = leanconv.convert(teacher, "dsc", with_bn=True, transfer_weights=True, calibration=images,
-                                       return_report=True)
+                                       calibration_settings=LAYERS_ONLY, return_report=True)
     fit = report.replaced[0].calibration
     assert fit.error_fit is None and "BatchNorm inside" in fit.method and fit.bn_reestimated
 
@@ -248,7 +251,7 @@ def test_a_layer_that_does_not_run_is_reported():
             return self.used(self.stem(x))
 
     _, report = leanconv.convert(Branchy(), "hetconv:p=2", transfer_weights=True, calibration=torch.randn(4, 3, 8, 8),
-                                 return_report=True)
+                                 calibration_settings=LAYERS_ONLY, return_report=True)
     fits = {r.name: r.calibration for r in report.replaced}
     assert fits["used"].error_fit is not None
     assert "did not run" in fits["unused"].method

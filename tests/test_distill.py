@@ -41,7 +41,8 @@ def _summary(out: str) -> dict:
 def test_epochs_zero_writes_the_calibrated_student_as_a_training_checkpoint(teacher_run, tmp_path, capsys):
     out = str(tmp_path / "student")
     assert main(["distill", "--teacher", os.path.join(teacher_run, "last.pt"), "--conv", "hetconv:p=4",
-                 "--epochs", "0", "--calibration-images", "200", "--out", out, "--no-progress"]) == 0
+                 "--epochs", "0", "--calibration-images", "200", "--block-steps", "20", "--out", out,
+                 "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "output error" in printed and "lr 0.01 (0.01 x batch 128 / 128)" in printed
     model, checkpoint = load_trained_model(os.path.join(out, "last.pt"))
@@ -51,6 +52,7 @@ def test_epochs_zero_writes_the_calibrated_student_as_a_training_checkpoint(teac
         report = json.load(handle)
     assert report["images"] == 200
     assert all(r["calibration"]["error_fit"] < r["calibration"]["error_transfer"] for r in report["replaced"])
+    assert len(report["blocks"]) == 2 and report["blocks"][0]["method"].startswith("20 Adam steps")
     # leanconv evaluate reads it and agrees with the run's own figure
     assert main(["evaluate", "--checkpoint", os.path.join(out, "last.pt"), "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -72,7 +74,7 @@ def test_calibration_brings_the_student_closer_to_the_teacher_on_held_out_images
     for count in (0, 400):
         out = str(tmp_path / f"cal{count}")
         distill(DistillConfig(teacher=os.path.join(teacher_run, "last.pt"), conv="hetconv:p=4", epochs=0,
-                              calibration_images=count, out=out, progress=False), log=lambda _: None)
+                              calibration_images=count, block_steps=20, out=out, progress=False), log=lambda _: None)
         student, _ = load_trained_model(os.path.join(out, "last.pt"))
         with torch.no_grad():
             errors[count] = ((student.eval()(images) - target).norm() / target.norm()).item()
@@ -83,7 +85,7 @@ def test_calibration_brings_the_student_closer_to_the_teacher_on_held_out_images
 def test_relu_refinement_reaches_the_conversion(teacher_run, tmp_path):
     out = str(tmp_path / "relu")
     assert main(["distill", "--teacher", os.path.join(teacher_run, "last.pt"), "--conv", "hetconv:p=4", "--epochs", "0",
-                 "--calibration-images", "100", "--relu-iterations", "2", "--no-progress", "--threads", "1",
+                 "--calibration-images", "100", "--relu-iterations", "2", "--block-steps", "0", "--no-progress", "--threads", "1",
                  "--out", out]) == 0
     with open(os.path.join(out, "calibration.json")) as handle:
         fits = [r["calibration"] for r in json.load(handle)["replaced"]]
@@ -99,7 +101,7 @@ def test_relu_refinement_reaches_the_conversion(teacher_run, tmp_path):
 @pytest.mark.slow
 def test_sigkill_and_resume_match_an_uninterrupted_run_and_options_apply(teacher_run, tmp_path, capsys):
     common = ["distill", "--teacher", os.path.join(teacher_run, "last.pt"), "--conv", "hetconv:p=2",
-              "--layout", "shifted", "--exclude", "features.40", "--calibration-images", "100", "--batch-size", "50",
+              "--layout", "shifted", "--exclude", "features.40", "--calibration-images", "100", "--block-steps", "20", "--batch-size", "50",
               "--no-progress", "--threads", "1", "--feature-weight", "0.5", "--epochs", "3"]
     whole, part = str(tmp_path / "whole"), str(tmp_path / "part")
     assert main([*common, "--out", whole]) == 0
@@ -129,7 +131,7 @@ def test_zoo_and_user_function_teachers(teacher_run, tmp_path, monkeypatch):
     weights = str(tmp_path / "teacher.pt")
     _write_state_dict(teacher_run, weights)
     zoo = distill(DistillConfig(teacher="vgg16_cifar", teacher_weights=weights, width=0.125, conv="dsc", epochs=0,
-                                calibration_images=50, out=str(tmp_path / "zoo"), progress=False), log=lambda _: None)
+                                calibration_images=50, block_steps=10, out=str(tmp_path / "zoo"), progress=False), log=lambda _: None)
     package = tmp_path / "pkg"
     package.mkdir()
     (package / "my_teachers.py").write_text(textwrap.dedent("""
@@ -140,7 +142,7 @@ def test_zoo_and_user_function_teachers(teacher_run, tmp_path, monkeypatch):
     """))
     monkeypatch.syspath_prepend(str(package))
     user = distill(DistillConfig(teacher="my_teachers:vgg", teacher_weights=weights, conv="dsc", epochs=0,
-                                 calibration_images=50, out=str(tmp_path / "user"), progress=False), log=lambda _: None)
+                                 calibration_images=50, block_steps=10, out=str(tmp_path / "user"), progress=False), log=lambda _: None)
     assert zoo["final"]["top1"] == pytest.approx(user["final"]["top1"])
     model, checkpoint = load_trained_model(os.path.join(tmp_path / "user", "last.pt"))
     assert checkpoint["model_spec"]["base"] == {"callable": "my_teachers:vgg"}
@@ -155,6 +157,7 @@ def test_zoo_and_user_function_teachers(teacher_run, tmp_path, monkeypatch):
     ({"temperature": 0}, "temperature must be"),
     ({"calibration_images": -1}, "calibration_images must be"),
     ({"relu_iterations": -1}, "relu_iterations must be"),
+    ({"block_steps": -5}, "block_steps must be an integer >= 0"),
     ({"p_policy": "nearest"}, "p_policy must be"),
     ({"round_channels": True}, "round_channels must be"),
     ({"teacher": "mod:fn", "width": 0.5}, "width applies to zoo teachers only"),
@@ -231,7 +234,7 @@ def test_distill_under_torchrun_ddp(teacher_run, tiny_data, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
                "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "leanconv.cli", "distill",
                "--teacher", os.path.join(teacher_run, "last.pt"), "--conv", "bsconv_u", "--data", tiny_data,
-               "--epochs", "1", "--batch-size", "16", "--calibration-images", "32", "--out", out, "--no-progress",
+               "--epochs", "1", "--batch-size", "16", "--calibration-images", "32", "--block-steps", "10", "--out", out, "--no-progress",
                "--device", "cpu"]
     result = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                             timeout=240)

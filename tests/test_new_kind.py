@@ -126,6 +126,7 @@ def test_a_kind_defined_in_one_class_works_through_the_whole_library(bottleneck_
 
     # calibration fits it by its own rule, and lowers the error against the teacher
     calibrated, report = leanconv.convert(model, "bottleneck_test", rank=4, return_report=True, transfer_weights=True,
-                                          calibration=torch.randn(32, 3, 32, 32))
+                                          calibration=torch.randn(32, 3, 32, 32),
+                                          calibration_settings={"block_steps": 20})
     fit = report.replaced[-1].calibration
     assert fit.method.startswith("pointwise least squares") and fit.error_fit < fit.error_transfer

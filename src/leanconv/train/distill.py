@@ -70,7 +70,7 @@ class DistillConfig(TrainConfig):
     feature_weight: float = 0.0
     calibration_images: int = 1024
     relu_iterations: int = 0  # ReLU-aware refinement passes of the data-aware conversion (CalibrationSettings)
-    block_steps: int = 1000  # Adam steps of each block's reconstruction after the layer fits (0: layer fits only)
+    block_steps: int = 1500  # Adam steps of each block's reconstruction after the layer fits (0: layer fits only)
     include: list | None = None
     exclude: list | None = None
     skip_stem: bool = True

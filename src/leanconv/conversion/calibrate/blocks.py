@@ -15,11 +15,18 @@ Pushing the Limit of Post-Training Quantization by Block Reconstruction", ICLR
 module that is not a container (``nn.Sequential``, ``nn.ModuleList``,
 ``nn.ModuleDict``) nor the model, and holds at most ``block_layers`` replaced
 layers: a ResNet's ``BasicBlock``/``Bottleneck``, a DenseNet's dense layer, a
-user's ``Block``. Inside an ``nn.Sequential`` the block takes the siblings after
-it that hold no computation of their own (normalisation layers and
-parameter-free modules: BatchNorm, ReLU, pooling), so a VGG's ``conv, bn, relu,
-pool`` is one block. A block is one module called on its inputs, or a run of
-``nn.Sequential`` siblings each fed the previous one's output.
+user's ``Block``, or the layer itself. Inside an ``nn.Sequential`` consecutive
+such modules form one block while it holds at most ``block_layers`` replaced
+layers (a CIFAR ResNet-20's stage of three basic blocks, three of ResNet-56's
+nine, six convolutions of a VGG), with the siblings after them that hold no
+computation of their own (normalisation layers and parameter-free modules:
+BatchNorm, ReLU, pooling); a sibling with a computation of its own (an
+unreplaced convolution, a linear layer) ends the block. A block is one module
+called on its inputs, or a run of ``nn.Sequential`` siblings each fed the
+previous one's output. Larger blocks let a later layer compensate an earlier
+one's error: on a CIFAR ResNet-20, HetConv P=4, blocks of six layers (a stage)
+reached 66.6% against 65.4% with blocks of two (the basic blocks), for a dense
+teacher at 69.5% (``docs/compression.md``).
 
 **Reconstruction** (:func:`reconstruct`) of one block: its inputs in the student
 and its outputs in the teacher, on the calibration images (at most
@@ -86,7 +93,7 @@ def find_blocks(model: nn.Module, layers: list[nn.Module], block_layers: int) ->
     def count(module: nn.Module) -> int:
         return sum(id(m) in replaced for m in module.modules())
 
-    blocks: dict[tuple[str, ...], Block] = {}
+    units: dict[str, list[int]] = {}  # the highest module of each layer that is not a container
     for index, layer in enumerate(layers):
         name = names.get(id(layer), "")
         if not name:
@@ -97,18 +104,35 @@ def find_blocks(model: nn.Module, layers: list[nn.Module], block_layers: int) ->
             if not parent_name or isinstance(parent, CONTAINERS) or count(parent) > block_layers:
                 break
             name = parent_name
-        members = [name]
-        parent = model.get_submodule(_parent(name))
-        if isinstance(parent, nn.Sequential):
-            children = list(parent.named_children())
-            position = [child for child, _ in children].index(name.rpartition(".")[2])
-            prefix = _parent(name) + "." if _parent(name) else ""
-            for child, module in children[position + 1:]:
-                if _holds_computation(module) or count(module):
-                    break
-                members.append(prefix + child)
-        blocks.setdefault(tuple(members), Block(members)).layers.append(index)
-    return sorted(blocks.values(), key=lambda block: block.layers[0])
+        units.setdefault(name, []).append(index)
+
+    blocks: list[Block] = []
+    sequences = []
+    for name, indices in units.items():
+        if isinstance(model.get_submodule(_parent(name)), nn.Sequential):
+            if _parent(name) not in sequences:
+                sequences.append(_parent(name))
+        else:
+            blocks.append(Block([name], list(indices)))
+    for sequence in sequences:  # runs of consecutive children, at most block_layers layers each
+        prefix = sequence + "." if sequence else ""
+        run, held = None, 0
+        for child, module in model.get_submodule(sequence).named_children():
+            name = prefix + child
+            if name in units:
+                if run is None or held + count(module) > block_layers:
+                    run, held = Block([], []), 0
+                    blocks.append(run)
+                run.members.append(name)
+                run.layers.extend(units[name])
+                held += count(module)
+            elif run is not None and not _holds_computation(module) and not count(module):
+                run.members.append(name)  # BatchNorm, activation, pooling after the run's last layer
+            else:
+                run = None
+    for block in blocks:
+        block.layers.sort()
+    return sorted(blocks, key=lambda block: block.layers[0])
 
 
 # ------------------------------------------------------------------ the cache
@@ -221,8 +245,12 @@ def _relative_error(modules, cache: BlockCache, index: torch.Tensor, batch_size:
 
 def _trainable(model: nn.Module, block: Block) -> list[nn.Parameter]:
     """The block's floating parameters that no module outside the block uses."""
-    inside = {id(m) for name in block.members for m in model.get_submodule(name).modules()}
-    outside = {id(p) for m in model.modules() if id(m) not in inside for p in m.parameters(recurse=False)}
+    def within(name: str) -> bool:
+        return any(name == member or name.startswith(member + ".") for member in block.members)
+
+    # every place a module is attached: a module shared with the rest of the model is outside
+    outside = {id(p) for name, m in model.named_modules(remove_duplicate=False) if not within(name)
+               for p in m.parameters(recurse=False)}
     seen, parameters = set(), []
     for name in block.members:
         for p in model.get_submodule(name).parameters():

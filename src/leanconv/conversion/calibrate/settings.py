@@ -25,11 +25,11 @@ class CalibrationSettings:
     # Block reconstruction after the per-layer fits (see .blocks): Adam steps per block (0: none),
     # its learning rate, images per step, most cached inputs and outputs per block (MiB), and most
     # replaced layers in one block.
-    block_steps: int = 1000
+    block_steps: int = 1500
     block_lr: float = 5e-3
     block_batch_size: int = 32
     block_cache_mb: int = 1024
-    block_layers: int = 4
+    block_layers: int = 6
 
     def __post_init__(self) -> None:
         for name, low in (("pixels_per_image", 1), ("als_iterations", 0), ("relu_iterations", 0), ("max_features", 1),

@@ -1,0 +1,53 @@
+#!/bin/bash
+# Issue 25's measurement on the CIFAR-10 subset: dense teachers (ResNet-20 and
+# ResNet-56 at batch 64, VGG-16 width 0.5 with train's defaults; 30 epochs) and
+# their students, each
+#   L: data-aware conversion with the per-layer fits only (--block-steps 0, --epochs 0),
+#   B: the default data-aware conversion (layer fits, then block reconstruction; --epochs 0),
+#   D: B then 5 epochs of distillation (B's run folder resumed with --epochs 5: the
+#      schedule is planned for 5 epochs from epoch 0, as a fresh --epochs 5 run would).
+# Two lanes (one thread each) run at once; each finished run is reused.
+#   bash scripts/compress_experiment.sh [OUT_DIR] [DATA_DIR]
+# then: python scripts/collect_compress_results.py OUT_DIR docs/compression.md
+set -euo pipefail
+OUT=${1:-runs/compress-experiment}
+DATA=${2:-../shared/data/cifar10-subset}
+PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+LEANCONV="$PYTHON -m leanconv.cli"
+mkdir -p "$OUT"
+run() {  # run NAME ARGS...: one run folder, its wall time in NAME.time
+  local name=$1; shift
+  [ -f "$OUT/$name/summary.json" ] && return 0
+  local start=$SECONDS
+  $LEANCONV "$@" --data "$DATA" --out "$OUT/$name" --no-progress --threads 1 > "$OUT/$name.log" 2>&1
+  echo "$((SECONDS - start)) s wall" > "$OUT/$name.time"
+}
+extend() {  # extend FROM NAME ARGS...: copy run FROM, resume it with ARGS
+  local from=$1 name=$2; shift 2
+  [ -f "$OUT/$name/summary.json" ] && [ -f "$OUT/$name.time" ] && return 0
+  rm -rf "${OUT:?}/$name"; cp -r "$OUT/$from" "$OUT/$name"
+  local start=$SECONDS
+  $LEANCONV "$@" --data "$DATA" --out "$OUT/$name" --no-progress --threads 1 --resume > "$OUT/$name.log" 2>&1
+  echo "$((SECONDS - start)) s wall" > "$OUT/$name.time"
+}
+declare -A CONV=([p2]=hetconv:p=2 [p4]=hetconv:p=4 [p8]=hetconv:p=8 [dsc]=dsc [bsu]=bsconv_u [bss]=bsconv_s
+                 [gwpw]=gwpw:g=4)
+student() {  # student TEACHER_RUN NET KIND [distil]
+  local teacher="$OUT/$1/last.pt" net=$2 kind=$3
+  local common=(distill --teacher "$teacher" --conv "${CONV[$kind]}" --batch-size 64 --seed 0)
+  run "L_${net}_$kind" "${common[@]}" --epochs 0 --block-steps 0
+  run "B_${net}_$kind" "${common[@]}" --epochs 0
+  if [ "${4:-}" = distil ]; then extend "B_${net}_$kind" "D_${net}_$kind" "${common[@]}" --epochs 5; fi
+}
+lane1() {
+  run teacher_r20 train --model resnet20_cifar --width 1 --epochs 30 --batch-size 64 --seed 0
+  for kind in p4 dsc bsu; do student teacher_r20 r20 $kind distil; done
+  for kind in p2 p8 bss gwpw; do student teacher_r20 r20 $kind; done
+}
+lane2() {
+  run teacher_r56 train --model resnet56_cifar --width 1 --epochs 30 --batch-size 64 --seed 0
+  student teacher_r56 r56 p4 distil
+  run teacher_vgg train --model vgg16_cifar --width 0.5 --epochs 30 --seed 0
+  student teacher_vgg vgg p4 distil
+}
+lane1 & lane2 & wait
