@@ -287,3 +287,22 @@ def test_on_a_trained_resnet_blocks_beat_the_layer_fits():
     ratios = [block.error_block / block.error_layers for block in report.blocks]
     assert all(block.kept for block in report.blocks) and max(ratios) < 1 and sum(ratios) / 3 < 0.92, ratios
     assert errors[300] < 0.85 * errors[0], errors
+
+
+@pytest.mark.parametrize("name, options, size", [
+    pytest.param("resnet18", {}, 64, marks=pytest.mark.slow),
+    pytest.param("resnet50", {"width": 0.25}, 64, marks=pytest.mark.slow),
+    ("wrn16_8_cifar", {"width": 0.25}, 32),
+], ids=["resnet18", "resnet50", "wrn16_8"])
+def test_zoo_networks_are_calibrated_block_by_block(name, options, size):
+    torch.manual_seed(4)
+    images = torch.randn(8, 3, size, size)
+    teacher = _settled(create(name, **options), images)
+    student, report = leanconv.convert(teacher, "hetconv:p=4", transfer_weights=True, calibration=images,
+                                       calibration_settings={"block_steps": 5, "pixels_per_image": 8},
+                                       return_report=True)
+    in_blocks = sorted(layer for block in report.blocks for layer in block.layers)
+    assert in_blocks == sorted(r.name for r in report.replaced)  # every replaced layer in exactly one block
+    assert all(block.method.startswith("5 Adam steps") for block in report.blocks)
+    with torch.no_grad():
+        assert torch.isfinite(student(images)).all()
