@@ -51,7 +51,7 @@ import torch
 import torch.nn as nn
 
 from ...layers import LeanConvLayer
-from .moments import Stop
+from .moments import capture
 from .settings import BlockFit, CalibrationSettings
 
 __all__ = ["Block", "BlockCache", "block_error", "cache_block", "find_blocks", "reconstruct", "split"]
@@ -153,31 +153,6 @@ class BlockCache:
         return 0 if self.targets is None else len(self.targets)
 
 
-def _capture(model: nn.Module, images: torch.Tensor, module: nn.Module, pre: bool, stop_after: int | None):
-    """Run ``model`` on ``images``; each call of ``module``: (args, kwargs) (``pre``) or its output."""
-    seen: list = []
-
-    def keep(value):
-        seen.append(value)
-        if stop_after is not None and len(seen) >= stop_after:
-            raise Stop
-
-    if pre:
-        handle = module.register_forward_pre_hook(
-            lambda m, args, kwargs: keep((tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args),
-                                          dict(kwargs))), with_kwargs=True)
-    else:
-        handle = module.register_forward_hook(
-            lambda m, args, output: keep(output.detach().clone() if isinstance(output, torch.Tensor) else output))
-    try:
-        model(images)
-    except Stop:
-        pass
-    finally:
-        handle.remove()
-    return seen
-
-
 def cache_block(teacher: nn.Module, student: nn.Module, block: Block, batches, device, dtype,
                 settings: CalibrationSettings) -> BlockCache:
     """The block's student inputs and teacher outputs (see :class:`BlockCache`), at most
@@ -189,8 +164,8 @@ def cache_block(teacher: nn.Module, student: nn.Module, block: Block, batches, d
     budget, used, calls = settings.block_cache_mb * 2 ** 20, 0, None
     for images in batches:
         images = images.to(device=device, dtype=dtype)
-        given = _capture(student, images, first, True, calls)
-        produced = _capture(teacher, images, last, False, calls)
+        given = capture(student, images, first, True, calls)
+        produced = capture(teacher, images, last, False, calls)
         calls = len(given)
         if not given or len(produced) != len(given):
             cache.reason = "not reconstructed: the block did not run on the calibration images" if not given else (

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["Moments", "as_batches", "collect", "features_of", "patch_rows", "run_until", "samples"]
+__all__ = ["Moments", "as_batches", "capture", "collect", "features_of", "patch_rows", "run_until", "samples"]
 
 def as_batches(calibration, batch_size: int) -> list[torch.Tensor]:
     """``calibration`` (a (B, C, H, W) tensor, or an iterable of such tensors
@@ -44,20 +44,24 @@ class Stop(Exception):
     """Raised by a hook once a forward pass has given what it was run for."""
 
 
-def run_until(model: nn.Module, images: torch.Tensor, module: nn.Module, calls: int, pre: bool) -> list:
-    """Run ``model`` until ``module`` has run ``calls`` times; its inputs (``pre``)
-    or outputs of those calls."""
+def capture(model: nn.Module, images: torch.Tensor, module: nn.Module, pre: bool, calls: int | None) -> list:
+    """Run ``model`` on ``images`` until ``module`` has run ``calls`` times (None: the whole
+    forward pass); for each call, a copy of its (args, kwargs) (``pre``) or of its output."""
     seen: list = []
+
+    def copy(value):
+        return value.detach().clone() if isinstance(value, torch.Tensor) else value
 
     def keep(value):
         seen.append(value)
-        if len(seen) >= calls:
+        if calls is not None and len(seen) >= calls:
             raise Stop
 
     if pre:
-        handle = module.register_forward_pre_hook(lambda m, args: keep(args[0]))
+        handle = module.register_forward_pre_hook(
+            lambda m, args, kwargs: keep((tuple(copy(a) for a in args), dict(kwargs))), with_kwargs=True)
     else:
-        handle = module.register_forward_hook(lambda m, args, output: keep(output))
+        handle = module.register_forward_hook(lambda m, args, output: keep(copy(output)))
     try:
         model(images)
     except Stop:
@@ -67,6 +71,11 @@ def run_until(model: nn.Module, images: torch.Tensor, module: nn.Module, calls: 
     return seen
 
 
+def run_until(model: nn.Module, images: torch.Tensor, module: nn.Module, calls: int, pre: bool) -> list:
+    """Run ``model`` until ``module`` has run ``calls`` times; its first inputs (``pre``)
+    or outputs of those calls."""
+    seen = capture(model, images, module, pre, calls)
+    return [args[0] for args, _ in seen] if pre else seen
 
 
 def patch_rows(x: torch.Tensor, conv: nn.Conv2d, positions: torch.Tensor) -> torch.Tensor:
