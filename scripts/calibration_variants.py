@@ -1,6 +1,9 @@
 """Data-aware conversion variants on a trained teacher, top-1 on the test split:
-transfer only; transfer + BatchNorm re-estimation only (no fit); the fit with
-the BatchNorm decision "auto" (the default), "always" and "never".
+transfer only; transfer + BatchNorm re-estimation only (no fit); the layer fits
+with the BatchNorm decision "auto" (the default), "always" and "never", other
+samples, the ReLU-aware refinement (all without block reconstruction); the
+layer fits followed by block reconstruction with blocks of two and of six
+(the default) replaced layers, and with fewer steps at a lower learning rate.
 
     python scripts/calibration_variants.py TEACHER_CKPT DATA_DIR results/cpu/calibration-variants-subset
 """
@@ -21,18 +24,27 @@ from leanconv.train.distill import calibration_images
 
 STUDENTS = {"p4": ("HetConv P=4", "hetconv:p=4"), "p8": ("HetConv P=8", "hetconv:p=8"), "dsc": ("DSC", "dsc"),
             "bsu": ("BSConv-U", "bsconv_u")}
+LAYERS = {"block_steps": 0}  # the per-layer steps alone
 # key: (label, calibration images (None: --images), settings (None: no calibration))
 VARIANTS = {
     "transfer": ("transfer only", None, None),
     "bn-only": ("transfer + BN re-estimated (no fit)", None, {"fit": False}),
-    "fit": ("fit, BN re-estimated where it helps (default)", None, {"batchnorm": "auto"}),
-    "fit-bn-always": ("fit, BN always re-estimated", None, {"batchnorm": "always"}),
-    "fit-bn-never": ("fit, BN never re-estimated", None, {"batchnorm": "never"}),
-    "fit-2048x16": ("fit, 2048 images x 16 pixels", 2048, {"pixels_per_image": 16}),
-    "fit-all-images": ("fit, every training image", 10**9, {}),
-    "fit-relu1": ("fit, ReLU-aware refinement, 1 pass", None, {"relu_iterations": 1}),
-    "fit-relu3": ("fit, ReLU-aware refinement, 3 passes", None, {"relu_iterations": 3}),
+    "fit": ("layer fits, BN re-estimated where it helps", None, {"batchnorm": "auto", **LAYERS}),
+    "fit-bn-always": ("layer fits, BN always re-estimated", None, {"batchnorm": "always", **LAYERS}),
+    "fit-bn-never": ("layer fits, BN never re-estimated", None, {"batchnorm": "never", **LAYERS}),
+    "fit-2048x16": ("layer fits, 2048 images x 16 pixels", 2048, {"pixels_per_image": 16, **LAYERS}),
+    "fit-all-images": ("layer fits, every training image", 10**9, {**LAYERS}),
+    "fit-relu1": ("layer fits, ReLU-aware refinement, 1 pass", None, {"relu_iterations": 1, **LAYERS}),
+    "fit-relu3": ("layer fits, ReLU-aware refinement, 3 passes", None, {"relu_iterations": 3, **LAYERS}),
+    "blocks2-400": ("+ blocks of 2 layers, 400 steps, lr 1e-3", None, {"block_layers": 2, "block_steps": 400,
+                                                                       "block_lr": 1e-3}),
+    "blocks2": ("+ blocks of 2 layers", None, {"block_layers": 2}),
+    "blocks6": ("+ blocks of 6 layers (default)", None, {}),
 }
+
+
+def _mean(values: list) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def main() -> None:
@@ -71,17 +83,23 @@ def main() -> None:
             rows.append({"student": student, "variant": variant, "images": 0 if settings is None else len(images),
                          **evaluate(model, loader), "seconds": seconds,
                          "mean_layer_output_error": sum(errors) / len(errors) if errors and None not in errors else None,
-                         "batchnorms_reestimated": sum(f.bn_reestimated for f in fits)})
+                         "batchnorms_reestimated": sum(f.bn_reestimated for f in fits),
+                         "mean_block_error": _mean([b.error_block for b in report.blocks if b.error_block is not None])})
             print(f"{student:12s} {variant:38s} top1 {100 * rows[-1]['top1']:.1f}%  {seconds:.0f} s", flush=True)
-    lines = ["| student | variant | images | top-1 | mean layer output error | BNs re-estimated | seconds |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| student | variant | images | top-1 | mean layer output error | mean block output error (held out) "
+             "| BNs re-estimated | seconds |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def number(value) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
     for row in rows:
-        error = row.get("mean_layer_output_error")
         lines.append(f"| {row['student']} | {row['variant']} | {row.get('images', '-')} | {100 * row['top1']:.1f}% | "
-                     f"{'-' if error is None else f'{error:.3f}'} | {row.get('batchnorms_reestimated', '-')} | "
-                     f"{row['seconds']:.0f} |")
+                     f"{number(row.get('mean_layer_output_error'))} | {number(row.get('mean_block_error'))} | "
+                     f"{row.get('batchnorms_reestimated', '-')} | {row['seconds']:.0f} |")
     lines += ["", f"Calibration images drawn from the training split (seed {args.seed}); top-1 on the {rows[0]['n']} "
-              "test images; layer output errors are relative, on the calibration sample."]
+              "test images; layer output errors are relative, on the calibration sample (after the layer fits); "
+              "block errors on the held-out eighth of the calibration images, after the blocks' optimisation."]
     command = (f"python scripts/calibration_variants.py {args.teacher} {args.data} {args.out} --students "
                f"'{args.students}' --variants '{args.variants}'")
     write_atomic(args.out + ".json", json.dumps({"command": command, "rows": rows}, indent=1) + "\n")

@@ -1,5 +1,6 @@
 """Data-aware conversion: fit each replaced layer, in network order, to
-reproduce the dense layer it replaced on calibration images.
+reproduce the dense layer it replaced on calibration images, then each block
+of replaced layers to reproduce the teacher's block.
 
 For every replaced layer ``i`` (in the order the network runs them):
 
@@ -61,9 +62,18 @@ For every replaced layer ``i`` (in the order the network runs them):
    computed from the same moments and reported (``batchnorm="always"`` or
    ``"never"`` forces the choice after fitted layers, to measure both).
 
+5. **Blocks** (``block_steps``, on by default). After the layer fits of a
+   block (a residual block or a run of them, up to ``block_layers`` replaced
+   layers; see :mod:`.blocks`), the block's parameters are optimised by Adam so
+   that its output, after its addition and activation, matches the teacher's
+   block on the inputs the converted network gives it (cached), and kept only
+   where that lowers the error on held-out calibration images. The per-layer
+   errors above are those after the layer fit, before this step; the report
+   gives each block's error after every step.
+
 The package: :mod:`.settings` (what is asked, what is reported), :mod:`.moments`
 (sampling and moments), :mod:`leanconv.graph` (which BatchNorm and ReLU follow a layer; fuse asks it too),
-:mod:`.batchnorm`, :mod:`.relu` (the refinement) and :mod:`.driver`; each kind's fit
+:mod:`.batchnorm`, :mod:`.relu` (the refinement), :mod:`.blocks` and :mod:`.driver`; each kind's fit
 is its own (``calibration_fit`` in its layer file).
 
 Errors are relative: ``||output - target|| / ||target||`` over the sampled
