@@ -44,7 +44,7 @@ def test_epochs_zero_writes_the_calibrated_student_as_a_training_checkpoint(teac
                  "--epochs", "0", "--calibration-images", "200", "--block-steps", "20", "--out", out,
                  "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "output error" in printed and "lr 0.01 (0.01 x batch 128 / 128)" in printed
+    assert "output error" in printed and "lr 0.1 (0.1 x batch 128 / 128)" in printed
     model, checkpoint = load_trained_model(os.path.join(out, "last.pt"))
     assert checkpoint["epoch"] == 0
     assert sum(isinstance(m, HetConv2d) for m in model.modules()) == 12
@@ -208,7 +208,7 @@ def test_train_learning_rate_follows_the_linear_scaling_rule():
     assert TrainConfig(epochs=5).warmup_epochs() == 0.5
     assert TrainConfig(epochs=30, warmup=0).warmup_epochs() == 0.0
     assert "lr 0.05 (0.1 x batch 64 / 128), warm-up 1 epoch(s) (default)" in TrainConfig(batch_size=64).recipe_line()
-    assert DistillConfig(teacher="x", batch_size=256).base_lr() == pytest.approx(0.02)
+    assert DistillConfig(teacher="x", batch_size=256).base_lr() == pytest.approx(0.2)
     with pytest.raises(ValueError, match="lr must be"):
         TrainConfig(lr=0)
 
@@ -220,7 +220,7 @@ def test_help_shows_the_resolved_rules(capsys):
     with pytest.raises(SystemExit):
         main(["distill", "--help"])
     text = capsys.readouterr().out
-    assert "0.01 x batch-size / 128" in text and "--teacher-weights" in text
+    assert "0.1 x batch-size / 128" in text and "--teacher-weights" in text
 
 
 @pytest.mark.slow

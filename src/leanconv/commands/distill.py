@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--p-policy", choices=("skip", "largest"), default=S,
                        help="layers whose channels p does not divide: skip, or the largest divisor (default skip)")
     add_recipe_arguments(parser, defaults={**DEFAULTS, "epochs": default("epochs"), "batch_size": default("batch_size")},
-                         rules={"lr": "0.01 x batch-size / 128"})
+                         rules={"lr": "0.1 x batch-size / 128"})
 
 
 def run(args: argparse.Namespace) -> int:
