@@ -119,7 +119,11 @@ def test_resume_with_more_epochs_extends_the_run(tiny_data, tmp_path, capsys):
     assert main(["train", *args, "--epochs", "1"]) == 0
     capsys.readouterr()
     assert main(["train", *args, "--epochs", "1", "--lr", "0.2", "--resume"]) == 2
-    assert "another recipe (lr: 0.1 -> 0.2)" in capsys.readouterr().err
+    assert "another recipe (learning rate: 0.1 -> 0.2)" in capsys.readouterr().err
+    # the rate is compared resolved: lr unset resolves by the default rule (0.1 x 16 / 128 here)
+    unset = [a for a in args if a not in ("--lr", "0.1")]
+    assert main(["train", *unset, "--epochs", "1", "--resume"]) == 2
+    assert "learning rate: 0.1 -> 0.0125 (lr unset: this version's default rule)" in capsys.readouterr().err
     assert main(["train", *args, "--epochs", "3", "--resume"]) == 0
     assert "extending" in capsys.readouterr().out
     lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
@@ -134,6 +138,11 @@ def test_resume_with_more_epochs_extends_the_run(tiny_data, tmp_path, capsys):
     steps = 80 // 16
     plan = LRSchedule("cosine", steps, 3)
     assert lines[1]["lr"] == pytest.approx(0.1 * plan(2 * steps))  # epoch 2 ends on the 3-epoch plan
+    # an extension re-plans the schedule at the recipe's (new) learning rate
+    assert main(["train", *[a if a != "0.1" else "0.05" for a in args], "--epochs", "5", "--resume"]) == 0
+    assert "re-planned for 5 epochs at base lr 0.05" in capsys.readouterr().out
+    lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert lines[3]["lr"] == pytest.approx(0.05 * LRSchedule("cosine", steps, 5)(4 * steps))
     # evaluate without --data uses the checkpoint's own data, and says so.
     assert main(["evaluate", "--checkpoint", os.path.join(out, "last.pt"), "--json"]) == 0
     captured = capsys.readouterr()

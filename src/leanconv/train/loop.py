@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import time
@@ -156,8 +157,10 @@ _RESUME_FREE = ("out", "data", "progress", "workers", "device")
 
 def _recipe_changes(saved: dict, current: dict) -> str:
     """The recipe changes a resume refuses: everything but _RESUME_FREE and a
-    larger ``epochs`` (which extends the run)."""
-    keys = sorted((set(saved) | set(current)) - set(_RESUME_FREE))
+    larger ``epochs`` (which extends the run and re-plans its schedule, at the
+    current recipe's learning rate: ``lr`` may change with it). The learning
+    rate itself is compared resolved (:func:`_rate_change`)."""
+    keys = sorted((set(saved) | set(current)) - set(_RESUME_FREE) - {"lr"})
     saved = {**{k: TrainConfig.default(k) for k in current if k not in saved}, **saved}  # fields added since
     changed = [k for k in keys if saved.get(k) != current.get(k)]
     if "epochs" in changed and current["epochs"] > saved["epochs"]:
@@ -166,6 +169,15 @@ def _recipe_changes(saved: dict, current: dict) -> str:
         return "None (the default rule)" if value is None and key in ("lr", "warmup") else repr(value)
 
     return ", ".join(f"{k}: {shown(k, saved.get(k))} -> {shown(k, current.get(k))}" for k in changed)
+
+
+def _rate_change(saved: list, current: list, config: TrainConfig) -> str:
+    """The resolved base learning rates of a checkpoint's schedule against this run's
+    ("" when equal): ``lr`` unset resolves by a rule that a newer leanconv may change."""
+    if len(saved) == len(current) and all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(saved, current)):
+        return ""
+    rule = " (lr unset: this version's default rule)" if config.lr is None else ""
+    return f"learning rate: {saved[0]:g} -> {current[0]:g}{rule}"
 
 
 def _plan_schedule(config: TrainConfig, steps_per_epoch: int) -> LRSchedule:
@@ -354,24 +366,33 @@ def _resume(run: _Run) -> None:
     checkpoint = load_checkpoint(path)  # on the CPU: RNG states must stay there
     if checkpoint["model_spec"] != run.spec:
         raise ValueError(f"{path} holds {checkpoint['model_spec']}, not the configured {run.spec}")
-    changed = _recipe_changes(checkpoint["config"], config.to_dict())
+    saved_epochs = checkpoint["config"]["epochs"]
+    extending = config.epochs != saved_epochs
+    rates = list(run.scheduler.base_lrs)
+    changed = ", ".join(filter(None, (
+        _recipe_changes(checkpoint["config"], config.to_dict()),
+        "" if extending else _rate_change(checkpoint["scheduler"]["base_lrs"], rates, config))))
     if changed:
         raise ValueError(f"{path} was trained with another recipe ({changed}); an exact resume needs "
                          f"the same one (or choose another --out)")
     run.model.load_state_dict(checkpoint["model"])
     run.optimizer.load_state_dict(checkpoint["optimizer"])
     run.scheduler.load_state_dict(checkpoint["scheduler"])  # restores the saved schedule's plan too
+    if extending:  # the re-planned schedule runs at this recipe's learning rate
+        run.scheduler.base_lrs = rates
+        for group, rate in zip(run.optimizer.param_groups, rates):
+            group["initial_lr"] = rate
     if run.scaler is not None and checkpoint.get("scaler"):
         run.scaler.load_state_dict(checkpoint["scaler"])
     restore_rng_states(checkpoint["rng"])
     run.start_epoch = checkpoint["epoch"]
     run.extensions = list(checkpoint.get("extensions", []))
-    saved_epochs = checkpoint["config"]["epochs"]
-    if config.epochs != saved_epochs:
+    if extending:
         _replan_schedule(run.scheduler, run.optimizer, _plan_schedule(config, run.steps_per_epoch))
         run.extensions.append({"at_epoch": run.start_epoch, "epochs_before": saved_epochs, "epochs_after": config.epochs})
         run.log(f"extending {path} from {saved_epochs} to {config.epochs} epochs: the {config.schedule} "
-                f"schedule is re-planned for {config.epochs} epochs and continues from epoch {run.start_epoch}")
+                f"schedule is re-planned for {config.epochs} epochs at base lr {rates[0]:g} and continues from "
+                f"epoch {run.start_epoch}")
     run.earlier_epochs = _keep_metrics_until(run.metrics_path, run.start_epoch) if run.ctx.is_main else []
     run.log(f"resuming {path} after epoch {run.start_epoch}/{config.epochs}")
 
