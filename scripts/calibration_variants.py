@@ -40,6 +40,7 @@ VARIANTS = {
                                                                        "block_lr": 1e-3}),
     "blocks2": ("+ blocks of 2 layers", None, {"block_layers": 2}),
     "blocks6": ("+ blocks of 6 layers (default)", None, {}),
+    "blocks6-lr1e-3": ("+ blocks of 6 layers, lr 1e-3", None, {"block_lr": 1e-3}),
 }
 
 
