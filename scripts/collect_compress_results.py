@@ -56,7 +56,10 @@ def _run(root: str, name: str) -> dict | None:
         if blocks:
             run["blocks"] = len(blocks)
             run["block_error_layers"] = sum(b["error_layers"] for b in blocks) / len(blocks)
-            run["block_error_optimised"] = sum(b["error_block"] for b in blocks) / len(blocks)
+            # a block whose optimisation was not kept keeps its error after the layer fits
+            run["block_error_optimised"] = sum(b["error_block"] if b["kept"] else b["error_layers"]
+                                               for b in blocks) / len(blocks)
+            run["blocks_kept"] = sum(b["kept"] for b in blocks)
             run["block_seconds"] = sum(b["seconds"] for b in blocks)
     return run
 
@@ -111,7 +114,7 @@ def main() -> None:
         some = next(r for r in (row["B"], row["L"], row["D"]) if r)
         blocks = row["B"] or {}
         error = (f"{blocks['block_error_layers']:.3f} -> {blocks['block_error_optimised']:.3f} "
-                 f"({blocks['blocks']} blocks)" if "blocks" in blocks else "-")
+                 f"({blocks['blocks_kept']} of {blocks['blocks']} blocks kept)" if "blocks" in blocks else "-")
         teacher_cell = "-" if teacher is None else f"{100 * teacher['top1']:.1f}%"
         lines.append(
             f"| {row['network']} | {row['kind']} | {some['macs'] / 1e6:.1f} | {some['params'] / 1e6:.3f} | "
@@ -119,7 +122,7 @@ def main() -> None:
             f"{top1(row['B'], teacher)} | {top1(row['D'], teacher)} | {top1(row['oldD'], teacher)} | {error} | "
             f"{seconds(row['L'])} / {seconds(row['B'])} / {seconds(row['D'])} |")
     lines += ["", f"Top-1 on the subset's {some['n']} test images (points against the teacher in brackets). Host: "
-              f"{host['cpu']}, ISA {host['isa']}, torch {host['torch']}, one thread per run, two runs at once. "
+              f"{host['cpu']}, ISA {host['isa']}, torch {host['torch']}, one thread per run, two to five runs sharing the two cores (times compare within a column only). "
               "Seconds: wall time of the command (L and B: loading, calibration on 1,024 training images, "
               "evaluation; D: the 5 epochs of distillation resumed from B, at lr 0.05 = train's rule 0.1 x 64/128; "
               "D at the old lr: the same at 0.005 = 0.01 x 64/128, the default before issue 25). Block error: mean over the blocks of "
