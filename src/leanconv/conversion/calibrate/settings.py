@@ -43,10 +43,8 @@ class CalibrationSettings:
                              f"{self.batchnorm!r}")
         if not isinstance(self.ridge, (int, float)) or isinstance(self.ridge, bool) or not self.ridge >= 0:
             raise ValueError(f"calibration setting ridge must be a number >= 0, got {self.ridge!r}")
-        for name in ("block_lr",):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise ValueError(f"calibration setting {name} must be a number > 0, got {value!r}")
+        if not isinstance(self.block_lr, (int, float)) or isinstance(self.block_lr, bool) or not self.block_lr > 0:
+            raise ValueError(f"calibration setting block_lr must be a number > 0, got {self.block_lr!r}")
 
 
 @dataclass
