@@ -14,14 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
+from collect_distill_results import read_run
 
-import torch
-
-from leanconv.accounting import count
+from leanconv.bench.environment import describe_environment
 from leanconv.files import write_atomic
-from leanconv.train import load_trained_model
 
 NETWORKS = {"r20": ("ResNet-20", "teacher_r20"), "r56": ("ResNet-56", "teacher_r56"),
             "vgg": ("VGG-16 w0.5", "teacher_vgg")}
@@ -33,22 +29,14 @@ STAGES = {"L": "layer fits only, no training", "B": "+ block reconstruction (def
 
 
 def _run(root: str, name: str) -> dict | None:
-    folder = os.path.join(root, name)
-    if not os.path.exists(os.path.join(folder, "summary.json")):
+    """:func:`read_run` plus the mean block errors of the run's calibration report."""
+    run = read_run(root, name)
+    if run is None:
         return None
-    with open(os.path.join(folder, "summary.json")) as handle:
-        summary = json.load(handle)
-    wall = None
-    if os.path.exists(folder + ".time"):
-        with open(folder + ".time") as handle:
-            found = re.search(r"[0-9.]+", handle.read())
-            wall = float(found.group()) if found else None
-    elif "wall_seconds_this_process" in summary:
-        wall = summary["wall_seconds_this_process"]
-    model, _ = load_trained_model(os.path.join(folder, "last.pt"))
-    run = {"top1": summary["final"]["top1"], "n": summary["final"]["n"], "epochs": summary["epochs"],
-           "macs": count(model, (3, 32, 32)).macs, "params": sum(p.numel() for p in model.parameters()),
-           "wall_seconds": wall}
+    folder = os.path.join(root, name)
+    if run["wall_seconds"] is None:  # no NAME.time: the run's own measure
+        with open(os.path.join(folder, "summary.json")) as handle:
+            run["wall_seconds"] = json.load(handle).get("wall_seconds_this_process")
     calibration = os.path.join(folder, "calibration.json")
     if os.path.exists(calibration):
         with open(calibration) as handle:
@@ -64,25 +52,15 @@ def _run(root: str, name: str) -> dict | None:
     return run
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs")
     parser.add_argument("out", help="path without extension: writes OUT.json and OUT.md")
     parser.add_argument("--note", action="append", default=[], help="a line added under the table")
     args = parser.parse_args()
-    host = {"cpu": f"{_cpu_name()}, {os.cpu_count()} cores", "isa": torch.backends.cpu.get_cpu_capability(),
-            "torch": torch.__version__, "threads_per_run": 1}
+    environment = describe_environment()
+    host = {"cpu": f"{environment['cpu']}, {environment['logical_cpus']} cores",
+            "isa": environment["cpu_capability"], "torch": environment["torch"], "threads_per_run": 1}
     rows = []
     for net, (net_label, teacher_name) in NETWORKS.items():
         teacher = _run(args.runs, teacher_name)

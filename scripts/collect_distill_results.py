@@ -28,7 +28,8 @@ STAGES = {
 }
 
 
-def _run(root: str, name: str) -> dict | None:
+def read_run(root: str, name: str) -> dict | None:
+    """A run folder's top-1, MACs, parameters and wall time (NAME.time beside it); None if unfinished."""
     folder = os.path.join(root, name)
     if not os.path.exists(os.path.join(folder, "summary.json")):
         return None
@@ -51,8 +52,8 @@ def main() -> None:
     parser.add_argument("--note", action="append", default=[], help="a line added under the table (how the runs were made)")
     parser.add_argument("out", help="path without extension: writes OUT.json and OUT.md")
     args = parser.parse_args()
-    teacher = _run(args.runs, "teacher")
-    rows = {s: {stage: _run(args.runs, f"{stage}_{s}") for stage in STAGES} for s in STUDENTS}
+    teacher = read_run(args.runs, "teacher")
+    rows = {s: {stage: read_run(args.runs, f"{stage}_{s}") for stage in STAGES} for s in STUDENTS}
     payload = {"command": "bash scripts/distill_experiment.sh && python scripts/collect_distill_results.py",
                "notes": args.note, "teacher": teacher, "students": rows, "stages": STAGES,
                "mac_unit": "multiply-accumulates per 32x32 image (FLOPs = 2 x MACs)"}
