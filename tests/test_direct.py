@@ -77,6 +77,96 @@ def test_forward_and_every_gradient_match_reference(shape, layout, memory_format
         assert_matches_reference(param.grad.double(), param_ref.grad, what=f"{name} grad")
 
 
+@pytest.mark.parametrize("isa", hetconv_direct.ISAS)
+@pytest.mark.parametrize("shape", SHAPES + [(16, 16, 4, 3, 1, 1, 1, 9, 11, 3), (32, 32, 4, 3, 1, 1, 1, 8, 8, 2),
+                                           (64, 64, 2, 3, 1, 1, 1, 5, 7, 2)], ids=str)
+def test_every_isa_kernel_this_cpu_runs_matches_reference(shape, isa):
+    """Each ISA's code (the narrower ones forced on a wider host) against the reference,
+    both layouts and memory formats, with and without the fused ReLU."""
+    if isa not in hetconv_direct.runnable_isas():
+        pytest.skip(f"this CPU does not run {isa}")
+    m, n, p, k, stride, padding, dilation, h, w, batch = shape
+    for layout in ("blocked", "shifted"):
+        layer = make(m, n, p, k, layout=layout, stride=stride, padding=padding, dilation=dilation)
+        packed = hetconv_direct.pack(layer.weight, layer.pointwise_weight, m, p, layout, isa)
+        assert packed.isa == isa and packed.centre.shape[-1] in (hetconv_direct.lanes(isa), 2 * hetconv_direct.lanes(isa))
+        for memory_format in FORMATS:
+            x = torch.randn(batch, m, h, w).contiguous(memory_format=memory_format)
+            expected = reference_output(layer, x)
+            for relu in (False, True):
+                out = hetconv_direct._call(x, packed, layer.bias, layer._geometry, relu)
+                assert out.is_contiguous(memory_format=memory_format)
+                assert_matches_reference(out.double(), expected.relu() if relu else expected, what=f"{isa} {layout}")
+
+
+def test_an_isa_the_cpu_lacks_or_does_not_know_is_refused_by_name():
+    layer = make(8, 8, 2, padding=1)
+    with pytest.raises(ValueError, match="isa must be one this CPU runs.*'sse9'"):
+        hetconv_direct.pack(layer.weight, layer.pointwise_weight, 8, 2, "blocked", "sse9")
+    packed = hetconv_direct.pack(layer.weight, layer.pointwise_weight, 8, 2, "blocked", "portable")
+    with pytest.raises(RuntimeError, match="isa must be one of 'avx512', 'avx2', 'portable', got 'neon9'"):
+        hetconv_direct.load().forward(torch.randn(1, 8, 4, 4), packed.centre, packed.others, packed.pass_groups,
+                                      packed.tile_passes, None, 8, [3, 3], [1, 1], [1, 1], [1, 1], 2, False, False,
+                                      "neon9")
+
+
+FORCED = """
+import os, torch, leanconv
+from leanconv.ops import hetconv_direct
+assert hetconv_direct.active_isa() == os.environ["EXPECT"], (hetconv_direct.active_isa(), os.environ["EXPECT"])
+torch.manual_seed(0)
+for fmt in (torch.channels_last, torch.contiguous_format):
+    layer = leanconv.HetConv2d(24, 40, 3, p=4, padding=1, backend="direct")
+    ref = leanconv.HetConv2d(24, 40, 3, p=4, padding=1, backend="reference")
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 24, 9, 7).contiguous(memory_format=fmt).requires_grad_()
+    out, out_ref = layer(x), ref(x)
+    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-4)
+    out.square().sum().backward()
+    grads = [x.grad.clone(), layer.weight.grad, layer.pointwise_weight.grad]
+    x.grad = None
+    out_ref.square().sum().backward()
+    for got, want in zip(grads, [x.grad, ref.weight.grad, ref.pointwise_weight.grad]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer.eval()(x), ref.eval()(x), rtol=1e-4, atol=1e-4)
+print("ok", hetconv_direct.active_isa())
+"""
+
+
+@pytest.mark.parametrize("setting", ["LEANCONV_CPU_ISA", "ATEN_CPU_CAPABILITY"])
+@pytest.mark.parametrize("isa", ["avx2", "portable"])
+def test_a_narrower_isa_forced_for_the_process_runs_layers_exactly(isa, setting, tmp_path):
+    """LEANCONV_CPU_ISA, or torch's own ATEN_CPU_CAPABILITY, narrows the layers' kernel:
+    forward, gradients and cached inference of a layer in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    if isa not in hetconv_direct.runnable_isas():
+        pytest.skip(f"this CPU does not run {isa}")
+    env = {**os.environ, "EXPECT": isa}
+    env.pop("LEANCONV_CPU_ISA", None)
+    env.pop("ATEN_CPU_CAPABILITY", None)
+    env[setting] = isa if setting == "LEANCONV_CPU_ISA" else {"avx2": "avx2", "portable": "default"}[isa]
+    script = tmp_path / "forced.py"
+    script.write_text(FORCED)
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == f"ok {isa}"
+
+
+def test_an_isa_setting_this_cpu_cannot_run_is_refused_by_name(monkeypatch):
+    saved = hetconv_direct.active_isa()
+    hetconv_direct._state.pop("active")  # read again below
+    try:
+        monkeypatch.setenv("LEANCONV_CPU_ISA", "avx1024")
+        with pytest.raises(ValueError, match="LEANCONV_CPU_ISA must be one of avx512, avx2, portable, got 'avx1024'"):
+            hetconv_direct.active_isa()
+    finally:
+        hetconv_direct._state["active"] = saved
+
+
 @pytest.mark.parametrize("layout", ["blocked", "shifted"])
 def test_cached_inference_matches_and_follows_weight_updates(layout):
     layer = make(32, 48, 4, layout=layout, padding=1).eval()
@@ -257,11 +347,12 @@ def test_registered_ops_pass_opcheck(m, n, p, k, stride, padding, dilation, layo
     b = torch.randn(n, requires_grad=True) if bias else None
     geometry = ([k, k], [stride, stride], [padding, padding], [dilation, dilation], p, layout)
     opcheck(torch.ops.leanconv.hetconv_direct.default, (x.requires_grad_(), weight, pointwise, b, *geometry))
-    opcheck(torch.ops.leanconv.hetconv_direct_pack.default, (weight.detach(), pointwise.detach(), m, p, layout))
-    packed = torch.ops.leanconv.hetconv_direct_pack(weight.detach(), pointwise.detach(), m, p, layout)
-    for relu in (False, True):
-        opcheck(torch.ops.leanconv.hetconv_direct_packed.default,
-                (x.detach(), *packed, None if b is None else b.detach(), n, *geometry, relu))
+    for isa in hetconv_direct.runnable_isas():
+        opcheck(torch.ops.leanconv.hetconv_direct_pack.default, (weight.detach(), pointwise.detach(), m, p, layout, isa))
+        packed = torch.ops.leanconv.hetconv_direct_pack(weight.detach(), pointwise.detach(), m, p, layout, isa)
+        for relu in (False, True):
+            opcheck(torch.ops.leanconv.hetconv_direct_packed.default,
+                    (x.detach(), *packed, None if b is None else b.detach(), n, *geometry, relu, isa))
     out = torch.ops.leanconv.hetconv_direct(x, weight, pointwise, b, *geometry)
     opcheck(torch.ops.leanconv.hetconv_direct_backward.default,
             (torch.randn_like(out), x.detach(), weight.detach(), pointwise.detach(), *geometry, [True, True, True]))

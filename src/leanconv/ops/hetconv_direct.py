@@ -1,5 +1,5 @@
 """The ``direct`` HetConv backend: a C++ CPU kernel that computes both parts of
-HetConv in one pass (:file:`leanconv/kernels/hetconv_direct.cpp`).
+HetConv in one pass (:file:`leanconv/kernels/hetconv_direct.h` and the files beside it).
 
 HetConv (Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120). The library
 forms of it (``split``: a grouped KxK convolution plus a 1x1 convolution) lose
@@ -13,11 +13,20 @@ computed except in the lanes of a vector shared by groups of fewer filters than
 the vector is wide (:func:`pass_plan`).
 
 * **Build.** Compiled on first use with ``torch.utils.cpp_extension`` (the C++
-  compiler already on the machine and ``ninja``), with ``-march=native``, and
-  cached by torch (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``)
-  under a name that includes the CPU capability. ``make test`` and ``make demo``
-  build it during set-up. Where it cannot be built, one warning says why and
-  ``auto`` keeps the library forms; ``LEANCONV_DIRECT=0`` turns it off.
+  compiler already on the machine and ``ninja``) and cached by torch
+  (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). One build
+  holds the kernel for each x86 vector ISA (AVX-512, AVX2) and a portable one,
+  each compiled for its ISA only; the rest targets the baseline, so a build (or a
+  build cache shared between hosts) runs on any CPU of its architecture. ``make
+  test`` and ``make demo`` build it during set-up. Where it cannot be built, one
+  warning says why and ``auto`` keeps the library forms; ``LEANCONV_DIRECT=0``
+  turns it off.
+* **ISA** (:func:`active_isa`): the widest the CPU runs, no wider than torch's own
+  CPU capability (``torch.backends.cpu.get_cpu_capability()``, which
+  ``ATEN_CPU_CAPABILITY`` narrows, as it does for PyTorch's kernels), or
+  ``LEANCONV_CPU_ISA`` (``avx512``, ``avx2``, ``portable``). Weights are packed for
+  one ISA's vector width; the kernel refuses, with a clear error, an ISA the CPU
+  lacks.
 * **Inference** (cached by the layer): weights packed into filter tiles
   (:func:`pack`).
 * **Torch ops** (``torch.ops.leanconv.hetconv_direct*``, below): the kernel registered with
@@ -50,26 +59,26 @@ from .hetconv_layout import (
 from .hetconv_split import prepare_split, run_split, zero_diagonal_pointwise
 from .registry import under_dispatch_mode
 
-__all__ = ["DirectWeights", "available", "unavailable_reason", "load", "pack", "transposed_parameters", "prepare_direct", "run_direct"]
+__all__ = ["DirectWeights", "available", "unavailable_reason", "load", "active_isa", "runnable_isas", "lanes", "pack", "transposed_parameters", "prepare_direct", "run_direct"]
 
-SOURCE = Path(__file__).resolve().parent.parent / "kernels" / "hetconv_direct.cpp"
+KERNELS = Path(__file__).resolve().parent.parent / "kernels"
+SOURCES = [KERNELS / f"hetconv_direct{part}.cpp" for part in ("", "_avx512", "_avx2", "_portable")]
+ISAS = ("avx512", "avx2", "portable")  # widest first
 _CL = torch.channels_last
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
 def _extension_name() -> str:
-    capability = torch.backends.cpu.get_cpu_capability().lower()
-    return f"leanconv_hetconv_direct_{capability}"
-
-
-def _flags() -> list[str]:
     import platform
 
-    flags = ["-O3", "-fopenmp", "-std=c++17"]
-    if platform.machine().lower() in ("x86_64", "amd64", "i686"):
-        flags.append("-march=native")
-    return flags
+    return f"leanconv_hetconv_direct_{platform.machine().lower() or 'cpu'}"
+
+
+# No -march=native: each ISA's file sets its own target (the build must run on any CPU of
+# its architecture). -ffp-contract=fast lets the compiler fuse a product and a sum into one
+# FMA, which ISO C++ mode would otherwise forbid.
+FLAGS = ["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=fast"]
 
 
 def load():
@@ -90,7 +99,8 @@ def load():
                 print("leanconv: building the 'direct' HetConv CPU kernel (once per machine, about 30 s)",
                       file=sys.stderr, flush=True)
             module = cpp_extension.load(
-                name=_extension_name(), sources=[str(SOURCE)], extra_cflags=_flags(), extra_ldflags=["-fopenmp"],
+                name=_extension_name(), sources=[str(source) for source in SOURCES], extra_cflags=FLAGS,
+                extra_ldflags=["-fopenmp"], extra_include_paths=[str(KERNELS)],
                 verbose=False,
             )
         except Exception as error:  # no compiler, no ninja, a failed build: the library forms remain
@@ -99,7 +109,8 @@ def load():
             warnings.warn(f"leanconv: the 'direct' HetConv backend is unavailable: {_state['error']}; "
                           "HetConv layers use the library forms", RuntimeWarning, stacklevel=2)
             return None
-        _state["lanes"] = int(module.lanes())
+        _state["runnable"] = tuple(module.runnable_isas())
+        _state["lanes"] = {isa: int(module.lanes(isa)) for isa in _state["runnable"]}
         _state["module"] = module
         return module
 
@@ -122,10 +133,42 @@ def available() -> bool:
     return load() is not None
 
 
-def tile_width(out_channels: int) -> int:
-    """Filters per register tile (one vector of the built ISA, or two): the kernel's own
-    rule (``tile_width`` in the C++ source), as a Python int that tracing sees as a constant."""
-    lanes = _state["lanes"]
+def runnable_isas() -> tuple[str, ...]:
+    """The ISAs whose kernel this CPU runs, widest first (empty where the kernel is unavailable)."""
+    return _state.get("runnable", ()) if load() is not None else ()  # type: ignore[return-value]
+
+
+def active_isa() -> str:
+    """The ISA the layers' calls use (module docstring): ``LEANCONV_CPU_ISA`` where set,
+    else the widest this CPU runs that torch's CPU capability allows."""
+    if "active" in _state:
+        return _state["active"]  # type: ignore[return-value]
+    runnable = runnable_isas()
+    if not runnable:
+        raise RuntimeError(f"the direct HetConv kernel is unavailable: {unavailable_reason()}")
+    chosen = os.environ.get("LEANCONV_CPU_ISA", "").strip().lower()
+    if chosen:
+        if chosen not in ISAS:
+            raise ValueError(f"LEANCONV_CPU_ISA must be one of {', '.join(ISAS)}, got {chosen!r}")
+        if chosen not in runnable:
+            raise ValueError(f"LEANCONV_CPU_ISA={chosen!r}, but this CPU runs only {', '.join(runnable)}")
+    else:
+        capability = torch.backends.cpu.get_cpu_capability().upper()  # DEFAULT, AVX2, AVX512, ...
+        allowed = ISAS if capability.startswith("AVX512") else ISAS[1:] if capability.startswith("AVX2") else ISAS[2:]
+        chosen = next(isa for isa in runnable if isa in allowed)
+    _state["active"] = chosen  # read once: packed weights and plans assume one ISA per process
+    return chosen
+
+
+def lanes(isa: str) -> int:
+    """Floats per vector register of ``isa``'s kernel (16, 8, 4)."""
+    return _state["lanes"][_runnable(isa)]
+
+
+def tile_width(out_channels: int, isa: str) -> int:
+    """Filters per register tile (one vector of ``isa``, or two): the kernel's own rule
+    (``tile_width`` in the C++ source), as a Python int that tracing sees as a constant."""
+    lanes = _state["lanes"][isa]
     return lanes if out_channels <= lanes else 2 * lanes
 
 
@@ -143,6 +186,7 @@ class DirectWeights:
     * ``pass_groups`` (passes, 2) int32 and ``tile_passes`` (T + 1,) int32: the
       plan of :func:`pass_plan`.
 
+    ``isa``: the ISA whose vector width the tiles have (:func:`active_isa`).
     The bias is passed per call, in filter order. ``params``: the layer's own
     ``(weight, pointwise_weight)``, which a call under a torch dispatch mode runs in
     the split form (``FlopCounterMode`` and the like do not see C++ calls)."""
@@ -151,6 +195,7 @@ class DirectWeights:
     others: torch.Tensor
     pass_groups: torch.Tensor
     tile_passes: torch.Tensor
+    isa: str
     params: tuple = ()
 
 
@@ -217,15 +262,16 @@ def pass_plan_lists(in_channels: int, out_channels: int, p: int, tile: int, lane
     return tuple(groups), tuple(firsts), None if identity else tuple(lane_filter)
 
 
-def pack(weight, pointwise_weight, in_channels: int, p: int, layout: str) -> DirectWeights:
+def pack(weight, pointwise_weight, in_channels: int, p: int, layout: str, isa: str | None = None) -> DirectWeights:
     """Pack ``weight`` (N, M/P, kh, kw) and ``pointwise_weight`` (N, M - M/P) for the
-    kernel (float32, detached). Training packs on every call, so this is a handful of
-    copies: the centre matrix, one gather and one tap selection."""
-    load()
+    kernel of ``isa`` (default :func:`active_isa`; float32, detached). Training packs on
+    every call, so this is a handful of copies: the centre matrix, one gather and one tap
+    selection."""
+    isa = _runnable(isa)
     weight, pointwise_weight = weight.detach().float(), pointwise_weight.detach().float()
     out_channels, per_group, kh, kw = weight.shape
     device = weight.device
-    tile = tile_width(out_channels)
+    tile = tile_width(out_channels, isa)
     tiles = -(-out_channels // tile)
     taps = weight.reshape(out_channels, per_group, kh * kw)
     centre_tap = (kh // 2) * kw + kw // 2
@@ -236,7 +282,7 @@ def pack(weight, pointwise_weight, in_channels: int, p: int, layout: str) -> Dir
         centre = centre.index_select(0, group_filter_order(in_channels, out_channels, p, layout, device))
     centre = torch.nn.functional.pad(centre, (0, 0, 0, tiles * tile - out_channels))
     centre = centre.view(tiles, tile, in_channels).transpose(1, 2).contiguous()
-    pass_groups, tile_passes, lane_filter = pass_plan(in_channels, out_channels, p, tile, _state["lanes"], layout)
+    pass_groups, tile_passes, lane_filter = pass_plan(in_channels, out_channels, p, tile, _state["lanes"][isa], layout)
     if lane_filter is None:
         lanes = taps.view(tiles, tile, per_group, kh * kw)
     else:
@@ -244,7 +290,17 @@ def pack(weight, pointwise_weight, in_channels: int, p: int, layout: str) -> Dir
         lanes = padded.index_select(0, lane_filter.to(device)).view(-1, tile, per_group, kh * kw)
     others = [tap for tap in range(kh * kw) if tap != centre_tap]
     others = lanes.permute(0, 3, 2, 1).index_select(1, torch.tensor(others, dtype=torch.long, device=device)).contiguous()
-    return DirectWeights(centre, others, pass_groups, tile_passes)
+    return DirectWeights(centre, others, pass_groups, tile_passes, isa)
+
+
+def _runnable(isa: str | None) -> str:
+    """``isa``, checked against what this CPU runs, or :func:`active_isa`."""
+    if isa is None:
+        return active_isa()
+    if isa not in runnable_isas():
+        raise ValueError(f"isa must be one this CPU runs ({', '.join(runnable_isas()) or 'none: the kernel is unavailable'}), "
+                         f"got {isa!r}")
+    return isa
 
 
 def transposed_parameters(weight, pointwise_weight, in_channels: int, p: int, layout: str):
@@ -276,7 +332,7 @@ def _call(x: torch.Tensor, w: DirectWeights, bias, geometry: HetConvGeometry, re
     return load().forward(
         _either_format(x), w.centre, w.others, w.pass_groups, w.tile_passes, None if bias is None else bias.detach(),
         g.out_channels, list(g.kernel_size), list(g.stride), list(g.padding), list(g.dilation), g.p, g.layout == "shifted",
-        relu,
+        relu, w.isa,
     )
 
 
@@ -318,18 +374,18 @@ def _output_like(x: torch.Tensor, out_channels: int, kernel_size, stride, paddin
 
 @torch.library.custom_op("leanconv::hetconv_direct_pack", mutates_args=())
 def _pack_op(weight: torch.Tensor, pointwise_weight: torch.Tensor, in_channels: int, p: int,
-             layout: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    packed = pack(weight, pointwise_weight, in_channels, p, layout)
+             layout: str, isa: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    packed = pack(weight, pointwise_weight, in_channels, p, layout, isa)
     return packed.centre, packed.others, packed.pass_groups.clone(), packed.tile_passes.clone()
 
 
 @_pack_op.register_fake
-def _(weight, pointwise_weight, in_channels, p, layout):
-    load()
+def _(weight, pointwise_weight, in_channels, p, layout, isa):
+    isa = _runnable(isa)
     out_channels, per_group, kh, kw = (int(d) for d in weight.shape)  # a layer's channels are static
-    tile = tile_width(out_channels)
+    tile = tile_width(out_channels, isa)
     tiles = -(-out_channels // tile)
-    passes = len(pass_plan_lists(in_channels, out_channels, p, tile, _state["lanes"], layout)[0])
+    passes = len(pass_plan_lists(in_channels, out_channels, p, tile, _state["lanes"][isa], layout)[0])
     return (weight.new_empty(tiles, in_channels, tile), weight.new_empty(passes, kh * kw - 1, per_group, tile),
             weight.new_empty(passes, 2, dtype=torch.int32), weight.new_empty(tiles + 1, dtype=torch.int32))
 
@@ -339,13 +395,13 @@ def _(weight, pointwise_weight, in_channels, p, layout):
 torch.library.define(
     "leanconv::hetconv_direct_packed",
     "(Tensor x, Tensor centre, Tensor others, Tensor pass_groups, Tensor tile_passes, Tensor? bias, int out_channels, "
-    "int[] kernel_size, int[] stride, int[] padding, int[] dilation, int p, str layout, bool relu) -> Tensor",
+    "int[] kernel_size, int[] stride, int[] padding, int[] dilation, int p, str layout, bool relu, str isa) -> Tensor",
 )
 
 
 @torch.library.register_fake("leanconv::hetconv_direct_packed")
 def _(x, centre, others, pass_groups, tile_passes, bias, out_channels, kernel_size, stride, padding, dilation, p,
-      layout, relu):
+      layout, relu, isa):
     return _output_like(x, out_channels, kernel_size, stride, padding, dilation)
 
 
@@ -508,7 +564,8 @@ def run_direct(x, prepared, bias, geometry: HetConvGeometry, plan) -> torch.Tens
             out = torch.ops.leanconv.hetconv_direct(x, weight, pointwise_weight, bias, *arguments)
             out = torch.relu(out) if relu else out
         else:
-            packed = torch.ops.leanconv.hetconv_direct_pack(weight, pointwise_weight, g.in_channels, g.p, g.layout)
-            out = torch.ops.leanconv.hetconv_direct_packed(x, *packed, bias, g.out_channels, *arguments, relu)
+            isa = active_isa()
+            packed = torch.ops.leanconv.hetconv_direct_pack(weight, pointwise_weight, g.in_channels, g.p, g.layout, isa)
+            out = torch.ops.leanconv.hetconv_direct_packed(x, *packed, bias, g.out_channels, *arguments, relu, isa)
     # the kernel writes the format it reads (channels-last, else contiguous), as nn.Conv2d does
     return out if plan.channels_last else out.contiguous()
