@@ -99,6 +99,22 @@ def test_every_isa_kernel_this_cpu_runs_matches_reference(shape, isa):
                 assert_matches_reference(out.double(), expected.relu() if relu else expected, what=f"{isa} {layout}")
 
 
+@pytest.mark.parametrize("layout", ["blocked", "shifted"])
+def test_vectors_of_several_groups_take_permuted_loads_on_every_vector_isa(layout):
+    """Groups of 4 filters (16 channels, P=4) fill a quarter of an AVX-512 vector and half
+    of an AVX2 one: such tiles run one pass of permuted loads, which the shape tests above
+    (16 and 32 channels, P=4-8) then check against the reference in both formats."""
+    for isa in (isa for isa in hetconv_direct.runnable_isas() if isa != "portable"):
+        layer = make(16, 16, 4, layout=layout, padding=1)
+        packed = hetconv_direct.pack(layer.weight, layer.pointwise_weight, 16, 4, layout, isa)
+        assert packed.lane_index.numel() == packed.lane_offsets.numel() * hetconv_direct.lanes(isa) > 0
+        assert packed.tile_passes.tolist() == list(range(packed.centre.shape[0] + 1))  # one pass a tile
+    wide = make(64, 64, 4, padding=1)  # 16 filters a group: a vector holds one group, no permutes
+    for isa in hetconv_direct.runnable_isas():
+        if hetconv_direct.lanes(isa) <= 16:
+            assert hetconv_direct.pack(wide.weight, wide.pointwise_weight, 64, 4, "blocked", isa).lane_index.numel() == 0
+
+
 def test_an_isa_the_cpu_lacks_or_does_not_know_is_refused_by_name():
     layer = make(8, 8, 2, padding=1)
     with pytest.raises(ValueError, match="isa must be one this CPU runs.*'sse9'"):
@@ -106,7 +122,7 @@ def test_an_isa_the_cpu_lacks_or_does_not_know_is_refused_by_name():
     packed = hetconv_direct.pack(layer.weight, layer.pointwise_weight, 8, 2, "blocked", "portable")
     with pytest.raises(RuntimeError, match="isa must be one of 'avx512', 'avx2', 'portable', got 'neon9'"):
         hetconv_direct.load().forward(torch.randn(1, 8, 4, 4), packed.centre, packed.others, packed.pass_groups,
-                                      packed.tile_passes, None, 8, [3, 3], [1, 1], [1, 1], [1, 1], 2, False, False,
+                                      packed.tile_passes, packed.lane_offsets, packed.lane_index, None, 8, [3, 3], [1, 1], [1, 1], [1, 1], 2, False, False,
                                       "neon9")
 
 

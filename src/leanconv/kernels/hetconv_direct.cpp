@@ -46,6 +46,29 @@ void check_isa(const std::string& isa) {
               cpu_runs("avx512") ? "avx512, " : "", cpu_runs("avx2") ? "avx2, " : "", "portable");
 }
 
+// dst[b] = src[b]^T for B row-major (rows x cols) matrices: NCHW <-> NHWC copies, in
+// tiles of 16 x 16 so that both sides are read and written a cache line at a time
+// (at::Tensor::contiguous(ChannelsLast) measured 6 ms for a 16 MB NCHW tensor here).
+void transpose_images(const float* src, float* dst, int64_t B, int64_t rows, int64_t cols) {
+  constexpr int64_t kTile = 16;
+  const int64_t row_tiles = (rows + kTile - 1) / kTile, col_tiles = (cols + kTile - 1) / kTile;
+  at::parallel_for(0, B * row_tiles * col_tiles, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t b = k / (row_tiles * col_tiles), rt = (k / col_tiles) % row_tiles, ct = k % col_tiles;
+      const float* s = src + b * rows * cols;
+      float* d = dst + b * rows * cols;
+      const int64_t r0 = rt * kTile, r1 = std::min(rows, r0 + kTile), c0 = ct * kTile, c1 = std::min(cols, c0 + kTile);
+      for (int64_t j = c0; j < c1; ++j)
+        for (int64_t i = r0; i < r1; ++i) d[j * rows + i] = s[i * cols + j];
+    }
+  });
+}
+
+// Blocks run position-major on maps of at most 4x4 output pixels, in either format
+// (measured: 2x2 and 4x4 maps faster that way, 8x8 maps faster row-major, where a
+// block's pixels share most of their input).
+constexpr int64_t kSmallMap = 16;
+
 }  // namespace
 
 // Floats per vector register of an ISA's kernel.
@@ -73,14 +96,33 @@ int64_t tile_width(int64_t n, const std::string& isa) {
 }
 
 torch::Tensor forward(
-    const torch::Tensor& x, const torch::Tensor& wc, const torch::Tensor& wn, const torch::Tensor& pass_groups,
-    const torch::Tensor& tile_passes, const c10::optional<torch::Tensor>& bias, int64_t out_channels,
-    std::vector<int64_t> kernel, std::vector<int64_t> stride, std::vector<int64_t> padding,
-    std::vector<int64_t> dilation, int64_t p, bool shifted, bool relu, const std::string& isa) {
+    const torch::Tensor& input, const torch::Tensor& wc, const torch::Tensor& wn, const torch::Tensor& pass_groups,
+    const torch::Tensor& tile_passes, const torch::Tensor& lane_offsets, const torch::Tensor& lane_index,
+    const c10::optional<torch::Tensor>& bias, int64_t out_channels, std::vector<int64_t> kernel,
+    std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t p, bool shifted,
+    bool relu, const std::string& isa) {
   check_isa(isa);
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4, "hetconv_direct: x must be a 4-D CPU float32 tensor");
-  const bool channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast);
-  TORCH_CHECK(channels_last || x.is_contiguous(), "hetconv_direct: x must be channels-last or contiguous");
+  TORCH_CHECK(input.device().is_cpu() && input.scalar_type() == at::kFloat && input.dim() == 4,
+              "hetconv_direct: x must be a 4-D CPU float32 tensor");
+  const bool channels_last = input.is_contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(channels_last || input.is_contiguous(), "hetconv_direct: x must be channels-last or contiguous");
+  // An NCHW input is read through a channels-last copy, and the output written through
+  // one, where the kernel would read it badly: permuted loads read a pixel's channels as
+  // one vector, and position-major blocks (maps of at most kSmallMap output pixels) hold
+  // pixels of different images, far apart in NCHW (measured: 512 channels, 4x4 maps,
+  // batch 64: 9.1 ms in place, 6.2 ms through the copies; at 8x8 to 56x56 maps in place
+  // is 5-25% faster).
+  const int64_t out_h = (input.size(2) + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) / stride[0] + 1;
+  const int64_t out_w = (input.size(3) + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) / stride[1] + 1;
+  const bool position_major = input.size(0) > 1 && std::max<int64_t>(out_h, 0) * std::max<int64_t>(out_w, 0) <= kSmallMap;
+  const bool permuted = lane_index.numel() > 0;
+  const bool through_copies = !channels_last && (permuted || position_major);
+  torch::Tensor x = input;
+  if (through_copies) {
+    x = torch::empty_like(input, at::MemoryFormat::ChannelsLast);
+    transpose_images(input.data_ptr<float>(), x.data_ptr<float>(), input.size(0), input.size(1),
+                     input.size(2) * input.size(3));
+  }
   TORCH_CHECK(wc.is_contiguous() && wn.is_contiguous() && pass_groups.is_contiguous() && tile_passes.is_contiguous(),
               "hetconv_direct: packed operands must be contiguous");
   TORCH_CHECK(pass_groups.scalar_type() == at::kInt && tile_passes.scalar_type() == at::kInt,
@@ -98,6 +140,19 @@ torch::Tensor forward(
   const int64_t passes = tile_passes[c.T].item<int32_t>();
   TORCH_CHECK(wc.numel() == c.T * c.M * c.FT && pass_groups.numel() == 2 * passes
               && wn.numel() == passes * (c.KH * c.KW - 1) * c.Mg * c.FT, "hetconv_direct: packed operand sizes");
+  const int64_t width = lanes(isa);
+  if (permuted) {  // every load must stay within a pixel's channels
+    TORCH_CHECK(lane_offsets.scalar_type() == at::kInt && lane_index.scalar_type() == at::kInt
+                && lane_offsets.is_contiguous() && lane_index.is_contiguous()
+                && passes == c.T && lane_offsets.numel() == c.T * (c.FT / width) * c.Mg
+                && lane_index.numel() == lane_offsets.numel() * width, "hetconv_direct: lane table sizes");
+    const int32_t* offsets = lane_offsets.data_ptr<int32_t>();
+    const int32_t* index = lane_index.data_ptr<int32_t>();
+    for (int64_t k = 0; k < lane_offsets.numel(); ++k)
+      TORCH_CHECK(offsets[k] >= 0 && offsets[k] + width <= c.M, "hetconv_direct: lane offset out of range");
+    for (int64_t k = 0; k < lane_index.numel(); ++k)
+      TORCH_CHECK(index[k] >= 0 && index[k] < width, "hetconv_direct: lane index out of range");
+  }
   c.shifted = shifted;
   // The bias in each tile's lane order (group order), zero in padded lanes.
   std::vector<float> bias_tiles(c.T * c.FT, 0.0f);
@@ -119,14 +174,10 @@ torch::Tensor forward(
   c.tap_offsets = tap_offsets.data();
   c.other_taps = other_taps.data();
   c.relu = relu;
-  // Blocks run position-major on maps of at most 4x4 output pixels, in either format
-  // (measured: 2x2 and 4x4 maps faster that way, 8x8 maps faster row-major, where a
-  // block's pixels share most of their input).
-  constexpr int64_t kSmallMap = 16;
-  c.position_major = c.B > 1 && std::max<int64_t>(c.Ho, 0) * std::max<int64_t>(c.Wo, 0) <= kSmallMap;
+  c.position_major = position_major;
   auto out = torch::empty({c.B, c.N, std::max<int64_t>(c.Ho, 0), std::max<int64_t>(c.Wo, 0)},
-                          x.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
-                                                                  : at::MemoryFormat::Contiguous));
+                          x.options().memory_format(channels_last || through_copies ? at::MemoryFormat::ChannelsLast
+                                                                                 : at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   for (int d = 0; d < 4; ++d) c.os[d] = out.stride(d);
   // Zeros wherever a padded tap reads: channel k at k * xs[1]. For NCHW that spans an
@@ -136,6 +187,8 @@ torch::Tensor forward(
   TORCH_CHECK(zeros != nullptr, "hetconv_direct: out of memory for the padding buffer");
   c.x = x.data_ptr<float>(); c.wc = wc.data_ptr<float>(); c.wn = wn.data_ptr<float>();
   c.pass_groups = pass_groups.data_ptr<int32_t>(); c.tile_passes = tile_passes.data_ptr<int32_t>();
+  c.lane_offsets = permuted ? lane_offsets.data_ptr<int32_t>() : nullptr;
+  c.lane_index = permuted ? lane_index.data_ptr<int32_t>() : nullptr;
   c.bias = bias_tiles.data(); c.zeros = zeros.get();
   c.out = out.data_ptr<float>();
 #if defined(__x86_64__) || defined(__i386__)
@@ -144,6 +197,11 @@ torch::Tensor forward(
   else
 #endif
     leanconv_direct::portable::run(c);
+  if (through_copies) {
+    auto nchw = torch::empty(out.sizes(), out.options());
+    transpose_images(out.data_ptr<float>(), nchw.data_ptr<float>(), c.B, c.Ho * c.Wo, c.N);
+    return nchw;
+  }
   return out;
 }
 
@@ -152,11 +210,12 @@ torch::Tensor forward(
 // a dispatcher call of a few microseconds, where a Python-implemented op costs tens.
 torch::Tensor packed_op(
     const torch::Tensor& x, const torch::Tensor& wc, const torch::Tensor& wn, const torch::Tensor& pass_groups,
-    const torch::Tensor& tile_passes, const c10::optional<torch::Tensor>& bias, int64_t out_channels,
-    c10::IntArrayRef kernel, c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
+    const torch::Tensor& tile_passes, const torch::Tensor& lane_offsets, const torch::Tensor& lane_index,
+    const c10::optional<torch::Tensor>& bias, int64_t out_channels, c10::IntArrayRef kernel, c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
     int64_t p, c10::string_view layout, bool relu, c10::string_view isa) {
   const bool readable = x.is_contiguous(at::MemoryFormat::ChannelsLast) || x.is_contiguous();
-  return forward(readable ? x : x.contiguous(), wc, wn, pass_groups, tile_passes, bias, out_channels, kernel.vec(),
+  return forward(readable ? x : x.contiguous(), wc, wn, pass_groups, tile_passes, lane_offsets, lane_index, bias,
+                 out_channels, kernel.vec(),
                  stride.vec(), padding.vec(), dilation.vec(), p, layout == "shifted", relu, std::string(isa));
 }
 

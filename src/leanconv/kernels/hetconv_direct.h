@@ -25,6 +25,11 @@
 // its grouped part runs in passes, each pass giving every vector of the tile at most
 // one group (two groups in one pass keep twice as many independent accumulators busy
 // where a group is one vector wide); a lane outside its pass's group has weight zero.
+// Where a group has fewer filters than a vector has lanes (16-32 channels at P = 4-8,
+// say), such passes would leave most lanes' products zero: there the tile's grouped part
+// runs as one pass instead, each lane reading its own group's channel from one vector
+// load of the pixel's channels, permuted (channels-last only; an NCHW input is read
+// through a channels-last copy).
 // A tap that falls into the zero padding reads a buffer of zeros, and a tap in the
 // padding for the whole block is skipped.
 //
@@ -56,6 +61,12 @@ struct Call {
   const float* wn;       // (passes, KH*KW - 1, Mg, FT): the other taps, one pass's groups
   const int32_t* pass_groups;  // (passes, 2): the group of vector 0 and of vector 1 (-1: none)
   const int32_t* tile_passes;  // (T + 1,): tile t's passes are tile_passes[t] .. tile_passes[t+1]-1
+  // Vectors of several groups (null where unused): tile t's grouped taps run as one pass
+  // (wn: (T, KH*KW - 1, Mg, FT)); for channel j, vector v of tile t loads kLanes channels
+  // from channel lane_offsets[(t*NV + v)*Mg + j] of each pixel and permutes them by
+  // lane_index[((t*NV + v)*Mg + j)*kLanes ...]. Channels-last input only.
+  const int32_t* lane_offsets;
+  const int32_t* lane_index;
   const float* bias;     // (T, FT): each tile's bias in its lane order (zeros without a bias)
   const float* zeros;    // zeros at every channel's offset: what a tap in the padding reads
   float* out;            // (B, N, Ho, Wo) through the strides os

@@ -184,7 +184,10 @@ class DirectWeights:
       one pass per group of each of a tile's vectors (:func:`pass_plan`), zero in
       lanes of other groups;
     * ``pass_groups`` (passes, 2) int32 and ``tile_passes`` (T + 1,) int32: the
-      plan of :func:`pass_plan`.
+      plan of :func:`pass_plan`;
+    * ``lane_offsets`` (T*V*M/P,) and ``lane_index`` (T*V*M/P*lanes,) int32: the
+      permuted loads of :func:`lane_plan_lists` where a vector holds several groups
+      (empty otherwise).
 
     ``isa``: the ISA whose vector width the tiles have (:func:`active_isa`).
     The bias is passed per call, in filter order. ``params``: the layer's own
@@ -195,6 +198,8 @@ class DirectWeights:
     others: torch.Tensor
     pass_groups: torch.Tensor
     tile_passes: torch.Tensor
+    lane_offsets: torch.Tensor
+    lane_index: torch.Tensor
     isa: str
     params: tuple = ()
 
@@ -226,12 +231,19 @@ def pass_plan_lists(in_channels: int, out_channels: int, p: int, tile: int, lane
     tile t's passes are ``tile_passes[t]`` to ``tile_passes[t + 1] - 1``; and
     ``lane_filter`` (passes * tile,) int64: the filter (in the layer's order) whose
     weights each lane of each pass holds, ``out_channels`` for a zero lane; None where
-    that is every filter in order (one pass per tile, no zero lane, blocked layout)."""
+    that is every filter in order (one pass per tile, no zero lane, blocked layout).
+
+    Where :func:`lane_plan_lists` applies (vectors of several groups), each tile runs
+    one pass whose lanes hold every filter of the tile, in group order."""
     per_group = out_channels // p
     tiles = -(-out_channels // tile)
     vectors = tile // lanes
 
     filter_of = group_filter_order_list(out_channels, p, layout)  # group order -> filter (Python ints: no tensor)
+    if lane_plan_lists(in_channels, out_channels, p, tile, lanes, layout) is not None:  # one pass, every lane used
+        lane_filter = [filter_of[q] if q < out_channels else out_channels for q in range(tiles * tile)]
+        identity = lane_filter == list(range(out_channels))
+        return ((-1, -1),) * tiles, tuple(range(tiles + 1)), None if identity else tuple(lane_filter)
 
     groups: list[tuple[int, int]] = []
     firsts = [0]
@@ -262,6 +274,42 @@ def pass_plan_lists(in_channels: int, out_channels: int, p: int, tile: int, lane
     return tuple(groups), tuple(firsts), None if identity else tuple(lane_filter)
 
 
+@functools.lru_cache(maxsize=256)
+def lane_plan_lists(in_channels: int, out_channels: int, p: int, tile: int, lanes: int, layout: str):
+    """Where a vector holds filters of several groups (a group has fewer filters than a
+    vector has lanes), its grouped taps run as one pass with every lane in use: for the
+    j-th channel of the groups, each pixel's input vector is loaded from one channel
+    offset and permuted so that lane f holds channel j of filter f's group. This needs
+    the channels a vector reads at each j within one vector's width (always so in the
+    shifted layout, where channel j of groups g..g' are g + jP..g' + jP; in the blocked
+    layout where the vector's groups span at most ``lanes`` channels) and at least
+    ``lanes`` input channels (a load never runs past a pixel's channels).
+
+    Returns None where it does not apply, else ``(offsets, index)`` as Python tuples:
+    ``offsets`` (T * V * Mg,): the channel each (tile, vector, j) loads from, ``index``
+    (T * V * Mg * lanes,): the lane of that load each lane takes (0 for a lane past the
+    last filter, whose weights are zero)."""
+    per_group, mg = out_channels // p, in_channels // p
+    if per_group >= lanes or in_channels < lanes or p == 1:
+        return None
+    tiles, vectors = -(-out_channels // tile), tile // lanes
+    offsets: list[int] = []
+    index: list[int] = []
+    for t in range(tiles):
+        for v in range(vectors):
+            first = t * tile + v * lanes
+            groups = [q // per_group if q < out_channels else None for q in range(first, first + lanes)]
+            for j in range(mg):
+                channels = [None if g is None else (g * mg + j if layout == "blocked" else j * p + g) for g in groups]
+                real = [c for c in channels if c is not None]
+                if real and max(real) - min(real) >= lanes:
+                    return None
+                offset = min(min(real, default=0), in_channels - lanes)
+                offsets.append(offset)
+                index.extend(0 if c is None else c - offset for c in channels)
+    return tuple(offsets), tuple(index)
+
+
 def pack(weight, pointwise_weight, in_channels: int, p: int, layout: str, isa: str | None = None) -> DirectWeights:
     """Pack ``weight`` (N, M/P, kh, kw) and ``pointwise_weight`` (N, M - M/P) for the
     kernel of ``isa`` (default :func:`active_isa`; float32, detached). Training packs on
@@ -290,7 +338,16 @@ def pack(weight, pointwise_weight, in_channels: int, p: int, layout: str, isa: s
         lanes = padded.index_select(0, lane_filter.to(device)).view(-1, tile, per_group, kh * kw)
     others = [tap for tap in range(kh * kw) if tap != centre_tap]
     others = lanes.permute(0, 3, 2, 1).index_select(1, torch.tensor(others, dtype=torch.long, device=device)).contiguous()
-    return DirectWeights(centre, others, pass_groups, tile_passes, isa)
+    lane_offsets, lane_index = _lane_tensors(in_channels, out_channels, p, tile, _state["lanes"][isa], layout)
+    return DirectWeights(centre, others, pass_groups, tile_passes, lane_offsets, lane_index, isa)
+
+
+@functools.lru_cache(maxsize=256)
+def _lane_tensors(in_channels: int, out_channels: int, p: int, tile: int, lanes: int, layout: str):
+    """:func:`lane_plan_lists` as int32 tensors; empty ones where it does not apply."""
+    plan = lane_plan_lists(in_channels, out_channels, p, tile, lanes, layout)
+    offsets, index = ((), ()) if plan is None else plan
+    return torch.tensor(offsets, dtype=torch.int32), torch.tensor(index, dtype=torch.int32)
 
 
 def _runnable(isa: str | None) -> str:
@@ -330,7 +387,8 @@ def _call(x: torch.Tensor, w: DirectWeights, bias, geometry: HetConvGeometry, re
     path; graphs call the same C++ function as the op ``leanconv::hetconv_direct_packed``)."""
     g = geometry
     return load().forward(
-        _either_format(x), w.centre, w.others, w.pass_groups, w.tile_passes, None if bias is None else bias.detach(),
+        _either_format(x), w.centre, w.others, w.pass_groups, w.tile_passes, w.lane_offsets, w.lane_index,
+        None if bias is None else bias.detach(),
         g.out_channels, list(g.kernel_size), list(g.stride), list(g.padding), list(g.dilation), g.p, g.layout == "shifted",
         relu, w.isa,
     )
@@ -354,7 +412,7 @@ def _transposed_geometry(g: HetConvGeometry) -> HetConvGeometry | None:
 #
 # * ``hetconv_direct_pack(weight, pointwise_weight, in_channels, p, layout)``: :func:`pack`'s
 #   operands; under inductor's freezing it is folded into constants with the weights;
-# * ``hetconv_direct_packed(x, centre, others, pass_groups, tile_passes, bias, ...)``: the
+# * ``hetconv_direct_packed(x, centre, others, pass_groups, tile_passes, lane_offsets, lane_index, bias, ...)``: the
 #   kernel on packed operands (inference);
 # * ``hetconv_direct(x, weight, pointwise_weight, bias, ...)``: HetConv on the layer's own
 #   parameters, differentiable; its gradients are ``hetconv_direct_backward``.
@@ -374,9 +432,11 @@ def _output_like(x: torch.Tensor, out_channels: int, kernel_size, stride, paddin
 
 @torch.library.custom_op("leanconv::hetconv_direct_pack", mutates_args=())
 def _pack_op(weight: torch.Tensor, pointwise_weight: torch.Tensor, in_channels: int, p: int,
-             layout: str, isa: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+             layout: str, isa: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                             torch.Tensor]:
     packed = pack(weight, pointwise_weight, in_channels, p, layout, isa)
-    return packed.centre, packed.others, packed.pass_groups.clone(), packed.tile_passes.clone()
+    return (packed.centre, packed.others, packed.pass_groups.clone(), packed.tile_passes.clone(),
+            packed.lane_offsets.clone(), packed.lane_index.clone())
 
 
 @_pack_op.register_fake
@@ -386,22 +446,25 @@ def _(weight, pointwise_weight, in_channels, p, layout, isa):
     tile = tile_width(out_channels, isa)
     tiles = -(-out_channels // tile)
     passes = len(pass_plan_lists(in_channels, out_channels, p, tile, _state["lanes"][isa], layout)[0])
+    lane_offsets, lane_index = _lane_tensors(in_channels, out_channels, p, tile, _state["lanes"][isa], layout)
     return (weight.new_empty(tiles, in_channels, tile), weight.new_empty(passes, kh * kw - 1, per_group, tile),
-            weight.new_empty(passes, 2, dtype=torch.int32), weight.new_empty(tiles + 1, dtype=torch.int32))
+            weight.new_empty(passes, 2, dtype=torch.int32), weight.new_empty(tiles + 1, dtype=torch.int32),
+            weight.new_empty(lane_offsets.shape, dtype=torch.int32), weight.new_empty(lane_index.shape, dtype=torch.int32))
 
 
 # Defined here, implemented for the CPU in C++ (``TORCH_LIBRARY_IMPL`` in the kernel's source,
 # registered when the extension loads): a dispatcher call, not a Python one.
 torch.library.define(
     "leanconv::hetconv_direct_packed",
-    "(Tensor x, Tensor centre, Tensor others, Tensor pass_groups, Tensor tile_passes, Tensor? bias, int out_channels, "
+    "(Tensor x, Tensor centre, Tensor others, Tensor pass_groups, Tensor tile_passes, Tensor lane_offsets, "
+    "Tensor lane_index, Tensor? bias, int out_channels, "
     "int[] kernel_size, int[] stride, int[] padding, int[] dilation, int p, str layout, bool relu, str isa) -> Tensor",
 )
 
 
 @torch.library.register_fake("leanconv::hetconv_direct_packed")
-def _(x, centre, others, pass_groups, tile_passes, bias, out_channels, kernel_size, stride, padding, dilation, p,
-      layout, relu, isa):
+def _(x, centre, others, pass_groups, tile_passes, lane_offsets, lane_index, bias, out_channels, kernel_size, stride,
+      padding, dilation, p, layout, relu, isa):
     return _output_like(x, out_channels, kernel_size, stride, padding, dilation)
 
 
