@@ -115,6 +115,20 @@ def test_vectors_of_several_groups_take_permuted_loads_on_every_vector_isa(layou
             assert hetconv_direct.pack(wide.weight, wide.pointwise_weight, 64, 4, "blocked", isa).lane_index.numel() == 0
 
 
+@pytest.mark.parametrize("isa", hetconv_direct.ISAS)
+def test_relayout_copies_exactly_between_memory_formats(isa):
+    """The blocked transposition behind NCHW calls: 8x8 register tiles and partial edges."""
+    if isa not in hetconv_direct.runnable_isas():
+        pytest.skip(f"this CPU does not run {isa}")
+    module = hetconv_direct.load()
+    for shape in [(2, 16, 32, 32), (3, 13, 7, 5), (1, 40, 9, 1), (2, 1, 4, 4), (0, 8, 3, 3), (1, 64, 1, 1)]:
+        x = torch.randn(shape)
+        cl = module.relayout(x, isa)
+        assert cl.is_contiguous(memory_format=CL) and torch.equal(cl, x)
+        back = module.relayout(x.contiguous(memory_format=CL), isa)
+        assert torch.equal(back, x) and (back.is_contiguous() or x.numel() == 0)
+
+
 def test_an_isa_the_cpu_lacks_or_does_not_know_is_refused_by_name():
     layer = make(8, 8, 2, padding=1)
     with pytest.raises(ValueError, match="isa must be one this CPU runs.*'sse9'"):

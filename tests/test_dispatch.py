@@ -17,7 +17,10 @@ from leanconv import config
 from leanconv.layers import DepthwiseConv2d
 from leanconv.ops import measure
 from leanconv.ops.conv_geometry import HetConvGeometry
-from leanconv.ops.backends import SMALL_CALL_WORK, direct_runs, hetconv_rule
+from leanconv.ops.backends import (
+    NCHW_TRAIN_DIRECT_PIXELS, NCHW_TRAIN_DIRECT_WIDE_CHANNELS, NCHW_TRAIN_DIRECT_WIDE_PIXELS, SMALL_CALL_WORK, direct_runs,
+    hetconv_rule,
+)
 from leanconv.ops.registry import Backend, Plan, register_backend, unregister_backend
 
 from helpers import assert_matches_reference
@@ -53,21 +56,37 @@ def test_rule_choices(shape, m, n, p, k, capturing, expected):
 @pytest.mark.parametrize("shape", [(64, 64, 32, 32), (1, 16, 8, 8)], ids=["vgg-block", "small-call"])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "channels_last"])
 def test_rule_takes_direct_for_float32_cpu_in_either_format(shape, memory_format):
-    """float32 CPU calls in channels-last order, and contiguous ones in inference, go to the
-    C++ kernel where it builds, also in a graph TorchDynamo captures; a strided view
-    (neither order) keeps the library forms."""
+    """float32 CPU calls in channels-last order, and contiguous ones in inference and in
+    training on larger maps, go to the C++ kernel where it builds, also in a graph
+    TorchDynamo captures; a strided view (neither order) keeps the library forms."""
     x = torch.empty(shape).contiguous(memory_format=memory_format)
     channels_last = memory_format == torch.channels_last
     g = _geometry(shape[1], shape[1], 4)
     library = "reference" if x.numel() * shape[1] * 9 < SMALL_CALL_WORK else "split"
     for training in (False, True):
         plan = _plan(training, channels_last)
-        takes_direct = direct_runs(x, g, plan) and (channels_last or not training)  # NCHW training: split
+        large_map = shape[2] * shape[3] >= NCHW_TRAIN_DIRECT_PIXELS  # NCHW training on small maps: split
+        takes_direct = direct_runs(x, g, plan) and (channels_last or not training or large_map)
         assert hetconv_rule(x, g, plan, False) == ("direct" if takes_direct else library)
         # torch.compile / torch.export keep the kernel (a registered op); the other captures are split
         assert hetconv_rule(x, g, plan, True) == ("direct" if takes_direct else "split")
     strided = torch.empty(shape[0], shape[1], shape[2], 2 * shape[3])[..., ::2]
     assert hetconv_rule(strided, g, _plan(), False) == library
+
+
+def test_nchw_training_takes_direct_on_the_maps_the_rule_names():
+    plan = _plan(training=True)
+    if not direct_runs(torch.empty(1, 8, 4, 4), _geometry(8, 8, 4), plan):
+        pytest.skip("the direct kernel is unavailable")
+    for channels, side, expected in [(32, 32, "direct"), (32, 16, "split"), (64, 16, "direct"), (128, 8, "split")]:
+        assert NCHW_TRAIN_DIRECT_PIXELS == 32 * 32 and NCHW_TRAIN_DIRECT_WIDE_PIXELS == 16 * 16
+        assert NCHW_TRAIN_DIRECT_WIDE_CHANNELS == 64
+        x = torch.empty(64, channels, side, side)
+        assert hetconv_rule(x, _geometry(channels, channels, 4), plan, False) == expected, (channels, side)
+        # strided 3x3 layers: the rule looks at the output map
+        strided = _geometry(channels, channels, 4)._replace(stride=(2, 2))
+        x2 = torch.empty(64, channels, 2 * side, 2 * side)
+        assert hetconv_rule(x2, strided, plan, False) == expected, (channels, side, "stride 2")
 
 
 def test_small_call_threshold_is_where_the_rule_says():

@@ -94,8 +94,22 @@ inline int64_t filter_of(const Call& c, int64_t q) { return c.shifted ? (q % c.N
 // its own for its ISA (hetconv_direct_<isa>.cpp) and called only where the CPU has it
 // (hetconv_direct.cpp), so one build runs on any x86 CPU; ARM and other CPUs get the
 // portable kernel only.
-namespace avx512 { constexpr int kLanes = 16; void run(const Call& c); }
-namespace avx2 { constexpr int kLanes = 8; void run(const Call& c); }
-namespace portable { constexpr int kLanes = 4; void run(const Call& c); }
+// transpose: dst[b] = src[b]^T for B row-major (rows x cols) float matrices (the NCHW <->
+// channels-last copies of hetconv_direct.cpp).
+namespace avx512 {
+constexpr int kLanes = 16;
+void run(const Call& c);
+void transpose(const float* src, float* dst, int64_t B, int64_t rows, int64_t cols);
+}  // namespace avx512
+namespace avx2 {
+constexpr int kLanes = 8;
+void run(const Call& c);
+void transpose(const float* src, float* dst, int64_t B, int64_t rows, int64_t cols);
+}  // namespace avx2
+namespace portable {
+constexpr int kLanes = 4;
+void run(const Call& c);
+void transpose(const float* src, float* dst, int64_t B, int64_t rows, int64_t cols);
+}  // namespace portable
 
 }  // namespace leanconv_direct

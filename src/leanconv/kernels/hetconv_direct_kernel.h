@@ -288,6 +288,55 @@ void run_blocks(const Call& c) {
 }
 
 
+// dst[b] = src[b]^T for B row-major (rows x cols) matrices (NCHW <-> channels-last copies):
+// blocks of 32 x 32, each as 8 x 8 tiles transposed in registers by three rounds of
+// two-vector shuffles (unpack, pair, swap halves); partial tiles element by element.
+typedef float v8 __attribute__((vector_size(8 * sizeof(float))));
+typedef float v8_unaligned __attribute__((vector_size(8 * sizeof(float)), aligned(alignof(float))));
+typedef int32_t i8 __attribute__((vector_size(8 * sizeof(int32_t))));
+
+inline void transpose_8x8(const float* s, int64_t s_stride, float* d, int64_t d_stride) {
+  v8 r[8], t[8], u[8];
+  for (int i = 0; i < 8; ++i) r[i] = *reinterpret_cast<const v8_unaligned*>(s + i * s_stride);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shuffle(r[i], r[i + 1], i8{0, 8, 1, 9, 4, 12, 5, 13});
+    t[i + 1] = __builtin_shuffle(r[i], r[i + 1], i8{2, 10, 3, 11, 6, 14, 7, 15});
+  }
+  for (int i = 0; i < 8; i += 4)
+    for (int k = 0; k < 2; ++k) {
+      u[i + 2 * k] = __builtin_shuffle(t[i + k], t[i + k + 2], i8{0, 1, 8, 9, 4, 5, 12, 13});
+      u[i + 2 * k + 1] = __builtin_shuffle(t[i + k], t[i + k + 2], i8{2, 3, 10, 11, 6, 7, 14, 15});
+    }
+  for (int k = 0; k < 4; ++k) {
+    *reinterpret_cast<v8_unaligned*>(d + k * d_stride) = __builtin_shuffle(u[k], u[k + 4], i8{0, 1, 2, 3, 8, 9, 10, 11});
+    *reinterpret_cast<v8_unaligned*>(d + (k + 4) * d_stride) =
+        __builtin_shuffle(u[k], u[k + 4], i8{4, 5, 6, 7, 12, 13, 14, 15});
+  }
+}
+
+void transpose(const float* src, float* dst, int64_t B, int64_t rows, int64_t cols) {
+  constexpr int64_t kBlock = 32;
+  const int64_t row_blocks = (rows + kBlock - 1) / kBlock, col_blocks = (cols + kBlock - 1) / kBlock;
+  at::parallel_for(0, B * row_blocks * col_blocks, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t b = k / (row_blocks * col_blocks), rb = (k / col_blocks) % row_blocks, cb = k % col_blocks;
+      const float* s = src + b * rows * cols;
+      float* d = dst + b * rows * cols;
+      const int64_t r0 = rb * kBlock, r1 = std::min(rows, r0 + kBlock);
+      const int64_t c0 = cb * kBlock, c1 = std::min(cols, c0 + kBlock);
+      for (int64_t i = r0; i < r1; i += 8)
+        for (int64_t j = c0; j < c1; j += 8) {
+          if (i + 8 <= r1 && j + 8 <= c1) {
+            transpose_8x8(s + i * cols + j, cols, d + j * rows + i, rows);
+          } else {
+            for (int64_t jj = j; jj < std::min(c1, j + 8); ++jj)
+              for (int64_t ii = i; ii < std::min(r1, i + 8); ++ii) d[jj * rows + ii] = s[ii * cols + jj];
+          }
+        }
+    }
+  });
+}
+
 // Register blocking: NP pixels x NV vectors of accumulators, leaving registers for the
 // weights and the broadcast values.
 void run(const Call& c) {

@@ -26,7 +26,8 @@ here, beside the backends they name, registered with :func:`~.registry.register_
   0.8): ``reference`` (``split`` in a captured graph).
 * ``direct`` (the C++ kernel, as registered torch ops, so ``torch.compile`` and
   ``torch.export`` keep it) for float32 CPU inputs in channels-last order, and in
-  contiguous order for inference (:func:`direct_reads_well`), where it builds;
+  contiguous order for inference and for training on larger maps
+  (:func:`direct_reads_well`), where it builds;
 * otherwise in a captured graph ``split``; eagerly ``reference`` for small calls
   (input elements x filters x taps below :data:`SMALL_CALL_WORK`, where a second
   library call costs more than the saved work), else ``split``.
@@ -134,13 +135,34 @@ def triton_measured_win(x: torch.Tensor, geometry: HetConvGeometry, plan: Plan) 
     return why_not_ready(backend, x, geometry, plan) is None
 
 
-def direct_reads_well(x: torch.Tensor, plan: Plan) -> bool:
+# NCHW training takes ``direct`` on output maps of at least this many pixels, or of at least
+# NCHW_TRAIN_DIRECT_WIDE_PIXELS with at least NCHW_TRAIN_DIRECT_WIDE_CHANNELS input channels; on
+# smaller maps ``split``'s oneDNN gradients were 10-40% faster (AVX-512 EPYC, batch 64, P=4/8:
+# 32x32 maps 16-64 channels, 56x56 and 28x28 maps at batch 16: direct 1.1-1.6x faster than split;
+# 16x16 maps: split 1.4x faster at 32 channels, direct 1.5x faster at 128; 8x8 and smaller:
+# split 1.1-1.4x faster).
+NCHW_TRAIN_DIRECT_PIXELS = 1024
+NCHW_TRAIN_DIRECT_WIDE_PIXELS = 256
+NCHW_TRAIN_DIRECT_WIDE_CHANNELS = 64
+
+
+def direct_reads_well(x: torch.Tensor, geometry: HetConvGeometry, plan: Plan) -> bool:
     """Where ``direct`` was measured at least as fast as the library forms: channels-last
-    inputs, training and inference; contiguous (NCHW) inputs in inference. NCHW training
-    keeps ``split`` (its gradients were slower on small maps: docs/performance_notes.md)."""
+    inputs, training and inference; contiguous (NCHW) inputs in inference, and in training
+    on the larger maps above (the kernel reads and writes NCHW through blocked
+    channels-last copies where it must; the weight gradients run on such copies)."""
     if x.is_contiguous(memory_format=_CL):
         return True
-    return x.is_contiguous() and not plan.training
+    if not x.is_contiguous():
+        return False
+    if not plan.training:
+        return True
+    g = geometry
+    pixels = 1
+    for d in (0, 1):
+        pixels *= max(0, conv_output_size(x.shape[2 + d], g.kernel_size[d], g.stride[d], g.padding[d], g.dilation[d]))
+    return pixels >= NCHW_TRAIN_DIRECT_PIXELS or (
+        pixels >= NCHW_TRAIN_DIRECT_WIDE_PIXELS and g.in_channels >= NCHW_TRAIN_DIRECT_WIDE_CHANNELS)
 
 
 def direct_runs(x: torch.Tensor, geometry: HetConvGeometry, plan: Plan) -> bool:
@@ -160,7 +182,7 @@ def hetconv_rule(x: torch.Tensor, geometry: HetConvGeometry, plan: Plan, capturi
     taps = g.kernel_size[0] * g.kernel_size[1]
     if 1.0 / g.p + 1.0 / taps > 0.8:
         return "split" if capturing else "reference"
-    if x.device.type == "cpu" and direct_reads_well(x, plan) and direct_runs(x, g, plan):
+    if x.device.type == "cpu" and direct_reads_well(x, g, plan) and direct_runs(x, g, plan):
         return "direct"
     if not capturing and x.numel() * g.out_channels * taps < SMALL_CALL_WORK:
         return "reference"

@@ -539,6 +539,13 @@ def _gradients(grad_out, x, weight, pointwise_weight, g: HetConvGeometry, mask):
             grad_x = torch.ops.aten.convolution_backward(
                 grad_out, x, dense, None, g.stride, g.padding, g.dilation, False, [0, 0], 1, [True, False, False],
             )[0]
+    if (mask[1] or mask[2]) and not x.is_contiguous(memory_format=_CL):
+        # NCHW: the weight gradients run on channels-last copies (the kernel's blocked
+        # transposition), where oneDNN's grouped weight gradient and the GEMM's operands
+        # read channels contiguously (measured: 16 channels, P=4, 32x32, batch 64: 4.9 +
+        # 1.7 ms in NCHW, 1.4 + 0.3 ms channels-last, 0.9 ms for the two copies).
+        isa = active_isa()
+        x, grad_out = load().relayout(x, isa), load().relayout(grad_out, isa)
     if mask[1]:
         grad_weight = _kxk_weight_grad(x, grad_out, weight, g)
     if mask[2]:
