@@ -134,11 +134,15 @@ def test_write_results_writes_all_files(tmp_path):
     assert not [p for p in os.listdir(tmp_path / "out") if p.startswith(".tmp-")]
 
 
-def test_environment_header_names_machine_torch_threads():
+def test_environment_header_names_machine_isa_torch_threads():
     info = bench.describe_environment()
-    for key in ("cpu", "torch", "torch_threads", "load_average_1_5_15min", "date_utc"):
+    for key in ("cpu", "torch", "torch_threads", "load_average_1_5_15min", "date_utc", "cpu_capability",
+                "hetconv_direct_isa"):
         assert key in info
-    assert bench.machine_slug(info).endswith(f"-{info['torch_threads']}t")
+    isa = info["cpu_capability"].lower()
+    assert bench.machine_slug(info).endswith(f"-{isa}-{info['torch_threads']}t")
+    assert bench.machine_slug({**info, "cpu": "AMD EPYC 9R14", "cpu_capability": "AVX2", "torch_threads": 4}) == \
+        "amd-epyc-9r14-avx2-4t"
 
 
 def test_cli_bench_tiny_grid_and_render(tmp_path, capsys):

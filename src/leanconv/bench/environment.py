@@ -48,6 +48,7 @@ def describe_environment() -> dict:
         "torch_threads": torch.get_num_threads(),
         "mkldnn": torch.backends.mkldnn.is_available(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "hetconv_direct_isa": _direct_isa(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "load_average_1_5_15min": load,
@@ -58,10 +59,19 @@ def describe_environment() -> dict:
     return info
 
 
+def _direct_isa() -> str | None:
+    """The ISA of the direct HetConv kernel this process runs (None where it is unavailable)."""
+    from ..ops import hetconv_direct
+
+    return hetconv_direct.active_isa() if hetconv_direct.available() else None
+
+
 def machine_slug(info: dict | None = None) -> str:
-    """A short file-name-safe machine name: cpu model + thread count, e.g. ``amd-epyc-2t``."""
+    """A short file-name-safe machine name: cpu model, vector ISA (torch's CPU capability)
+    and thread count, e.g. ``amd-epyc-avx512-2t``."""
     info = info or describe_environment()
     words = "".join(c if c.isalnum() else "-" for c in info["cpu"].lower()).split("-")
     stop = {"processor", "cpu", "r", "tm", "with", "radeon", "graphics", ""}
     model = "-".join(w for w in words if w not in stop)[:40].strip("-") or "cpu"
-    return f"{model}-{info['torch_threads']}t"
+    isa = "".join(c for c in str(info.get("cpu_capability") or "").lower() if c.isalnum())
+    return f"{model}-{isa}-{info['torch_threads']}t" if isa else f"{model}-{info['torch_threads']}t"

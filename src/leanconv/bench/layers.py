@@ -78,12 +78,22 @@ def _vgg_cifar_shapes() -> list[tuple[int, int, int]]:
     return [(64, 64, 32), (64, 128, 16), (128, 128, 16), (128, 256, 8), (256, 256, 8), (256, 512, 4), (512, 512, 4), (512, 512, 2)]
 
 
+def _resnet_imagenet_shapes() -> list[tuple[int, int, int, int]]:
+    """(M, N, input size, stride) of the 3x3 convolutions of ResNet-18/34 at 224x224 (the
+    stride-2 ones open stages 2-4; ResNet-50's 3x3 convolutions have the same shapes at
+    64-512 channels). The 7x7 stem and the 1x1 convolutions stay standard."""
+    return [(64, 64, 56, 1), (64, 128, 56, 2), (128, 128, 28, 1), (128, 256, 28, 2), (256, 256, 14, 1),
+            (256, 512, 14, 2), (512, 512, 7, 1)]
+
+
 def layer_grid(name: str, batch: int, ps: Sequence[int] | None = None) -> list[LayerConfig]:
     """The configurations of a named grid (``ps`` overrides its parts P)."""
     if name == "tiny":
         return [LayerConfig(8, 8, 6, p, batch) for p in ps or (2, 4) if 8 % p == 0]
     if name == "vgg":
         return [LayerConfig(m, n, s, p, batch) for m, n, s in _vgg_cifar_shapes() for p in ps or (2, 4, 8, 16)]
+    if name == "resnet18":
+        return [LayerConfig(m, n, s, p, batch, stride=st) for m, n, s, st in _resnet_imagenet_shapes() for p in ps or (4, 8)]
     if name == "wide":
         return [LayerConfig(c, c, s, p, batch) for c, s in ((256, 14), (512, 7), (1024, 7)) for p in ps or (4, 8, 32)]
     if name == "beyond":  # shapes beyond VGG-16's: MobileNet/ResNet-like widths, 7x7 maps, strided layers
@@ -95,7 +105,7 @@ def layer_grid(name: str, batch: int, ps: Sequence[int] | None = None) -> list[L
     raise ValueError(f"unknown grid {name!r}; choose from {sorted(GRIDS)}")
 
 
-GRIDS = ("tiny", "vgg", "wide", "small", "beyond")
+GRIDS = ("tiny", "vgg", "resnet18", "wide", "small", "beyond")
 
 
 class _GatheredBaseline(nn.Module):
