@@ -232,49 +232,71 @@ def render_plain_table(payload: dict, name: str) -> list[str]:
     return lines + [""]
 
 
-# Issue 13's targets: (model, batch) -> [(mode, P, required standard / HetConv)]; each variant
-# in its faster memory format. "seed" rows: the public grouped-conv + dense-1x1 form / HetConv.
+# Issue 22's targets: (model, batch) -> [(mode, P, required standard / HetConv, memory format)]; a format
+# of None compares each variant in its faster format, a named one both variants in that format.
 MODEL_TARGETS = {
-    ("vgg16_cifar", 64): [("infer", 4, 2.3), ("infer", 8, 2.9), ("infer_folded", 4, 2.5), ("infer_folded", 8, 3.3),
-                          ("train", 4, 2.2)],
-    ("vgg16_cifar", 1): [("infer", 4, 1.8)],
+    ("vgg16_cifar", 64): [("infer", 4, 2.8, None), ("infer", 8, 3.6, None), ("infer_folded", 4, 3.0, None),
+                          ("infer_folded", 8, 4.0, None), ("train", 4, 2.2, "contiguous"),
+                          ("train", 4, 2.2, "channels_last")],
+    ("vgg16_cifar", 1): [("infer", 4, 2.5, None)],
+    ("resnet18", 16): [("infer_folded", 4, 2.2, None)],
 }
-SEED_TARGET = 1.3
-LAYER_TARGET = 1.0
+SEED_TARGET = 1.3  # issue 13: the public grouped-conv + dense-1x1 form / HetConv, VGG-16 batch 64
+LAYER_TARGET = 1.0  # every HetConv layer of the VGG and ResNet-18 grids: auto vs nn.Conv2d
+# The fraction of the MAC-ratio speed-up, VGG layers at batch 32-64, channels-last inference, P = 4 and 8:
+# 64-channel layers, and 128-512-channel ones.
+FRACTION_TARGETS = ((64, 64, 0.65), (128, 512, 0.8))
+
+
+def _isa(payload: dict) -> str:
+    return str(payload.get("environment", {}).get("cpu_capability") or "?")
+
+
+def _in_format(rows, variant, mode, memory_format):
+    timed = [r for r in rows if r["model_variant"] == variant and r["mode"] == mode and r["format"] == memory_format
+             and "median_ms" in r]
+    return timed[0] if timed else None
 
 
 def render_targets(models: list[tuple[str, dict]], layers: list[tuple[str, dict]]) -> list[str]:
-    """Issue 13's targets, each as measured value vs required, from the result files."""
-    out = ["### Targets (issue 13) from these files", "",
-           "Whole-model figures compare each variant in its faster memory format (same run, interleaved). "
-           "`infer_folded`: inference after `leanconv.fuse` on every variant alike (BatchNorm folded, the "
-           "ReLU after each convolution fused into it). Rows without a target are shown for reference. A target is "
-           "met on the ratio of medians (as the issue states it); \"per round\" is the same ratio taken in each "
-           "round (median, quartiles), which shows how far the machine's load moved it.", "",
-           "| target | required | measured | met | source |", "|---|---|---|---|---|"]
+    """Issue 22's targets (and issue 13's seed and issue 5's memory targets), each as measured
+    value vs required, per ISA, from the result files."""
+    out = ["### Targets (issue 22) from these files, per ISA", "",
+           "ISA: torch's CPU capability on the host of the run (the direct HetConv kernel runs the same ISA; each "
+           "file records both). Whole-model figures compare each variant in its faster memory format unless a format "
+           "is named (same run, interleaved). `infer_folded`: inference after `leanconv.fuse` on every variant alike "
+           "(BatchNorm folded, the ReLU after each convolution fused into it). Rows without a target are shown for "
+           "reference. A target is met on the ratio of medians (as the issue states it); \"per round\" is the same "
+           "ratio taken in each round (median, quartiles), which shows how far the machine's load moved it.", "",
+           "| ISA | target | required | measured | met | source |", "|---|---|---|---|---|---|"]
+    lines: list[tuple[str, str]] = []
 
-    def line(what, required, measured, met, source):
-        out.append(f"| {what} | {required} | {measured} | {met} | `{source}` |")
+    def line(isa, what, required, measured, met, source):
+        lines.append((isa, f"| {isa} | {what} | {required} | {measured} | {met} | `{source}` |"))
 
     for name, payload in models:
-        rows, config = payload["rows"], payload["config"]
+        rows, config, isa = payload["rows"], payload["config"], _isa(payload)
         model, batch = config.get("model"), config.get("batch")
         targets = MODEL_TARGETS.get((model, batch))
         modes = sorted({r["mode"] for r in rows}, key=["infer", "infer_folded", "train"].index)
         ps = sorted({int(r["model_variant"].split("_p")[1]) for r in rows if r["model_variant"].startswith("hetconv_p")})
-        pairs = [(mode, p, None) for mode in modes for p in ps] if targets is None else targets
-        for mode, p, required in pairs:
-            standard, het = _best(rows, "standard", mode), _best(rows, f"hetconv_p{p}", mode)
+        pairs = [(mode, p, None, None) for mode in modes for p in ps] if targets is None else targets
+        for mode, p, required, memory_format in pairs:
+            if memory_format is None:
+                standard, het = _best(rows, "standard", mode), _best(rows, f"hetconv_p{p}", mode)
+            else:
+                standard = _in_format(rows, "standard", mode, memory_format)
+                het = _in_format(rows, f"hetconv_p{p}", mode, memory_format)
             if standard and het:
                 ratio, text = _ratio(standard, het)
-                line(f"{model} batch {batch}, {mode}, P={p}: standard / HetConv",
-                     f">= {required}x" if required else "(none)", text,
+                line(isa, f"{model} batch {batch}, {mode}{', ' + memory_format if memory_format else ''}, P={p}: "
+                     "standard / HetConv", f">= {required}x" if required else "(none)", text,
                      "-" if required is None else ("yes" if ratio >= required else "NO"), name)
-        if targets is not None:
+        if (model, batch) == ("vgg16_cifar", 64):
             seed, het = _best(rows, "seed_p4", "infer"), _best(rows, "hetconv_p4", "infer")
             if seed and het:
                 ratio, text = _ratio(seed, het)
-                line(f"{model} batch {batch}, infer, P=4: public grouped + 1x1 form / HetConv", f">= {SEED_TARGET}x",
+                line(isa, f"{model} batch {batch}, infer, P=4: public grouped + 1x1 form / HetConv", f">= {SEED_TARGET}x",
                      text, "yes" if ratio >= SEED_TARGET else "NO", name)
         for fmt_ in ("channels_last", "contiguous"):  # issue 5's memory target, still checked
             memory = {r["model_variant"]: r.get("peak_step_mib") for r in rows
@@ -282,17 +304,33 @@ def render_targets(models: list[tuple[str, dict]], layers: list[tuple[str, dict]
             standard = memory.get("standard")
             for variant, mib in memory.items():
                 if variant.startswith("hetconv") and mib is not None and standard is not None:
-                    line(f"{model} batch {batch}, peak training-step memory, {variant}, {fmt_}",
+                    line(isa, f"{model} batch {batch}, peak training-step memory, {variant}, {fmt_}",
                          f"<= standard ({standard:.0f} MiB)", f"{mib:.0f} MiB", "yes" if mib <= standard else "NO", name)
     for name, payload in layers:
-        rows = [r for r in payload["rows"] if "median_ms" in r and r["mode"] == "infer"]
-        auto = [r for r in rows if r["candidate"] == "hetconv:auto"]
+        isa, config = _isa(payload), payload["config"]
+        auto = [r for r in payload["rows"] if r.get("median_ms") is not None and r["candidate"] == "hetconv:auto"]
         if not auto:
             continue
-        worst = min(auto, key=lambda r: r["speedup_vs_conv2d"])
-        line("every HetConv layer, inference: auto vs nn.Conv2d", f">= {LAYER_TARGET}x",
-             f"{worst['speedup_vs_conv2d']:.2f}x (slowest: {worst['config']} {worst['format']})",
-             "yes" if worst["speedup_vs_conv2d"] >= LAYER_TARGET else "NO", name)
+        grid, batch = config.get("grid"), config.get("batch")
+        for mode in sorted({r["mode"] for r in auto}):
+            worst = min((r for r in auto if r["mode"] == mode), key=lambda r: r["speedup_vs_conv2d"])
+            required = LAYER_TARGET if grid in ("vgg", "resnet18") else None
+            line(isa, f"every HetConv layer of grid {grid}, batch {batch}, {mode}, both formats: auto vs nn.Conv2d",
+                 f">= {required}x" if required else "(none)",
+                 f"{worst['speedup_vs_conv2d']:.2f}x (slowest: {worst['config']} {worst['format']})",
+                 "-" if required is None else ("yes" if worst["speedup_vs_conv2d"] >= required else "NO"), name)
+        if grid == "vgg" and batch >= 32:
+            for low, high, required in FRACTION_TARGETS:
+                chosen = [r for r in auto if r["mode"] == "infer" and r["format"] == "channels_last" and r["P"] in (4, 8)
+                          and low <= r["M"] <= high]
+                if chosen:
+                    worst = min(chosen, key=lambda r: r["fraction_of_mac_ratio"])
+                    channels = f"{low}" if low == high else f"{low}-{high}"
+                    line(isa, f"VGG layers of {channels} channels, batch {batch}, channels-last inference, P=4 and 8: "
+                         "fraction of the MAC-ratio speed-up", f">= {required}",
+                         f"{worst['fraction_of_mac_ratio']:.2f} (lowest: {worst['config']})",
+                         "yes" if worst["fraction_of_mac_ratio"] >= required else "NO", name)
+    out += [text for _, text in sorted(lines, key=lambda item: item[0])]
     out.append("")
     return out
 
@@ -318,7 +356,7 @@ def render(results: str) -> str:
             continue  # not a harness result (e.g. leanconv compare's results.json, a list of rows)
         what = payload["config"].get("what")
         name = os.path.basename(path)
-        if "-overhead-" in name or "-rule-vs-measured-" in name or "-depthwise-small" in name:
+        if "-overhead-" in name or "-rule-vs-measured-" in name or "-depthwise-small" in name or "-direct-internals" in name:
             sections["scripts"] += render_plain_table(payload, name)
         elif what == "layers" and "-backends-" in name:  # the pre-redesign grid that timed every form
             sections["backends"] += render_backend_cuts(payload, name)

@@ -15,6 +15,7 @@ import torch.nn as nn
 import leanconv
 from leanconv import bench
 from leanconv.cli import main
+from leanconv.ops import hetconv_direct
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -157,7 +158,9 @@ def test_cli_bench_tiny_grid_and_render(tmp_path, capsys):
     text = out.read_text()
     assert "HetConv" in text
     # The targets table is computed from the same files: the slowest auto layer is named.
-    assert "every HetConv layer, inference: auto vs nn.Conv2d" in text and "slowest: M8-N8-6x6" in text
+    assert "every HetConv layer of grid tiny, batch 1, infer, both formats: auto vs nn.Conv2d" in text
+    assert "slowest: M8-N8-6x6" in text
+    assert f"| {torch.backends.cpu.get_cpu_capability()} | every HetConv layer" in text  # the ISA column
 
 
 def test_cli_rejects_bad_mode(capsys):
@@ -174,3 +177,17 @@ def test_depthwise_small_benchmark_gates_and_writes(tmp_path):
         rows = json.load(handle)["rows"]
     assert {r["format"] for r in rows} == {"contiguous", "channels_last"} and len(rows) == 6
     assert all(r["prepacked_by_rule"] for r in rows)  # the quick shapes are all below the threshold
+
+
+@pytest.mark.skipif(not hetconv_direct.available(), reason="direct kernel unavailable")
+def test_direct_internals_benchmark_gates_and_writes(tmp_path):
+    stem = str(tmp_path / "internals")
+    subprocess.run([sys.executable, "benchmarks/direct_internals.py", "--quick", "--out", stem], check=True,
+                   capture_output=True)
+    with open(stem + ".json") as handle:
+        payload = json.load(handle)
+    rows = payload["rows"]
+    assert {r["what"] for r in rows} == {"lane_loads", "relayout"}
+    assert all(r["isa"] == hetconv_direct.active_isa() for r in rows)
+    assert payload["environment"]["hetconv_direct_isa"] == hetconv_direct.active_isa()
+    assert all(r["lanes_cl_ms"] > 0 and r["passes_nchw_ms"] > 0 for r in rows if r["what"] == "lane_loads")

@@ -88,15 +88,18 @@ def test_every_isa_kernel_this_cpu_runs_matches_reference(shape, isa):
     m, n, p, k, stride, padding, dilation, h, w, batch = shape
     for layout in ("blocked", "shifted"):
         layer = make(m, n, p, k, layout=layout, stride=stride, padding=padding, dilation=dilation)
-        packed = hetconv_direct.pack(layer.weight, layer.pointwise_weight, m, p, layout, isa)
-        assert packed.isa == isa and packed.centre.shape[-1] in (hetconv_direct.lanes(isa), 2 * hetconv_direct.lanes(isa))
-        for memory_format in FORMATS:
-            x = torch.randn(batch, m, h, w).contiguous(memory_format=memory_format)
-            expected = reference_output(layer, x)
-            for relu in (False, True):
-                out = hetconv_direct._call(x, packed, layer.bias, layer._geometry, relu)
-                assert out.is_contiguous(memory_format=memory_format)
-                assert_matches_reference(out.double(), expected.relu() if relu else expected, what=f"{isa} {layout}")
+        for lane_loads in (True, False):  # permuted loads where they apply, and the group passes
+            packed = hetconv_direct.pack(layer.weight, layer.pointwise_weight, m, p, layout, isa, lane_loads)
+            assert packed.isa == isa and packed.centre.shape[-1] in (hetconv_direct.lanes(isa),
+                                                                     2 * hetconv_direct.lanes(isa))
+            for memory_format in FORMATS:
+                x = torch.randn(batch, m, h, w).contiguous(memory_format=memory_format)
+                expected = reference_output(layer, x)
+                for relu in (False, True):
+                    out = hetconv_direct._call(x, packed, layer.bias, layer._geometry, relu)
+                    assert out.is_contiguous(memory_format=memory_format)
+                    assert_matches_reference(out.double(), expected.relu() if relu else expected,
+                                             what=f"{isa} {layout} lane_loads={lane_loads}")
 
 
 @pytest.mark.parametrize("layout", ["blocked", "shifted"])

@@ -205,9 +205,9 @@ class DirectWeights:
 
 
 @functools.lru_cache(maxsize=256)
-def pass_plan(in_channels: int, out_channels: int, p: int, tile: int, lanes: int, layout: str):
+def pass_plan(in_channels: int, out_channels: int, p: int, tile: int, lanes: int, layout: str, lane_loads: bool = True):
     """:func:`pass_plan_lists` as tensors (see there)."""
-    groups, firsts, lane_filter = pass_plan_lists(in_channels, out_channels, p, tile, lanes, layout)
+    groups, firsts, lane_filter = pass_plan_lists(in_channels, out_channels, p, tile, lanes, layout, lane_loads)
     return (
         torch.tensor(groups, dtype=torch.int32).reshape(-1, 2),
         torch.tensor(firsts, dtype=torch.int32),
@@ -216,7 +216,8 @@ def pass_plan(in_channels: int, out_channels: int, p: int, tile: int, lanes: int
 
 
 @functools.lru_cache(maxsize=256)
-def pass_plan_lists(in_channels: int, out_channels: int, p: int, tile: int, lanes: int, layout: str):
+def pass_plan_lists(in_channels: int, out_channels: int, p: int, tile: int, lanes: int, layout: str,
+                    lane_loads: bool = True):
     """How the kernel runs the grouped taps of each filter tile.
 
     A tile holds ``tile`` consecutive filters in group order, as ``tile // lanes``
@@ -233,14 +234,14 @@ def pass_plan_lists(in_channels: int, out_channels: int, p: int, tile: int, lane
     weights each lane of each pass holds, ``out_channels`` for a zero lane; None where
     that is every filter in order (one pass per tile, no zero lane, blocked layout).
 
-    Where :func:`lane_plan_lists` applies (vectors of several groups), each tile runs
-    one pass whose lanes hold every filter of the tile, in group order."""
+    Where :func:`lane_plan_lists` applies (vectors of several groups) and ``lane_loads``,
+    each tile runs one pass whose lanes hold every filter of the tile, in group order."""
     per_group = out_channels // p
     tiles = -(-out_channels // tile)
     vectors = tile // lanes
 
     filter_of = group_filter_order_list(out_channels, p, layout)  # group order -> filter (Python ints: no tensor)
-    if lane_plan_lists(in_channels, out_channels, p, tile, lanes, layout) is not None:  # one pass, every lane used
+    if lane_loads and lane_plan_lists(in_channels, out_channels, p, tile, lanes, layout) is not None:  # one pass
         lane_filter = [filter_of[q] if q < out_channels else out_channels for q in range(tiles * tile)]
         identity = lane_filter == list(range(out_channels))
         return ((-1, -1),) * tiles, tuple(range(tiles + 1)), None if identity else tuple(lane_filter)
@@ -310,11 +311,13 @@ def lane_plan_lists(in_channels: int, out_channels: int, p: int, tile: int, lane
     return tuple(offsets), tuple(index)
 
 
-def pack(weight, pointwise_weight, in_channels: int, p: int, layout: str, isa: str | None = None) -> DirectWeights:
+def pack(weight, pointwise_weight, in_channels: int, p: int, layout: str, isa: str | None = None,
+         lane_loads: bool = True) -> DirectWeights:
     """Pack ``weight`` (N, M/P, kh, kw) and ``pointwise_weight`` (N, M - M/P) for the
     kernel of ``isa`` (default :func:`active_isa`; float32, detached). Training packs on
     every call, so this is a handful of copies: the centre matrix, one gather and one tap
-    selection."""
+    selection. ``lane_loads=False`` keeps one pass per group even where a vector holds
+    several (:func:`lane_plan_lists`): the same function, for tests and benchmarks."""
     isa = _runnable(isa)
     weight, pointwise_weight = weight.detach().float(), pointwise_weight.detach().float()
     out_channels, per_group, kh, kw = weight.shape
@@ -330,7 +333,8 @@ def pack(weight, pointwise_weight, in_channels: int, p: int, layout: str, isa: s
         centre = centre.index_select(0, group_filter_order(in_channels, out_channels, p, layout, device))
     centre = torch.nn.functional.pad(centre, (0, 0, 0, tiles * tile - out_channels))
     centre = centre.view(tiles, tile, in_channels).transpose(1, 2).contiguous()
-    pass_groups, tile_passes, lane_filter = pass_plan(in_channels, out_channels, p, tile, _state["lanes"][isa], layout)
+    pass_groups, tile_passes, lane_filter = pass_plan(in_channels, out_channels, p, tile, _state["lanes"][isa], layout,
+                                                      lane_loads)
     if lane_filter is None:
         lanes = taps.view(tiles, tile, per_group, kh * kw)
     else:
@@ -338,14 +342,16 @@ def pack(weight, pointwise_weight, in_channels: int, p: int, layout: str, isa: s
         lanes = padded.index_select(0, lane_filter.to(device)).view(-1, tile, per_group, kh * kw)
     others = [tap for tap in range(kh * kw) if tap != centre_tap]
     others = lanes.permute(0, 3, 2, 1).index_select(1, torch.tensor(others, dtype=torch.long, device=device)).contiguous()
-    lane_offsets, lane_index = _lane_tensors(in_channels, out_channels, p, tile, _state["lanes"][isa], layout)
+    lane_offsets, lane_index = _lane_tensors(in_channels, out_channels, p, tile, _state["lanes"][isa], layout,
+                                             lane_loads)
     return DirectWeights(centre, others, pass_groups, tile_passes, lane_offsets, lane_index, isa)
 
 
 @functools.lru_cache(maxsize=256)
-def _lane_tensors(in_channels: int, out_channels: int, p: int, tile: int, lanes: int, layout: str):
+def _lane_tensors(in_channels: int, out_channels: int, p: int, tile: int, lanes: int, layout: str,
+                  lane_loads: bool = True):
     """:func:`lane_plan_lists` as int32 tensors; empty ones where it does not apply."""
-    plan = lane_plan_lists(in_channels, out_channels, p, tile, lanes, layout)
+    plan = lane_plan_lists(in_channels, out_channels, p, tile, lanes, layout) if lane_loads else None
     offsets, index = ((), ()) if plan is None else plan
     return torch.tensor(offsets, dtype=torch.int32), torch.tensor(index, dtype=torch.int32)
 
