@@ -59,6 +59,10 @@ part rule_vs_measured "$BIN/python" benchmarks/rule_vs_measured.py --batch "$BAT
 part overhead "$BIN/python" benchmarks/overhead.py --out-dir "$OUT"
 # Small depthwise calls: F.conv2d against the oneDNN-prepacked weight (one thread).
 part depthwise-small "$BIN/python" benchmarks/depthwise_small.py --out-dir "$OUT"
+# Inside the direct kernel: permuted loads vs group passes, NCHW vs channels-last, its copies vs torch's.
+part direct-internals "$BIN/python" benchmarks/direct_internals.py --rounds "$REPEATS" --out-dir "$OUT"
+# The main job's networks (make demo): batch-1 latency and training step, both formats.
+part main-job "$BIN/python" benchmarks/main_job_speed.py --repeats "$REPEATS" --out-dir "$OUT"
 # DSC / BSConv layers against nn.Conv2d.
 part separable "$BIN/leanconv" bench separable --batch "$BATCH" --repeats "$REPEATS" --out-dir "$OUT"
 part render "$BIN/python" scripts/render_perf_section.py --results "$OUT" --out "$DOC" --readme README.md

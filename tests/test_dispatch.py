@@ -89,6 +89,26 @@ def test_nchw_training_takes_direct_on_the_maps_the_rule_names():
         assert hetconv_rule(x2, strided, plan, False) == expected, (channels, side, "stride 2")
 
 
+def test_direct_is_left_where_its_work_is_no_smaller_than_the_dense_convolutions():
+    from leanconv.ops.backends import DIRECT_MAX_WORK_RATIO, direct_work_ratio
+
+    # 16 channels, P=2, 3x3: on 16 lanes a vector holds both groups (16 + 8 x 8 x 2 = 144 = 16 x 9);
+    # on 8 lanes each group fills a vector (16 + 8 x 8 = 80)
+    assert direct_work_ratio(_geometry(16, 16, 2), 16) == pytest.approx(1.0)
+    assert direct_work_ratio(_geometry(16, 16, 2), 8) == pytest.approx(80 / 144)
+    assert direct_work_ratio(_geometry(64, 64, 4), 16) == pytest.approx((64 + 8 * 16) / 576)
+    assert DIRECT_MAX_WORK_RATIO == 0.8
+    plan = _plan(training=True, channels_last=True)
+    x = torch.empty(64, 16, 32, 32).contiguous(memory_format=torch.channels_last)
+    if not direct_runs(x, _geometry(16, 16, 2), plan):
+        pytest.skip("the direct kernel is unavailable")
+    lanes = hetconv_direct.lanes(hetconv_direct.active_isa())
+    expected = "direct" if direct_work_ratio(_geometry(16, 16, 2), lanes) <= DIRECT_MAX_WORK_RATIO else "reference"
+    assert hetconv_rule(x, _geometry(16, 16, 2), plan, False) == expected
+    assert hetconv_rule(x, _geometry(16, 16, 2), plan, True) == ("direct" if expected == "direct" else "split")
+    assert hetconv_rule(x, _geometry(16, 16, 4), plan, False) == "direct"
+
+
 def test_small_call_threshold_is_where_the_rule_says():
     g = _geometry(16, 16, 4)
     plan = _plan(dtype=torch.float64)

@@ -27,7 +27,9 @@ here, beside the backends they name, registered with :func:`~.registry.register_
 * ``direct`` (the C++ kernel, as registered torch ops, so ``torch.compile`` and
   ``torch.export`` keep it) for float32 CPU inputs in channels-last order, and in
   contiguous order for inference and for training on larger maps
-  (:func:`direct_reads_well`), where it builds;
+  (:func:`direct_reads_well`), where it builds and its work on this CPU's vectors is
+  at most 0.8 of the dense convolution's (:func:`direct_work_ratio`; else as above:
+  ``reference``, ``split`` in a captured graph);
 * otherwise in a captured graph ``split``; eagerly ``reference`` for small calls
   (input elements x filters x taps below :data:`SMALL_CALL_WORK`, where a second
   library call costs more than the saved work), else ``split``.
@@ -53,7 +55,7 @@ from .registry import Backend, Plan, backends, register_backend, register_rule, 
 from .triton_launch import SUPPORTED_DTYPES as TRITON_DTYPES, device_unsupported, triton_installed
 
 __all__ = [
-    "SMALL_CALL_WORK", "hetconv_rule", "depthwise_rule", "triton_measured_win", "direct_reads_well", "direct_runs",
+    "SMALL_CALL_WORK", "DIRECT_MAX_WORK_RATIO", "direct_work_ratio", "hetconv_rule", "depthwise_rule", "triton_measured_win", "direct_reads_well", "direct_runs",
     "register_builtin_backends",
 ]
 
@@ -165,6 +167,26 @@ def direct_reads_well(x: torch.Tensor, geometry: HetConvGeometry, plan: Plan) ->
         pixels >= NCHW_TRAIN_DIRECT_WIDE_PIXELS and g.in_channels >= NCHW_TRAIN_DIRECT_WIDE_CHANNELS)
 
 
+# ``direct`` where its vector instructions per output vector are at most this fraction of a
+# dense convolution's; else the dense convolution (``reference``), which oneDNN runs at a higher
+# rate: at 16 channels, P=2, 3x3 on AVX-512 (a vector holds both groups: 16 + 8 x 8 x 2 = 144
+# instructions, as many as the dense 16 x 9) direct was 1.0-1.5x slower than the dense layer in
+# NCHW training (benchmarks/main_job_speed.py).
+DIRECT_MAX_WORK_RATIO = 0.8
+
+
+def direct_work_ratio(geometry: HetConvGeometry, lanes: int) -> float:
+    """The direct kernel's vector instructions per output vector of filters over a dense
+    convolution's: the centre tap's M multiply-adds plus (K^2 - 1) x M/P for the other taps,
+    doubled where a vector holds several groups (each multiply-add then needs a permute, or
+    one pass per group); dense: M x K^2."""
+    g = geometry
+    taps = g.kernel_size[0] * g.kernel_size[1]
+    per_group_in, per_group_out = g.in_channels // g.p, g.out_channels // g.p
+    grouped = (taps - 1) * per_group_in * (2 if per_group_out < lanes else 1)
+    return (g.in_channels + grouped) / (g.in_channels * taps)
+
+
 def direct_runs(x: torch.Tensor, geometry: HetConvGeometry, plan: Plan) -> bool:
     """Whether the ``direct`` C++ kernel can run the call (CPU, float32, the kernel
     built: readying it builds it once)."""
@@ -183,7 +205,9 @@ def hetconv_rule(x: torch.Tensor, geometry: HetConvGeometry, plan: Plan, capturi
     if 1.0 / g.p + 1.0 / taps > 0.8:
         return "split" if capturing else "reference"
     if x.device.type == "cpu" and direct_reads_well(x, g, plan) and direct_runs(x, g, plan):
-        return "direct"
+        if direct_work_ratio(g, hetconv_direct.lanes(hetconv_direct.active_isa())) <= DIRECT_MAX_WORK_RATIO:
+            return "direct"
+        return "split" if capturing else "reference"
     if not capturing and x.numel() * g.out_channels * taps < SMALL_CALL_WORK:
         return "reference"
     return "split"
