@@ -49,25 +49,30 @@ def _geometry(m, n, p, k=3):
 )
 def test_rule_choices(shape, m, n, p, k, capturing, expected):
     x = torch.empty(shape, dtype=torch.float64)
-    for training in (False, True):  # the rule is the same for inference and training
-        assert hetconv_rule(x, _geometry(m, n, p, k), _plan(training, dtype=torch.float64), capturing) == expected
+    for training in (False, True):  # the same for inference and training, but small calls train with split
+        small_training = training and expected == "reference" and x.numel() * n * k * k < SMALL_CALL_WORK
+        assert hetconv_rule(x, _geometry(m, n, p, k), _plan(training, dtype=torch.float64), capturing) == (
+            "split" if small_training else expected)
 
 
 @pytest.mark.parametrize("shape", [(64, 64, 32, 32), (1, 16, 8, 8)], ids=["vgg-block", "small-call"])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "channels_last"])
 def test_rule_takes_direct_for_float32_cpu_in_either_format(shape, memory_format):
     """float32 CPU calls in channels-last order, and contiguous ones in inference and in
-    training on larger maps, go to the C++ kernel where it builds, also in a graph
-    TorchDynamo captures; a strided view (neither order) keeps the library forms."""
+    training on larger maps, go to the C++ kernel where it builds (small calls train with
+    split), also in a graph TorchDynamo captures; a strided view (neither order) keeps the
+    library forms."""
     x = torch.empty(shape).contiguous(memory_format=memory_format)
     channels_last = memory_format == torch.channels_last
     g = _geometry(shape[1], shape[1], 4)
     library = "reference" if x.numel() * shape[1] * 9 < SMALL_CALL_WORK else "split"
+    small = x.numel() * shape[1] * 9 < SMALL_CALL_WORK
     for training in (False, True):
         plan = _plan(training, channels_last)
         large_map = shape[2] * shape[3] >= NCHW_TRAIN_DIRECT_PIXELS  # NCHW training on small maps: split
-        takes_direct = direct_runs(x, g, plan) and (channels_last or not training or large_map)
-        assert hetconv_rule(x, g, plan, False) == ("direct" if takes_direct else library)
+        takes_direct = direct_runs(x, g, plan) and (channels_last or not training or large_map) and not (
+            training and small)  # small calls train with split
+        assert hetconv_rule(x, g, plan, False) == ("direct" if takes_direct else "split" if training else library)
         # torch.compile / torch.export keep the kernel (a registered op); the other captures are split
         assert hetconv_rule(x, g, plan, True) == ("direct" if takes_direct else "split")
     strided = torch.empty(shape[0], shape[1], shape[2], 2 * shape[3])[..., ::2]
@@ -83,10 +88,9 @@ def test_nchw_training_takes_direct_on_the_maps_the_rule_names():
         assert NCHW_TRAIN_DIRECT_WIDE_CHANNELS == 64
         x = torch.empty(64, channels, side, side)
         assert hetconv_rule(x, _geometry(channels, channels, 4), plan, False) == expected, (channels, side)
-        # strided 3x3 layers: the rule looks at the output map
+        # strided layers train with split whatever their map
         strided = _geometry(channels, channels, 4)._replace(stride=(2, 2))
-        x2 = torch.empty(64, channels, 2 * side, 2 * side)
-        assert hetconv_rule(x2, strided, plan, False) == expected, (channels, side, "stride 2")
+        assert hetconv_rule(torch.empty(64, channels, 2 * side, 2 * side), strided, plan, False) == "split"
 
 
 def test_direct_is_left_where_its_work_is_no_smaller_than_the_dense_convolutions():
@@ -107,6 +111,15 @@ def test_direct_is_left_where_its_work_is_no_smaller_than_the_dense_convolutions
     assert hetconv_rule(x, _geometry(16, 16, 2), plan, False) == expected
     assert hetconv_rule(x, _geometry(16, 16, 2), plan, True) == ("direct" if expected == "direct" else "split")
     assert hetconv_rule(x, _geometry(16, 16, 4), plan, False) == "direct"
+
+
+def test_strided_layers_train_with_split():
+    g = _geometry(64, 128, 4)._replace(stride=(2, 2))
+    x = torch.empty(32, 64, 56, 56).contiguous(memory_format=torch.channels_last)
+    if not direct_runs(x, g, _plan(channels_last=True)):
+        pytest.skip("the direct kernel is unavailable")
+    assert hetconv_rule(x, g, _plan(training=True, channels_last=True), False) == "split"
+    assert hetconv_rule(x, g, _plan(training=False, channels_last=True), False) == "direct"
 
 
 def test_small_call_threshold_is_where_the_rule_says():

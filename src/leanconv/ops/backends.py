@@ -30,9 +30,12 @@ here, beside the backends they name, registered with :func:`~.registry.register_
   (:func:`direct_reads_well`), where it builds and its work on this CPU's vectors is
   at most 0.8 of the dense convolution's (:func:`direct_work_ratio`; else as above:
   ``reference``, ``split`` in a captured graph);
-* otherwise in a captured graph ``split``; eagerly ``reference`` for small calls
-  (input elements x filters x taps below :data:`SMALL_CALL_WORK`, where a second
-  library call costs more than the saved work), else ``split``.
+* training of strided layers (``direct``'s input gradient would be the dense
+  convolution's) and of small calls (input elements x filters x taps below
+  :data:`SMALL_CALL_WORK`, where packing and materialising weights on every call
+  costs more than the work): ``split``;
+* otherwise in a captured graph ``split``; eagerly ``reference`` for small inference
+  calls (where a second library call costs more than the saved work), else ``split``.
 * Depthwise: ``torch``; the Triton kernels only by measuring.
 
 The public P-branch form of HetConv is not a backend (it never wins); it lives
@@ -152,14 +155,19 @@ def direct_reads_well(x: torch.Tensor, geometry: HetConvGeometry, plan: Plan) ->
     """Where ``direct`` was measured at least as fast as the library forms: channels-last
     inputs, training and inference; contiguous (NCHW) inputs in inference, and in training
     on the larger maps above (the kernel reads and writes NCHW through blocked
-    channels-last copies where it must; the weight gradients run on such copies)."""
+    channels-last copies where it must; the weight gradients run on such copies). Not in
+    training of strided layers or of small calls, where ``split`` was 1.1-2.5x faster
+    (ResNet-18's stride-2 layers at batch 32 and 1, VGG-16's at batch 1:
+    ``results/cpu/amd-epyc-avx512-2t-layers-{resnet18-b32,resnet18-b1,vgg-b1}``)."""
+    g = geometry
+    if plan.training and (g.stride != (1, 1) or _small_call(x, g)):
+        return False  # split's gradients (module docstring)
     if x.is_contiguous(memory_format=_CL):
         return True
     if not x.is_contiguous():
         return False
     if not plan.training:
         return True
-    g = geometry
     pixels = 1
     for d in (0, 1):
         pixels *= max(0, conv_output_size(x.shape[2 + d], g.kernel_size[d], g.stride[d], g.padding[d], g.dilation[d]))
@@ -187,6 +195,11 @@ def direct_work_ratio(geometry: HetConvGeometry, lanes: int) -> float:
     return (g.in_channels + grouped) / (g.in_channels * taps)
 
 
+def _small_call(x: torch.Tensor, g: HetConvGeometry) -> bool:
+    """Input elements x filters x taps below :data:`SMALL_CALL_WORK`."""
+    return x.numel() * g.out_channels * g.kernel_size[0] * g.kernel_size[1] < SMALL_CALL_WORK
+
+
 def direct_runs(x: torch.Tensor, geometry: HetConvGeometry, plan: Plan) -> bool:
     """Whether the ``direct`` C++ kernel can run the call (CPU, float32, the kernel
     built: readying it builds it once)."""
@@ -208,7 +221,7 @@ def hetconv_rule(x: torch.Tensor, geometry: HetConvGeometry, plan: Plan, capturi
         if direct_work_ratio(g, hetconv_direct.lanes(hetconv_direct.active_isa())) <= DIRECT_MAX_WORK_RATIO:
             return "direct"
         return "split" if capturing else "reference"
-    if not capturing and x.numel() * g.out_channels * taps < SMALL_CALL_WORK:
+    if not capturing and not plan.training and _small_call(x, g):
         return "reference"
     return "split"
 
