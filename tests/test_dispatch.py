@@ -122,6 +122,20 @@ def test_strided_layers_train_with_split():
     assert hetconv_rule(x, g, _plan(training=False, channels_last=True), False) == "direct"
 
 
+def test_training_calls_of_few_output_pixels_take_split():
+    from leanconv.ops.backends import TRAIN_DIRECT_MIN_PIXELS
+
+    g = _geometry(512, 512, 4)
+    x = torch.empty(1, 512, 8, 8).contiguous(memory_format=torch.channels_last)  # above the small-call work
+    if not direct_runs(x, g, _plan(channels_last=True)):
+        pytest.skip("the direct kernel is unavailable")
+    assert x.numel() * 512 * 9 >= SMALL_CALL_WORK and 64 < TRAIN_DIRECT_MIN_PIXELS <= 64 * 64
+    assert hetconv_rule(x, g, _plan(training=True, channels_last=True), False) == "split"
+    assert hetconv_rule(x, g, _plan(training=False, channels_last=True), False) == "direct"
+    batch = torch.empty(64, 512, 8, 8).contiguous(memory_format=torch.channels_last)  # 4,096 output pixels
+    assert hetconv_rule(batch, g, _plan(training=True, channels_last=True), False) == "direct"
+
+
 def test_small_call_threshold_is_where_the_rule_says():
     g = _geometry(16, 16, 4)
     plan = _plan(dtype=torch.float64)

@@ -147,6 +147,11 @@ def triton_measured_win(x: torch.Tensor, geometry: HetConvGeometry, plan: Plan) 
 # 16x16 maps: split 1.4x faster at 32 channels, direct 1.5x faster at 128; 8x8 and smaller:
 # split 1.1-1.4x faster).
 NCHW_TRAIN_DIRECT_PIXELS = 1024
+# Training takes ``direct`` only for calls of at least this many output pixels (batch x map):
+# below, packing the weights twice a step and the op's calls cost more than the kernel saves
+# (batch 1: split 1.1-3.3x faster than direct on VGG-16's and ResNet-18's layers,
+# results/cpu/amd-epyc-avx512-2t-layers-{vgg,resnet18}-b1).
+TRAIN_DIRECT_MIN_PIXELS = 4096
 NCHW_TRAIN_DIRECT_WIDE_PIXELS = 256
 NCHW_TRAIN_DIRECT_WIDE_CHANNELS = 64
 
@@ -156,11 +161,15 @@ def direct_reads_well(x: torch.Tensor, geometry: HetConvGeometry, plan: Plan) ->
     inputs, training and inference; contiguous (NCHW) inputs in inference, and in training
     on the larger maps above (the kernel reads and writes NCHW through blocked
     channels-last copies where it must; the weight gradients run on such copies). Not in
-    training of strided layers or of small calls, where ``split`` was 1.1-2.5x faster
+    training of strided layers, of small calls or of calls of fewer than
+    :data:`TRAIN_DIRECT_MIN_PIXELS` output pixels, where ``split`` was 1.1-3.3x faster
     (ResNet-18's stride-2 layers at batch 32 and 1, VGG-16's at batch 1:
     ``results/cpu/amd-epyc-avx512-2t-layers-{resnet18-b32,resnet18-b1,vgg-b1}``)."""
     g = geometry
-    if plan.training and (g.stride != (1, 1) or _small_call(x, g)):
+    pixels = x.shape[0]
+    for d in (0, 1):
+        pixels *= max(0, conv_output_size(x.shape[2 + d], g.kernel_size[d], g.stride[d], g.padding[d], g.dilation[d]))
+    if plan.training and (g.stride != (1, 1) or _small_call(x, g) or pixels < TRAIN_DIRECT_MIN_PIXELS):
         return False  # split's gradients (module docstring)
     if x.is_contiguous(memory_format=_CL):
         return True
@@ -168,9 +177,7 @@ def direct_reads_well(x: torch.Tensor, geometry: HetConvGeometry, plan: Plan) ->
         return False
     if not plan.training:
         return True
-    pixels = 1
-    for d in (0, 1):
-        pixels *= max(0, conv_output_size(x.shape[2 + d], g.kernel_size[d], g.stride[d], g.padding[d], g.dilation[d]))
+    pixels //= max(1, x.shape[0])  # per image
     return pixels >= NCHW_TRAIN_DIRECT_PIXELS or (
         pixels >= NCHW_TRAIN_DIRECT_WIDE_PIXELS and g.in_channels >= NCHW_TRAIN_DIRECT_WIDE_CHANNELS)
 

@@ -356,6 +356,22 @@ def _lane_tensors(in_channels: int, out_channels: int, p: int, tile: int, lanes:
     return torch.tensor(offsets, dtype=torch.int32), torch.tensor(index, dtype=torch.int32)
 
 
+# An NCHW input takes permuted loads (through the kernel's channels-last copies) only where a
+# vector holds at least this many groups; with two, one pass per group read in place was
+# 1.2-1.3x faster (benchmarks/direct_internals.py, rows lane_loads: passes_over_lanes_nchw
+# 0.75-0.85 at 2 groups a vector, 1.3 at 4).
+NCHW_LANE_LOADS_MIN_GROUPS = 4
+
+
+def lane_loads_pay(x: torch.Tensor | None, out_channels: int, p: int) -> bool:
+    """Whether a call on ``x`` (None: an NCHW input) packs permuted loads where they apply:
+    always for channels-last inputs; for NCHW ones where a vector of the active ISA holds
+    at least :data:`NCHW_LANE_LOADS_MIN_GROUPS` groups."""
+    if x is not None and x.is_contiguous(memory_format=_CL):
+        return True
+    return _state["lanes"][active_isa()] >= NCHW_LANE_LOADS_MIN_GROUPS * (out_channels // p)
+
+
 def _runnable(isa: str | None) -> str:
     """``isa``, checked against what this CPU runs, or :func:`active_isa`."""
     if isa is None:
@@ -479,7 +495,8 @@ def _direct_op(x: torch.Tensor, weight: torch.Tensor, pointwise_weight: torch.Te
                kernel_size: list[int], stride: list[int], padding: list[int], dilation: list[int], p: int,
                layout: str) -> torch.Tensor:
     g = _geometry(x.shape[1], weight, kernel_size, stride, padding, dilation, p, layout)
-    return _call(x, pack(weight, pointwise_weight, g.in_channels, p, layout), bias, g)
+    return _call(x, pack(weight, pointwise_weight, g.in_channels, p, layout,
+                         lane_loads=lane_loads_pay(x, g.out_channels, p)), bias, g)
 
 
 @_direct_op.register_fake
@@ -539,7 +556,8 @@ def _gradients(grad_out, x, weight, pointwise_weight, g: HetConvGeometry, mask):
         transposed = _transposed_geometry(g)
         if transposed is not None:
             kxk_t, pointwise_t = transposed_parameters(weight, pointwise_weight, g.in_channels, g.p, g.layout)
-            grad_x = _call(grad_out, pack(kxk_t, pointwise_t, g.out_channels, g.p, g.layout), None, transposed)
+            grad_x = _call(grad_out, pack(kxk_t, pointwise_t, g.out_channels, g.p, g.layout,
+                                          lane_loads=lane_loads_pay(grad_out, g.in_channels, g.p)), None, transposed)
         else:
             dense = materialize_dense_weight(weight, pointwise_weight, g.p, g.layout)
             grad_x = torch.ops.aten.convolution_backward(
@@ -613,7 +631,8 @@ def prepare_direct(params, geometry: HetConvGeometry, plan, input_shape):
     parameters themselves (packed by the ops on every call)."""
     weight, pointwise_weight = params
     if plan.cache and not plan.training:
-        packed = pack(weight, pointwise_weight, geometry.in_channels, geometry.p, geometry.layout)
+        packed = pack(weight, pointwise_weight, geometry.in_channels, geometry.p, geometry.layout,
+                      lane_loads=plan.channels_last or lane_loads_pay(None, geometry.out_channels, geometry.p))
         return dataclasses.replace(packed, params=(weight, pointwise_weight))
     return params
 
