@@ -294,23 +294,30 @@ void run_blocks(const Call& c) {
 typedef float v8 __attribute__((vector_size(8 * sizeof(float))));
 typedef float v8_unaligned __attribute__((vector_size(8 * sizeof(float)), aligned(alignof(float))));
 typedef int32_t i8 __attribute__((vector_size(8 * sizeof(int32_t))));
+#ifndef LEANCONV_SHUFFLE8  // a two-vector shuffle with constant lanes, as Clang and GCC spell it
+#if defined(__clang__)
+#define LEANCONV_SHUFFLE8(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define LEANCONV_SHUFFLE8(a, b, ...) __builtin_shuffle(a, b, i8{__VA_ARGS__})
+#endif
+#endif
 
 inline void transpose_8x8(const float* s, int64_t s_stride, float* d, int64_t d_stride) {
   v8 r[8], t[8], u[8];
   for (int i = 0; i < 8; ++i) r[i] = *reinterpret_cast<const v8_unaligned*>(s + i * s_stride);
   for (int i = 0; i < 8; i += 2) {
-    t[i] = __builtin_shuffle(r[i], r[i + 1], i8{0, 8, 1, 9, 4, 12, 5, 13});
-    t[i + 1] = __builtin_shuffle(r[i], r[i + 1], i8{2, 10, 3, 11, 6, 14, 7, 15});
+    t[i] = LEANCONV_SHUFFLE8(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = LEANCONV_SHUFFLE8(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
   }
   for (int i = 0; i < 8; i += 4)
     for (int k = 0; k < 2; ++k) {
-      u[i + 2 * k] = __builtin_shuffle(t[i + k], t[i + k + 2], i8{0, 1, 8, 9, 4, 5, 12, 13});
-      u[i + 2 * k + 1] = __builtin_shuffle(t[i + k], t[i + k + 2], i8{2, 3, 10, 11, 6, 7, 14, 15});
+      u[i + 2 * k] = LEANCONV_SHUFFLE8(t[i + k], t[i + k + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[i + 2 * k + 1] = LEANCONV_SHUFFLE8(t[i + k], t[i + k + 2], 2, 3, 10, 11, 6, 7, 14, 15);
     }
   for (int k = 0; k < 4; ++k) {
-    *reinterpret_cast<v8_unaligned*>(d + k * d_stride) = __builtin_shuffle(u[k], u[k + 4], i8{0, 1, 2, 3, 8, 9, 10, 11});
+    *reinterpret_cast<v8_unaligned*>(d + k * d_stride) = LEANCONV_SHUFFLE8(u[k], u[k + 4], 0, 1, 2, 3, 8, 9, 10, 11);
     *reinterpret_cast<v8_unaligned*>(d + (k + 4) * d_stride) =
-        __builtin_shuffle(u[k], u[k + 4], i8{4, 5, 6, 7, 12, 13, 14, 15});
+        LEANCONV_SHUFFLE8(u[k], u[k + 4], 4, 5, 6, 7, 12, 13, 14, 15);
   }
 }
 
