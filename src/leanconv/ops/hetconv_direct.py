@@ -112,7 +112,10 @@ def load():
         _state["runnable"] = tuple(module.runnable_isas())
         _state["lanes"] = {isa: int(module.lanes(isa)) for isa in _state["runnable"]}
         _state["module"] = module
-        return module
+    # Chosen now, eagerly (load runs in the backends' setup, outside any traced graph):
+    # torch.compile cannot trace torch.backends.cpu.get_cpu_capability() in a first call.
+    active_isa()
+    return module
 
 
 def _built_before(cpp_extension) -> bool:
