@@ -268,12 +268,17 @@ def render_targets(models: list[tuple[str, dict]], layers: list[tuple[str, dict]
            "is named (same run, interleaved). `infer_folded`: inference after `leanconv.fuse` on every variant alike "
            "(BatchNorm folded, the ReLU after each convolution fused into it). Rows without a target are shown for "
            "reference. A target is met on the ratio of medians (as the issue states it); \"per round\" is the same "
-           "ratio taken in each round (median, quartiles), which shows how far the machine's load moved it.", "",
+           "ratio taken in each round (median, quartiles), which shows how far the machine's load moved it. Each "
+           "source names the commit it was measured at: runs of different ISAs may come from different commits.", "",
            "| ISA | target | required | measured | met | source |", "|---|---|---|---|---|---|"]
     lines: list[tuple[str, str]] = []
 
+    commits = {name: payload.get("environment", {}).get("git_commit") for name, payload in [*models, *layers, *main_job]}
+
     def line(isa, what, required, measured, met, source):
-        lines.append((isa, f"| {isa} | {what} | {required} | {measured} | {met} | `{source}` |"))
+        commit = commits.get(source)
+        lines.append((isa, f"| {isa} | {what} | {required} | {measured} | {met} | `{source}`"
+                           f"{f' (commit {commit})' if commit else ''} |"))
 
     for name, payload in models:
         rows, config, isa = payload["rows"], payload["config"], _isa(payload)
