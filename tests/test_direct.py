@@ -200,6 +200,41 @@ def test_an_isa_setting_this_cpu_cannot_run_is_refused_by_name(monkeypatch):
         hetconv_direct._state["active"] = saved
 
 
+def test_nchw_calls_pack_permuted_loads_only_where_they_pay():
+    """A layer's cached packing follows its input's format: permuted loads for channels-last
+    input wherever they apply; for NCHW only from NCHW_LANE_LOADS_MIN_GROUPS groups a vector."""
+    isa = hetconv_direct.active_isa()
+    lanes = hetconv_direct.lanes(isa)
+    for channels, p in [(16, 4), (32, 4), (32, 8), (64, 8)]:
+        per_group = channels // p
+        tile = hetconv_direct.tile_width(channels, isa)
+        applies = hetconv_direct.lane_plan_lists(channels, channels, p, tile, lanes, "blocked") is not None
+        layer = make(channels, channels, p, padding=1).eval()
+        for memory_format in FORMATS:
+            x = torch.randn(2, channels, 9, 7).contiguous(memory_format=memory_format)
+            with torch.no_grad():
+                out = layer(x)
+            assert_matches_reference(out.double(), reference_output(layer, x))
+            packed = next(entry.prepared for entry in layer._dispatcher.entries.values()
+                          if isinstance(entry.prepared, hetconv_direct.DirectWeights)
+                          and entry.plan.channels_last == (memory_format == CL))
+            expected = applies and (memory_format == CL
+                                    or lanes >= hetconv_direct.NCHW_LANE_LOADS_MIN_GROUPS * per_group)
+            assert (packed.lane_index.numel() > 0) == expected, (channels, p, memory_format)
+
+
+def test_nchw_calls_of_every_size_reuse_the_scratch_buffer_exactly():
+    """The NCHW path's channels-last temporaries live in a buffer kept between calls: calls
+    that grow it, then smaller and larger ones, all match the reference."""
+    layer = make(16, 16, 4, padding=1).eval()  # permuted loads where the ISA has 16 lanes; 4x4 maps position-major
+    with torch.no_grad():
+        for batch, side in [(2, 4), (8, 16), (1, 3), (4, 4), (16, 12), (3, 2), (8, 16)]:
+            x = torch.randn(batch, 16, side, side)
+            out = layer(x)
+            assert out.is_contiguous()
+            assert_matches_reference(out.double(), reference_output(layer, x), what=f"{batch}x{side}x{side}")
+
+
 @pytest.mark.parametrize("layout", ["blocked", "shifted"])
 def test_cached_inference_matches_and_follows_weight_updates(layout):
     layer = make(32, 48, 4, layout=layout, padding=1).eval()
