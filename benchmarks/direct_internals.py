@@ -20,13 +20,11 @@ mode, torch's default threads, the ISA of :func:`leanconv.ops.hetconv_direct.act
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import torch
 
-from leanconv.bench import describe_environment, machine_slug, write_results
+from leanconv.bench import describe_environment, machine_slug, time_interleaved, write_results
 from leanconv.layers.hetconv import HetConv2d
 from leanconv.ops import hetconv_direct
 
@@ -38,16 +36,8 @@ SHAPES = [(16, 32, 64, 4), (16, 32, 64, 2), (32, 16, 64, 4), (32, 16, 64, 8), (3
 
 
 def interleaved(candidates: dict, rounds: int) -> dict:
-    """Median ms per call of each candidate, timed in rounds that run every candidate."""
-    for run in candidates.values():
-        run()
-    samples = {name: [] for name in candidates}
-    for _ in range(rounds):
-        for name, run in candidates.items():
-            start = time.perf_counter()
-            run()
-            samples[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(values) for name, values in samples.items()}
+    """Median ms per call of each candidate (:func:`leanconv.bench.time_interleaved`)."""
+    return {name: 1e3 * timing.median for name, timing in time_interleaved(candidates, warmup=1, repeats=rounds).items()}
 
 
 def main(argv=None) -> int:

@@ -13,6 +13,7 @@ rounds; the spread is the interquartile range over the median).
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 
 import torch
@@ -48,8 +49,7 @@ def main(argv=None) -> int:
         for conv in convs:
             torch.manual_seed(0)
             model = create(model_name, conv=conv, num_classes=10, width=width).to(memory_format=memory_format)
-            evaluated = create(model_name, conv=conv, num_classes=10, width=width).to(memory_format=memory_format).eval()
-            evaluated.load_state_dict(model.state_dict())
+            evaluated = copy.deepcopy(model).eval()
             optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
             def run_infer(m=evaluated):

@@ -134,9 +134,11 @@ def render_forms(payload: dict, name: str) -> list[str]:
     return out
 
 
-def _best(rows, variant, mode):
-    """The row of one model variant in its fastest memory format (by median), or None."""
-    timed = [r for r in rows if r["model_variant"] == variant and r["mode"] == mode and "median_ms" in r]
+def _best(rows, variant, mode, memory_format=None):
+    """The row of one model variant in its fastest memory format (by median), or in
+    ``memory_format`` where one is named; None where there is none."""
+    timed = [r for r in rows if r["model_variant"] == variant and r["mode"] == mode and "median_ms" in r
+             and memory_format in (None, r["format"])]
     return min(timed, key=lambda r: r["median_ms"]) if timed else None
 
 
@@ -252,12 +254,6 @@ def _isa(payload: dict) -> str:
     return str(payload.get("environment", {}).get("cpu_capability") or "?")
 
 
-def _in_format(rows, variant, mode, memory_format):
-    timed = [r for r in rows if r["model_variant"] == variant and r["mode"] == mode and r["format"] == memory_format
-             and "median_ms" in r]
-    return timed[0] if timed else None
-
-
 def render_targets(models: list[tuple[str, dict]], layers: list[tuple[str, dict]],
                    main_job: list[tuple[str, dict]] = ()) -> list[str]:
     """Issue 22's targets (and issue 13's seed and issue 5's memory targets), each as measured
@@ -288,11 +284,8 @@ def render_targets(models: list[tuple[str, dict]], layers: list[tuple[str, dict]
         ps = sorted({int(r["model_variant"].split("_p")[1]) for r in rows if r["model_variant"].startswith("hetconv_p")})
         pairs = [(mode, p, None, None) for mode in modes for p in ps] if targets is None else targets
         for mode, p, required, memory_format in pairs:
-            if memory_format is None:
-                standard, het = _best(rows, "standard", mode), _best(rows, f"hetconv_p{p}", mode)
-            else:
-                standard = _in_format(rows, "standard", mode, memory_format)
-                het = _in_format(rows, f"hetconv_p{p}", mode, memory_format)
+            standard = _best(rows, "standard", mode, memory_format)
+            het = _best(rows, f"hetconv_p{p}", mode, memory_format)
             if standard and het:
                 ratio, text = _ratio(standard, het)
                 line(isa, f"{model} batch {batch}, {mode}{', ' + memory_format if memory_format else ''}, P={p}: "

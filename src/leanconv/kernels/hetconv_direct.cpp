@@ -116,32 +116,13 @@ torch::Tensor forward(
               "hetconv_direct: x must be a 4-D CPU float32 tensor");
   const bool channels_last = input.is_contiguous(at::MemoryFormat::ChannelsLast);
   TORCH_CHECK(channels_last || input.is_contiguous(), "hetconv_direct: x must be channels-last or contiguous");
-  // An NCHW input is read through a channels-last copy, and the output written through
-  // one, where the kernel would read it badly: permuted loads read a pixel's channels as
-  // one vector, and position-major blocks (maps of at most kSmallMap output pixels) hold
-  // pixels of different images, far apart in NCHW (measured: 512 channels, 4x4 maps,
-  // batch 64: 9.1 ms in place, 6.2 ms through the copies; at 8x8 to 56x56 maps in place
-  // is 5-25% faster).
-  const int64_t out_h = (input.size(2) + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) / stride[0] + 1;
-  const int64_t out_w = (input.size(3) + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) / stride[1] + 1;
-  const bool position_major = input.size(0) > 1 && std::max<int64_t>(out_h, 0) * std::max<int64_t>(out_w, 0) <= kSmallMap;
-  const bool permuted = lane_index.numel() > 0;
-  const bool through_copies = !channels_last && (permuted || position_major);
-  const int64_t out_floats = input.size(0) * out_channels * std::max<int64_t>(out_h, 0) * std::max<int64_t>(out_w, 0);
-  float* temporaries = through_copies ? scratch(input.numel() + out_floats) : nullptr;
-  torch::Tensor x = input;
-  if (through_copies) {
-    x = channels_last_view(temporaries, input.sizes(), input.options());
-    transpose_images(isa, input.data_ptr<float>(), x.data_ptr<float>(), input.size(0), input.size(1),
-                     input.size(2) * input.size(3));
-  }
   TORCH_CHECK(wc.is_contiguous() && wn.is_contiguous() && pass_groups.is_contiguous() && tile_passes.is_contiguous(),
               "hetconv_direct: packed operands must be contiguous");
   TORCH_CHECK(pass_groups.scalar_type() == at::kInt && tile_passes.scalar_type() == at::kInt,
               "hetconv_direct: the pass tables must be int32");
   TORCH_CHECK(kernel[0] % 2 == 1 && kernel[1] % 2 == 1, "hetconv_direct: the kernel size must be odd");
   Call c;
-  c.B = x.size(0); c.M = x.size(1); c.H = x.size(2); c.W = x.size(3); c.N = out_channels;
+  c.B = input.size(0); c.M = input.size(1); c.H = input.size(2); c.W = input.size(3); c.N = out_channels;
   c.KH = kernel[0]; c.KW = kernel[1]; c.sh = stride[0]; c.sw = stride[1];
   c.ph = padding[0]; c.pw = padding[1]; c.dh = dilation[0]; c.dw = dilation[1];
   c.Ho = (c.H + 2 * c.ph - c.dh * (c.KH - 1) - 1) / c.sh + 1;
@@ -152,8 +133,9 @@ torch::Tensor forward(
   const int64_t passes = tile_passes[c.T].item<int32_t>();
   TORCH_CHECK(wc.numel() == c.T * c.M * c.FT && pass_groups.numel() == 2 * passes
               && wn.numel() == passes * (c.KH * c.KW - 1) * c.Mg * c.FT, "hetconv_direct: packed operand sizes");
-  const int64_t width = lanes(isa);
+  const bool permuted = lane_index.numel() > 0;
   if (permuted) {  // every load must stay within a pixel's channels
+    const int64_t width = lanes(isa);
     TORCH_CHECK(lane_offsets.scalar_type() == at::kInt && lane_index.scalar_type() == at::kInt
                 && lane_offsets.is_contiguous() && lane_index.is_contiguous()
                 && passes == c.T && lane_offsets.numel() == c.T * (c.FT / width) * c.Mg
@@ -164,6 +146,24 @@ torch::Tensor forward(
       TORCH_CHECK(offsets[k] >= 0 && offsets[k] + width <= c.M, "hetconv_direct: lane offset out of range");
     for (int64_t k = 0; k < lane_index.numel(); ++k)
       TORCH_CHECK(index[k] >= 0 && index[k] < width, "hetconv_direct: lane index out of range");
+  }
+  const std::vector<int64_t> out_sizes = {c.B, c.N, std::max<int64_t>(c.Ho, 0), std::max<int64_t>(c.Wo, 0)};
+  const int64_t out_floats = c.B * c.N * out_sizes[2] * out_sizes[3];
+  const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  if (out_floats == 0) return torch::empty(out_sizes, input.options().memory_format(format));
+  c.position_major = c.B > 1 && out_sizes[2] * out_sizes[3] <= kSmallMap;
+  // An NCHW input is read through a channels-last copy, and the output written through
+  // one, where the kernel would read it badly: permuted loads read a pixel's channels as
+  // one vector, and position-major blocks (maps of at most kSmallMap output pixels) hold
+  // pixels of different images, far apart in NCHW (measured: 512 channels, 4x4 maps,
+  // batch 64: 9.1 ms in place, 6.2 ms through the copies; at 8x8 to 56x56 maps in place
+  // is 5-25% faster).
+  const bool through_copies = !channels_last && (permuted || c.position_major);
+  float* temporaries = through_copies ? scratch(input.numel() + out_floats) : nullptr;
+  torch::Tensor x = input;
+  if (through_copies) {
+    x = channels_last_view(temporaries, input.sizes(), input.options());
+    transpose_images(isa, input.data_ptr<float>(), x.data_ptr<float>(), c.B, c.M, c.H * c.W);
   }
   c.shifted = shifted;
   // The bias in each tile's lane order (group order), zero in padded lanes.
@@ -186,15 +186,8 @@ torch::Tensor forward(
   c.tap_offsets = tap_offsets.data();
   c.other_taps = other_taps.data();
   c.relu = relu;
-  c.position_major = position_major;
-  const std::vector<int64_t> out_sizes = {c.B, c.N, std::max<int64_t>(c.Ho, 0), std::max<int64_t>(c.Wo, 0)};
-  auto out = through_copies
-                 ? channels_last_view(temporaries + input.numel(), out_sizes, x.options())
-                 : torch::empty(out_sizes, x.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
-                                                                                   : at::MemoryFormat::Contiguous));
-  if (out.numel() == 0)
-    return torch::empty(out_sizes, input.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
-                                                                               : at::MemoryFormat::Contiguous));
+  auto out = through_copies ? channels_last_view(temporaries + input.numel(), out_sizes, x.options())
+                            : torch::empty(out_sizes, x.options().memory_format(format));
   for (int d = 0; d < 4; ++d) c.os[d] = out.stride(d);
   // Zeros wherever a padded tap reads: channel k at k * xs[1]. For NCHW that spans an
   // image plane per channel; calloc leaves large buffers to the system's zero pages.

@@ -35,15 +35,18 @@
 //
 // Memory formats: every input value is read through its tensor strides, so both
 // formats run the same code; channels-last keeps a pixel's channels in one cache line
-// and stores whole vectors, NCHW stores the tile's filters one by one.
+// and stores whole vectors, NCHW stores the tile's filters one by one (and is read and
+// written through channels-last copies where the kernel would read it badly:
+// hetconv_direct.cpp).
 //
 // The readable statement of the same function is leanconv's "reference" backend (one
 // dense convolution); the tests compare the two on awkward shapes.
 //
 // Files: hetconv_direct.h (the call's geometry and packed operands, and each ISA's entry
 // point), hetconv_direct_kernel.h (this kernel, written once for a vector of kLanes
-// floats), hetconv_direct_{avx512,avx2,portable}.cpp (the kernel compiled for each
-// ISA), hetconv_direct.cpp (the torch glue and the run-time choice of ISA).
+// floats), hetconv_direct_isa.h (compiles it for one ISA), hetconv_direct_{avx512,avx2,
+// portable}.cpp (each ISA's options), hetconv_direct.cpp (the torch glue and the run-time
+// choice of ISA).
 #pragma once
 
 #include <ATen/Parallel.h>

@@ -1,7 +1,7 @@
 // The direct HetConv kernel (the algorithm: hetconv_direct.h), written once for a vector
-// of kLanes floats with kRegisters vector registers. Not a header of its own: each
-// hetconv_direct_<isa>.cpp includes it inside its ISA's namespace, after the includes of
-// hetconv_direct.h and with its ISA's target options on, and defines kRegisters; kLanes is
+// of kLanes floats with kRegisters vector registers. Not a header of its own:
+// hetconv_direct_isa.h includes it inside an ISA's namespace, after the includes of
+// hetconv_direct.h and with the ISA's target options on, and defines kRegisters; kLanes is
 // declared in hetconv_direct.h. GCC/Clang vector extensions lower to the ISA's registers
 // (SSE, NEON or scalar code in the portable build).
 

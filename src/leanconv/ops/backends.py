@@ -166,10 +166,10 @@ def direct_reads_well(x: torch.Tensor, geometry: HetConvGeometry, plan: Plan) ->
     (ResNet-18's stride-2 layers at batch 32 and 1, VGG-16's at batch 1:
     ``results/cpu/amd-epyc-avx512-2t-layers-{resnet18-b32,resnet18-b1,vgg-b1}``)."""
     g = geometry
-    pixels = x.shape[0]
+    map_pixels = 1
     for d in (0, 1):
-        pixels *= max(0, conv_output_size(x.shape[2 + d], g.kernel_size[d], g.stride[d], g.padding[d], g.dilation[d]))
-    if plan.training and (g.stride != (1, 1) or _small_call(x, g) or pixels < TRAIN_DIRECT_MIN_PIXELS):
+        map_pixels *= max(0, conv_output_size(x.shape[2 + d], g.kernel_size[d], g.stride[d], g.padding[d], g.dilation[d]))
+    if plan.training and (g.stride != (1, 1) or _small_call(x, g) or x.shape[0] * map_pixels < TRAIN_DIRECT_MIN_PIXELS):
         return False  # split's gradients (module docstring)
     if x.is_contiguous(memory_format=_CL):
         return True
@@ -177,9 +177,8 @@ def direct_reads_well(x: torch.Tensor, geometry: HetConvGeometry, plan: Plan) ->
         return False
     if not plan.training:
         return True
-    pixels //= max(1, x.shape[0])  # per image
-    return pixels >= NCHW_TRAIN_DIRECT_PIXELS or (
-        pixels >= NCHW_TRAIN_DIRECT_WIDE_PIXELS and g.in_channels >= NCHW_TRAIN_DIRECT_WIDE_CHANNELS)
+    return map_pixels >= NCHW_TRAIN_DIRECT_PIXELS or (
+        map_pixels >= NCHW_TRAIN_DIRECT_WIDE_PIXELS and g.in_channels >= NCHW_TRAIN_DIRECT_WIDE_CHANNELS)
 
 
 # ``direct`` where its vector instructions per output vector are at most this fraction of a

@@ -366,13 +366,11 @@ def _lane_tensors(in_channels: int, out_channels: int, p: int, tile: int, lanes:
 NCHW_LANE_LOADS_MIN_GROUPS = 4
 
 
-def lane_loads_pay(x: torch.Tensor | None, out_channels: int, p: int) -> bool:
-    """Whether a call on ``x`` (None: an NCHW input) packs permuted loads where they apply:
-    always for channels-last inputs; for NCHW ones where a vector of the active ISA holds
-    at least :data:`NCHW_LANE_LOADS_MIN_GROUPS` groups."""
-    if x is not None and x.is_contiguous(memory_format=_CL):
-        return True
-    return _state["lanes"][active_isa()] >= NCHW_LANE_LOADS_MIN_GROUPS * (out_channels // p)
+def lane_loads_pay(channels_last: bool, out_channels: int, p: int) -> bool:
+    """Whether a call on a channels-last (else NCHW) input packs permuted loads where they
+    apply: always for channels-last inputs; for NCHW ones where a vector of the active ISA
+    holds at least :data:`NCHW_LANE_LOADS_MIN_GROUPS` groups."""
+    return channels_last or _state["lanes"][active_isa()] >= NCHW_LANE_LOADS_MIN_GROUPS * (out_channels // p)
 
 
 def _runnable(isa: str | None) -> str:
@@ -499,7 +497,7 @@ def _direct_op(x: torch.Tensor, weight: torch.Tensor, pointwise_weight: torch.Te
                layout: str) -> torch.Tensor:
     g = _geometry(x.shape[1], weight, kernel_size, stride, padding, dilation, p, layout)
     return _call(x, pack(weight, pointwise_weight, g.in_channels, p, layout,
-                         lane_loads=lane_loads_pay(x, g.out_channels, p)), bias, g)
+                         lane_loads=lane_loads_pay(x.is_contiguous(memory_format=_CL), g.out_channels, p)), bias, g)
 
 
 @_direct_op.register_fake
@@ -559,8 +557,9 @@ def _gradients(grad_out, x, weight, pointwise_weight, g: HetConvGeometry, mask):
         transposed = _transposed_geometry(g)
         if transposed is not None:
             kxk_t, pointwise_t = transposed_parameters(weight, pointwise_weight, g.in_channels, g.p, g.layout)
-            grad_x = _call(grad_out, pack(kxk_t, pointwise_t, g.out_channels, g.p, g.layout,
-                                          lane_loads=lane_loads_pay(grad_out, g.in_channels, g.p)), None, transposed)
+            lane_loads = lane_loads_pay(grad_out.is_contiguous(memory_format=_CL), g.in_channels, g.p)
+            packed = pack(kxk_t, pointwise_t, g.out_channels, g.p, g.layout, lane_loads=lane_loads)
+            grad_x = _call(grad_out, packed, None, transposed)
         else:
             dense = materialize_dense_weight(weight, pointwise_weight, g.p, g.layout)
             grad_x = torch.ops.aten.convolution_backward(
@@ -635,7 +634,7 @@ def prepare_direct(params, geometry: HetConvGeometry, plan, input_shape):
     weight, pointwise_weight = params
     if plan.cache and not plan.training:
         packed = pack(weight, pointwise_weight, geometry.in_channels, geometry.p, geometry.layout,
-                      lane_loads=plan.channels_last or lane_loads_pay(None, geometry.out_channels, geometry.p))
+                      lane_loads=lane_loads_pay(plan.channels_last, geometry.out_channels, geometry.p))
         return dataclasses.replace(packed, params=(weight, pointwise_weight))
     return params
 
