@@ -12,6 +12,7 @@ from .accounting import count
 from .conv_spec import parse_conv_spec
 from .conversion import convert, load_converted
 from .fuse import fuse
+from .inference import optimize_for_inference
 from .layers import (
     BSConvS2d,
     BSConvU2d,
@@ -44,6 +45,7 @@ __all__ = [
     "export",
     "functional",
     "fuse",
+    "optimize_for_inference",
     "load_converted",
     "make_conv",
     "models",

@@ -25,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 
 from .layers import LeanConvLayer
 
-__all__ = ["Follower", "followers"]
+__all__ = ["Follower", "followers", "trace"]
 
 
 @dataclass(frozen=True)
@@ -53,19 +53,25 @@ def followers(model: nn.Module, *, follower=nn.BatchNorm2d, skip=(), layers=None
 
 
 # ------------------------------------------------------------------ without data
-def _pairs_by_fx(model: nn.Module, follower=nn.BatchNorm2d, skip=()) -> list[tuple[str, str]]:
-    """(conv path, follower path) for each ``follower`` module (BatchNorm2d) whose input
-    is the output of a module call used by nothing else, through modules of the types
-    ``skip`` (each used once), with both modules called once (torch.fx)."""
+def trace(model: nn.Module, leaves: tuple[type, ...] = ()):
+    """``model``'s torch.fx graph with leanconv layers (and modules of the types ``leaves``)
+    as leaf calls; raises what torch.fx raises where it cannot trace."""
     import torch.fx
 
     class Tracer(torch.fx.Tracer):
         def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-            if isinstance(module, LeanConvLayer):
+            if isinstance(module, (LeanConvLayer, *leaves)):
                 return True
             return super().is_leaf_module(module, qualified_name)
 
-    graph = Tracer().trace(model)
+    return Tracer().trace(model)
+
+
+def _pairs_by_fx(model: nn.Module, follower=nn.BatchNorm2d, skip=()) -> list[tuple[str, str]]:
+    """(conv path, follower path) for each ``follower`` module (BatchNorm2d) whose input
+    is the output of a module call used by nothing else, through modules of the types
+    ``skip`` (each used once), with both modules called once (torch.fx)."""
+    graph = trace(model)
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":

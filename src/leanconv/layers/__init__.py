@@ -11,6 +11,7 @@ from .conv_spec import check_kind_options
 from .depthwise import DepthwiseConv2d
 from .factory import make_conv
 from .hetconv_export import HetConvExportForm
+from .prepacked import PrepackedConv2d
 from .protocol import LeanConvLayer
 
 # Every leanconv layer kind, for isinstance checks: model surgery treats each as one unit
@@ -30,6 +31,7 @@ __all__ = [
     "KIND_OPTIONS",
     "LEANCONV_LAYERS",
     "LeanConvLayer",
+    "PrepackedConv2d",
     "Conv2dReLU",
     "ApproximateHetConv2d",
     "bsconv_s_mid_channels",
