@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --constraint constraints.txt --editable '.[test,triton,onnx,plot,train,native]'
+	$(BIN)/pip install --quiet --constraint constraints.txt --editable '.[test,triton,onnx,openvino,plot,train,native]'
 	# Build the 'direct' HetConv CPU kernel now (about 30 s) rather than in the first call; where it
 	# cannot be built, one warning says why and leanconv uses the library forms.
 	$(BIN)/python -c "from leanconv.ops import hetconv_direct; hetconv_direct.available()"

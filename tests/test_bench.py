@@ -191,3 +191,25 @@ def test_direct_internals_benchmark_gates_and_writes(tmp_path):
     assert all(r["isa"] == hetconv_direct.active_isa() for r in rows)
     assert payload["environment"]["hetconv_direct_isa"] == hetconv_direct.active_isa()
     assert all(r["lanes_cl_ms"] > 0 and r["passes_nchw_ms"] > 0 for r in rows if r["what"] == "lane_loads")
+
+
+@pytest.mark.slow
+def test_inference_paths_benchmark_gates_and_writes(tmp_path):
+    """The whole-network paths benchmark: every variant passes its correctness gate (the
+    script exits non-zero otherwise) and each installed runtime gets its column."""
+    import importlib.util
+
+    runtimes = [name for name in ("openvino", "onnxruntime") if importlib.util.find_spec(name)]
+    if "onnxruntime" in runtimes and importlib.util.find_spec("onnxscript") is None:
+        runtimes.remove("onnxruntime")
+    stem = str(tmp_path / "paths")
+    subprocess.run([sys.executable, "benchmarks/inference_paths.py", "--smoke", "--runtimes", ",".join(runtimes),
+                    "--out", stem], check=True, capture_output=True)
+    with open(stem + ".json") as handle:
+        payload = json.load(handle)
+    rows = payload["rows"]
+    assert {(r["conv"], r["batch"]) for r in rows} == {(c, b) for c in ("standard", "hetconv:p=4") for b in (1, 4)}
+    for row in rows:
+        assert row["fused_ms"] > 0 and row["optimized_ms"] > 0
+        assert all(row[f"{name}_ms"] > 0 for name in runtimes)
+    assert set(payload["environment"]["runtime_versions"]) == set(runtimes)

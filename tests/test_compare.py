@@ -49,7 +49,8 @@ def test_compare_writes_every_output(tiny_data, tmp_path, capsys):
         rows = json.load(handle)
     assert [row["conv"] for row in rows] == convs.split(",")
     for row in rows:
-        for key in ("params", "macs", "macs_paper", "top1", "top5", "latency_ms", "train_step_ms", "peak_train_mib"):
+        for key in ("params", "macs", "macs_paper", "top1", "top5", "latency_ms", "latency_optimized_ms",
+                    "train_step_ms", "peak_train_mib"):
             assert row[key] is not None and row[key] >= 0, (row["conv"], key)
         assert 0 <= row["top1"] <= row["top5"] <= 1
     by_conv = {row["conv"]: row for row in rows}
@@ -65,6 +66,26 @@ def test_compare_writes_every_output(tiny_data, tmp_path, capsys):
     assert main(["compare", "--model", "vgg16_cifar", "--convs", "standard,dsc", "--data", tiny_data, "--out", out,
                  *TINY]) == 0
     assert capsys.readouterr().out.count("reusing the finished run") == 2
+
+
+def test_runtime_columns(tiny_data, tmp_path, capsys):
+    """--runtimes adds each deployment runtime's latency of the exported graph; an unknown
+    runtime is refused by name before any training."""
+    out = str(tmp_path / "cmp")
+    assert main(["compare", "--convs", "standard,dsc", "--runtimes", "tensorrt", "--data", tiny_data, "--out", out,
+                 *TINY]) == 2
+    assert "runtimes must be among ('openvino', 'onnxruntime'), got ['tensorrt']" in capsys.readouterr().err
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    assert main(["compare", "--convs", "standard,dsc", "--runtimes", "onnxruntime", "--data", tiny_data, "--out", out,
+                 *TINY]) == 0
+    assert "| onnxruntime |" in capsys.readouterr().out
+    with open(os.path.join(out, "results.json")) as handle:
+        rows = json.load(handle)
+    assert all(row["latency_onnxruntime_ms"] > 0 for row in rows)
+    assert sorted(os.listdir(os.path.join(out, "onnx"))) == ["dsc.onnx", "standard.onnx"]
+    with open(os.path.join(out, "results.csv")) as handle:
+        assert "latency_onnxruntime_ms" in next(csv.reader(handle))
 
 
 def test_reproduce_short_form(tiny_data, tmp_path, capsys):

@@ -13,7 +13,12 @@ split, and measured:
   ``macs_paper`` (the HetConv paper's reporting convention), per image, from
   :func:`leanconv.accounting.count`; MACs = multiply-accumulates, FLOPs = 2 x MACs;
 * ``latency_ms``: inference of one batch of ``latency_batch`` images (eval mode;
-  a sample is the mean of 5 calls);
+  a sample is the mean of 5 calls); ``latency_optimized_ms``: the same through
+  :func:`leanconv.optimize_for_inference` (BN folded, oneDNN with prepacked weights;
+  CPU only), channels-last; with ``runtimes`` (``"openvino"``, ``"onnxruntime"``),
+  ``latency_<runtime>_ms``: the model exported by :func:`leanconv.export.export_onnx`
+  (to OUT/onnx/) in that runtime, in a process of its own
+  (:mod:`leanconv.bench.runtimes`), medians of ``repeats`` blocks of calls;
 * ``train_step_ms``: forward, backward and SGD step on one training batch;
 * ``peak_train_mib``: peak memory allocated during one training step.
 
@@ -55,6 +60,8 @@ from .data import load_dataset
 from .layers import orthonormal_penalty
 from .layers.protocol import regularizers
 from .accounting import count
+from .bench.runtimes import check_runtime_names, why_runtime_unavailable
+from .inference import optimize_for_inference
 from .conv_spec import parse_conv_spec
 from .train import TrainConfig, autocast_context, load_trained_model, train
 from .train.distributed import pick_device
@@ -64,7 +71,8 @@ __all__ = ["DEFAULT_CONVS", "COLUMNS", "compare", "variant_run_dir", "write_comp
 DEFAULT_CONVS = ("standard", "hetconv:p=2", "hetconv:p=4", "dsc", "bsconv_u", "bsconv_s", "gwpw:g=4")
 
 COLUMNS = ["conv", "params", "macs", "macs_paper", "mac_ratio", "top1", "top5", "test_loss", "latency_ms",
-           "latency_spread", "train_step_ms", "train_step_spread", "peak_train_mib", "train_seconds"]
+           "latency_spread", "latency_optimized_ms", "train_step_ms", "train_step_spread", "peak_train_mib",
+           "train_seconds"]
 
 
 def variant_run_dir(out: str, config: TrainConfig) -> str:
@@ -119,6 +127,7 @@ def _measure(models: dict, device: torch.device, num_classes: int, batch_size: i
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     inference, train_steps = {}, {}
+    x_optimized = x_latency.contiguous(memory_format=torch.channels_last)
     for name, model in models.items():
         eval_model = model.to(device, memory_format=memory_format).eval()
         train_model = copy.deepcopy(eval_model).train()
@@ -129,6 +138,13 @@ def _measure(models: dict, device: torch.device, num_classes: int, batch_size: i
             with torch.no_grad(), autocast_context(amp, device):
                 m(x_latency)
             sync()
+
+        if device.type == "cpu" and amp == "off":
+            def infer_optimized(m=optimize_for_inference(eval_model)):
+                with torch.inference_mode():
+                    m(x_optimized)
+
+            inference[f"{name}|optimized"] = infer_optimized
 
         def step(m=train_model, opt=optimizer, penalty=regularized):
             with autocast_context(amp, device):
@@ -145,7 +161,31 @@ def _measure(models: dict, device: torch.device, num_classes: int, batch_size: i
     step_times = time_interleaved(train_steps, warmup=warmup, repeats=max(3, repeats // 2))
     with _quiet_native_stderr():  # the profiler behind peak_allocated_bytes logs its start and stop
         peaks = {name: peak_allocated_bytes(run, device.type) for name, run in train_steps.items()}
-    return {name: (latency[name], step_times[name], peaks[name]) for name in models}
+    return {name: (latency[name], latency.get(f"{name}|optimized"), step_times[name], peaks[name]) for name in models}
+
+
+def _runtime_latencies(models: dict, runtimes: Sequence[str], out: str, latency_batch: int, repeats: int,
+                       log: Callable[[str], None]) -> dict[tuple[str, str], float]:
+    """(conv, runtime) -> median ms of the model exported to OUT/onnx/ in that runtime."""
+    from .bench.runtimes import RuntimeJob, time_in_runtime
+    from .export import export_onnx
+
+    x = torch.randn(latency_batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    jobs = []
+    os.makedirs(os.path.join(out, "onnx"), exist_ok=True)
+    for conv, model in models.items():
+        model = copy.deepcopy(model).cpu().float().eval()
+        path = os.path.join(out, "onnx", conv.replace(":", "-").replace("=", "") + ".onnx")
+        with _quiet_native_stderr():
+            export_onnx(model, x, path)
+        with torch.inference_mode():
+            jobs.append(RuntimeJob(conv, path, x, model(x)))
+    latencies = {}
+    for runtime in runtimes:
+        log(f"timing the exported graphs in {runtime} (a process of its own)")
+        for conv, result in time_in_runtime(runtime, jobs, threads=torch.get_num_threads(), repeats=repeats).items():
+            latencies[conv, runtime] = result.timing.median * 1e3
+    return latencies
 
 
 def compare(
@@ -156,13 +196,15 @@ def compare(
     latency_batch: int = 1,
     repeats: int = 15,
     warmup: int = 3,
+    runtimes: Sequence[str] = (),
     log: Callable[[str], None] = print,
 ) -> list[dict]:
     """Train, evaluate and measure every conv spec; write OUT/results.* and plots; return the rows.
 
     ``convs``: conv spec strings (``"hetconv:p=4"``); each is checked complete
     before any training. ``base``: the recipe every variant shares (its
-    ``conv``, ``p`` and ``out`` are replaced per variant).
+    ``conv``, ``p`` and ``out`` are replaced per variant). ``runtimes``: deployment
+    runtimes (``"openvino"``, ``"onnxruntime"``) whose latency columns are added.
     """
     specs = [str(parse_conv_spec(conv, complete=True)) for conv in convs]
     if not specs:
@@ -173,6 +215,11 @@ def compare(
         raise ValueError(f"latency_batch must be an integer >= 1, got {latency_batch!r}")
     if not (isinstance(repeats, int) and repeats >= 1):
         raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
+    runtimes = check_runtime_names(runtimes)
+    for runtime in runtimes:
+        why = why_runtime_unavailable(runtime)
+        if why:
+            raise ValueError(f"runtimes: {why}")
     configs = {}
     for conv in specs:
         config = dataclasses.replace(base, conv=conv, p=None)
@@ -189,9 +236,10 @@ def compare(
         f"interleaved over {len(models)} variants on {device}")
     measured = _measure(models, device, train_data.num_classes, base.batch_size, latency_batch, base.ortho_alpha,
                         base.channels_last, base.amp, repeats, warmup)
+    runtime_ms = _runtime_latencies(models, runtimes, out, latency_batch, repeats, log) if runtimes else {}
     rows = []
     for conv in specs:
-        latency, step, peak = measured[conv]
+        latency, optimized, step, peak = measured[conv]
         macs, macs_paper = _count_macs(models[conv])
         final = summaries[conv]["final"]
         rows.append({
@@ -204,6 +252,8 @@ def compare(
             "test_loss": final["loss"],
             "latency_ms": latency.median * 1e3,
             "latency_spread": latency.spread,
+            "latency_optimized_ms": None if optimized is None else optimized.median * 1e3,
+            **{f"latency_{runtime}_ms": runtime_ms[conv, runtime] for runtime in runtimes},
             "train_step_ms": step.median * 1e3,
             "train_step_spread": step.spread,
             "peak_train_mib": peak / 2**20,
@@ -213,7 +263,7 @@ def compare(
     reference = next((r["macs"] for r in rows if r["conv"] == "standard" and r["macs"]), None)
     for row in rows:
         row["mac_ratio"] = row["macs"] / reference if reference and row["macs"] else None
-    settings = {"convs": specs, "recipe": base.to_dict(), "latency_batch": latency_batch,
+    settings = {"convs": specs, "recipe": base.to_dict(), "latency_batch": latency_batch, "runtimes": runtimes,
                 "train_step_batch": base.batch_size, "repeats": repeats, "warmup": warmup,
                 "device": str(device), "seconds": time.perf_counter() - start}
     write_compare_results(out, rows, settings, log=log)
@@ -263,7 +313,8 @@ def write_compare_results(out: str, rows: list[dict], settings: dict, *, log: Ca
     paths = [os.path.join(out, name) for name in ("results.json", "results.csv", "results.md", "settings.json")]
     write_atomic(paths[0], json.dumps(rows, indent=1) + "\n")
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore")
+    columns = COLUMNS + [f"latency_{runtime}_ms" for runtime in settings.get("runtimes", ())]
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     write_atomic(paths[1], buffer.getvalue())
@@ -274,11 +325,14 @@ def write_compare_results(out: str, rows: list[dict], settings: dict, *, log: Ca
             f"- top1/top5: test accuracy (fractions) after the last epoch; same recipe and seed for every variant\n"
             f"- macs: multiply-accumulates per image, exact count; macs_paper: HetConv paper's reporting "
             f"convention; FLOPs = 2 x MACs; mac_ratio = macs / standard's\n"
-            f"- latency_ms: inference of a batch of {settings['latency_batch']}; train_step_ms: forward + backward + "
+            f"- latency_ms: inference of a batch of {settings['latency_batch']} (the model in eval mode); "
+            f"latency_optimized_ms: the same through leanconv.optimize_for_inference, channels-last"
+            + "".join(f"; latency_{r}_ms: the exported graph in {r}" for r in settings.get("runtimes", ()))
+            + f"\n- train_step_ms: forward + backward + "
             f"SGD step on a batch of {settings['train_step_batch']}; medians of interleaved rounds on "
             f"{settings['device']}, *_spread = interquartile range / median\n"
             f"- peak_train_mib: peak memory allocated during one training step\n\n"
-            + markdown_table(rows, COLUMNS))
+            + markdown_table(rows, columns))
     write_atomic(paths[2], text)
     write_atomic(paths[3], json.dumps({**settings, "environment": environment}, indent=1, default=str) + "\n")
     plt = _pyplot()

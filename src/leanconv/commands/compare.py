@@ -35,10 +35,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=S, help=f"output folder (default {DEFAULTS['out']})")
     parser.add_argument("--latency-batch", type=int, default=1, help="images per timed inference call (default 1)")
     parser.add_argument("--repeats", type=int, default=15, help="interleaved timing rounds (default 15)")
+    parser.add_argument("--runtimes", default="",
+                        help="deployment runtimes whose latency columns are added, comma-separated: openvino, "
+                             "onnxruntime (each model exported to ONNX and timed in a process of its own)")
     add_recipe_arguments(parser, DEFAULTS)
 
 
 def run_comparison(args: argparse.Namespace, defaults: dict, convs: list[str]) -> int:
+    from ..bench.runtimes import check_runtime_names
     from ..compare import compare
     from ..train import TrainConfig
 
@@ -51,7 +55,8 @@ def run_comparison(args: argparse.Namespace, defaults: dict, convs: list[str]) -
 
     print(f"leanconv {args.command}: {', '.join(f'{k}={v}' for k, v in chosen.items())}; convs: {', '.join(convs)}; "
           f"out: {base.out}; torch threads: {torch.get_num_threads()}", flush=True)
-    rows = compare(convs, base, base.out, latency_batch=args.latency_batch, repeats=args.repeats)
+    runtimes = check_runtime_names(getattr(args, "runtimes", ""))
+    rows = compare(convs, base, base.out, latency_batch=args.latency_batch, repeats=args.repeats, runtimes=runtimes)
     print()
     print(format_table(rows, args.latency_batch, base.batch_size), end="")
     print(f"written: {', '.join(sorted(os.listdir(base.out)))} in {base.out}")
@@ -74,12 +79,16 @@ def format_table(rows: list[dict], latency_batch: int, train_batch: int) -> str:
         "top1 %": f"{100 * row['top1']:.1f}",
         "top5 %": f"{100 * row['top5']:.1f}",
         f"infer ms (b{latency_batch})": f"{row['latency_ms']:.2f}",
+        "optimized": None if row.get("latency_optimized_ms") is None else f"{row['latency_optimized_ms']:.2f}",
+        **{runtime: f"{row[key]:.2f}" for key in row if key.startswith("latency_") and key.endswith("_ms")
+           and key not in ("latency_ms", "latency_optimized_ms") for runtime in [key[len("latency_"):-len("_ms")]]},
         f"train step ms (b{train_batch})": f"{row['train_step_ms']:.1f}",
         "peak train MiB": f"{row['peak_train_mib']:.1f}",
         "train s": None if row.get("train_seconds") is None else f"{row['train_seconds']:.1f}",
     } for row in rows]
     return (markdown_table(table, list(table[0])) +
-            "MACs per image (FLOPs = 2 x MACs); times are medians of interleaved rounds on this machine; "
+            "MACs per image (FLOPs = 2 x MACs); times are medians of interleaved rounds on this machine "
+            "(optimized: leanconv.optimize_for_inference, channels-last; a runtime's: the exported graph); "
             "top1/top5 on the test split after the last epoch.\n")
 
 

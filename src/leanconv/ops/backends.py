@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from .conv_geometry import DepthwiseGeometry, HetConvGeometry, conv_output_size
-from . import hetconv_direct
+from . import hetconv_direct, onednn
 from .hetconv_layout import materialize_dense_weight
 from .hetconv_split import prepare_split, run_split
 from .registry import Backend, Plan, backends, register_backend, register_rule, under_dispatch_mode, why_not_ready
@@ -280,17 +280,15 @@ def _prepare_depthwise_torch(params, geometry: DepthwiseGeometry, plan, input_sh
     if not packs_depthwise(geometry, plan, input_shape, weight):
         return weight
     padding, stride, dilation = list(geometry.padding), list(geometry.stride), list(geometry.dilation)
-    return PackedDepthwise(weight, torch.ops.mkldnn._reorder_convolution_weight(
-        weight.detach().contiguous(memory_format=torch.channels_last), padding, stride, dilation,
-        geometry.in_channels, list(input_shape)), padding, stride, dilation)
+    return PackedDepthwise(weight, onednn.prepack(weight, padding, stride, dilation, geometry.in_channels, input_shape),
+                           padding, stride, dilation)
 
 
 def _run_depthwise_torch(x, weight, bias, geometry: DepthwiseGeometry, plan) -> torch.Tensor:
     g = geometry
     if isinstance(weight, PackedDepthwise):
         if not under_dispatch_mode():  # oneDNN answers in channels-last; nn.Conv2d keeps the input's format
-            out = torch.ops.mkldnn._convolution_pointwise(
-                x, weight.packed, bias, weight.padding, weight.stride, weight.dilation, g.in_channels, "none", [], "")
+            out = onednn.conv2d(x, weight.packed, bias, weight.padding, weight.stride, weight.dilation, g.in_channels)
             return out if plan.channels_last else out.contiguous()
         weight = weight.weight
     padding = "same" if g.padding is None else g.padding  # None: 'same' with uneven sides

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from .conv_geometry import HetConvGeometry, centre_input, reads_input_directly
 from .hetconv_layout import zero_diagonal_pointwise
+from . import onednn
 from .registry import under_dispatch_mode
 
 __all__ = ["SplitWeights", "zero_diagonal_pointwise", "prepare_split", "run_split", "onednn_packing"]
@@ -101,10 +102,7 @@ def prepare_split(params, geometry: HetConvGeometry, plan, input_shape) -> Split
     unpacked = None
     if packed:
         unpacked = SplitWeights(grouped, pointwise, channel_order, filter_order, filter_inverse)
-        grouped = torch.ops.mkldnn._reorder_convolution_weight(
-            grouped.detach().contiguous(memory_format=_CL), list(g.padding), list(g.stride), list(g.dilation), g.p,
-            list(input_shape),
-        )
+        grouped = onednn.prepack(grouped, g.padding, g.stride, g.dilation, g.p, input_shape)
         if filter_order is not None:
             pointwise = pointwise.index_select(0, filter_order)
         pointwise = pointwise.detach().contiguous(memory_format=_CL)
@@ -129,10 +127,7 @@ def run_split(x: torch.Tensor, w: SplitWeights, bias, geometry: HetConvGeometry,
             if bias is not None:
                 bias = bias.index_select(0, w.filter_order)
         acc = F.conv2d(taps.contiguous(memory_format=_CL), w.pointwise, bias, g.stride)
-        out = torch.ops.mkldnn._convolution_pointwise_.binary(
-            acc, grouped_input, w.grouped, None, list(g.padding), list(g.stride), list(g.dilation),
-            g.p, "add", 1.0, None, [], None,
-        )
+        out = onednn.conv2d_accumulate_(acc, grouped_input, w.grouped, g.padding, g.stride, g.dilation, g.p)
         if w.filter_inverse is not None:
             out = out.index_select(1, w.filter_inverse).contiguous(memory_format=_CL)
         return out

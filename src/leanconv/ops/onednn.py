@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .registry import under_dispatch_mode
 
-__all__ = ["ACTIVATIONS", "available", "why_not", "prepack", "conv2d", "reference"]
+__all__ = ["ACTIVATIONS", "available", "why_not", "prepack", "conv2d", "conv2d_accumulate_", "reference"]
 
 # The activations oneDNN applies as a post-op: leanconv's name -> (oneDNN's attribute,
 # its scalars). ReLU6 is hardtanh(0, 6); SiLU is oneDNN's swish.
@@ -67,9 +67,9 @@ def why_not(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 def prepack(weight: torch.Tensor, padding, stride, dilation, groups: int, input_shape) -> torch.Tensor:
     """``weight`` (N, C/groups, kh, kw) reordered once into the blocked layout oneDNN picks for
     inputs of ``input_shape`` (an opaque tensor: use it only in :func:`conv2d`)."""
-    return torch._C._nn.mkldnn_reorder_conv2d_weight(
-        weight.detach().contiguous().to_mkldnn(), list(padding), list(stride), list(dilation), groups,
-        list(input_shape))
+    return torch.ops.mkldnn._reorder_convolution_weight(
+        weight.detach().contiguous(memory_format=torch.channels_last), list(padding), list(stride), list(dilation),
+        groups, list(input_shape))
 
 
 def conv2d(input: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, padding, stride, dilation,
@@ -91,6 +91,15 @@ def conv2d(input: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
     if activation == "silu":
         return F.silu(out, inplace=True)
     return out
+
+
+def conv2d_accumulate_(accumulator: torch.Tensor, input: torch.Tensor, packed: torch.Tensor, padding, stride,
+                       dilation, groups: int) -> torch.Tensor:
+    """``accumulator += conv2d(input, weight)`` in place, by oneDNN with the weight
+    :func:`prepack`-ed (its sum post-op); ``accumulator`` has the output's shape, channels-last."""
+    return torch.ops.mkldnn._convolution_pointwise_.binary(
+        accumulator, input, packed, None, list(padding), list(stride), list(dilation), groups, "add", 1.0, None, [],
+        None)
 
 
 def reference(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding, stride, dilation,
