@@ -1,4 +1,5 @@
-// Compiles the direct HetConv kernel (hetconv_direct_kernel.h) for one vector ISA. The
+// Compiles the direct kernels (HetConv: hetconv_direct_kernel.h; depthwise-separable:
+// separable_direct_kernel.h) for one vector ISA. The
 // including file defines LEANCONV_ISA (the namespace: leanconv_direct::LEANCONV_ISA, whose
 // kLanes hetconv_direct.h declares), LEANCONV_REGISTERS (its vector registers) and, for an
 // x86 ISA, LEANCONV_TARGET (its target options). Those options apply to this kernel's
@@ -8,6 +9,7 @@
 // instruction its CPU lacks. An x86 ISA's file compiles to nothing elsewhere than x86.
 
 #include "hetconv_direct.h"
+#include "separable_direct.h"
 
 #if !defined(LEANCONV_TARGET) || defined(__x86_64__) || defined(__i386__)
 #if defined(LEANCONV_TARGET)
@@ -24,6 +26,7 @@ LEANCONV_EXPANDED_PRAGMA(GCC target(LEANCONV_TARGET))
 namespace leanconv_direct::LEANCONV_ISA {
 constexpr int kRegisters = LEANCONV_REGISTERS;
 #include "hetconv_direct_kernel.h"
+#include "separable_direct_kernel.h"
 }  // namespace leanconv_direct::LEANCONV_ISA
 
 #if defined(LEANCONV_TARGET)

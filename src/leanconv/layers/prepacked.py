@@ -11,14 +11,14 @@ import torch.nn as nn
 
 from ..ops import onednn
 
-__all__ = ["PrepackedConv2d", "why_not_prepackable"]
+__all__ = ["PrepackedConv2d", "numeric_padding", "why_not_prepackable"]
 
 # Packed weights kept per layer, one per input shape (oneDNN's blocked layout is chosen
 # for an input shape): a model called at a few batch sizes keeps one of each.
 _SHAPES_KEPT = 4
 
 
-def _numeric_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
+def numeric_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
     """``conv.padding`` as two numbers, or None for a 'same' padding that is uneven."""
     if conv.padding == "valid":
         return (0, 0)
@@ -31,7 +31,7 @@ def _numeric_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
 def _why_not_geometry(conv: nn.Conv2d) -> str | None:
     if conv.padding_mode != "zeros":
         return f"padding_mode={conv.padding_mode!r} (oneDNN pads with zeros only)"
-    if _numeric_padding(conv) is None:
+    if numeric_padding(conv) is None:
         return "an uneven 'same' padding (oneDNN pads both sides alike)"
     return None
 
@@ -67,7 +67,7 @@ class PrepackedConv2d(nn.Conv2d):
         why = _why_not_geometry(self)
         if why:
             raise ValueError(f"PrepackedConv2d: {why}")
-        self.padding = _numeric_padding(self)
+        self.padding = numeric_padding(self)
         if activation is not None and activation not in onednn.ACTIVATIONS:
             raise ValueError(f"PrepackedConv2d: activation must be None or one of "
                              f"{sorted(onednn.ACTIVATIONS)}, got {activation!r}")
@@ -80,7 +80,7 @@ class PrepackedConv2d(nn.Conv2d):
         why = why_not_prepackable(conv)
         if why:
             raise ValueError(f"PrepackedConv2d.from_conv: {why}")
-        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, _numeric_padding(conv),
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, numeric_padding(conv),
                   conv.dilation, conv.groups, bias=conv.bias is not None, device="meta", activation=activation)
         new.weight = conv.weight
         new.bias = conv.bias

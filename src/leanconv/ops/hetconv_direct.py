@@ -485,6 +485,20 @@ torch.library.define(
 )
 
 
+# The direct depthwise-separable kernel of the same extension (leanconv.ops.separable_direct
+# packs its weights and calls it); defined here, before the extension that implements it loads.
+torch.library.define(
+    "leanconv::separable_direct_packed",
+    "(Tensor x, Tensor depthwise, Tensor pointwise, Tensor bias, int out_channels, int[] kernel_size, int[] stride, "
+    "int[] padding, int[] dilation, bool relu, str isa) -> Tensor",
+)
+
+
+@torch.library.register_fake("leanconv::separable_direct_packed")
+def _(x, depthwise, pointwise, bias, out_channels, kernel_size, stride, padding, dilation, relu, isa):
+    return _output_like(x, out_channels, kernel_size, stride, padding, dilation)
+
+
 @torch.library.register_fake("leanconv::hetconv_direct_packed")
 def _(x, centre, others, pass_groups, tile_passes, lane_offsets, lane_index, bias, out_channels, kernel_size, stride,
       padding, dilation, p, layout, relu, isa):
