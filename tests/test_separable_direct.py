@@ -1,9 +1,9 @@
-"""The direct depthwise-separable C++ kernel against the two convolutions it stands for:
-every ISA this CPU runs, awkward shapes (stride 2, dilation, 5x5, valid and 'same'
-padding, odd sizes, channels and filters that fill no whole vector, batch 1 and 64), both
-memory formats, the fused ReLU; the op's registration (opcheck); and DSConv2d's use of it
-(where the rule sends a call, never under autograd, hooks or a depth multiplier; the
-cache follows weight updates)."""
+"""The direct separable C++ kernels (DSC: depthwise then 1x1; BSConv-U: 1x1 then
+depthwise) against the two convolutions they stand for: every ISA this CPU runs, awkward
+shapes (stride 2, dilation, 5x5, valid and 'same' padding, odd sizes, channels and filters
+that fill no whole vector, batch 1 and 64), both memory formats, the fused ReLU; the op's
+registration (opcheck); and the layers' use of them (where the rule sends a call, never
+under autograd, hooks or a depth multiplier; the cache follows weight updates)."""
 
 from __future__ import annotations
 
@@ -36,28 +36,31 @@ SHAPES = [
 ]
 
 
-def _weights(m, n, k, generator):
-    return (torch.randn(m, 1, k, k, generator=generator), torch.randn(m, generator=generator),
+def _weights(m, n, k, generator, pointwise_first=False):
+    depth = n if pointwise_first else m
+    return (torch.randn(depth, 1, k, k, generator=generator), torch.randn(depth, generator=generator),
             torch.randn(n, m, 1, 1, generator=generator), torch.randn(n, generator=generator))
 
 
+@pytest.mark.parametrize("pointwise_first", [False, True], ids=["dsc", "bsconv_u"])
 @pytest.mark.parametrize("isa", hetconv_direct.ISAS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_every_isa_kernel_matches_the_two_convolutions(shape, isa):
+def test_every_isa_kernel_matches_the_two_convolutions(shape, isa, pointwise_first):
     if isa not in hetconv_direct.runnable_isas():
         pytest.skip(f"this CPU does not run {isa}")
     m, n, k, stride, padding, dilation, h, w, batch = shape
     generator = torch.Generator().manual_seed(0)
-    dw, dw_bias, pw, pw_bias = _weights(m, n, k, generator)
+    dw, dw_bias, pw, pw_bias = _weights(m, n, k, generator, pointwise_first)
     geometry = ((k, k), (stride, stride), (padding, padding), (dilation, dilation))
-    for biases in ((dw_bias, pw_bias), (None, None), (dw_bias, None)):
-        packed = separable_direct.pack(dw, biases[0], pw, biases[1], isa)
+    for biases in ((dw_bias, pw_bias), (None, None), (dw_bias, None), (None, pw_bias)):
+        packed = separable_direct.pack(dw, biases[0], pw, biases[1], isa, pointwise_first=pointwise_first)
         assert packed.isa == isa
         for memory_format in (CL, torch.contiguous_format):
             x = torch.randn(batch, m, h, w, generator=generator).contiguous(memory_format=memory_format)
             for relu in (False, True):
                 expected = separable_direct.reference(x.double(), dw.double(), _double(biases[0]), pw.double(),
-                                                      _double(biases[1]), *geometry[1:], relu)
+                                                      _double(biases[1]), *geometry[1:], relu,
+                                                      pointwise_first=pointwise_first)
                 out = separable_direct.run(x, packed, *geometry, relu)
                 assert out.is_contiguous(memory_format=memory_format)
                 assert_matches_reference(out.double(), expected, what=f"{isa} relu={relu}")
@@ -71,13 +74,13 @@ def test_the_op_passes_opcheck():
     from torch.library import opcheck
 
     generator = torch.Generator().manual_seed(1)
-    dw, dw_bias, pw, pw_bias = _weights(12, 20, 3, generator)
-    packed = separable_direct.pack(dw, dw_bias, pw, pw_bias)
-    for memory_format in (CL, torch.contiguous_format):
-        x = torch.randn(2, 12, 7, 9, generator=generator).contiguous(memory_format=memory_format)
-        opcheck(torch.ops.leanconv.separable_direct_packed.default,
-                (x, packed.depthwise, packed.pointwise, packed.bias, 20, [3, 3], [2, 2], [1, 1], [1, 1], True,
-                 packed.isa))
+    for pointwise_first in (False, True):
+        packed = separable_direct.pack(*_weights(12, 20, 3, generator, pointwise_first), pointwise_first=pointwise_first)
+        for memory_format in (CL, torch.contiguous_format):
+            x = torch.randn(2, 12, 7, 9, generator=generator).contiguous(memory_format=memory_format)
+            opcheck(torch.ops.leanconv.separable_direct_packed.default,
+                    (x, packed.depthwise, packed.pointwise, packed.pointwise_bias, packed.depthwise_bias, 20, [3, 3],
+                     [2, 2], [1, 1], [1, 1], pointwise_first, True, packed.isa))
 
 
 def test_packed_for_another_width_is_refused_by_name():
@@ -88,7 +91,8 @@ def test_packed_for_another_width_is_refused_by_name():
         pytest.skip("this CPU runs only the portable kernel")
     with pytest.raises(RuntimeError, match="packed operand sizes"):
         torch.ops.leanconv.separable_direct_packed(torch.randn(1, 16, 5, 5), packed.depthwise, packed.pointwise,
-                                                   packed.bias, 16, [3, 3], [1, 1], [1, 1], [1, 1], False, wider[0])
+                                                   packed.pointwise_bias, packed.depthwise_bias, 16, [3, 3], [1, 1],
+                                                   [1, 1], [1, 1], False, False, wider[0])
 
 
 # ----------------------------------------------------------------------------- the layer
@@ -100,25 +104,33 @@ def kernel_calls(monkeypatch):
     return calls
 
 
+def _library_form(layer, x):
+    """The layer's two convolutions, as its forward runs them outside the kernel."""
+    if isinstance(layer, leanconv.BSConvU2d):
+        return layer.dw(layer.pw(x))
+    return layer.pw(layer.dw(x))
+
+
+@pytest.mark.parametrize("kind", [leanconv.DSConv2d, leanconv.BSConvU2d], ids=["dsc", "bsconv_u"])
 @pytest.mark.parametrize("arguments", [
     dict(in_channels=16, out_channels=24, kernel_size=3, padding=1),
     dict(in_channels=10, out_channels=7, kernel_size=5, stride=2, padding="valid", bias=False),
     dict(in_channels=12, out_channels=12, kernel_size=3, padding="same", dilation=2),
 ], ids=["3x3", "5x5-stride2-valid", "same-dilated"])
-def test_dsc_layer_runs_the_kernel_where_the_rule_says(arguments, kernel_calls):
+def test_layer_runs_the_kernel_where_the_rule_says(kind, arguments, kernel_calls):
     torch.manual_seed(0)
-    layer = leanconv.DSConv2d(**arguments).eval()
+    layer = kind(**arguments).eval()
     for batch, size in ((1, 13), (2, 9), (64, 6), (1, 64)):
         x = torch.randn(batch, arguments["in_channels"], size, size)
         before = len(kernel_calls)
         for inputs in (x, x.contiguous(memory_format=CL)):
             with torch.inference_mode():
                 out = layer(inputs)
-            expected = layer.pw(layer.dw(inputs)).detach()
+            expected = _library_form(layer, inputs).detach()
             assert_matches_reference(out, expected)
             for memory_format in (CL, torch.contiguous_format):  # the format nn.Conv2d's would have
                 assert out.is_contiguous(memory_format=memory_format) == expected.is_contiguous(memory_format=memory_format)
-        sizes = [s for s in leanconv.DSConv2d(**arguments).dw(x[:1]).shape[2:]]
+        sizes = list(expected.shape[2:])
         expected = separable_direct.pays(batch, *sizes)
         assert (len(kernel_calls) - before == 2) == expected, (batch, size)
 
@@ -160,18 +172,19 @@ def test_the_cache_follows_weight_updates_and_is_not_copied(kernel_calls):
             assert_matches_reference(clone(x), layer(x))
 
 
-def test_optimized_dsc_network_takes_the_kernel_with_its_relu(kernel_calls):
+def test_optimized_network_takes_the_kernels_with_their_activations(kernel_calls):
     torch.manual_seed(0)
     model = nn.Sequential(leanconv.DSConv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                          leanconv.DSConv2d(16, 16, 3, padding=1), nn.ReLU6()).eval()
+                          leanconv.DSConv2d(16, 16, 3, padding=1), nn.ReLU6(),
+                          leanconv.BSConvU2d(16, 24, 3, padding=1), nn.BatchNorm2d(24), nn.SiLU()).eval()
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.running_var.uniform_(0.5, 2)
             module.running_mean.normal_()
     optimized, report = leanconv.optimize_for_inference(model, return_report=True)
-    assert len(report.activations) == 2, str(report)
+    assert len(report.activations) == 3, str(report)
     x = torch.randn(1, 3, 10, 10)
     with torch.inference_mode():
         out = optimized(x.contiguous(memory_format=CL))
-        assert len(kernel_calls) == 2
+        assert len(kernel_calls) == 3
         assert_matches_reference(out, model(x))

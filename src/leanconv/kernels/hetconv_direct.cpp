@@ -247,20 +247,21 @@ torch::Tensor packed_op(
                  stride.vec(), padding.vec(), dilation.vec(), p, layout == "shifted", relu, std::string(isa));
 }
 
-// The direct depthwise-separable kernel (separable_direct.h) on weights packed by
-// leanconv/ops/separable_direct.py: `wdw` (KH*KW, Mv), `wpw` (T, M, FT), `bias` (T * FT).
+// The direct separable kernels (separable_direct.h) on weights packed by
+// leanconv/ops/separable_direct.py: `wdw` (KH*KW, Dv), `wpw` (T, M, FT), the biases (T * FT).
 // An NCHW input is read through a channels-last copy and the output returned in NCHW.
 torch::Tensor separable_op(const torch::Tensor& input, const torch::Tensor& wdw, const torch::Tensor& wpw,
-                           const torch::Tensor& bias, int64_t out_channels, c10::IntArrayRef kernel,
-                           c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, bool relu,
+                           const torch::Tensor& pointwise_bias, const torch::Tensor& depthwise_bias,
+                           int64_t out_channels, c10::IntArrayRef kernel, c10::IntArrayRef stride,
+                           c10::IntArrayRef padding, c10::IntArrayRef dilation, bool pointwise_first, bool relu,
                            c10::string_view isa_name) {
   const std::string isa(isa_name);
   check_isa(isa);
   TORCH_CHECK(input.device().is_cpu() && input.scalar_type() == at::kFloat && input.dim() == 4,
               "separable_direct: x must be a 4-D CPU float32 tensor");
-  TORCH_CHECK(wdw.is_contiguous() && wpw.is_contiguous() && bias.is_contiguous() && wdw.scalar_type() == at::kFloat
-              && wpw.scalar_type() == at::kFloat && bias.scalar_type() == at::kFloat,
-              "separable_direct: packed operands must be contiguous float32");
+  for (const auto* t : {&wdw, &wpw, &pointwise_bias, &depthwise_bias})
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kFloat,
+                "separable_direct: packed operands must be contiguous float32");
   leanconv_direct::SeparableCall c;
   c.B = input.size(0); c.M = input.size(1); c.H = input.size(2); c.W = input.size(3); c.N = out_channels;
   c.KH = kernel[0]; c.KW = kernel[1]; c.sh = stride[0]; c.sw = stride[1];
@@ -270,37 +271,44 @@ torch::Tensor separable_op(const torch::Tensor& input, const torch::Tensor& wdw,
   c.Ho = (c.H + 2 * c.ph - c.dh * (c.KH - 1) - 1) / c.sh + 1;
   c.Wo = (c.W + 2 * c.pw - c.dw * (c.KW - 1) - 1) / c.sw + 1;
   const int64_t width = lanes(isa);
-  c.Mv = (c.M + width - 1) / width * width;
+  c.pointwise_first = pointwise_first;
+  c.D = pointwise_first ? c.N : c.M;
+  c.Dv = (c.D + width - 1) / width * width;
   c.FT = tile_width(c.N, isa); c.T = (c.N + c.FT - 1) / c.FT;
-  TORCH_CHECK(wdw.dim() == 2 && wdw.size(0) == c.KH * c.KW && wdw.size(1) == c.Mv && wpw.dim() == 3
-              && wpw.size(0) == c.T && wpw.size(1) == c.M && wpw.size(2) == c.FT && bias.numel() == c.T * c.FT,
+  TORCH_CHECK(wdw.dim() == 2 && wdw.size(0) == c.KH * c.KW && wdw.size(1) == c.Dv && wpw.dim() == 3
+              && wpw.size(0) == c.T && wpw.size(1) == c.M && wpw.size(2) == c.FT
+              && pointwise_bias.numel() == c.T * c.FT && depthwise_bias.numel() == c.T * c.FT,
               "separable_direct: packed operand sizes do not match the input's channels and the ISA '", isa,
               "' (pack the weights for it)");
   const std::vector<int64_t> out_sizes = {c.B, c.N, std::max<int64_t>(c.Ho, 0), std::max<int64_t>(c.Wo, 0)};
   auto out = torch::empty(out_sizes, input.options().memory_format(at::MemoryFormat::ChannelsLast));
-  if (out.numel() == 0) return input.is_contiguous(at::MemoryFormat::ChannelsLast) ? out : out.contiguous();
+  const bool channels_last = input.is_contiguous(at::MemoryFormat::ChannelsLast);
+  if (out.numel() == 0) return channels_last ? out : out.contiguous();
   const torch::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
   for (int d = 0; d < 4; ++d) { c.xs[d] = x.stride(d); c.os[d] = out.stride(d); }
   // Tiles per work item: a slice of the pointwise weights that stays in L2 (128 KiB), and
-  // at least two items per thread where the map is small (batch 1, 2x2 to 8x8 maps).
+  // at least two items per thread where there are few blocks of pixels (batch 1, small maps).
   const int64_t tile_bytes = c.M * c.FT * static_cast<int64_t>(sizeof(float));
   c.tiles_per_group = std::max<int64_t>(1, std::min<int64_t>(c.T, (128 << 10) / std::max<int64_t>(tile_bytes, 1)));
   const int64_t block_pixels = isa == "avx512" ? 12 : 6;  // kSeparablePixels of the ISA's kernel
-  const int64_t blocks = (c.B * c.Ho * c.Wo + block_pixels - 1) / block_pixels, wanted = 2 * at::get_num_threads();
+  const int64_t pointwise_pixels = pointwise_first ? c.B * c.H * c.W : c.B * c.Ho * c.Wo;
+  const int64_t blocks = (pointwise_pixels + block_pixels - 1) / block_pixels, wanted = 2 * at::get_num_threads();
   if (blocks < wanted) {
     const int64_t groups = std::min<int64_t>(c.T, (wanted + blocks - 1) / blocks);
     c.tiles_per_group = std::min<int64_t>(c.tiles_per_group, (c.T + groups - 1) / groups);
   }
-  std::vector<float> zeros(c.Mv, 0.0f);
+  std::vector<float> zeros(std::max(c.M, c.Dv), 0.0f);
+  c.scratch = pointwise_first ? scratch(c.B * c.H * c.W * c.Dv) : nullptr;
   c.x = x.data_ptr<float>(); c.wdw = wdw.data_ptr<float>(); c.wpw = wpw.data_ptr<float>();
-  c.bias = bias.data_ptr<float>(); c.zeros = zeros.data(); c.out = out.data_ptr<float>(); c.relu = relu;
+  c.pointwise_bias = pointwise_bias.data_ptr<float>(); c.depthwise_bias = depthwise_bias.data_ptr<float>();
+  c.zeros = zeros.data(); c.out = out.data_ptr<float>(); c.relu = relu;
 #if defined(__x86_64__) || defined(__i386__)
   if (isa == "avx512") leanconv_direct::avx512::run_separable(c);
   else if (isa == "avx2") leanconv_direct::avx2::run_separable(c);
   else
 #endif
     leanconv_direct::portable::run_separable(c);
-  return input.is_contiguous(at::MemoryFormat::ChannelsLast) ? out : out.contiguous();
+  return channels_last ? out : out.contiguous();
 }
 
 TORCH_LIBRARY_IMPL(leanconv, CPU, m) {

@@ -1,23 +1,18 @@
-// The direct depthwise-separable kernel (the algorithm: separable_direct.h), written once
-// for a vector of kLanes floats. Not a header of its own: hetconv_direct_isa.h includes it
+// The direct separable kernels (the algorithms: separable_direct.h), written once for a
+// vector of kLanes floats. Not a header of its own: hetconv_direct_isa.h includes it
 // inside an ISA's namespace after hetconv_direct_kernel.h (whose vec, load and store it
 // uses), with the ISA's target options on.
 
 // Pixels per block: NP x NV accumulators plus NV weight vectors fit the registers.
 constexpr int kSeparablePixels = kRegisters >= 32 ? 12 : 6;
 
-// Block `block` of pixels against filter tiles [tile_begin, tile_end): the depthwise
-// results into `buffer` (kSeparablePixels x c.Mv floats), then each tile's pointwise sums.
-template <int NV>
-void separable_block(const SeparableCall& c, int64_t block, int64_t tile_begin, int64_t tile_end, float* buffer) {
+// The input each of NP output pixels from `first` reads at each tap, rows[tap * NP + i],
+// from a channels-last source of strides ss (the zero buffer where the tap falls into the
+// padding, and for pixels past `valid`), and each real pixel's output offset. Returns valid.
+inline int block_taps(const SeparableCall& c, const float* source, const int64_t* ss, int64_t first,
+                      const float** rows, int64_t* outs) {
   constexpr int NP = kSeparablePixels;
-  const int64_t taps = c.KH * c.KW, pixels = c.B * c.Ho * c.Wo, M = c.M, Mv = c.Mv, FT = c.FT;
-  const int64_t first = block * NP;
-  const int valid = static_cast<int>(std::min<int64_t>(NP, pixels - first));
-  const float* rows[kSeparableMaxTaps * NP];  // rows[tap * NP + i]: pixel i's input at the tap
-  int64_t outs[NP];
-  // 1. Depthwise: each pixel's taps through pointers (pixels past `valid` read zeros), then
-  // per vector of channels NP independent accumulators, one weight load per tap.
+  const int valid = static_cast<int>(std::min<int64_t>(NP, c.B * c.Ho * c.Wo - first));
   int64_t ow = first % c.Wo, oh = (first / c.Wo) % c.Ho, image = first / (c.Wo * c.Ho);
   for (int i = 0; i < NP; ++i) {
     if (i > 0 && i < valid && ++ow == c.Wo) { ow = 0; if (++oh == c.Ho) { oh = 0; ++image; } }
@@ -27,75 +22,152 @@ void separable_block(const SeparableCall& c, int64_t block, int64_t tile_begin, 
       for (int64_t kw = 0; kw < c.KW; ++kw) {
         const int64_t ih = row0 + kh * c.dh, iw = col0 + kw * c.dw;
         const bool inside = i < valid && ih >= 0 && ih < c.H && iw >= 0 && iw < c.W;
-        rows[(kh * c.KW + kw) * NP + i] = inside ? c.x + image * c.xs[0] + ih * c.xs[2] + iw * c.xs[3] : c.zeros;
+        rows[(kh * c.KW + kw) * NP + i] = inside ? source + image * ss[0] + ih * ss[2] + iw * ss[3] : c.zeros;
       }
   }
+  return valid;
+}
+
+// dst[i][k] = bias[k] + sum over taps rows[tap * NP + i][k] * wdw[tap][k], k < c.D, for
+// the first `count` pixels (then the optional ReLU): NP independent accumulators per
+// vector of channels, one weight load per tap.
+inline void depthwise_pixels(const SeparableCall& c, const float* const* rows, const float* bias, bool relu,
+                             float* const* dst, int count) {
+  constexpr int NP = kSeparablePixels;
+  const int64_t taps = c.KH * c.KW, D = c.D, Dv = c.Dv;
+  const vec zero = vec{};
   int64_t k = 0;
-  for (; k + kLanes <= M; k += kLanes) {
-    vec acc[NP] = {};
+  for (; k + kLanes <= D; k += kLanes) {
+    vec acc[NP];
+    const vec b = bias != nullptr ? load(bias + k) : zero;
+    for (int i = 0; i < NP; ++i) acc[i] = b;
     for (int64_t tap = 0; tap < taps; ++tap) {
-      const vec w = load(c.wdw + tap * Mv + k);
+      const vec w = load(c.wdw + tap * Dv + k);
       const float* const* r = rows + tap * NP;
       for (int i = 0; i < NP; ++i) acc[i] += load(r[i] + k) * w;
     }
-    for (int i = 0; i < NP; ++i) store(buffer + i * Mv + k, acc[i]);
+    for (int i = 0; i < count; ++i) store(dst[i] + k, relu ? (acc[i] > zero ? acc[i] : zero) : acc[i]);
   }
-  for (; k < M; ++k)  // the channels past the last whole vector: a vector load would leave the pixel
-    for (int i = 0; i < NP; ++i) {
-      float acc = 0.0f;
-      for (int64_t tap = 0; tap < taps; ++tap) acc += rows[tap * NP + i][k] * c.wdw[tap * Mv + k];
-      buffer[i * Mv + k] = acc;
+  for (; k < D; ++k)  // the channels past the last whole vector: a vector load would leave the pixel
+    for (int i = 0; i < count; ++i) {
+      float acc = bias != nullptr ? bias[k] : 0.0f;
+      for (int64_t tap = 0; tap < taps; ++tap) acc += rows[tap * NP + i][k] * c.wdw[tap * Dv + k];
+      dst[i][k] = relu && acc < 0.0f ? 0.0f : acc;
     }
-  // 2. Pointwise, tile by tile: NP x NV accumulators over the buffer's channels.
+}
+
+// For filter tiles [tile_begin, tile_end): dst[i][f] = pointwise_bias[f] + sum over k < K
+// of src[i][k] * wpw[tile][k][f], f < c.N, for the first `count` pixels (then the
+// optional ReLU): NP x NV accumulators in registers; whole vectors stored where the tile's
+// filters are all real.
+template <int NV>
+void pointwise_tiles(const SeparableCall& c, const float* const* src, int64_t K, int64_t tile_begin, int64_t tile_end,
+                     bool relu, float* const* dst, int count) {
+  constexpr int NP = kSeparablePixels;
+  const int64_t FT = c.FT;
+  const vec zero = vec{};
   for (int64_t t = tile_begin; t < tile_end; ++t) {
-    const float* w = c.wpw + t * M * FT;
+    const float* w = c.wpw + t * K * FT;
     vec acc[NP][NV];
     for (int v = 0; v < NV; ++v) {
-      const vec b = load(c.bias + t * FT + v * kLanes);
+      const vec b = load(c.pointwise_bias + t * FT + v * kLanes);
       for (int i = 0; i < NP; ++i) acc[i][v] = b;
     }
-    for (int64_t k = 0; k < M; ++k) {
+    for (int64_t k = 0; k < K; ++k) {
       vec wv[NV];
       for (int v = 0; v < NV; ++v) wv[v] = load(w + k * FT + v * kLanes);
       for (int i = 0; i < NP; ++i) {
-        const float s = buffer[i * Mv + k];
+        const float s = src[i][k];
         for (int v = 0; v < NV; ++v) acc[i][v] += s * wv[v];
       }
     }
     const int64_t filter0 = t * FT;
-    const vec zero = vec{};
-    const bool whole = filter0 + FT <= c.N && c.os[1] == 1;
-    for (int i = 0; i < valid; ++i) {
-      float* o = c.out + outs[i] + filter0 * c.os[1];
+    const bool whole = filter0 + FT <= c.N;
+    for (int i = 0; i < count; ++i) {
+      float* o = dst[i] + filter0;
       for (int v = 0; v < NV; ++v) {
-        vec r = acc[i][v];
-        if (c.relu) r = r > zero ? r : zero;
+        const vec r = relu ? (acc[i][v] > zero ? acc[i][v] : zero) : acc[i][v];
         if (whole) {
           store(o + v * kLanes, r);
         } else {
           for (int f = 0; f < kLanes; ++f)
-            if (filter0 + v * kLanes + f < c.N) o[(v * kLanes + f) * c.os[1]] = r[f];
+            if (filter0 + v * kLanes + f < c.N) o[v * kLanes + f] = r[f];
         }
       }
     }
   }
 }
 
-void run_separable(const SeparableCall& c) {
-  constexpr int NP = kSeparablePixels;
-  const int64_t pixels = c.B * c.Ho * c.Wo;
-  const int64_t blocks = (pixels + NP - 1) / NP;
+// Items of `blocks` blocks x groups of c.tiles_per_group filter tiles, group-major (a
+// thread's run of items mostly shares one group's weights): body(block, tile_begin, tile_end).
+template <class Body>
+void for_tiles_and_blocks(const SeparableCall& c, int64_t blocks, const Body& body) {
   const int64_t groups = (c.T + c.tiles_per_group - 1) / c.tiles_per_group;
-  const int NV = static_cast<int>(c.FT / kLanes);
-  // Items group-major: a thread's run of items mostly shares one group's weights.
   at::parallel_for(0, groups * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buffer(NP * c.Mv);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t group = item / blocks, block = item % blocks;
       const int64_t tile_begin = group * c.tiles_per_group;
-      const int64_t tile_end = std::min<int64_t>(c.T, tile_begin + c.tiles_per_group);
-      if (NV == 1) separable_block<1>(c, block, tile_begin, tile_end, buffer.data());
-      else separable_block<2>(c, block, tile_begin, tile_end, buffer.data());
+      body(block, tile_begin, std::min<int64_t>(c.T, tile_begin + c.tiles_per_group));
     }
   });
+}
+
+template <int NV>
+void run_depthwise_first(const SeparableCall& c) {
+  constexpr int NP = kSeparablePixels;
+  const int64_t blocks = (c.B * c.Ho * c.Wo + NP - 1) / NP;
+  for_tiles_and_blocks(c, blocks, [&](int64_t block, int64_t tile_begin, int64_t tile_end) {
+    thread_local std::vector<float> buffer;
+    if (static_cast<int64_t>(buffer.size()) < NP * c.Dv) buffer.resize(NP * c.Dv);
+    const float* rows[kSeparableMaxTaps * NP];
+    int64_t outs[NP];
+    const int valid = block_taps(c, c.x, c.xs, block * NP, rows, outs);
+    float* mid[NP];
+    float* dst[NP];
+    for (int i = 0; i < NP; ++i) { mid[i] = buffer.data() + i * c.Dv; dst[i] = c.out + outs[i]; }
+    depthwise_pixels(c, rows, nullptr, false, mid, NP);
+    pointwise_tiles<NV>(c, mid, c.M, tile_begin, tile_end, c.relu, dst, valid);
+  });
+}
+
+template <int NV>
+void run_pointwise_first(const SeparableCall& c) {
+  constexpr int NP = kSeparablePixels;
+  // 1. The pointwise convolution of every input pixel into the scratch buffer.
+  const int64_t pixels = c.B * c.H * c.W;
+  for_tiles_and_blocks(c, (pixels + NP - 1) / NP, [&](int64_t block, int64_t tile_begin, int64_t tile_end) {
+    const float* src[NP];
+    float* dst[NP];
+    const int64_t first = block * NP;
+    const int valid = static_cast<int>(std::min<int64_t>(NP, pixels - first));
+    int64_t w = first % c.W, h = (first / c.W) % c.H, image = first / (c.W * c.H);
+    for (int i = 0; i < NP; ++i) {
+      if (i > 0 && i < valid && ++w == c.W) { w = 0; if (++h == c.H) { h = 0; ++image; } }
+      src[i] = i < valid ? c.x + image * c.xs[0] + h * c.xs[2] + w * c.xs[3] : c.zeros;
+      dst[i] = c.scratch + (first + i) * c.Dv;
+    }
+    pointwise_tiles<NV>(c, src, c.M, tile_begin, tile_end, false, dst, valid);
+  });
+  // 2. The depthwise convolution over it, with its bias and the ReLU.
+  const int64_t ss[4] = {c.H * c.W * c.Dv, 1, c.W * c.Dv, c.Dv};
+  const int64_t blocks = (c.B * c.Ho * c.Wo + NP - 1) / NP;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    const float* rows[kSeparableMaxTaps * NP];
+    int64_t outs[NP];
+    float* dst[NP];
+    for (int64_t block = begin; block < end; ++block) {
+      const int valid = block_taps(c, c.scratch, ss, block * NP, rows, outs);
+      for (int i = 0; i < NP; ++i) dst[i] = c.out + outs[i];
+      depthwise_pixels(c, rows, c.depthwise_bias, c.relu, dst, valid);
+    }
+  });
+}
+
+void run_separable(const SeparableCall& c) {
+  const bool one_vector = c.FT == kLanes;
+  if (c.pointwise_first) {
+    if (one_vector) run_pointwise_first<1>(c); else run_pointwise_first<2>(c);
+  } else {
+    if (one_vector) run_depthwise_first<1>(c); else run_depthwise_first<2>(c);
+  }
 }

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from ..ops.conv_geometry import check_conv_input
 from ._common import conv_arguments, describe_spatial
+from ._direct import DirectSeparable
 from .depthwise import DepthwiseConv2d
 from ..ops.least_squares import bordered_solve
 from ..ops.low_rank import low_rank_factors
@@ -122,7 +123,7 @@ def _describe(layer, extra: str) -> str:
     return describe_spatial(layer, layer.dw, layer.dw.bias is not None, extra + (", with_bn=True" if layer.with_bn else ""))
 
 
-class BSConvU2d(_Blueprint, nn.Module):
+class BSConvU2d(DirectSeparable, _Blueprint, nn.Module):
     r"""Unconstrained blueprint separable convolution: pointwise 1x1 then depthwise KxK.
 
     Submodules (as the official ``BSConvU``): ``pw`` = Conv2d(M, N, 1, bias=False),
@@ -177,6 +178,10 @@ class BSConvU2d(_Blueprint, nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         check_conv_input(input, self.in_channels, "BSConvU2d")
+        if not self.with_bn and input.dim() == 4:
+            out = self._direct(input, self.dw, self.pw, pointwise_first=True)
+            if out is not None:
+                return out
         return _run_unbatched_safe(self, input)
 
     # ------------------------------------------------- the layer protocol (protocol.py)

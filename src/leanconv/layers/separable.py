@@ -12,25 +12,19 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..ops import hetconv_direct, separable_direct
-from ..ops.conv_geometry import check_conv_input, conv_output_size
+from ..ops.conv_geometry import check_conv_input
 from ._common import conv_arguments, describe_spatial
 from .depthwise import DepthwiseConv2d
 from ..ops.least_squares import ridge_solve
 from ..ops.low_rank import low_rank_factors
-from .prepacked import PrepackedConv2d, numeric_padding
+from ._direct import DirectSeparable
 from .protocol import LeanConvLayer, fold_batchnorm, write_bias, write_parameter
-
-# The pointwise convolutions the direct kernel stands in for (optimize_for_inference makes
-# them PrepackedConv2d, whose activation the kernel then applies).
-_PLAIN_POINTWISE = (nn.Conv2d, PrepackedConv2d)
 
 __all__ = ["DSConv2d", "GWPWConv2d"]
 
 
-class _SpatialThenPointwise(LeanConvLayer, nn.Module):
+class _SpatialThenPointwise(DirectSeparable, LeanConvLayer, nn.Module):
     """What DSC and GWC+PWC share: a spatial KxK convolution (``_SPATIAL`` names it), an
     optional BN, a pointwise 1x1 ``pw``; a following BN folds into ``pw``, their own into
     the spatial convolution."""
@@ -40,58 +34,13 @@ class _SpatialThenPointwise(LeanConvLayer, nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         check_conv_input(input, self.in_channels, type(self).__name__)
         if self.bn is None and input.dim() == 4:
-            out = self._direct(input)
+            out = self._direct(input, getattr(self, self._SPATIAL), self.pw, pointwise_first=False)
             if out is not None:
                 return out
         x = getattr(self, self._SPATIAL)(input)
         if self.bn is not None:
             x = self.bn(x) if input.dim() == 4 else self.bn(x.unsqueeze(0)).squeeze(0)
         return self.pw(x)
-
-    def _direct(self, input: torch.Tensor) -> torch.Tensor | None:
-        """The layer by the direct separable kernel (:mod:`leanconv.ops.separable_direct`)
-        where it applies and pays: an eager CPU float32 inference call of a depthwise
-        (multiplier 1) then a plain 1x1 convolution, no hooks on them, a small call
-        (:func:`~leanconv.ops.separable_direct.pays`); else None (the two convolutions run)."""
-        spatial, pw = getattr(self, self._SPATIAL), self.pw
-        if (spatial.groups != self.in_channels or spatial.out_channels != self.in_channels
-                or spatial.padding_mode != "zeros" or type(pw) not in _PLAIN_POINTWISE
-                or pw.kernel_size != (1, 1) or pw.stride != (1, 1) or pw.dilation != (1, 1) or pw.groups != 1
-                or pw.padding not in ((0, 0), "valid") or getattr(spatial, "activation", None) is not None
-                or spatial._forward_hooks or spatial._forward_pre_hooks or pw._forward_hooks or pw._forward_pre_hooks
-                or getattr(spatial, "backend", None) not in (None, "auto", "torch")):
-            return None
-        padding = numeric_padding(spatial)
-        if padding is None:
-            return None
-        sizes = [conv_output_size(input.shape[2 + d], spatial.kernel_size[d], spatial.stride[d], padding[d],
-                                  spatial.dilation[d]) for d in (0, 1)]
-        if (min(sizes) < 1 or not separable_direct.pays(input.shape[0], *sizes)  # (the library form names a too small input)
-                or separable_direct.why_not(input, spatial.weight, pw.weight)):
-            return None
-        params = (spatial.weight, spatial.bias, pw.weight, pw.bias)
-        try:
-            stamp = tuple((t._version, t.data_ptr()) if t is not None else None for t in params)
-        except RuntimeError:  # parameters made under inference_mode have no version counter: no cache
-            stamp = None
-        cached = self.__dict__.get("_direct_packed")
-        if stamp is None or cached is None or cached[0] != (stamp, hetconv_direct.active_isa()):
-            packed = separable_direct.pack(*params)
-            if stamp is not None:
-                self.__dict__["_direct_packed"] = ((stamp, packed.isa), packed)
-        else:
-            packed = cached[1]
-        activation = getattr(pw, "activation", None)
-        out = separable_direct.run(input, packed, spatial.kernel_size, spatial.stride, padding, spatial.dilation,
-                                   relu=activation == "relu")
-        if activation in ("relu6", "silu"):
-            out = F.relu6(out, inplace=True) if activation == "relu6" else F.silu(out, inplace=True)
-        return out
-
-    def __getstate__(self):
-        state = dict(super().__getstate__())
-        state.pop("_direct_packed", None)  # a cache, rebuilt on the next call
-        return state
 
     def inference_form(self, *, merge_bsconv_s: bool = True) -> nn.Module:
         if self.bn is not None:

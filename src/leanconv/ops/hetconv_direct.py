@@ -489,13 +489,14 @@ torch.library.define(
 # packs its weights and calls it); defined here, before the extension that implements it loads.
 torch.library.define(
     "leanconv::separable_direct_packed",
-    "(Tensor x, Tensor depthwise, Tensor pointwise, Tensor bias, int out_channels, int[] kernel_size, int[] stride, "
-    "int[] padding, int[] dilation, bool relu, str isa) -> Tensor",
+    "(Tensor x, Tensor depthwise, Tensor pointwise, Tensor pointwise_bias, Tensor depthwise_bias, int out_channels, "
+    "int[] kernel_size, int[] stride, int[] padding, int[] dilation, bool pointwise_first, bool relu, str isa) -> Tensor",
 )
 
 
 @torch.library.register_fake("leanconv::separable_direct_packed")
-def _(x, depthwise, pointwise, bias, out_channels, kernel_size, stride, padding, dilation, relu, isa):
+def _(x, depthwise, pointwise, pointwise_bias, depthwise_bias, out_channels, kernel_size, stride, padding, dilation,
+      pointwise_first, relu, isa):
     return _output_like(x, out_channels, kernel_size, stride, padding, dilation)
 
 

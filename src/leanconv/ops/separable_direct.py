@@ -1,14 +1,16 @@
-"""The direct depthwise-separable kernel: DSC (a depthwise KxK convolution then a 1x1) in
-one pass on the CPU, for inference (:file:`leanconv/kernels/separable_direct.h`, in the
-same C++ extension as the direct HetConv kernel, compiled per ISA the same way).
+"""The direct separable kernels: DSC (a depthwise KxK convolution then a 1x1) and BSConv-U
+(a 1x1 then a depthwise KxK) in one call on the CPU, for inference
+(:file:`leanconv/kernels/separable_direct.h`, in the same C++ extension as the direct
+HetConv kernel, compiled per ISA the same way).
 
 DSC: Howard et al., "MobileNets", 2017, https://arxiv.org/abs/1704.04861.
+BSConv: Haase & Amthor, CVPR 2020, https://arxiv.org/abs/2003.13549.
 
-:func:`pack` lays the weights out for one ISA's vector width (the depthwise bias folded
-into the pointwise one); :func:`run` calls the kernel (the registered op
-``torch.ops.leanconv.separable_direct_packed``); :func:`reference` is the same function
-as the two convolutions, what the tests compare the kernel with. :func:`why_not` says
-where the kernel does not apply; :class:`leanconv.DSConv2d` runs its library form there.
+:func:`pack` lays the weights out for one ISA's vector width; :func:`run` calls the kernel
+(the registered op ``torch.ops.leanconv.separable_direct_packed``); :func:`reference` is the
+same function as the two convolutions, what the tests compare the kernel with.
+:func:`why_not` and :func:`pays` say where the kernel does not apply or does not pay; the
+layers (:class:`leanconv.DSConv2d`, :class:`leanconv.BSConvU2d`) run their library form there.
 """
 
 from __future__ import annotations
@@ -26,56 +28,70 @@ __all__ = ["DIRECT_MAX_BATCH", "DIRECT_MAX_PIXELS", "PackedSeparable", "pack", "
 
 @dataclass(frozen=True)
 class PackedSeparable:
-    """A DSC layer's weights laid out for the kernel of ``isa``: ``depthwise`` (taps, Mv),
-    ``pointwise`` (tiles, M, tile width), ``bias`` (tiles * tile width)."""
+    """A layer's weights laid out for the kernel of ``isa``: ``depthwise`` (taps, D rounded
+    to vectors), ``pointwise`` (tiles, M, tile width), the biases (tiles * tile width), and
+    the order of the two convolutions."""
 
     depthwise: torch.Tensor
     pointwise: torch.Tensor
-    bias: torch.Tensor
+    pointwise_bias: torch.Tensor
+    depthwise_bias: torch.Tensor
     out_channels: int
+    pointwise_first: bool
     isa: str
 
 
 def pack(depthwise_weight: torch.Tensor, depthwise_bias: torch.Tensor | None, pointwise_weight: torch.Tensor,
-         pointwise_bias: torch.Tensor | None, isa: str | None = None) -> PackedSeparable:
-    """Lay out ``depthwise_weight`` (M, 1, KH, KW), ``pointwise_weight`` (N, M, 1, 1) and
-    their biases for ``isa``'s kernel (default: the active ISA)."""
+         pointwise_bias: torch.Tensor | None, isa: str | None = None, *, pointwise_first: bool = False) -> PackedSeparable:
+    """Lay out ``depthwise_weight`` (D, 1, KH, KW), ``pointwise_weight`` (N, M, 1, 1) and their
+    biases for ``isa``'s kernel (default: the active ISA). Depthwise first (DSC): D = M, and
+    the depthwise bias folds into the pointwise one; pointwise first (BSConv-U): D = N."""
     isa = isa or hetconv_direct.active_isa()
     lanes = hetconv_direct.lanes(isa)
-    channels, out_channels = depthwise_weight.shape[0], pointwise_weight.shape[0]
-    taps = depthwise_weight.shape[2] * depthwise_weight.shape[3]
-    padded = -(-channels // lanes) * lanes
+    depth, taps = depthwise_weight.shape[0], depthwise_weight.shape[2] * depthwise_weight.shape[3]
+    out_channels, in_channels = pointwise_weight.shape[0], pointwise_weight.shape[1]
+    padded = -(-depth // lanes) * lanes
+    tile = hetconv_direct.tile_width(out_channels, isa)
+    tiles = -(-out_channels // tile)
     with torch.no_grad():
         depthwise = torch.zeros(taps, padded, dtype=torch.float32)
-        depthwise[:, :channels] = depthwise_weight.detach().float().reshape(channels, taps).t()
-        matrix = pointwise_weight.detach().float().reshape(out_channels, channels)
-        tile = hetconv_direct.tile_width(out_channels, isa)
-        tiles = -(-out_channels // tile)
-        pointwise = torch.zeros(tiles * tile, channels, dtype=torch.float32)
+        depthwise[:, :depth] = depthwise_weight.detach().float().reshape(depth, taps).t()
+        matrix = pointwise_weight.detach().float().reshape(out_channels, in_channels)
+        pointwise = torch.zeros(tiles * tile, in_channels, dtype=torch.float32)
         pointwise[:out_channels] = matrix
-        pointwise = pointwise.reshape(tiles, tile, channels).transpose(1, 2).contiguous()
-        bias = torch.zeros(tiles * tile, dtype=torch.float64)
+        pointwise = pointwise.reshape(tiles, tile, in_channels).transpose(1, 2).contiguous()
+        first_bias = torch.zeros(tiles * tile, dtype=torch.float64)
+        second_bias = torch.zeros(tiles * tile, dtype=torch.float64)
         if pointwise_bias is not None:
-            bias[:out_channels] += pointwise_bias.detach().double()
+            first_bias[:out_channels] += pointwise_bias.detach().double()
         if depthwise_bias is not None:
-            bias[:out_channels] += matrix.double() @ depthwise_bias.detach().double()
-    return PackedSeparable(depthwise.contiguous(), pointwise, bias.float(), out_channels, isa)
+            if pointwise_first:
+                second_bias[:out_channels] += depthwise_bias.detach().double()
+            else:
+                first_bias[:out_channels] += matrix.double() @ depthwise_bias.detach().double()
+    return PackedSeparable(depthwise.contiguous(), pointwise, first_bias.float(), second_bias.float(), out_channels,
+                           pointwise_first, isa)
 
 
 def run(x: torch.Tensor, packed: PackedSeparable, kernel_size, stride, padding, dilation,
         relu: bool = False) -> torch.Tensor:
     """The layer on ``x`` (B, M, H, W) by the kernel; the output has ``x``'s memory format."""
     return torch.ops.leanconv.separable_direct_packed(
-        x, packed.depthwise, packed.pointwise, packed.bias, packed.out_channels, list(kernel_size), list(stride),
-        list(padding), list(dilation), relu, packed.isa)
+        x, packed.depthwise, packed.pointwise, packed.pointwise_bias, packed.depthwise_bias, packed.out_channels,
+        list(kernel_size), list(stride), list(padding), list(dilation), packed.pointwise_first, relu, packed.isa)
 
 
 def reference(x: torch.Tensor, depthwise_weight, depthwise_bias, pointwise_weight, pointwise_bias, stride, padding,
-              dilation, relu: bool = False) -> torch.Tensor:
+              dilation, relu: bool = False, *, pointwise_first: bool = False) -> torch.Tensor:
     """:func:`run`'s function as the two convolutions."""
-    mid = F.conv2d(x, depthwise_weight, depthwise_bias, tuple(stride), tuple(padding), tuple(dilation),
-                   depthwise_weight.shape[0])
-    out = F.conv2d(mid, pointwise_weight, pointwise_bias)
+    def depthwise(t):
+        return F.conv2d(t, depthwise_weight, depthwise_bias, tuple(stride), tuple(padding), tuple(dilation),
+                        depthwise_weight.shape[0])
+
+    if pointwise_first:
+        out = depthwise(F.conv2d(x, pointwise_weight, pointwise_bias))
+    else:
+        out = F.conv2d(depthwise(x), pointwise_weight, pointwise_bias)
     return torch.relu(out) if relu else out
 
 
@@ -102,8 +118,6 @@ def why_not(x: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weight: t
     if torch.is_grad_enabled() and (x.requires_grad or depthwise_weight.requires_grad
                                     or pointwise_weight.requires_grad):
         return "autograd is recording (the kernel is for inference)"
-    if depthwise_weight.shape[0] != x.shape[1] or depthwise_weight.shape[1] != 1:
-        return "a depth multiplier above 1 (the kernel reads one input channel per depthwise channel)"
     if not hetconv_direct.available():
         return f"the C++ kernel is unavailable ({hetconv_direct.unavailable_reason()})"
     return None
