@@ -1,13 +1,14 @@
-"""The direct depthwise-separable kernel against the library forms of the same DSC layer,
-on VGG-16's (CIFAR) layer shapes, CPU inference: the measurements behind
-``leanconv.ops.separable_direct.pays`` (which calls DSConv2d sends to the kernel).
+"""The direct separable kernels against the library forms of the same DSC and BSConv-U
+layers, on VGG-16's (CIFAR) layer shapes, CPU inference: the measurements behind
+``leanconv.ops.separable_direct.pays`` (which calls DSConv2d and BSConvU2d send to them).
 
 Variants, timed interleaved per shape (``leanconv.bench.time_interleaved``, a sample the
 mean of a block of calls of at least 30 ms):
 
 * ``dense``: ``nn.Conv2d``'s convolution of the same shape (``F.conv2d``), the baseline of
   the MAC-ratio speed-up;
-* ``library``: the two ``F.conv2d`` calls (depthwise, then 1x1) of the unfused layer;
+* ``library``: the two ``F.conv2d`` calls of the layer (DSC: depthwise then 1x1;
+  BSConv-U: 1x1 then depthwise);
 * ``onednn``: the same two convolutions through oneDNN with prepacked weights
   (``leanconv.ops.onednn``, what ``optimize_for_inference`` runs);
 * ``direct``: the kernel (``leanconv.ops.separable_direct.run``).
@@ -40,6 +41,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, nargs="+", default=BATCHES)
     parser.add_argument("--formats", nargs="+", default=["channels_last", "contiguous"],
                         choices=["channels_last", "contiguous"])
+    parser.add_argument("--kinds", nargs="+", default=["dsc", "bsconv_u"], choices=["dsc", "bsconv_u"])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="two small shapes, batch 1 and 4 (a smoke run)")
@@ -70,14 +72,15 @@ def main(argv=None) -> int:
     batches = [1, 4] if args.quick else args.batch
     repeats = 2 if args.quick else args.repeats
     rows = []
-    for channels, side in shapes:
+    for (channels, side), kind in [(shape, kind) for shape in shapes for kind in args.kinds]:
+        pointwise_first = kind == "bsconv_u"
         generator = torch.Generator().manual_seed(0)
         dw = torch.randn(channels, 1, 3, 3, generator=generator)
         dw_bias = torch.randn(channels, generator=generator)
         pw = torch.randn(channels, channels, 1, 1, generator=generator) / channels ** 0.5
-        pw_bias = torch.randn(channels, generator=generator)
+        pw_bias = None if pointwise_first else torch.randn(channels, generator=generator)
         dense = torch.randn(channels, channels, 3, 3, generator=generator)
-        packed = separable_direct.pack(dw, dw_bias, pw, pw_bias)
+        packed = separable_direct.pack(dw, dw_bias, pw, pw_bias, pointwise_first=pointwise_first)
         for fmt in args.formats:
             memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
             for batch in batches:
@@ -86,13 +89,18 @@ def main(argv=None) -> int:
                 packed_pw = onednn.prepack(pw, (0, 0), (1, 1), (1, 1), 1, x.shape)
 
                 def onednn_form(x=x, packed_dw=packed_dw, packed_pw=packed_pw):
-                    mid = onednn.conv2d(x, packed_dw, dw_bias, (1, 1), (1, 1), (1, 1), channels)
-                    out = onednn.conv2d(mid, packed_pw, pw_bias, (0, 0), (1, 1), (1, 1), 1)
+                    if pointwise_first:
+                        mid = onednn.conv2d(x, packed_pw, pw_bias, (0, 0), (1, 1), (1, 1), 1)
+                        out = onednn.conv2d(mid, packed_dw, dw_bias, (1, 1), (1, 1), (1, 1), channels)
+                    else:
+                        mid = onednn.conv2d(x, packed_dw, dw_bias, (1, 1), (1, 1), (1, 1), channels)
+                        out = onednn.conv2d(mid, packed_pw, pw_bias, (0, 0), (1, 1), (1, 1), 1)
                     return out if fmt == "channels_last" else out.contiguous()
 
                 variants = {
-                    "dense": lambda x=x: F.conv2d(x, dense, pw_bias, 1, 1),
-                    "library": lambda x=x: separable_direct.reference(x, dw, dw_bias, pw, pw_bias, (1, 1), (1, 1), (1, 1)),
+                    "dense": lambda x=x: F.conv2d(x, dense, dw_bias, 1, 1),
+                    "library": lambda x=x: separable_direct.reference(x, dw, dw_bias, pw, pw_bias, (1, 1), (1, 1), (1, 1),
+                                                                      pointwise_first=pointwise_first),
                     "onednn": onednn_form,
                     "direct": lambda x=x: separable_direct.run(x, packed, (3, 3), (1, 1), (1, 1), (1, 1)),
                 }
@@ -117,34 +125,34 @@ def main(argv=None) -> int:
                 macs_dense = batch * side * side * channels * channels * 9
                 macs_dsc = batch * side * side * channels * (9 + channels)
                 best_library = min(ms["library"], ms["onednn"])
-                row = {"channels": channels, "map": f"{side}x{side}", "batch": batch, "format": fmt,
+                row = {"kind": kind, "channels": channels, "map": f"{side}x{side}", "batch": batch, "format": fmt,
                        **{f"{name}_ms": value for name, value in ms.items()},
                        "direct_over_best_library": ms["direct"] / best_library,
                        "direct_speedup_vs_dense": ms["dense"] / ms["direct"],
                        "mac_ratio": macs_dense / macs_dsc,
                        "fraction_of_mac_ratio": ms["dense"] / ms["direct"] / (macs_dense / macs_dsc),
                        "direct_gmacs": macs_dsc / (ms["direct"] * 1e6),
-                       "rule_picks_direct": separable_direct.pays(batch, side, side),
+                       "rule_picks_direct": separable_direct.pays(batch, side, side, fmt == "channels_last"),
                        "iqr_pct_direct": 100 * timed["direct"].spread}
                 rows.append(row)
-                print(f"{channels:>3}ch {side:>2}x{side:<2} b{batch:<3} {fmt:<13} " + "  ".join(
+                print(f"{kind:<8} {channels:>3}ch {side:>2}x{side:<2} b{batch:<3} {fmt:<13} " + "  ".join(
                     f"{name} {value:7.3f}" for name, value in ms.items())
                       + f"  direct/best library {row['direct_over_best_library']:.2f}", flush=True)
 
     header = describe_environment()
-    title = (f"Direct depthwise-separable kernel vs the library forms, VGG-16 CIFAR DSC layers (3x3), inference, "
+    title = (f"Direct separable kernels vs the library forms, VGG-16 CIFAR DSC and BSConv-U layers (3x3), inference, "
              f"CPU {header['cpu_capability']} (kernel ISA {header['hetconv_direct_isa']})")
     stem = args.out or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results", "cpu",
                                     f"{machine_slug(header)}-separable-direct")
     os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
-    columns = ["channels", "map", "batch", "format", "dense_ms", "library_ms", "onednn_ms", "direct_ms",
+    columns = ["kind", "channels", "map", "batch", "format", "dense_ms", "library_ms", "onednn_ms", "direct_ms",
                "direct_over_best_library", "direct_speedup_vs_dense", "mac_ratio", "fraction_of_mac_ratio",
                "direct_gmacs", "rule_picks_direct", "iqr_pct_direct"]
     notes = ["times per call (ms): medians over interleaved rounds, each sample a block of consecutive calls (>= 30 ms)",
              "direct_over_best_library < 1: the kernel is faster than the faster of the two library forms",
              "mac_ratio: nn.Conv2d's MACs over the DSC layer's; fraction_of_mac_ratio: the kernel's speed-up over "
              "dense divided by it; direct_gmacs: the layer's MACs (not FLOPs) per second",
-             "rule_picks_direct: leanconv.ops.separable_direct.pays (batch <= 2 and at most 2048 output pixels)"]
+             "rule_picks_direct: leanconv.ops.separable_direct.pays (channels-last, batch <= 2, at most 2048 output pixels)"]
     config = dict(vars(args), shapes=shapes, batches=batches, repeats=repeats)
     for path in write_results(stem, header=header, config=config, rows=rows, columns=columns, title=title, notes=notes):
         print(f"# wrote {path}")

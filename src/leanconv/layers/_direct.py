@@ -35,6 +35,11 @@ def _applies(depthwise: nn.Module, pointwise: nn.Module, input_channels: int, po
             and getattr(depthwise, "backend", None) in (None, "auto", "torch"))
 
 
+def _channels_last(x: torch.Tensor) -> bool:
+    """Stored channels-last (a tensor that is both, e.g. of 1x1 maps, counts as NCHW)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 class DirectSeparable:
     """Mixin of the layers whose forward is a depthwise and a pointwise convolution: their
     eager CPU inference calls that the kernel takes (:func:`~leanconv.ops.separable_direct.pays`)
@@ -50,7 +55,7 @@ class DirectSeparable:
             return None
         sizes = [conv_output_size(input.shape[2 + d], depthwise.kernel_size[d], depthwise.stride[d], padding[d],
                                   depthwise.dilation[d]) for d in (0, 1)]
-        if (min(sizes) < 1 or not separable_direct.pays(input.shape[0], *sizes)  # (the library form names a too small input)
+        if (min(sizes) < 1 or not separable_direct.pays(input.shape[0], *sizes, _channels_last(input))  # (the library form names a too small input)
                 or separable_direct.why_not(input, depthwise.weight, pointwise.weight)):
             return None
         params = (depthwise.weight, depthwise.bias, pointwise.weight, pointwise.bias)

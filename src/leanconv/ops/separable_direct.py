@@ -95,18 +95,19 @@ def reference(x: torch.Tensor, depthwise_weight, depthwise_bias, pointwise_weigh
     return torch.relu(out) if relu else out
 
 
-# Calls of at most this batch and these output pixels (batch x rows x columns) run the kernel:
-# it was 1.2-2.2x faster than oneDNN's two prepacked convolutions there on every layer of
-# the VGG grid (32-512 channels, batch 1-2), and is slower from batch 4-8 on, where oneDNN's
-# 1x1 convolution outpaces its pointwise part (benchmarks/separable_direct.py, results/cpu/
-# *-separable-direct.md).
+# Channels-last calls of at most this batch and these output pixels (batch x rows x columns)
+# run the kernel: there it was faster than both library forms (the two F.conv2d calls and
+# oneDNN's two prepacked convolutions) on every layer of the VGG grid (32-512 channels, batch
+# 1-2); from batch 4-8 on oneDNN's 1x1 convolution outpaces the kernel's pointwise part, and
+# an NCHW input costs two layout copies that take what the kernel saves
+# (benchmarks/separable_direct.py, results/cpu/*-separable-direct.md).
 DIRECT_MAX_BATCH = 2
 DIRECT_MAX_PIXELS = 2048
 
 
-def pays(batch: int, out_height: int, out_width: int) -> bool:
-    """Whether a call of this batch and output map runs the kernel (the rule above)."""
-    return batch <= DIRECT_MAX_BATCH and batch * out_height * out_width <= DIRECT_MAX_PIXELS
+def pays(batch: int, out_height: int, out_width: int, channels_last: bool = True) -> bool:
+    """Whether a call of this batch, output map and input format runs the kernel (the rule above)."""
+    return channels_last and batch <= DIRECT_MAX_BATCH and batch * out_height * out_width <= DIRECT_MAX_PIXELS
 
 
 def why_not(x: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weight: torch.Tensor) -> str | None:
