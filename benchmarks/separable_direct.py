@@ -152,8 +152,10 @@ def main(argv=None) -> int:
              "direct_over_best_library < 1: the kernel is faster than the faster of the two library forms",
              "mac_ratio: nn.Conv2d's MACs over the DSC layer's; fraction_of_mac_ratio: the kernel's speed-up over "
              "dense divided by it; direct_gmacs: the layer's MACs (not FLOPs) per second",
-             "rule_picks_direct: leanconv.ops.separable_direct.pays (channels-last, batch <= 2, at most 2048 output pixels)"]
-    config = dict(vars(args), shapes=shapes, batches=batches, repeats=repeats)
+             "rule_picks_direct: leanconv.ops.separable_direct.pays (at most 2048 output pixels; batch <= 2 channels-last, "
+             "batch 1 NCHW)"]
+    config = dict(vars(args), command="python " + " ".join(["benchmarks/separable_direct.py", *sys.argv[1:]]),
+                  shapes=shapes, batches=batches, repeats=repeats)
     for path in write_results(stem, header=header, config=config, rows=rows, columns=columns, title=title, notes=notes):
         print(f"# wrote {path}")
     return 0

@@ -11,12 +11,14 @@ import torch.nn.functional as F
 
 from ..ops import hetconv_direct, separable_direct
 from ..ops.conv_geometry import conv_output_size
+from .depthwise import DepthwiseConv2d
 from .prepacked import PrepackedConv2d, numeric_padding
 
 __all__ = ["DirectSeparable"]
 
-# The convolutions the kernel stands in for: plain ones, or optimize_for_inference's.
-_PLAIN = (nn.Conv2d, PrepackedConv2d)
+# The convolutions the kernel stands in for: plain ones, or optimize_for_inference's (a
+# subclass with a forward of its own is left to it).
+_PLAIN = (nn.Conv2d, PrepackedConv2d, DepthwiseConv2d)
 
 
 def _applies(depthwise: nn.Module, pointwise: nn.Module, input_channels: int, pointwise_first: bool) -> bool:
@@ -26,7 +28,7 @@ def _applies(depthwise: nn.Module, pointwise: nn.Module, input_channels: int, po
     first, second = (pointwise, depthwise) if pointwise_first else (depthwise, pointwise)
     channels = pointwise.out_channels if pointwise_first else input_channels
     return (depthwise.groups == channels and depthwise.in_channels == channels and depthwise.out_channels == channels
-            and depthwise.padding_mode == "zeros" and type(pointwise) in _PLAIN
+            and depthwise.padding_mode == "zeros" and type(depthwise) in _PLAIN and type(pointwise) in _PLAIN
             and pointwise.kernel_size == (1, 1) and pointwise.stride == (1, 1) and pointwise.dilation == (1, 1)
             and pointwise.groups == 1 and pointwise.padding in ((0, 0), "valid")
             and getattr(first, "activation", None) is None and getattr(second, "activation", None) in (None, "relu", "relu6", "silu")

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from . import hetconv_direct
 from .registry import under_dispatch_mode
 
-__all__ = ["DIRECT_MAX_BATCH", "DIRECT_MAX_PIXELS", "PackedSeparable", "pack", "pays", "run", "reference", "why_not"]
+__all__ = ["DIRECT_MAX_BATCH", "DIRECT_MAX_BATCH_NCHW", "DIRECT_MAX_PIXELS", "PackedSeparable", "pack", "pays", "run", "reference", "why_not"]
 
 
 @dataclass(frozen=True)
@@ -95,19 +95,22 @@ def reference(x: torch.Tensor, depthwise_weight, depthwise_bias, pointwise_weigh
     return torch.relu(out) if relu else out
 
 
-# Channels-last calls of at most this batch and these output pixels (batch x rows x columns)
-# run the kernel: there it was faster than both library forms (the two F.conv2d calls and
-# oneDNN's two prepacked convolutions) on every layer of the VGG grid (32-512 channels, batch
-# 1-2); from batch 4-8 on oneDNN's 1x1 convolution outpaces the kernel's pointwise part, and
-# an NCHW input costs two layout copies that take what the kernel saves
-# (benchmarks/separable_direct.py, results/cpu/*-separable-direct.md).
+# Calls of at most DIRECT_MAX_PIXELS output pixels (batch x rows x columns) run the kernel at
+# batch <= 2 in channels-last, at batch 1 in NCHW: there it was faster than both library forms
+# (the two F.conv2d calls, and oneDNN's two prepacked convolutions) on every layer of the VGG
+# grid, 32-512 channels, DSC and BSConv-U (its time over the faster form's: 0.47-0.96
+# channels-last, 0.60-0.98 NCHW at batch 1). From batch 4 on oneDNN's 1x1 convolution
+# outpaces the kernel's pointwise part on some shapes, and an NCHW input's two layout copies
+# cost more from batch 2 (benchmarks/separable_direct.py, results/cpu/*-separable-direct.md).
 DIRECT_MAX_BATCH = 2
+DIRECT_MAX_BATCH_NCHW = 1
 DIRECT_MAX_PIXELS = 2048
 
 
 def pays(batch: int, out_height: int, out_width: int, channels_last: bool = True) -> bool:
     """Whether a call of this batch, output map and input format runs the kernel (the rule above)."""
-    return channels_last and batch <= DIRECT_MAX_BATCH and batch * out_height * out_width <= DIRECT_MAX_PIXELS
+    most = DIRECT_MAX_BATCH if channels_last else DIRECT_MAX_BATCH_NCHW
+    return batch <= most and batch * out_height * out_width <= DIRECT_MAX_PIXELS
 
 
 def why_not(x: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weight: torch.Tensor) -> str | None:
