@@ -198,7 +198,8 @@ def main(argv=None) -> int:
     header = describe_environment()
     header["runtime_versions"] = versions
     header["runtimes_left_out"] = skipped
-    config = dict(vars(args), width=width, rounds=rounds, repeats=repeats, threads=threads,
+    config = dict(vars(args), command="python " + " ".join(["benchmarks/inference_paths.py", *sys.argv[1:]]),
+                  width=width, rounds=rounds, repeats=repeats, threads=threads,
                   block_seconds=BLOCK_SECONDS, memory_format="channels_last", onnx="leanconv.export.export_onnx, fused, "
                   "dynamic batch, opset default")
     title = (f"Whole-network CPU inference paths ({header['cpu_capability']}, {threads} threads): "

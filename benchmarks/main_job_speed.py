@@ -2,7 +2,8 @@
 """The main job's speed without its training: the networks ``make demo`` (``leanconv
 compare``) trains, built fresh, timed as it times them: inference of a batch of 1 and a
 training step (forward, cross-entropy, backward, SGD with momentum) on its batch, every
-conv kind interleaved in rounds, in NCHW (what the main job runs) and channels-last.
+conv kind interleaved in rounds, in NCHW (what the main job runs) and channels-last; and the
+peak memory of a training step.
 
     python benchmarks/main_job_speed.py --out-dir results/cpu
 
@@ -19,7 +20,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from leanconv.bench import describe_environment, machine_slug, time_interleaved, write_results
+from leanconv.bench import describe_environment, machine_slug, peak_allocated_bytes, time_interleaved, write_results
 from leanconv.commands.compare import DEFAULTS
 from leanconv.compare import DEFAULT_CONVS
 from leanconv.models import create
@@ -65,6 +66,7 @@ def main(argv=None) -> int:
             infer[conv], step[conv] = run_infer, run_step
         latency = time_interleaved(infer, warmup=3, repeats=args.repeats, inner=5)
         steps = time_interleaved(step, warmup=2, repeats=args.repeats)
+        peaks = {conv: peak_allocated_bytes(run) / 2**20 for conv, run in step.items()}  # as leanconv compare measures it
         for conv in convs:
             rows.append({
                 "conv": conv, "format": fmt,
@@ -72,13 +74,16 @@ def main(argv=None) -> int:
                 "latency_speedup": latency["standard"].median / latency[conv].median,
                 f"train_step_b{batch}_ms": 1e3 * steps[conv].median, "train_step_spread": steps[conv].spread,
                 "train_step_speedup": steps["standard"].median / steps[conv].median,
+                "peak_train_mib": peaks[conv], "peak_vs_standard": peaks[conv] / peaks["standard"],
             })
             print(rows[-1], file=sys.stderr, flush=True)
     out = args.out or f"{args.out_dir}/{machine_slug(header)}-main-job-speed"
     config = {"command": "python benchmarks/main_job_speed.py", "what": "main-job-speed", "model": model_name,
               "width": width, "batch": batch, "convs": convs, "repeats": args.repeats}
     notes = [f"{model_name} width {width} as `make demo` builds it (fresh weights: speed does not depend on them)",
-             "speed-up = standard / variant, same memory format; > 1: the variant is faster"]
+             "speed-up = standard / variant, same memory format; > 1: the variant is faster",
+             "peak_train_mib: peak memory allocated during one training step (the profiler's, as leanconv compare "
+             "reports it); peak_vs_standard: over the standard network's, same format"]
     for path in write_results(out, header=header, config=config, rows=rows, columns=list(rows[0]),
                               title="The main job's networks: batch-1 latency and training step", notes=notes):
         print(path)

@@ -63,7 +63,12 @@ part depthwise-small "$BIN/python" benchmarks/depthwise_small.py --out-dir "$OUT
 part direct-internals "$BIN/python" benchmarks/direct_internals.py --rounds "$REPEATS" --out-dir "$OUT"
 # The main job's networks (make demo): batch-1 latency and training step, both formats.
 part main-job "$BIN/python" benchmarks/main_job_speed.py --repeats "$REPEATS" --out-dir "$OUT"
-# DSC / BSConv layers against nn.Conv2d.
+# DSC / BSConv layers against nn.Conv2d, at BATCH and at batch 1.
 part separable "$BIN/leanconv" bench separable --batch "$BATCH" --repeats "$REPEATS" --out-dir "$OUT"
+part separable-b1 "$BIN/leanconv" bench separable --batch 1 --repeats "$REPEATS" --out-dir "$OUT"
+# The direct separable kernels (DSC, BSConv-U) against the library forms, batch 1-64: the rule's measurements.
+part separable-direct "$BIN/python" benchmarks/separable_direct.py --out "$OUT/$("$BIN/python" -c 'from leanconv.bench import machine_slug; print(machine_slug())')-separable-direct"
+# Whole networks through every inference path: fuse, optimize_for_inference, torch.compile, OpenVINO, onnxruntime.
+part inference-paths "$BIN/python" benchmarks/inference_paths.py --compiled --out "$OUT/$("$BIN/python" -c 'from leanconv.bench import machine_slug; print(machine_slug())')-inference-paths"
 part render "$BIN/python" scripts/render_perf_section.py --results "$OUT" --out "$DOC" --readme README.md
 uptime

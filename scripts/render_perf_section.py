@@ -226,7 +226,9 @@ def render_plain_table(payload: dict, name: str) -> list[str]:
     if not rows:
         return []
     columns = list(rows[0])
-    lines = [f"## {payload.get('title', name)}", "", f"From `{name}`; command: `{payload['config'].get('command', '')}`."]
+    command = payload["config"].get("command")
+    lines = [f"## {payload.get('title', name)}", "",
+             f"From `{name}`; " + (f"command: `{command}`." if command else "command: not recorded in the file.")]
     lines += [f"- {note}" for note in payload.get("notes", [])]
     lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(row.get(c)) if isinstance(row.get(c), float) else str(row.get(c)) for c in columns) + " |"
@@ -344,6 +346,95 @@ def render_targets(models: list[tuple[str, dict]], layers: list[tuple[str, dict]
     return out
 
 
+# Issue 23's targets: separable layers (DSC, BSConv-U, BSConv-S) against nn.Conv2d.
+SEPARABLE_FRACTION_TARGET = 0.5  # batch >= 32, channels-last inference: fraction of the MAC-ratio speed-up
+SEPARABLE_LAYER_TARGET = 1.0  # every separable layer, inference and training, both formats
+RUNTIME_TARGETS = {"batch > 1": 1.0, "batch 1": 1.5}  # leanconv's optimized path / OpenVINO, same graph
+BSCONV_U_VGG_B64_TARGET = 6.0  # VGG-16 BSConv-U vs standard, batch 64, both through optimize_for_inference
+
+
+def render_separable_targets(separable: list[tuple[str, dict]], main_job: list[tuple[str, dict]],
+                             paths: list[tuple[str, dict]]) -> list[str]:
+    """Issue 23's targets, each as measured value vs required, per ISA, from the result files."""
+    out = ["### Targets (issue 23) from these files, per ISA", "",
+           "Separable layers: `leanconv bench separable` (DSC, BSConv-U, BSConv-S against `nn.Conv2d`, VGG-16's "
+           "shapes, each layer as a user calls it in eval or training mode). Whole networks: "
+           "`benchmarks/inference_paths.py` (`optimized`: `leanconv.optimize_for_inference`; each runtime runs the "
+           "same exported graph in a process of its own). Main job: `benchmarks/main_job_speed.py` (NCHW, as "
+           "`make demo` runs it).", "",
+           "| ISA | target | required | measured | met | source |", "|---|---|---|---|---|---|"]
+    lines: list[tuple[str, str]] = []
+
+    def line(isa, payload, what, required, measured, met, source):
+        commit = payload.get("environment", {}).get("git_commit")
+        lines.append((isa, f"| {isa} | {what} | {required} | {measured} | {met} | `{source}`"
+                           f"{f' (commit {commit})' if commit else ''} |"))
+
+    for name, payload in separable:
+        isa = _isa(payload)
+        rows = [r for r in payload["rows"] if r.get("speedup_vs_conv2d") is not None and r["candidate"] != "conv2d"]
+        if not rows:
+            continue
+        batch = rows[0]["batch"]
+        for kind in sorted({r["candidate"] for r in rows}):
+            if batch >= 32:
+                chosen = [r for r in rows if r["candidate"] == kind and r["mode"] == "infer" and r["format"] == "channels_last"]
+                if chosen:
+                    worst = min(chosen, key=lambda r: r["fraction_of_mac_ratio"])
+                    line(isa, payload, f"{kind} layers, VGG grid, batch {batch}, channels-last inference: fraction of "
+                         "the MAC-ratio speed-up", f">= {SEPARABLE_FRACTION_TARGET}",
+                         f"{worst['fraction_of_mac_ratio']:.2f} (lowest: {worst['config'].rsplit('-P', 1)[0]})",
+                         "yes" if worst["fraction_of_mac_ratio"] >= SEPARABLE_FRACTION_TARGET else "NO", name)
+            for mode in ("infer", "train"):
+                chosen = [r for r in rows if r["candidate"] == kind and r["mode"] == mode]
+                if chosen:
+                    worst = min(chosen, key=lambda r: r["speedup_vs_conv2d"])
+                    line(isa, payload, f"every {kind} layer, VGG grid, batch {batch}, {mode}, both formats: vs "
+                         "nn.Conv2d", f">= {SEPARABLE_LAYER_TARGET}x",
+                         f"{worst['speedup_vs_conv2d']:.2f}x (slowest: {worst['config'].rsplit('-P', 1)[0]} "
+                         f"{worst['format']})", "yes" if worst["speedup_vs_conv2d"] >= SEPARABLE_LAYER_TARGET else "NO",
+                         name)
+    for name, payload in main_job:
+        isa = _isa(payload)
+        for row in payload["rows"]:
+            if row["conv"] == "standard" or row["conv"].startswith("hetconv") or row["format"] != "contiguous":
+                continue
+            step_key = next(k for k in row if k.startswith("train_step_b") and k.endswith("_ms"))
+            job = f"main job ({payload['config'].get('model')} width {payload['config'].get('width')}, NCHW), {row['conv']}"
+            for what, key in (("batch-1 inference", "latency_speedup"),
+                              (f"training step (batch {step_key[12:-3]})", "train_step_speedup")):
+                line(isa, payload, f"{job}, {what}: standard / variant", "> 1.0x (faster)", f"{row[key]:.2f}x",
+                     "yes" if row[key] > 1.0 else "NO", name)
+            if row.get("peak_vs_standard") is not None:
+                line(isa, payload, f"{job}, peak training-step memory: variant / standard", "<= 1.0x",
+                     f"{row['peak_vs_standard']:.2f}x ({row['peak_train_mib']:.1f} MiB)",
+                     "yes" if row["peak_vs_standard"] <= 1.0 else "NO", name)
+    for name, payload in paths:
+        isa = _isa(payload)
+        rows = payload["rows"]
+        if "openvino_ms" in (rows[0] if rows else {}):
+            for row in rows:
+                key = "batch 1" if row["batch"] == 1 else "batch > 1"
+                required = RUNTIME_TARGETS[key]
+                ratio = row["optimized_ms"] / row["openvino_ms"]
+                line(isa, payload, f"{row['network']} batch {row['batch']}, {row['conv']}: leanconv's optimized path / "
+                     "OpenVINO (same graph)", f"<= {required}x",
+                     f"{ratio:.2f}x ({row['optimized_ms']:.2f} / {row['openvino_ms']:.2f} ms)",
+                     "yes" if ratio <= required else "NO", name)
+        for row in rows:
+            if (row["network"], row["batch"], row["conv"]) == ("vgg16_cifar", 64, "bsconv_u"):
+                speedup = row.get("optimized_speedup_vs_standard")
+                if speedup is not None:
+                    line(isa, payload, "vgg16_cifar batch 64, BSConv-U vs standard, both through optimize_for_inference",
+                         f">= {BSCONV_U_VGG_B64_TARGET}x", f"{speedup:.2f}x",
+                         "yes" if speedup >= BSCONV_U_VGG_B64_TARGET else "NO", name)
+    if not lines:
+        return []
+    out += [text for _, text in sorted(lines, key=lambda item: item[0])]
+    out.append("")
+    return out
+
+
 def render(results: str) -> str:
     files = sorted(glob.glob(os.path.join(results, "*.json")))
     lines = [
@@ -357,7 +448,7 @@ def render(results: str) -> str:
         "",
     ]
     sections = {"models": [], "layers": [], "separable": [], "forms": [], "backends": [], "scripts": []}
-    payloads = {"models": [], "layers": [], "main_job": []}
+    payloads = {"models": [], "layers": [], "main_job": [], "separable": [], "paths": []}
     for path in files:
         with open(path) as handle:
             payload = json.load(handle)
@@ -366,10 +457,12 @@ def render(results: str) -> str:
         what = payload["config"].get("what")
         name = os.path.basename(path)
         if "-overhead-" in name or "-rule-vs-measured-" in name or "-depthwise-small" in name or "-direct-internals" in name \
-                or "-main-job-speed" in name:
+                or "-main-job-speed" in name or "-inference-paths" in name or "-separable-direct" in name:
             sections["scripts"] += render_plain_table(payload, name)
             if "-main-job-speed" in name:
                 payloads["main_job"].append((name, payload))
+            if "-inference-paths" in name and not name.endswith("-smoke.json"):
+                payloads["paths"].append((name, payload))
         elif what == "layers" and "-backends-" in name:  # the pre-redesign grid that timed every form
             sections["backends"] += render_backend_cuts(payload, name)
         elif what == "models":
@@ -380,9 +473,11 @@ def render(results: str) -> str:
             payloads["layers"].append((name, payload))
         elif what == "separable":
             sections["separable"] += render_separable(payload, name)
+            payloads["separable"].append((name, payload))
         elif what == "forms":
             sections["forms"] += render_forms(payload, name)
     lines += render_targets(payloads["models"], payloads["layers"], payloads["main_job"])
+    lines += render_separable_targets(payloads["separable"], payloads["main_job"], payloads["paths"])
     for part in ("models", "layers", "forms", "separable", "backends", "scripts"):
         lines += sections[part]
     if not files:
@@ -397,7 +492,10 @@ README_END = "<!-- performance:end -->"
 def readme_section(text: str, out: str) -> str:
     """The rendered Markdown down to its targets table, with a link to the rest."""
     parts = text.split("\n### ")
-    head = "\n### ".join(parts[:2]) if len(parts) > 1 and parts[1].startswith("Targets") else parts[0]
+    targets = 1
+    while targets < len(parts) and parts[targets].startswith("Targets"):
+        targets += 1
+    head = "\n### ".join(parts[:targets])
     return f"{README_START}\n{head.rstrip()}\n\nEvery table behind these figures: [{out}]({out}).\n{README_END}"
 
 

@@ -189,3 +189,66 @@ def test_optimized_network_takes_the_kernels_with_their_activations(kernel_calls
         out = optimized(x.contiguous(memory_format=CL))
         assert len(kernel_calls) == 3
         assert_matches_reference(out, model(x))
+
+
+# ------------------------------------------------------------ training without the depthwise output
+def test_dsc_training_recomputes_the_depthwise_output_exactly(monkeypatch):
+    """The backward pass computes the depthwise output again instead of keeping it (once per
+    backward), the gradients equal the library form's, double backward stays exact; under a
+    user's own saved-tensor hooks (checkpointing, offloading) nothing changes."""
+    from leanconv.layers import _recompute
+
+    recomputed = []
+    original_call = _recompute._Recompute.__call__
+    monkeypatch.setattr(_recompute._Recompute, "__call__", lambda self: recomputed.append(1) or original_call(self))
+    torch.manual_seed(0)
+    layer = leanconv.DSConv2d(6, 10, 3, padding=1, stride=2)
+    plain = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1, stride=2, groups=6), nn.Conv2d(6, 10, 1))
+    plain[0].load_state_dict(layer.dw.state_dict())
+    plain[1].load_state_dict(layer.pw.state_dict())
+    for memory_format in (CL, torch.contiguous_format):
+        x = torch.randn(3, 6, 9, 11).contiguous(memory_format=memory_format).requires_grad_()
+        x2 = x.detach().clone().requires_grad_()
+        before = len(recomputed)
+        grads = torch.autograd.grad(layer(x).square().sum(), [x, *layer.parameters()], create_graph=True)
+        assert len(recomputed) == before + 1
+        expected = torch.autograd.grad(plain(x2).square().sum(), [x2, *plain.parameters()], create_graph=True)
+        for got, want in zip(grads, expected):
+            assert_matches_reference(got, want, what="gradient")
+        second = torch.autograd.grad(grads[0].sum(), x)[0]  # double backward through the recomputation
+        assert_matches_reference(second, torch.autograd.grad(expected[0].sum(), x2)[0], what="double backward")
+    shapes = []
+    before = len(recomputed)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        out = layer(x)
+    out.sum().backward()
+    assert len(recomputed) == before and tuple(layer.dw(x).shape) in shapes
+
+
+def test_peak_training_memory_of_a_dsc_network_drops():
+    """The depthwise outputs are not kept: a DSC network's training step peaks lower than
+    with the library form's saving (measured by the profiler, as leanconv's benchmarks do)."""
+    from leanconv.bench.memory import peak_allocated_bytes
+    from leanconv.layers import _recompute
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[leanconv.DSConv2d(32, 32, 3, padding=1) for _ in range(4)])
+    x = torch.randn(8, 32, 32, 32)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+
+    recomputing = peak_allocated_bytes(step)
+    usable = _recompute.recompute_usable
+    _recompute.recompute_usable = lambda depthwise: False
+    import leanconv.layers.separable as separable_module
+
+    separable_module.recompute_usable = _recompute.recompute_usable
+    try:
+        keeping = peak_allocated_bytes(step)
+    finally:
+        _recompute.recompute_usable = usable
+        separable_module.recompute_usable = usable
+    one_map = x.numel() * x.element_size()
+    assert recomputing <= keeping - 2 * one_map, (recomputing, keeping, one_map)

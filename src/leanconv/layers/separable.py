@@ -19,6 +19,7 @@ from .depthwise import DepthwiseConv2d
 from ..ops.least_squares import ridge_solve
 from ..ops.low_rank import low_rank_factors
 from ._direct import DirectSeparable
+from ._recompute import pointwise_recomputing_depthwise, recompute_usable
 from .protocol import LeanConvLayer, fold_batchnorm, write_bias, write_parameter
 
 __all__ = ["DSConv2d", "GWPWConv2d"]
@@ -37,7 +38,10 @@ class _SpatialThenPointwise(DirectSeparable, LeanConvLayer, nn.Module):
             out = self._direct(input, getattr(self, self._SPATIAL), self.pw, pointwise_first=False)
             if out is not None:
                 return out
-        x = getattr(self, self._SPATIAL)(input)
+        spatial = getattr(self, self._SPATIAL)
+        if self.bn is None and spatial.groups == spatial.in_channels and recompute_usable(spatial):
+            return pointwise_recomputing_depthwise(spatial, self.pw, input)  # training keeps no depthwise output
+        x = spatial(input)
         if self.bn is not None:
             x = self.bn(x) if input.dim() == 4 else self.bn(x.unsqueeze(0)).squeeze(0)
         return self.pw(x)

@@ -98,8 +98,8 @@ def reference(x: torch.Tensor, depthwise_weight, depthwise_bias, pointwise_weigh
 # Calls of at most DIRECT_MAX_PIXELS output pixels (batch x rows x columns) run the kernel at
 # batch <= 2 in channels-last, at batch 1 in NCHW: there it was faster than both library forms
 # (the two F.conv2d calls, and oneDNN's two prepacked convolutions) on every layer of the VGG
-# grid, 32-512 channels, DSC and BSConv-U (its time over the faster form's: 0.47-0.96
-# channels-last, 0.60-0.98 NCHW at batch 1). From batch 4 on oneDNN's 1x1 convolution
+# grid, 32-512 channels, DSC and BSConv-U (its time over the faster form's: 0.47-0.95
+# channels-last, 0.56-0.98 NCHW at batch 1). From batch 4 on oneDNN's 1x1 convolution
 # outpaces the kernel's pointwise part on some shapes, and an NCHW input's two layout copies
 # cost more from batch 2 (benchmarks/separable_direct.py, results/cpu/*-separable-direct.md).
 DIRECT_MAX_BATCH = 2
