@@ -1,15 +1,15 @@
-"""The direct separable kernels against the library forms of the same DSC and BSConv-U
-layers, on VGG-16's (CIFAR) layer shapes, CPU inference: the measurements behind
-``leanconv.ops.separable_direct.pays`` (which calls DSConv2d and BSConvU2d send to them).
+"""The direct separable kernels against the library forms of the same DSC, BSConv-U and
+BSConv-S layers, on VGG-16's (CIFAR) layer shapes, CPU inference: the measurements behind
+``leanconv.ops.separable_direct.pays`` (which calls the layers send to them).
 
 Variants, timed interleaved per shape (``leanconv.bench.time_interleaved``, a sample the
 mean of a block of calls of at least 30 ms):
 
 * ``dense``: ``nn.Conv2d``'s convolution of the same shape (``F.conv2d``), the baseline of
   the MAC-ratio speed-up;
-* ``library``: the two ``F.conv2d`` calls of the layer (DSC: depthwise then 1x1;
-  BSConv-U: 1x1 then depthwise);
-* ``onednn``: the same two convolutions through oneDNN with prepacked weights
+* ``library``: the ``F.conv2d`` calls of the layer (DSC: depthwise then 1x1; BSConv-U: 1x1
+  then depthwise; BSConv-S: two 1x1s through its bottleneck, then depthwise);
+* ``onednn``: the same convolutions through oneDNN with prepacked weights
   (``leanconv.ops.onednn``, what ``optimize_for_inference`` runs);
 * ``direct``: the kernel (``leanconv.ops.separable_direct.run``).
 
@@ -41,7 +41,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, nargs="+", default=BATCHES)
     parser.add_argument("--formats", nargs="+", default=["channels_last", "contiguous"],
                         choices=["channels_last", "contiguous"])
-    parser.add_argument("--kinds", nargs="+", default=["dsc", "bsconv_u"], choices=["dsc", "bsconv_u"])
+    parser.add_argument("--kinds", nargs="+", default=["dsc", "bsconv_u", "bsconv_s"],
+                        choices=["dsc", "bsconv_u", "bsconv_s"])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="two small shapes, batch 1 and 4 (a smoke run)")
@@ -63,6 +64,7 @@ def main(argv=None) -> int:
     import time
 
     from leanconv.bench import describe_environment, machine_slug, time_interleaved, write_results
+    from leanconv.layers import bsconv_s_mid_channels
     from leanconv.ops import hetconv_direct, onednn, separable_direct
 
     if not hetconv_direct.available():
@@ -73,22 +75,30 @@ def main(argv=None) -> int:
     repeats = 2 if args.quick else args.repeats
     rows = []
     for (channels, side), kind in [(shape, kind) for shape in shapes for kind in args.kinds]:
-        pointwise_first = kind == "bsconv_u"
+        pointwise_first = kind != "dsc"
         generator = torch.Generator().manual_seed(0)
         dw = torch.randn(channels, 1, 3, 3, generator=generator)
         dw_bias = torch.randn(channels, generator=generator)
-        pw = torch.randn(channels, channels, 1, 1, generator=generator) / channels ** 0.5
+        inputs = channels
+        first = None
+        if kind == "bsconv_s":  # pw1 into the bottleneck (BSConv-S's default p = 1/4), pw2 out of it
+            inputs = bsconv_s_mid_channels(channels)
+            first = (torch.randn(inputs, channels, 1, 1, generator=generator) / channels ** 0.5, None)
+        pw = torch.randn(channels, inputs, 1, 1, generator=generator) / inputs ** 0.5
         pw_bias = None if pointwise_first else torch.randn(channels, generator=generator)
         dense = torch.randn(channels, channels, 3, 3, generator=generator)
-        packed = separable_direct.pack(dw, dw_bias, pw, pw_bias, pointwise_first=pointwise_first)
+        packed = separable_direct.pack(dw, dw_bias, pw, pw_bias, pointwise_first=pointwise_first, first_pointwise=first)
         for fmt in args.formats:
             memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
             for batch in batches:
                 x = torch.randn(batch, channels, side, side, generator=generator).contiguous(memory_format=memory_format)
                 packed_dw = onednn.prepack(dw, (1, 1), (1, 1), (1, 1), channels, x.shape)
-                packed_pw = onednn.prepack(pw, (0, 0), (1, 1), (1, 1), 1, x.shape)
+                packed_pw = onednn.prepack(pw, (0, 0), (1, 1), (1, 1), 1, (batch, inputs, side, side))
+                packed_first = None if first is None else onednn.prepack(first[0], (0, 0), (1, 1), (1, 1), 1, x.shape)
 
-                def onednn_form(x=x, packed_dw=packed_dw, packed_pw=packed_pw):
+                def onednn_form(x=x, packed_dw=packed_dw, packed_pw=packed_pw, packed_first=packed_first):
+                    if packed_first is not None:
+                        x = onednn.conv2d(x, packed_first, None, (0, 0), (1, 1), (1, 1), 1)
                     if pointwise_first:
                         mid = onednn.conv2d(x, packed_pw, pw_bias, (0, 0), (1, 1), (1, 1), 1)
                         out = onednn.conv2d(mid, packed_dw, dw_bias, (1, 1), (1, 1), (1, 1), channels)
@@ -100,7 +110,8 @@ def main(argv=None) -> int:
                 variants = {
                     "dense": lambda x=x: F.conv2d(x, dense, dw_bias, 1, 1),
                     "library": lambda x=x: separable_direct.reference(x, dw, dw_bias, pw, pw_bias, (1, 1), (1, 1), (1, 1),
-                                                                      pointwise_first=pointwise_first),
+                                                                      pointwise_first=pointwise_first,
+                                                                      first_pointwise=first),
                     "onednn": onednn_form,
                     "direct": lambda x=x: separable_direct.run(x, packed, (3, 3), (1, 1), (1, 1), (1, 1)),
                 }
@@ -123,7 +134,7 @@ def main(argv=None) -> int:
                                              repeats=repeats)
                 ms = {name: 1e3 * timed[name].median / blocks[name][1] for name in variants}
                 macs_dense = batch * side * side * channels * channels * 9
-                macs_dsc = batch * side * side * channels * (9 + channels)
+                macs_dsc = batch * side * side * (channels * (9 + inputs) + (channels * inputs if first else 0))
                 best_library = min(ms["library"], ms["onednn"])
                 row = {"kind": kind, "channels": channels, "map": f"{side}x{side}", "batch": batch, "format": fmt,
                        **{f"{name}_ms": value for name, value in ms.items()},
@@ -140,7 +151,8 @@ def main(argv=None) -> int:
                       + f"  direct/best library {row['direct_over_best_library']:.2f}", flush=True)
 
     header = describe_environment()
-    title = (f"Direct separable kernels vs the library forms, VGG-16 CIFAR DSC and BSConv-U layers (3x3), inference, "
+    title = (f"Direct separable kernels vs the library forms, VGG-16 CIFAR DSC, BSConv-U and BSConv-S layers (3x3), "
+             f"inference, "
              f"CPU {header['cpu_capability']} (kernel ISA {header['hetconv_direct_isa']})")
     stem = args.out or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results", "cpu",
                                     f"{machine_slug(header)}-separable-direct")

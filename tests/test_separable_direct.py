@@ -42,25 +42,34 @@ def _weights(m, n, k, generator, pointwise_first=False):
             torch.randn(n, m, 1, 1, generator=generator), torch.randn(n, generator=generator))
 
 
-@pytest.mark.parametrize("pointwise_first", [False, True], ids=["dsc", "bsconv_u"])
+@pytest.mark.parametrize("kind", ["dsc", "bsconv_u", "bsconv_s"])
 @pytest.mark.parametrize("isa", hetconv_direct.ISAS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_every_isa_kernel_matches_the_two_convolutions(shape, isa, pointwise_first):
+def test_every_isa_kernel_matches_the_convolutions(shape, isa, kind):
     if isa not in hetconv_direct.runnable_isas():
         pytest.skip(f"this CPU does not run {isa}")
     m, n, k, stride, padding, dilation, h, w, batch = shape
+    pointwise_first = kind != "dsc"
     generator = torch.Generator().manual_seed(0)
-    dw, dw_bias, pw, pw_bias = _weights(m, n, k, generator, pointwise_first)
+    first = None
+    if kind == "bsconv_s":  # a first 1x1 into a bottleneck of about M/4 channels, then BSConv-U on it
+        mid = max(2, m // 4 + 1)
+        first = (torch.randn(mid, m, 1, 1, generator=generator), torch.randn(mid, generator=generator))
+        dw, dw_bias, pw, pw_bias = _weights(mid, n, k, generator, True)
+    else:
+        dw, dw_bias, pw, pw_bias = _weights(m, n, k, generator, pointwise_first)
     geometry = ((k, k), (stride, stride), (padding, padding), (dilation, dilation))
     for biases in ((dw_bias, pw_bias), (None, None), (dw_bias, None), (None, pw_bias)):
-        packed = separable_direct.pack(dw, biases[0], pw, biases[1], isa, pointwise_first=pointwise_first)
+        packed = separable_direct.pack(dw, biases[0], pw, biases[1], isa, pointwise_first=pointwise_first,
+                                       first_pointwise=first)
         assert packed.isa == isa
         for memory_format in (CL, torch.contiguous_format):
             x = torch.randn(batch, m, h, w, generator=generator).contiguous(memory_format=memory_format)
             for relu in (False, True):
-                expected = separable_direct.reference(x.double(), dw.double(), _double(biases[0]), pw.double(),
-                                                      _double(biases[1]), *geometry[1:], relu,
-                                                      pointwise_first=pointwise_first)
+                expected = separable_direct.reference(
+                    x.double(), dw.double(), _double(biases[0]), pw.double(), _double(biases[1]), *geometry[1:], relu,
+                    pointwise_first=pointwise_first,
+                    first_pointwise=None if first is None else (first[0].double(), first[1].double()))
                 out = separable_direct.run(x, packed, *geometry, relu)
                 assert out.is_contiguous(memory_format=memory_format)
                 assert_matches_reference(out.double(), expected, what=f"{isa} relu={relu}")
@@ -74,13 +83,18 @@ def test_the_op_passes_opcheck():
     from torch.library import opcheck
 
     generator = torch.Generator().manual_seed(1)
-    for pointwise_first in (False, True):
-        packed = separable_direct.pack(*_weights(12, 20, 3, generator, pointwise_first), pointwise_first=pointwise_first)
+    first = (torch.randn(5, 12, 1, 1, generator=generator), None)
+    for kind in ("dsc", "bsconv_u", "bsconv_s"):
+        pointwise_first = kind != "dsc"
+        weights = _weights(5 if kind == "bsconv_s" else 12, 20, 3, generator, pointwise_first)
+        packed = separable_direct.pack(*weights, pointwise_first=pointwise_first,
+                                       first_pointwise=first if kind == "bsconv_s" else None)
         for memory_format in (CL, torch.contiguous_format):
             x = torch.randn(2, 12, 7, 9, generator=generator).contiguous(memory_format=memory_format)
             opcheck(torch.ops.leanconv.separable_direct_packed.default,
-                    (x, packed.depthwise, packed.pointwise, packed.pointwise_bias, packed.depthwise_bias, 20, [3, 3],
-                     [2, 2], [1, 1], [1, 1], pointwise_first, True, packed.isa))
+                    (x, packed.depthwise, packed.pointwise, packed.pointwise_bias, packed.depthwise_bias,
+                     packed.first_pointwise, packed.first_pointwise_bias, 20, [3, 3], [2, 2], [1, 1], [1, 1],
+                     pointwise_first, True, packed.isa))
 
 
 def test_packed_for_another_width_is_refused_by_name():
@@ -89,10 +103,10 @@ def test_packed_for_another_width_is_refused_by_name():
     wider = [isa for isa in hetconv_direct.runnable_isas() if hetconv_direct.lanes(isa) != hetconv_direct.lanes("portable")]
     if not wider:
         pytest.skip("this CPU runs only the portable kernel")
-    with pytest.raises(RuntimeError, match="packed operand sizes"):
+    with pytest.raises(RuntimeError, match="does not match the input's channels and the ISA"):
         torch.ops.leanconv.separable_direct_packed(torch.randn(1, 16, 5, 5), packed.depthwise, packed.pointwise,
-                                                   packed.pointwise_bias, packed.depthwise_bias, 16, [3, 3], [1, 1],
-                                                   [1, 1], [1, 1], False, False, wider[0])
+                                                   packed.pointwise_bias, packed.depthwise_bias, None, None, 16, [3, 3],
+                                                   [1, 1], [1, 1], [1, 1], False, False, wider[0])
 
 
 # ----------------------------------------------------------------------------- the layer
@@ -105,13 +119,16 @@ def kernel_calls(monkeypatch):
 
 
 def _library_form(layer, x):
-    """The layer's two convolutions, as its forward runs them outside the kernel."""
+    """The layer's convolutions, as its forward runs them outside the kernel."""
     if isinstance(layer, leanconv.BSConvU2d):
         return layer.dw(layer.pw(x))
+    if isinstance(layer, leanconv.BSConvS2d):
+        return layer.dw(layer.pw2(layer.pw1(x)))
     return layer.pw(layer.dw(x))
 
 
-@pytest.mark.parametrize("kind", [leanconv.DSConv2d, leanconv.BSConvU2d], ids=["dsc", "bsconv_u"])
+@pytest.mark.parametrize("kind", [leanconv.DSConv2d, leanconv.BSConvU2d, leanconv.BSConvS2d],
+                         ids=["dsc", "bsconv_u", "bsconv_s"])
 @pytest.mark.parametrize("arguments", [
     dict(in_channels=16, out_channels=24, kernel_size=3, padding=1),
     dict(in_channels=10, out_channels=7, kernel_size=5, stride=2, padding="valid", bias=False),

@@ -247,21 +247,58 @@ torch::Tensor packed_op(
                  stride.vec(), padding.vec(), dilation.vec(), p, layout == "shifted", relu, std::string(isa));
 }
 
+namespace {
+
+// A packed 1x1 convolution of a separable call: `w` (T, K, FT) for `isa`, its bias (T * FT).
+leanconv_direct::Pointwise pointwise_operand(const torch::Tensor& w, const torch::Tensor& bias, int64_t K, int64_t N,
+                                             const std::string& isa, const char* what) {
+  leanconv_direct::Pointwise p;
+  p.K = K; p.N = N; p.FT = tile_width(N, isa); p.T = (N + p.FT - 1) / p.FT;
+  TORCH_CHECK(w.is_contiguous() && bias.is_contiguous() && w.scalar_type() == at::kFloat
+              && bias.scalar_type() == at::kFloat, "separable_direct: packed operands must be contiguous float32");
+  TORCH_CHECK(w.dim() == 3 && w.size(0) == p.T && w.size(1) == K && w.size(2) == p.FT && bias.numel() == p.T * p.FT,
+              "separable_direct: the packed ", what, " does not match the input's channels and the ISA '", isa,
+              "' (pack the weights for it)");
+  p.w = w.data_ptr<float>(); p.bias = bias.data_ptr<float>();
+  return p;
+}
+
+// Tiles per work item of a 1x1 over `pixels` pixels: a slice of the weights that stays in L2
+// (128 KiB), and at least two items per thread where there are few blocks of pixels.
+void group_tiles(leanconv_direct::Pointwise& p, int64_t pixels, const std::string& isa) {
+  const int64_t tile_bytes = p.K * p.FT * static_cast<int64_t>(sizeof(float));
+  p.tiles_per_group = std::max<int64_t>(1, std::min<int64_t>(p.T, (128 << 10) / std::max<int64_t>(tile_bytes, 1)));
+  const int64_t block_pixels = isa == "avx512" ? 12 : 6;  // kSeparablePixels of the ISA's kernel
+  const int64_t blocks = (pixels + block_pixels - 1) / block_pixels, wanted = 2 * at::get_num_threads();
+  if (blocks < wanted) {
+    const int64_t groups = std::min<int64_t>(p.T, (wanted + blocks - 1) / blocks);
+    p.tiles_per_group = std::min<int64_t>(p.tiles_per_group, (p.T + groups - 1) / groups);
+  }
+}
+
+}  // namespace
+
 // The direct separable kernels (separable_direct.h) on weights packed by
-// leanconv/ops/separable_direct.py: `wdw` (KH*KW, Dv), `wpw` (T, M, FT), the biases (T * FT).
-// An NCHW input is read through a channels-last copy and the output returned in NCHW.
+// leanconv/ops/separable_direct.py: `wdw` (KH*KW, Dv), each 1x1 (T, K, FT) with its bias
+// (T * FT), `depthwise_bias` (T * FT). With `first_pointwise` (BSConv-S), a first 1x1 runs
+// before the pointwise-first pair. An NCHW input is read through a channels-last copy and
+// the output returned in NCHW.
 torch::Tensor separable_op(const torch::Tensor& input, const torch::Tensor& wdw, const torch::Tensor& wpw,
                            const torch::Tensor& pointwise_bias, const torch::Tensor& depthwise_bias,
-                           int64_t out_channels, c10::IntArrayRef kernel, c10::IntArrayRef stride,
-                           c10::IntArrayRef padding, c10::IntArrayRef dilation, bool pointwise_first, bool relu,
-                           c10::string_view isa_name) {
+                           const c10::optional<torch::Tensor>& first_pointwise,
+                           const c10::optional<torch::Tensor>& first_pointwise_bias, int64_t out_channels,
+                           c10::IntArrayRef kernel, c10::IntArrayRef stride, c10::IntArrayRef padding,
+                           c10::IntArrayRef dilation, bool pointwise_first, bool relu, c10::string_view isa_name) {
   const std::string isa(isa_name);
   check_isa(isa);
   TORCH_CHECK(input.device().is_cpu() && input.scalar_type() == at::kFloat && input.dim() == 4,
               "separable_direct: x must be a 4-D CPU float32 tensor");
-  for (const auto* t : {&wdw, &wpw, &pointwise_bias, &depthwise_bias})
-    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kFloat,
-                "separable_direct: packed operands must be contiguous float32");
+  TORCH_CHECK(wdw.is_contiguous() && depthwise_bias.is_contiguous() && wdw.scalar_type() == at::kFloat
+              && depthwise_bias.scalar_type() == at::kFloat, "separable_direct: packed operands must be contiguous float32");
+  TORCH_CHECK(first_pointwise.has_value() == first_pointwise_bias.has_value(),
+              "separable_direct: the first 1x1 needs its weights and its bias");
+  TORCH_CHECK(!first_pointwise.has_value() || pointwise_first,
+              "separable_direct: a first 1x1 runs only before a pointwise-first pair");
   leanconv_direct::SeparableCall c;
   c.B = input.size(0); c.M = input.size(1); c.H = input.size(2); c.W = input.size(3); c.N = out_channels;
   c.KH = kernel[0]; c.KW = kernel[1]; c.sh = stride[0]; c.sw = stride[1];
@@ -272,13 +309,23 @@ torch::Tensor separable_op(const torch::Tensor& input, const torch::Tensor& wdw,
   c.Wo = (c.W + 2 * c.pw - c.dw * (c.KW - 1) - 1) / c.sw + 1;
   const int64_t width = lanes(isa);
   c.pointwise_first = pointwise_first;
+  c.two_pointwise = first_pointwise.has_value();
   c.D = pointwise_first ? c.N : c.M;
   c.Dv = (c.D + width - 1) / width * width;
-  c.FT = tile_width(c.N, isa); c.T = (c.N + c.FT - 1) / c.FT;
-  TORCH_CHECK(wdw.dim() == 2 && wdw.size(0) == c.KH * c.KW && wdw.size(1) == c.Dv && wpw.dim() == 3
-              && wpw.size(0) == c.T && wpw.size(1) == c.M && wpw.size(2) == c.FT
-              && pointwise_bias.numel() == c.T * c.FT && depthwise_bias.numel() == c.T * c.FT,
-              "separable_direct: packed operand sizes do not match the input's channels and the ISA '", isa,
+  int64_t pointwise_inputs = c.M;
+  c.Kv0 = 0;
+  if (c.two_pointwise) {
+    TORCH_CHECK(first_pointwise->dim() == 3, "separable_direct: the packed first 1x1 must be 3-D");
+    const int64_t mid = first_pointwise->size(1) == c.M ? wpw.size(1) : -1;  // M' = the second 1x1's inputs
+    TORCH_CHECK(mid > 0, "separable_direct: the packed first 1x1 does not match the input's channels");
+    c.first_pointwise = pointwise_operand(*first_pointwise, *first_pointwise_bias, c.M, mid, isa, "first 1x1");
+    c.Kv0 = (mid + width - 1) / width * width;
+    pointwise_inputs = mid;
+  }
+  c.pointwise = pointwise_operand(wpw, pointwise_bias, pointwise_inputs, c.N, isa, "1x1");
+  TORCH_CHECK(wdw.dim() == 2 && wdw.size(0) == c.KH * c.KW && wdw.size(1) == c.Dv
+              && depthwise_bias.numel() == c.pointwise.T * c.pointwise.FT,
+              "separable_direct: the packed depthwise weights do not match the channels and the ISA '", isa,
               "' (pack the weights for it)");
   const std::vector<int64_t> out_sizes = {c.B, c.N, std::max<int64_t>(c.Ho, 0), std::max<int64_t>(c.Wo, 0)};
   auto out = torch::empty(out_sizes, input.options().memory_format(at::MemoryFormat::ChannelsLast));
@@ -286,21 +333,15 @@ torch::Tensor separable_op(const torch::Tensor& input, const torch::Tensor& wdw,
   if (out.numel() == 0) return channels_last ? out : out.contiguous();
   const torch::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
   for (int d = 0; d < 4; ++d) { c.xs[d] = x.stride(d); c.os[d] = out.stride(d); }
-  // Tiles per work item: a slice of the pointwise weights that stays in L2 (128 KiB), and
-  // at least two items per thread where there are few blocks of pixels (batch 1, small maps).
-  const int64_t tile_bytes = c.M * c.FT * static_cast<int64_t>(sizeof(float));
-  c.tiles_per_group = std::max<int64_t>(1, std::min<int64_t>(c.T, (128 << 10) / std::max<int64_t>(tile_bytes, 1)));
-  const int64_t block_pixels = isa == "avx512" ? 12 : 6;  // kSeparablePixels of the ISA's kernel
   const int64_t pointwise_pixels = pointwise_first ? c.B * c.H * c.W : c.B * c.Ho * c.Wo;
-  const int64_t blocks = (pointwise_pixels + block_pixels - 1) / block_pixels, wanted = 2 * at::get_num_threads();
-  if (blocks < wanted) {
-    const int64_t groups = std::min<int64_t>(c.T, (wanted + blocks - 1) / blocks);
-    c.tiles_per_group = std::min<int64_t>(c.tiles_per_group, (c.T + groups - 1) / groups);
-  }
-  std::vector<float> zeros(std::max(c.M, c.Dv), 0.0f);
-  c.scratch = pointwise_first ? scratch(c.B * c.H * c.W * c.Dv) : nullptr;
-  c.x = x.data_ptr<float>(); c.wdw = wdw.data_ptr<float>(); c.wpw = wpw.data_ptr<float>();
-  c.pointwise_bias = pointwise_bias.data_ptr<float>(); c.depthwise_bias = depthwise_bias.data_ptr<float>();
+  group_tiles(c.pointwise, pointwise_pixels, isa);
+  if (c.two_pointwise) group_tiles(c.first_pointwise, pointwise_pixels, isa);
+  std::vector<float> zeros(std::max({c.M, c.Dv, c.Kv0}), 0.0f);
+  const int64_t scratch_floats = pointwise_first ? c.B * c.H * c.W * c.Dv : 0;
+  float* buffers = pointwise_first ? scratch(scratch_floats + c.B * c.H * c.W * c.Kv0) : nullptr;
+  c.scratch = buffers;
+  c.scratch0 = c.two_pointwise ? buffers + scratch_floats : nullptr;
+  c.x = x.data_ptr<float>(); c.wdw = wdw.data_ptr<float>(); c.depthwise_bias = depthwise_bias.data_ptr<float>();
   c.zeros = zeros.data(); c.out = out.data_ptr<float>(); c.relu = relu;
 #if defined(__x86_64__) || defined(__i386__)
   if (isa == "avx512") leanconv_direct::avx512::run_separable(c);

@@ -21,6 +21,8 @@
 //   depthwise convolution reads it, vectors of channels, with its bias and the optional
 //   ReLU. (The pointwise bias cannot fold into the depthwise one: a border pixel's taps in
 //   the zero padding do not see it.)
+// * two pointwise first, BSConv-S (same paper): a first 1x1 into a bottleneck of M'
+//   channels (into a second scratch buffer, the same way), then BSConv-U on it.
 //
 // The readable statement of the same functions is the two convolutions
 // (leanconv.ops.separable_direct.reference); the tests compare them on awkward shapes.
@@ -30,21 +32,32 @@
 
 namespace leanconv_direct {
 
+// One pointwise (1x1) convolution of a call: packed weights (T, K, FT) over K inputs, the
+// bias (T * FT), N outputs, and how many of its tiles a work item takes.
+struct Pointwise {
+  const float* w;
+  const float* bias;
+  int64_t K, N, T, FT, tiles_per_group;
+};
+
 struct SeparableCall {
   const float* x;              // (B, C, H, W) channels-last, through the strides xs
   const float* wdw;            // (KH*KW, Dv): each tap's weights of the D depthwise channels, zero beyond D
-  const float* wpw;            // (T, K, FT): tile t's pointwise weights over its K inputs, zero beyond N
-  const float* pointwise_bias; // (T * FT,): depthwise first: b_pw + wpw @ b_dw; pointwise first: b_pw
+  Pointwise pointwise;         // the 1x1 next to the depthwise convolution (its bias: depthwise first,
+                               // b_pw + wpw @ b_dw; pointwise first, b_pw)
+  Pointwise first_pointwise;   // two pointwise first: the first 1x1, M -> M' (`pointwise` then reads M')
   const float* depthwise_bias; // (T * FT,): pointwise first: b_dw (unused depthwise first)
-  const float* zeros;          // Dv zeros: what a tap in the padding reads
+  const float* zeros;          // max(M, M'v, Dv) zeros: what a tap in the padding, or a pixel past the end, reads
   float* scratch;              // pointwise first: (B*H*W, Dv) floats for the pointwise results
+  float* scratch0;             // two pointwise first: (B*H*W, M'v) floats for the first 1x1's results
+  int64_t Kv0;                 // M' rounded to vectors (scratch0's row)
   float* out;                  // (B, N, Ho, Wo) channels-last, through the strides os
   int64_t xs[4], os[4];        // strides in floats: batch, channel, row, column
   int64_t B, H, W, M, N, Ho, Wo;  // M input channels, N output channels
   int64_t D, Dv;               // the depthwise convolution's channels (M or N) and that rounded to vectors
   int64_t KH, KW, sh, sw, ph, pw, dh, dw;
-  int64_t T, FT, tiles_per_group;
   bool pointwise_first;
+  bool two_pointwise;
   bool relu;
 };
 

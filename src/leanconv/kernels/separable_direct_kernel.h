@@ -56,21 +56,21 @@ inline void depthwise_pixels(const SeparableCall& c, const float* const* rows, c
     }
 }
 
-// For filter tiles [tile_begin, tile_end): dst[i][f] = pointwise_bias[f] + sum over k < K
-// of src[i][k] * wpw[tile][k][f], f < c.N, for the first `count` pixels (then the
-// optional ReLU): NP x NV accumulators in registers; whole vectors stored where the tile's
-// filters are all real.
+// For tiles [tile_begin, tile_end) of the 1x1 p: dst[i][f] = p.bias[f] + sum over k < p.K
+// of src[i][k] * p.w[tile][k][f], f < p.N, for the first `count` pixels (then the optional
+// ReLU): NP x NV accumulators in registers; whole vectors stored where the tile's filters
+// are all real.
 template <int NV>
-void pointwise_tiles(const SeparableCall& c, const float* const* src, int64_t K, int64_t tile_begin, int64_t tile_end,
-                     bool relu, float* const* dst, int count) {
+void pointwise_tiles(const Pointwise& p, const float* const* src, int64_t tile_begin, int64_t tile_end, bool relu,
+                     float* const* dst, int count) {
   constexpr int NP = kSeparablePixels;
-  const int64_t FT = c.FT;
+  const int64_t FT = p.FT, K = p.K;
   const vec zero = vec{};
   for (int64_t t = tile_begin; t < tile_end; ++t) {
-    const float* w = c.wpw + t * K * FT;
+    const float* w = p.w + t * K * FT;
     vec acc[NP][NV];
     for (int v = 0; v < NV; ++v) {
-      const vec b = load(c.pointwise_bias + t * FT + v * kLanes);
+      const vec b = load(p.bias + t * FT + v * kLanes);
       for (int i = 0; i < NP; ++i) acc[i][v] = b;
     }
     for (int64_t k = 0; k < K; ++k) {
@@ -82,7 +82,7 @@ void pointwise_tiles(const SeparableCall& c, const float* const* src, int64_t K,
       }
     }
     const int64_t filter0 = t * FT;
-    const bool whole = filter0 + FT <= c.N;
+    const bool whole = filter0 + FT <= p.N;
     for (int i = 0; i < count; ++i) {
       float* o = dst[i] + filter0;
       for (int v = 0; v < NV; ++v) {
@@ -91,24 +91,47 @@ void pointwise_tiles(const SeparableCall& c, const float* const* src, int64_t K,
           store(o + v * kLanes, r);
         } else {
           for (int f = 0; f < kLanes; ++f)
-            if (filter0 + v * kLanes + f < c.N) o[v * kLanes + f] = r[f];
+            if (filter0 + v * kLanes + f < p.N) o[v * kLanes + f] = r[f];
         }
       }
     }
   }
 }
 
-// Items of `blocks` blocks x groups of c.tiles_per_group filter tiles, group-major (a
+// Items of `blocks` blocks x groups of p.tiles_per_group tiles of the 1x1 p, group-major (a
 // thread's run of items mostly shares one group's weights): body(block, tile_begin, tile_end).
 template <class Body>
-void for_tiles_and_blocks(const SeparableCall& c, int64_t blocks, const Body& body) {
-  const int64_t groups = (c.T + c.tiles_per_group - 1) / c.tiles_per_group;
+void for_tiles_and_blocks(const Pointwise& p, int64_t blocks, const Body& body) {
+  const int64_t groups = (p.T + p.tiles_per_group - 1) / p.tiles_per_group;
   at::parallel_for(0, groups * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t group = item / blocks, block = item % blocks;
-      const int64_t tile_begin = group * c.tiles_per_group;
-      body(block, tile_begin, std::min<int64_t>(c.T, tile_begin + c.tiles_per_group));
+      const int64_t tile_begin = group * p.tiles_per_group;
+      body(block, tile_begin, std::min<int64_t>(p.T, tile_begin + p.tiles_per_group));
     }
+  });
+}
+
+// The 1x1 p of every input pixel: rows of `source` (channels-last input, strides ss, or a
+// scratch buffer of rows of `source_row` floats when ss is null) into rows of `row` floats of dst.
+template <int NV>
+void pointwise_all_pixels(const SeparableCall& c, const Pointwise& p, const float* source, const int64_t* ss,
+                          int64_t source_row, float* dst, int64_t row) {
+  constexpr int NP = kSeparablePixels;
+  const int64_t pixels = c.B * c.H * c.W;
+  for_tiles_and_blocks(p, (pixels + NP - 1) / NP, [&](int64_t block, int64_t tile_begin, int64_t tile_end) {
+    const float* src[NP];
+    float* out[NP];
+    const int64_t first = block * NP;
+    const int valid = static_cast<int>(std::min<int64_t>(NP, pixels - first));
+    int64_t w = first % c.W, h = (first / c.W) % c.H, image = first / (c.W * c.H);
+    for (int i = 0; i < NP; ++i) {
+      if (i > 0 && i < valid && ++w == c.W) { w = 0; if (++h == c.H) { h = 0; ++image; } }
+      const float* at = ss != nullptr ? source + image * ss[0] + h * ss[2] + w * ss[3] : source + (first + i) * source_row;
+      src[i] = i < valid ? at : c.zeros;
+      out[i] = dst + (first + i) * row;
+    }
+    pointwise_tiles<NV>(p, src, tile_begin, tile_end, false, out, valid);
   });
 }
 
@@ -116,7 +139,7 @@ template <int NV>
 void run_depthwise_first(const SeparableCall& c) {
   constexpr int NP = kSeparablePixels;
   const int64_t blocks = (c.B * c.Ho * c.Wo + NP - 1) / NP;
-  for_tiles_and_blocks(c, blocks, [&](int64_t block, int64_t tile_begin, int64_t tile_end) {
+  for_tiles_and_blocks(c.pointwise, blocks, [&](int64_t block, int64_t tile_begin, int64_t tile_end) {
     thread_local std::vector<float> buffer;
     if (static_cast<int64_t>(buffer.size()) < NP * c.Dv) buffer.resize(NP * c.Dv);
     const float* rows[kSeparableMaxTaps * NP];
@@ -126,28 +149,20 @@ void run_depthwise_first(const SeparableCall& c) {
     float* dst[NP];
     for (int i = 0; i < NP; ++i) { mid[i] = buffer.data() + i * c.Dv; dst[i] = c.out + outs[i]; }
     depthwise_pixels(c, rows, nullptr, false, mid, NP);
-    pointwise_tiles<NV>(c, mid, c.M, tile_begin, tile_end, c.relu, dst, valid);
+    pointwise_tiles<NV>(c.pointwise, mid, tile_begin, tile_end, c.relu, dst, valid);
   });
 }
 
-template <int NV>
+template <int NV, int NV0>
 void run_pointwise_first(const SeparableCall& c) {
   constexpr int NP = kSeparablePixels;
-  // 1. The pointwise convolution of every input pixel into the scratch buffer.
-  const int64_t pixels = c.B * c.H * c.W;
-  for_tiles_and_blocks(c, (pixels + NP - 1) / NP, [&](int64_t block, int64_t tile_begin, int64_t tile_end) {
-    const float* src[NP];
-    float* dst[NP];
-    const int64_t first = block * NP;
-    const int valid = static_cast<int>(std::min<int64_t>(NP, pixels - first));
-    int64_t w = first % c.W, h = (first / c.W) % c.H, image = first / (c.W * c.H);
-    for (int i = 0; i < NP; ++i) {
-      if (i > 0 && i < valid && ++w == c.W) { w = 0; if (++h == c.H) { h = 0; ++image; } }
-      src[i] = i < valid ? c.x + image * c.xs[0] + h * c.xs[2] + w * c.xs[3] : c.zeros;
-      dst[i] = c.scratch + (first + i) * c.Dv;
-    }
-    pointwise_tiles<NV>(c, src, c.M, tile_begin, tile_end, false, dst, valid);
-  });
+  // 1. The 1x1 convolution(s) of every input pixel into the scratch buffer(s).
+  if (c.two_pointwise) {
+    pointwise_all_pixels<NV0>(c, c.first_pointwise, c.x, c.xs, 0, c.scratch0, c.Kv0);
+    pointwise_all_pixels<NV>(c, c.pointwise, c.scratch0, nullptr, c.Kv0, c.scratch, c.Dv);
+  } else {
+    pointwise_all_pixels<NV>(c, c.pointwise, c.x, c.xs, 0, c.scratch, c.Dv);
+  }
   // 2. The depthwise convolution over it, with its bias and the ReLU.
   const int64_t ss[4] = {c.H * c.W * c.Dv, 1, c.W * c.Dv, c.Dv};
   const int64_t blocks = (c.B * c.Ho * c.Wo + NP - 1) / NP;
@@ -164,10 +179,12 @@ void run_pointwise_first(const SeparableCall& c) {
 }
 
 void run_separable(const SeparableCall& c) {
-  const bool one_vector = c.FT == kLanes;
-  if (c.pointwise_first) {
-    if (one_vector) run_pointwise_first<1>(c); else run_pointwise_first<2>(c);
+  const bool one = c.pointwise.FT == kLanes, one0 = !c.two_pointwise || c.first_pointwise.FT == kLanes;
+  if (!c.pointwise_first) {
+    if (one) run_depthwise_first<1>(c); else run_depthwise_first<2>(c);
+  } else if (one) {
+    if (one0) run_pointwise_first<1, 1>(c); else run_pointwise_first<1, 2>(c);
   } else {
-    if (one_vector) run_depthwise_first<1>(c); else run_depthwise_first<2>(c);
+    if (one0) run_pointwise_first<2, 1>(c); else run_pointwise_first<2, 2>(c);
   }
 }

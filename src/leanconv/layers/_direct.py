@@ -1,4 +1,4 @@
-"""What DSC and BSConv-U share to run the direct separable kernel
+"""What DSC, BSConv-U and BSConv-S share to run the direct separable kernel
 (:mod:`leanconv.ops.separable_direct`) in their own forward: where it applies and pays, the
 packed weights kept by the layer (packed again after a weight changes), the output
 activation that :func:`leanconv.optimize_for_inference` moved into the last convolution."""
@@ -21,19 +21,24 @@ __all__ = ["DirectSeparable"]
 _PLAIN = (nn.Conv2d, PrepackedConv2d, DepthwiseConv2d)
 
 
-def _applies(depthwise: nn.Module, pointwise: nn.Module, input_channels: int, pointwise_first: bool) -> bool:
-    """A depthwise convolution of multiplier 1 with zero padding and a plain unstrided 1x1,
-    neither watched by hooks nor pinned to another depthwise backend, and no activation
-    between them."""
-    first, second = (pointwise, depthwise) if pointwise_first else (depthwise, pointwise)
+def _plain_pointwise(conv: nn.Module) -> bool:
+    return (type(conv) in _PLAIN and conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.dilation == (1, 1)
+            and conv.groups == 1 and conv.padding in ((0, 0), "valid"))
+
+
+def _applies(depthwise: nn.Module, pointwise: nn.Module, input_channels: int, pointwise_first: bool,
+             first_pointwise: nn.Module | None) -> bool:
+    """A depthwise convolution of multiplier 1 with zero padding and plain unstrided 1x1s,
+    none watched by hooks, the depthwise one not pinned to another backend, and no activation
+    but after the last."""
+    order = [depthwise, pointwise] if not pointwise_first else [c for c in (first_pointwise, pointwise, depthwise) if c]
     channels = pointwise.out_channels if pointwise_first else input_channels
     return (depthwise.groups == channels and depthwise.in_channels == channels and depthwise.out_channels == channels
-            and depthwise.padding_mode == "zeros" and type(depthwise) in _PLAIN and type(pointwise) in _PLAIN
-            and pointwise.kernel_size == (1, 1) and pointwise.stride == (1, 1) and pointwise.dilation == (1, 1)
-            and pointwise.groups == 1 and pointwise.padding in ((0, 0), "valid")
-            and getattr(first, "activation", None) is None and getattr(second, "activation", None) in (None, "relu", "relu6", "silu")
-            and not (depthwise._forward_hooks or depthwise._forward_pre_hooks or pointwise._forward_hooks
-                     or pointwise._forward_pre_hooks)
+            and depthwise.padding_mode == "zeros" and type(depthwise) in _PLAIN and _plain_pointwise(pointwise)
+            and (first_pointwise is None or _plain_pointwise(first_pointwise))
+            and all(getattr(conv, "activation", None) is None for conv in order[:-1])
+            and getattr(order[-1], "activation", None) in (None, "relu", "relu6", "silu")
+            and not any(conv._forward_hooks or conv._forward_pre_hooks for conv in order)
             and getattr(depthwise, "backend", None) in (None, "auto", "torch"))
 
 
@@ -48,9 +53,9 @@ class DirectSeparable:
     run it; every other call runs the two convolutions."""
 
     def _direct(self, input: torch.Tensor, depthwise: nn.Module, pointwise: nn.Module, *,
-                pointwise_first: bool) -> torch.Tensor | None:
+                pointwise_first: bool, first_pointwise: nn.Module | None = None) -> torch.Tensor | None:
         """The layer's output by the kernel, or None where it does not apply or pay."""
-        if not _applies(depthwise, pointwise, input.shape[1], pointwise_first):
+        if not _applies(depthwise, pointwise, input.shape[1], pointwise_first, first_pointwise):
             return None
         padding = numeric_padding(depthwise)
         if padding is None:
@@ -61,8 +66,9 @@ class DirectSeparable:
                 or separable_direct.why_not(input, depthwise.weight, pointwise.weight)):
             return None
         params = (depthwise.weight, depthwise.bias, pointwise.weight, pointwise.bias)
+        first = None if first_pointwise is None else (first_pointwise.weight, first_pointwise.bias)
         try:
-            stamp = (tuple((t._version, t.data_ptr()) if t is not None else None for t in params),
+            stamp = (tuple((t._version, t.data_ptr()) if t is not None else None for t in params + (first or ())),
                      hetconv_direct.active_isa())
         except RuntimeError:  # parameters made under inference_mode have no version counter: no cache
             stamp = None
@@ -70,7 +76,7 @@ class DirectSeparable:
         if stamp is not None and cached is not None and cached[0] == stamp:
             packed = cached[1]
         else:
-            packed = separable_direct.pack(*params, pointwise_first=pointwise_first)
+            packed = separable_direct.pack(*params, pointwise_first=pointwise_first, first_pointwise=first)
             if stamp is not None:
                 self.__dict__["_direct_packed"] = (stamp, packed)
         activation = getattr(depthwise if pointwise_first else pointwise, "activation", None)

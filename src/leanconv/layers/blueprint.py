@@ -215,7 +215,7 @@ def bsconv_s_mid_channels(in_channels: int, p: float = 0.25, min_mid_channels: i
     return min(in_channels, max(min_mid_channels, math.ceil(p * in_channels)))
 
 
-class BSConvS2d(_Blueprint, nn.Module):
+class BSConvS2d(DirectSeparable, _Blueprint, nn.Module):
     r"""Subspace blueprint separable convolution: two pointwise 1x1 through a
     bottleneck of M' channels, then depthwise KxK.
 
@@ -281,6 +281,10 @@ class BSConvS2d(_Blueprint, nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         check_conv_input(input, self.in_channels, "BSConvS2d")
+        if not self.with_bn and input.dim() == 4:
+            out = self._direct(input, self.dw, self.pw2, pointwise_first=True, first_pointwise=self.pw1)
+            if out is not None:
+                return out
         return _run_unbatched_safe(self, input)
 
     def orthonormal_penalty(self) -> torch.Tensor:

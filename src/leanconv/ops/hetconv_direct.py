@@ -489,14 +489,15 @@ torch.library.define(
 # packs its weights and calls it); defined here, before the extension that implements it loads.
 torch.library.define(
     "leanconv::separable_direct_packed",
-    "(Tensor x, Tensor depthwise, Tensor pointwise, Tensor pointwise_bias, Tensor depthwise_bias, int out_channels, "
-    "int[] kernel_size, int[] stride, int[] padding, int[] dilation, bool pointwise_first, bool relu, str isa) -> Tensor",
+    "(Tensor x, Tensor depthwise, Tensor pointwise, Tensor pointwise_bias, Tensor depthwise_bias, "
+    "Tensor? first_pointwise, Tensor? first_pointwise_bias, int out_channels, int[] kernel_size, int[] stride, "
+    "int[] padding, int[] dilation, bool pointwise_first, bool relu, str isa) -> Tensor",
 )
 
 
 @torch.library.register_fake("leanconv::separable_direct_packed")
-def _(x, depthwise, pointwise, pointwise_bias, depthwise_bias, out_channels, kernel_size, stride, padding, dilation,
-      pointwise_first, relu, isa):
+def _(x, depthwise, pointwise, pointwise_bias, depthwise_bias, first_pointwise, first_pointwise_bias, out_channels,
+      kernel_size, stride, padding, dilation, pointwise_first, relu, isa):
     return _output_like(x, out_channels, kernel_size, stride, padding, dilation)
 
 

@@ -39,55 +39,73 @@ class PackedSeparable:
     out_channels: int
     pointwise_first: bool
     isa: str
+    first_pointwise: torch.Tensor | None = None  # BSConv-S's first 1x1, (tiles, M, tile width)
+    first_pointwise_bias: torch.Tensor | None = None
+
+
+def _pointwise_tiles(weight: torch.Tensor, bias: torch.Tensor | None, isa: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 1x1 convolution's (N, K, 1, 1) weight as (tiles, K, tile width) for ``isa``, zero beyond N,
+    and its bias (tiles * tile width; zeros without one), float64 for the caller to add to."""
+    out_channels, in_channels = weight.shape[0], weight.shape[1]
+    tile = hetconv_direct.tile_width(out_channels, isa)
+    tiles = -(-out_channels // tile)
+    padded = torch.zeros(tiles * tile, in_channels, dtype=torch.float32)
+    padded[:out_channels] = weight.detach().float().reshape(out_channels, in_channels)
+    padded_bias = torch.zeros(tiles * tile, dtype=torch.float64)
+    if bias is not None:
+        padded_bias[:out_channels] = bias.detach().double()
+    return padded.reshape(tiles, tile, in_channels).transpose(1, 2).contiguous(), padded_bias
 
 
 def pack(depthwise_weight: torch.Tensor, depthwise_bias: torch.Tensor | None, pointwise_weight: torch.Tensor,
-         pointwise_bias: torch.Tensor | None, isa: str | None = None, *, pointwise_first: bool = False) -> PackedSeparable:
+         pointwise_bias: torch.Tensor | None, isa: str | None = None, *, pointwise_first: bool = False,
+         first_pointwise: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> PackedSeparable:
     """Lay out ``depthwise_weight`` (D, 1, KH, KW), ``pointwise_weight`` (N, M, 1, 1) and their
     biases for ``isa``'s kernel (default: the active ISA). Depthwise first (DSC): D = M, and
-    the depthwise bias folds into the pointwise one; pointwise first (BSConv-U): D = N."""
+    the depthwise bias folds into the pointwise one; pointwise first (BSConv-U): D = N;
+    ``first_pointwise`` (weight (M', M, 1, 1), bias), BSConv-S: a 1x1 before the pointwise one."""
     isa = isa or hetconv_direct.active_isa()
     lanes = hetconv_direct.lanes(isa)
     depth, taps = depthwise_weight.shape[0], depthwise_weight.shape[2] * depthwise_weight.shape[3]
-    out_channels, in_channels = pointwise_weight.shape[0], pointwise_weight.shape[1]
-    padded = -(-depth // lanes) * lanes
-    tile = hetconv_direct.tile_width(out_channels, isa)
-    tiles = -(-out_channels // tile)
+    out_channels = pointwise_weight.shape[0]
     with torch.no_grad():
-        depthwise = torch.zeros(taps, padded, dtype=torch.float32)
+        depthwise = torch.zeros(taps, -(-depth // lanes) * lanes, dtype=torch.float32)
         depthwise[:, :depth] = depthwise_weight.detach().float().reshape(depth, taps).t()
-        matrix = pointwise_weight.detach().float().reshape(out_channels, in_channels)
-        pointwise = torch.zeros(tiles * tile, in_channels, dtype=torch.float32)
-        pointwise[:out_channels] = matrix
-        pointwise = pointwise.reshape(tiles, tile, in_channels).transpose(1, 2).contiguous()
-        first_bias = torch.zeros(tiles * tile, dtype=torch.float64)
-        second_bias = torch.zeros(tiles * tile, dtype=torch.float64)
-        if pointwise_bias is not None:
-            first_bias[:out_channels] += pointwise_bias.detach().double()
+        pointwise, first_bias = _pointwise_tiles(pointwise_weight, pointwise_bias, isa)
+        second_bias = torch.zeros_like(first_bias)
         if depthwise_bias is not None:
             if pointwise_first:
                 second_bias[:out_channels] += depthwise_bias.detach().double()
             else:
-                first_bias[:out_channels] += matrix.double() @ depthwise_bias.detach().double()
+                matrix = pointwise_weight.detach().double().reshape(out_channels, -1)
+                first_bias[:out_channels] += matrix @ depthwise_bias.detach().double()
+        before = before_bias = None
+        if first_pointwise is not None:
+            before, before_bias = _pointwise_tiles(*first_pointwise, isa)
+            before_bias = before_bias.float()
     return PackedSeparable(depthwise.contiguous(), pointwise, first_bias.float(), second_bias.float(), out_channels,
-                           pointwise_first, isa)
+                           pointwise_first, isa, before, before_bias)
 
 
 def run(x: torch.Tensor, packed: PackedSeparable, kernel_size, stride, padding, dilation,
         relu: bool = False) -> torch.Tensor:
     """The layer on ``x`` (B, M, H, W) by the kernel; the output has ``x``'s memory format."""
     return torch.ops.leanconv.separable_direct_packed(
-        x, packed.depthwise, packed.pointwise, packed.pointwise_bias, packed.depthwise_bias, packed.out_channels,
-        list(kernel_size), list(stride), list(padding), list(dilation), packed.pointwise_first, relu, packed.isa)
+        x, packed.depthwise, packed.pointwise, packed.pointwise_bias, packed.depthwise_bias, packed.first_pointwise,
+        packed.first_pointwise_bias, packed.out_channels, list(kernel_size), list(stride), list(padding),
+        list(dilation), packed.pointwise_first, relu, packed.isa)
 
 
 def reference(x: torch.Tensor, depthwise_weight, depthwise_bias, pointwise_weight, pointwise_bias, stride, padding,
-              dilation, relu: bool = False, *, pointwise_first: bool = False) -> torch.Tensor:
-    """:func:`run`'s function as the two convolutions."""
+              dilation, relu: bool = False, *, pointwise_first: bool = False,
+              first_pointwise: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
+    """:func:`run`'s function as the convolutions themselves."""
     def depthwise(t):
         return F.conv2d(t, depthwise_weight, depthwise_bias, tuple(stride), tuple(padding), tuple(dilation),
                         depthwise_weight.shape[0])
 
+    if first_pointwise is not None:
+        x = F.conv2d(x, *first_pointwise)
     if pointwise_first:
         out = depthwise(F.conv2d(x, pointwise_weight, pointwise_bias))
     else:
