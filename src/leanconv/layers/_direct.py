@@ -48,7 +48,7 @@ def _channels_last(x: torch.Tensor) -> bool:
 
 
 class DirectSeparable:
-    """Mixin of the layers whose forward is a depthwise and a pointwise convolution: their
+    """Mixin of the layers whose forward is a depthwise and one or two pointwise convolutions: their
     eager CPU inference calls that the kernel takes (:func:`~leanconv.ops.separable_direct.pays`)
     run it; every other call runs the two convolutions."""
 

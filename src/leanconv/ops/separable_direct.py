@@ -1,5 +1,6 @@
-"""The direct separable kernels: DSC (a depthwise KxK convolution then a 1x1) and BSConv-U
-(a 1x1 then a depthwise KxK) in one call on the CPU, for inference
+"""The direct separable kernels: DSC (a depthwise KxK convolution then a 1x1), BSConv-U (a
+1x1 then a depthwise KxK) and BSConv-S (two 1x1s, then a depthwise KxK) in one call on the
+CPU, for inference
 (:file:`leanconv/kernels/separable_direct.h`, in the same C++ extension as the direct
 HetConv kernel, compiled per ISA the same way).
 
@@ -10,7 +11,8 @@ BSConv: Haase & Amthor, CVPR 2020, https://arxiv.org/abs/2003.13549.
 (the registered op ``torch.ops.leanconv.separable_direct_packed``); :func:`reference` is the
 same function as the two convolutions, what the tests compare the kernel with.
 :func:`why_not` and :func:`pays` say where the kernel does not apply or does not pay; the
-layers (:class:`leanconv.DSConv2d`, :class:`leanconv.BSConvU2d`) run their library form there.
+layers (:class:`leanconv.DSConv2d`, :class:`leanconv.BSConvU2d`, :class:`leanconv.BSConvS2d`) run their
+library form there.
 """
 
 from __future__ import annotations
@@ -115,9 +117,9 @@ def reference(x: torch.Tensor, depthwise_weight, depthwise_bias, pointwise_weigh
 
 # Calls of at most DIRECT_MAX_PIXELS output pixels (batch x rows x columns) run the kernel at
 # batch <= 2 in channels-last, at batch 1 in NCHW: there it was faster than both library forms
-# (the two F.conv2d calls, and oneDNN's two prepacked convolutions) on every layer of the VGG
-# grid, 32-512 channels, DSC and BSConv-U (its time over the faster form's: 0.47-0.95
-# channels-last, 0.56-0.98 NCHW at batch 1). From batch 4 on oneDNN's 1x1 convolution
+# (the F.conv2d calls, and oneDNN's prepacked convolutions) on every layer of the VGG grid,
+# 32-512 channels, DSC, BSConv-U and BSConv-S (its time over the faster form's: 0.33-0.94
+# channels-last, 0.37-0.99 NCHW at batch 1). From batch 4 on oneDNN's 1x1 convolution
 # outpaces the kernel's pointwise part on some shapes, and an NCHW input's two layout copies
 # cost more from batch 2 (benchmarks/separable_direct.py, results/cpu/*-separable-direct.md).
 DIRECT_MAX_BATCH = 2
