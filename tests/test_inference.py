@@ -294,6 +294,33 @@ class _Untraceable(nn.Module):
         return self.odd(self.relu(self.bn(self.conv(x))))
 
 
+class _InPlaceShortcut(nn.Module):
+    """``x += conv(x)`` where the old ``x`` is read again: eager mode sees the sum there too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = x * 1.0
+        kept = x
+        x += self.conv(x)
+        return torch.relu(x) + kept
+
+
+def test_an_in_place_addition_read_elsewhere_keeps_the_models_forward():
+    """torch.fx records ``x += y`` out of place: a model where that could matter is optimized
+    module by module, never through a graph that computes something else."""
+    torch.manual_seed(0)
+    model = _InPlaceShortcut().eval()
+    optimized, report = leanconv.optimize_for_inference(model, return_report=True)
+    assert not report.residuals and report.graph.startswith("modules only (the torch.fx graph may differ"), str(report)
+    assert type(optimized) is _InPlaceShortcut
+    x = torch.randn(2, 4, 6, 6)
+    with torch.inference_mode():
+        assert_matches_reference(optimized(x), model(x))
+
+
 def test_untraceable_model_is_optimized_module_by_module():
     torch.manual_seed(0)
     model = _randomize_batchnorm(nn.Sequential(_Untraceable()))

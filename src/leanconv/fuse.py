@@ -73,6 +73,15 @@ def _absorber(module: nn.Module) -> nn.Module | None:
 
 
 # ------------------------------------------------------------------------- layer-internal
+def _occurrences(model: nn.Module) -> dict[int, int]:
+    """How many places of ``model``'s module tree hold each module (by id): a module held
+    twice may be called on another path, so nothing is moved into it."""
+    counts: dict[int, int] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        counts[id(module)] = counts.get(id(module), 0) + 1
+    return counts
+
+
 def _replace_everywhere(model: nn.Module, old: nn.Module, new: nn.Module) -> list[str]:
     names = []
     for parent_name, parent in list(model.named_modules(remove_duplicate=False)):
@@ -87,9 +96,7 @@ def _fuse_relus(model: nn.Module, report: FuseReport) -> None:
     """Each ``nn.ReLU`` whose input is only a HetConv2d's or an nn.Conv2d's output
     (through the Identity left by a folded BatchNorm) moves into that convolution."""
     pairs, _ = followers(model, follower=nn.ReLU, skip=(nn.Identity,))
-    occurrences: dict[int, int] = {}
-    for _, m in model.named_modules(remove_duplicate=False):
-        occurrences[id(m)] = occurrences.get(id(m), 0) + 1
+    occurrences = _occurrences(model)
     for pair in pairs:
         conv_name, relu_name = pair.layer, pair.follower
         conv, relu = model.get_submodule(conv_name), model.get_submodule(relu_name)
@@ -181,9 +188,7 @@ def fuse(model: nn.Module, *, inplace: bool = False, merge_bsconv_s: bool = True
 
     # 3. conv -> BN pairs in the model.
     pairs, report.pair_search = followers(target)
-    occurrences: dict[int, int] = {}
-    for _, m in target.named_modules(remove_duplicate=False):
-        occurrences[id(m)] = occurrences.get(id(m), 0) + 1
+    occurrences = _occurrences(target)
     folded_bns: set[int] = set()
     for pair in pairs:
         conv_name, bn_name = pair.layer, pair.follower

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fuse import FuseReport, _replace_everywhere, fuse
+from .fuse import FuseReport, _occurrences, _replace_everywhere, fuse
 from .graph import trace
 from .layers import Conv2dReLU, DepthwiseConv2d, LeanConvLayer
 from .layers.prepacked import PrepackedConv2d, why_not_prepackable
@@ -63,13 +63,6 @@ class InferenceReport:
         return "\n".join(lines)
 
 
-def _occurrences(model: nn.Module) -> dict[int, int]:
-    counts: dict[int, int] = {}
-    for _, module in model.named_modules(remove_duplicate=False):
-        counts[id(module)] = counts.get(id(module), 0) + 1
-    return counts
-
-
 def _prepack_convolutions(model: nn.Module, report: InferenceReport) -> nn.Module:
     """Every plain convolution becomes a PrepackedConv2d (a shared one stays shared)."""
     done: dict[int, nn.Module] = {}
@@ -98,6 +91,8 @@ def _activation_of(node, modules: dict[str, nn.Module]) -> str | None:
     """The activation ``node`` applies to its single tensor input, or None."""
     if node.op == "call_module":
         module = modules.get(node.target)
+        if module is None or module._forward_hooks or module._forward_pre_hooks:  # a hook would miss its call
+            return None
         return _ACTIVATION_MODULES.get(type(module)) if len(node.args) == 1 and not node.kwargs else None
     if node.op == "call_function" and node.target in _ACTIVATION_FUNCTIONS:
         extra = set(node.kwargs) - {"inplace"}
@@ -113,6 +108,28 @@ def _is_plain_add(node) -> bool:
     return node.op == "call_method" and node.target in ("add", "add_") and len(node.args) == 2 and not node.kwargs
 
 
+# Python operators whose augmented assignment (`x += y`) changes a tensor in place in eager
+# mode, but which torch.fx records out of place (its Proxy has no __iadd__ and the like).
+_AUGMENTABLE = (operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.mod,
+                operator.pow, operator.matmul, operator.and_, operator.or_, operator.xor, operator.lshift,
+                operator.rshift)
+
+
+def _augmented_assignment_read_later(graph) -> str | None:
+    """The name of an operator node whose first operand is read again after it, or None. Were
+    it written ``x += y``, eager mode would change ``x`` for those later reads and the traced
+    graph would not: a model with such a node keeps its own forward (conservative: ``z = x + y``
+    followed by a read of ``x`` is the same node)."""
+    order = {node: index for index, node in enumerate(graph.nodes)}
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in _AUGMENTABLE or not node.args:
+            continue
+        first = node.args[0]
+        if hasattr(first, "users") and any(order[user] > order[node] for user in first.users if user is not node):
+            return node.name
+    return None
+
+
 def _fuse_graph(model: nn.Module, report: InferenceReport, residual: bool) -> nn.Module:
     """Activations and residual additions moved into the PrepackedConv2d calls that feed
     them (torch.fx); the model itself where nothing moved or it cannot be traced."""
@@ -123,6 +140,11 @@ def _fuse_graph(model: nn.Module, report: InferenceReport, residual: bool) -> nn
     except Exception as error:  # noqa: BLE001 - any tracing failure leaves the modules as they are
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         report.graph = f"modules only (torch.fx could not trace the model: {first_line[:160]})"
+        return model
+    aliased = _augmented_assignment_read_later(graph)
+    if aliased:
+        report.graph = (f"modules only (the torch.fx graph may differ from the model: `{aliased}` may be an "
+                        "augmented assignment (`x += y`), which torch.fx records out of place, on a tensor read later)")
         return model
     report.graph = "torch.fx tracing"
     modules = dict(model.named_modules())
@@ -188,6 +210,8 @@ def _fuse_graph(model: nn.Module, report: InferenceReport, residual: bool) -> nn
         other = node.args[0] if argument is node.args[1] else node.args[1]
         if not isinstance(other, torch.fx.Node) or other is argument:
             continue
+        if node.target == "add_" and other is node.args[0] and len(other.users) > 1:
+            continue  # `shortcut.add_(conv(x))` changes a tensor that is read elsewhere: the post-op would not
         order = {n: i for i, n in enumerate(graph.nodes)}
         if order[other] > order[source]:
             other.append(source)  # its inputs come earlier still; its one reader (an Identity or the add) later
