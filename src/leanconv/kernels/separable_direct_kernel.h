@@ -29,22 +29,24 @@ inline int block_taps(const SeparableCall& c, const float* source, const int64_t
 }
 
 // dst[i][k] = bias[k] + sum over taps rows[tap * NP + i][k] * wdw[tap][k], k < c.D, for
-// the first `count` pixels (then the optional ReLU): NP independent accumulators per
-// vector of channels, one weight load per tap.
-inline void depthwise_pixels(const SeparableCall& c, const float* const* rows, const float* bias, bool relu,
-                             float* const* dst, int count) {
+// the first `count` pixels (then the optional ReLU): R <= NP independent accumulators per
+// vector of channels (R rows computed: a block of fewer pixels computes fewer), one weight
+// load per tap.
+template <int R>
+void depthwise_pixels(const SeparableCall& c, const float* const* rows, const float* bias, bool relu,
+                      float* const* dst, int count) {
   constexpr int NP = kSeparablePixels;
   const int64_t taps = c.KH * c.KW, D = c.D, Dv = c.Dv;
   const vec zero = vec{};
   int64_t k = 0;
   for (; k + kLanes <= D; k += kLanes) {
-    vec acc[NP];
+    vec acc[R];
     const vec b = bias != nullptr ? load(bias + k) : zero;
-    for (int i = 0; i < NP; ++i) acc[i] = b;
+    for (int i = 0; i < R; ++i) acc[i] = b;
     for (int64_t tap = 0; tap < taps; ++tap) {
       const vec w = load(c.wdw + tap * Dv + k);
       const float* const* r = rows + tap * NP;
-      for (int i = 0; i < NP; ++i) acc[i] += load(r[i] + k) * w;
+      for (int i = 0; i < R; ++i) acc[i] += load(r[i] + k) * w;
     }
     for (int i = 0; i < count; ++i) store(dst[i] + k, relu ? (acc[i] > zero ? acc[i] : zero) : acc[i]);
   }
@@ -58,12 +60,11 @@ inline void depthwise_pixels(const SeparableCall& c, const float* const* rows, c
 
 // For tiles [tile_begin, tile_end) of the 1x1 p: dst[i][f] = p.bias[f] + sum over k < p.K
 // of src[i][k] * p.w[tile][k][f], f < p.N, for the first `count` pixels (then the optional
-// ReLU): NP x NV accumulators in registers; whole vectors stored where the tile's filters
-// are all real.
-template <int NV>
+// ReLU): NP x NV accumulators in registers (NP rows computed); whole vectors stored where
+// the tile's filters are all real.
+template <int NV, int NP>
 void pointwise_tiles(const Pointwise& p, const float* const* src, int64_t tile_begin, int64_t tile_end, bool relu,
                      float* const* dst, int count) {
-  constexpr int NP = kSeparablePixels;
   const int64_t FT = p.FT, K = p.K;
   const vec zero = vec{};
   for (int64_t t = tile_begin; t < tile_end; ++t) {
@@ -95,6 +96,20 @@ void pointwise_tiles(const Pointwise& p, const float* const* src, int64_t tile_b
         }
       }
     }
+  }
+}
+
+// The rows a block of `count` real pixels computes: 4, 8 or all kSeparablePixels (a 2x2 map
+// at batch 1 is one block of 4 pixels; computing 12 rows for it took three times the work).
+template <class Call>
+void by_rows(int count, const Call& call) {
+  if (count <= 4) {
+    call(std::integral_constant<int, 4>{});
+  } else if constexpr (kSeparablePixels > 8) {
+    if (count <= 8) call(std::integral_constant<int, 8>{});
+    else call(std::integral_constant<int, kSeparablePixels>{});
+  } else {
+    call(std::integral_constant<int, kSeparablePixels>{});
   }
 }
 
@@ -131,7 +146,7 @@ void pointwise_all_pixels(const SeparableCall& c, const Pointwise& p, const floa
       src[i] = i < valid ? at : c.zeros;
       out[i] = dst + (first + i) * row;
     }
-    pointwise_tiles<NV>(p, src, tile_begin, tile_end, false, out, valid);
+    by_rows(valid, [&](auto rows) { pointwise_tiles<NV, decltype(rows)::value>(p, src, tile_begin, tile_end, false, out, valid); });
   });
 }
 
@@ -148,8 +163,10 @@ void run_depthwise_first(const SeparableCall& c) {
     float* mid[NP];
     float* dst[NP];
     for (int i = 0; i < NP; ++i) { mid[i] = buffer.data() + i * c.Dv; dst[i] = c.out + outs[i]; }
-    depthwise_pixels(c, rows, nullptr, false, mid, NP);
-    pointwise_tiles<NV>(c.pointwise, mid, tile_begin, tile_end, c.relu, dst, valid);
+    by_rows(valid, [&](auto computed) {
+      depthwise_pixels<decltype(computed)::value>(c, rows, nullptr, false, mid, decltype(computed)::value);
+      pointwise_tiles<NV, decltype(computed)::value>(c.pointwise, mid, tile_begin, tile_end, c.relu, dst, valid);
+    });
   });
 }
 
@@ -173,7 +190,7 @@ void run_pointwise_first(const SeparableCall& c) {
     for (int64_t block = begin; block < end; ++block) {
       const int valid = block_taps(c, c.scratch, ss, block * NP, rows, outs);
       for (int i = 0; i < NP; ++i) dst[i] = c.out + outs[i];
-      depthwise_pixels(c, rows, c.depthwise_bias, c.relu, dst, valid);
+      by_rows(valid, [&](auto computed) { depthwise_pixels<decltype(computed)::value>(c, rows, c.depthwise_bias, c.relu, dst, valid); });
     }
   });
 }
