@@ -12,7 +12,9 @@
 //   optional ReLU, one store. Work items are (group of filter tiles, block of pixels): the
 //   tiles of a group share a slice of the pointwise weights small enough to stay in L2; a
 //   block's depthwise results are computed again for each group it meets (K*K/FT of the
-//   group's pointwise MACs), so small maps at batch 1 still spread over every thread.
+//   group's pointwise MACs), so small maps at batch 1 still spread over every thread. A block
+//   of fewer real pixels (the last one, or a whole 2x2 map at batch 1) computes 4 or 8 rows
+//   instead of NP.
 // * pointwise first, BSConv-U (Haase & Amthor, CVPR 2020, https://arxiv.org/abs/2003.13549):
 //   y[p, n] = b_dw[n] + sum_taps wdw[n, tap] * (b_pw[n] + sum_k wpw[n, k] x[p + tap, k]).
 //   The pointwise results of every input pixel go to a scratch buffer (batch x rows x

@@ -118,8 +118,8 @@ def reference(x: torch.Tensor, depthwise_weight, depthwise_bias, pointwise_weigh
 # Calls of at most DIRECT_MAX_PIXELS output pixels (batch x rows x columns) run the kernel at
 # batch <= 2 in channels-last, at batch 1 in NCHW: there it was faster than both library forms
 # (the F.conv2d calls, and oneDNN's prepacked convolutions) on every layer of the VGG grid,
-# 32-512 channels, DSC, BSConv-U and BSConv-S (its time over the faster form's: 0.33-0.94
-# channels-last, 0.37-0.99 NCHW at batch 1). From batch 4 on oneDNN's 1x1 convolution
+# 32-512 channels, DSC, BSConv-U and BSConv-S (its time over the faster form's: 0.17-0.99
+# channels-last, 0.26-0.94 NCHW at batch 1). From batch 4 on oneDNN's 1x1 convolution
 # outpaces the kernel's pointwise part on some shapes, and an NCHW input's two layout copies
 # cost more from batch 2 (benchmarks/separable_direct.py, results/cpu/*-separable-direct.md).
 DIRECT_MAX_BATCH = 2
