@@ -187,6 +187,16 @@ def test_bad_arguments_are_named():
         PrepackedConv2d.from_conv(nn.Conv2d(4, 4, 3).double())
 
 
+def test_input_smaller_than_the_kernel_and_weights_made_in_inference_mode():
+    layer = PrepackedConv2d(4, 4, 5)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="Kernel size can't be greater than actual input size"):
+        layer(torch.randn(1, 4, 3, 3))
+    with torch.inference_mode():
+        made = PrepackedConv2d(4, 6, 3, padding=1)  # its parameters have no version counter
+        x = torch.randn(2, 4, 5, 5)
+        assert_matches_reference(made(x), F.conv2d(x, made.weight, made.bias, padding=1))
+
+
 def test_residual_of_another_shape_broadcasts_as_torch_does():
     layer = PrepackedConv2d(4, 6, 3, padding=1)
     x, residual = torch.randn(2, 4, 5, 5), torch.randn(1, 6, 1, 1)

@@ -98,8 +98,11 @@ class PrepackedConv2d(nn.Conv2d):
 
     def _packed_weight(self, input: torch.Tensor) -> torch.Tensor:
         weight = self.weight
-        key = (tuple(input.shape), weight.data_ptr(), weight._version, self.padding, self.stride, self.dilation,
-               self.groups)
+        try:
+            version = weight._version
+        except RuntimeError:  # a weight made under inference_mode has no version counter: packed per call
+            return onednn.prepack(weight, self.padding, self.stride, self.dilation, self.groups, input.shape)
+        key = (tuple(input.shape), weight.data_ptr(), version, self.padding, self.stride, self.dilation, self.groups)
         kept = self.__dict__.setdefault("_packed", {})
         packed = kept.get(key)
         if packed is None:
@@ -116,8 +119,12 @@ class PrepackedConv2d(nn.Conv2d):
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         arguments = (self.padding, self.stride, self.dilation, self.groups, self.activation, residual)
-        if (onednn.why_not(input, self.weight, self.bias, residual) is not None
-                or (residual is not None and tuple(residual.shape) != self._output_shape(input))):
+        if onednn.why_not(input, self.weight, self.bias, residual) is not None:
+            return onednn.reference(input, self.weight, self.bias, *arguments)
+        shape = self._output_shape(input)
+        if min(shape[2:]) < 1 or (residual is not None and tuple(residual.shape) != shape):
+            # an input smaller than the kernel gets nn.Conv2d's error; a residual of another
+            # shape broadcasts as torch does
             return onednn.reference(input, self.weight, self.bias, *arguments)
         out = onednn.conv2d(input, self._packed_weight(input), self.bias, *arguments)
         if not input.is_contiguous(memory_format=torch.channels_last):
