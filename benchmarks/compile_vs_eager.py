@@ -73,6 +73,7 @@ def main(argv=None) -> int:
     import torch._inductor.config as inductor_config
 
     from leanconv.bench import describe_environment, machine_slug, time_interleaved, write_results
+    from leanconv.bench.timing import calls_lasting
 
     inductor_config.freezing = True
     torch.manual_seed(0)
@@ -107,9 +108,7 @@ def main(argv=None) -> int:
                 # one compiled call ran 3-4x slower than eager alone (VGG-16 at batch 1: 11 ms against
                 # 2.7), which no user who runs one of the two sees.
                 eager()
-                started = time.perf_counter()
-                eager()
-                inner = max(1, round(BLOCK_SECONDS / max(time.perf_counter() - started, 1e-6)))
+                inner = calls_lasting(eager, BLOCK_SECONDS)
                 timings = time_interleaved({"eager": eager, "compiled": compiled_run}, warmup=args.warmup,
                                            repeats=args.repeats, inner=inner)
             e, c = timings["eager"], timings["compiled"]

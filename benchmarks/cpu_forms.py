@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from leanconv.bench import describe_environment, machine_slug, time_interleaved, write_results
 from leanconv import HetConv2d
+from leanconv.ops import onednn
 from leanconv.ops.hetconv_layout import materialize_dense_weight, zero_diagonal_pointwise
 
 
@@ -58,9 +59,7 @@ def forms(x, weight, pointwise, p):
     matrix = zero_diagonal_pointwise(pointwise, m, pointwise.shape[0], p, "blocked")
     matrix_t = matrix.t().contiguous()
     one_by_one = matrix[:, :, None, None].contiguous(memory_format=torch.channels_last)
-    grouped_packed = torch.ops.mkldnn._reorder_convolution_weight(
-        weight.contiguous(memory_format=torch.channels_last), [1, 1], [1, 1], [1, 1], p, list(x.shape)
-    )
+    grouped_packed = onednn.prepack(weight, (1, 1), (1, 1), (1, 1), p, x.shape)
 
     def fused():  # grouped conv, then the 1x1 GEMM accumulated into its output (channels-last rows view)
         y = F.conv2d(x, weight, None, 1, 1, 1, p).contiguous(memory_format=torch.channels_last)
@@ -69,9 +68,7 @@ def forms(x, weight, pointwise, p):
 
     def packed():  # the GEMM first, the packed grouped conv adding itself onto it (oneDNN post-op)
         acc = rows_view(x).mm(matrix_t).view(x.shape[0], x.shape[2], x.shape[3], -1).permute(0, 3, 1, 2)
-        return torch.ops.mkldnn._convolution_pointwise_.binary(
-            acc, x, grouped_packed, None, [1, 1], [1, 1], [1, 1], p, "add", 1.0, None, [], None
-        )
+        return onednn.conv2d_accumulate_(acc, x, grouped_packed, (1, 1), (1, 1), (1, 1), p)
 
     layer = HetConv2d(m, n, 3, padding=1, bias=False, p=p, backend="split").eval()
     with torch.no_grad():
@@ -93,9 +90,7 @@ def forms(x, weight, pointwise, p):
 
     def masked_postop():
         acc = F.conv2d(x, one_by_one)
-        return torch.ops.mkldnn._convolution_pointwise_.binary(
-            acc, x, grouped_packed, None, [1, 1], [1, 1], [1, 1], p, "add", 1.0, None, [], None
-        )
+        return onednn.conv2d_accumulate_(acc, x, grouped_packed, (1, 1), (1, 1), (1, 1), p)
 
     out["masked_postop"] = masked_postop
     centre_free = weight.clone()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Small depthwise convolutions on the CPU: ``F.conv2d`` (what ``nn.Conv2d`` and
 leanconv's depthwise ``torch`` backend run) against the same call with its weight
-prepacked once for oneDNN (``torch.ops.mkldnn._convolution_pointwise``, the
+prepacked once for oneDNN (``leanconv.ops.onednn``, the
 preparation the ``torch`` backend caches for small eager float32 calls), in both
 memory formats. Evidence for ``PACKED_DEPTHWISE_MAX_OUTPUT`` in
 ``leanconv.ops.backends``.
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from leanconv.bench import describe_environment, machine_slug, write_results
+from leanconv.ops import onednn
 from leanconv.ops.backends import PACKED_DEPTHWISE_MAX_OUTPUT
 
 SHAPES = [(1, c, h) for c in (8, 16, 32, 64, 128, 256, 512) for h in (4, 8, 16, 32)] + [
@@ -39,14 +40,13 @@ def candidates(batch: int, channels: int, size: int, channels_last: bool):
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     weight, bias = torch.randn(channels, 1, 3, 3), torch.randn(channels)
-    packed = torch.ops.mkldnn._reorder_convolution_weight(
-        weight.contiguous(memory_format=torch.channels_last), [1, 1], [1, 1], [1, 1], channels, list(x.shape))
+    packed = onednn.prepack(weight, (1, 1), (1, 1), (1, 1), channels, x.shape)
 
     def plain():
         return F.conv2d(x, weight, bias, 1, 1, 1, channels)
 
     def prepacked():
-        out = torch.ops.mkldnn._convolution_pointwise(x, packed, bias, [1, 1], [1, 1], [1, 1], channels, "none", [], "")
+        out = onednn.conv2d(x, packed, bias, (1, 1), (1, 1), (1, 1), channels)
         return out if channels_last else out.contiguous()
 
     return plain, prepacked

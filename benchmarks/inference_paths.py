@@ -23,6 +23,7 @@ Writes JSON, CSV and Markdown (machine header with the CPU capability) to ``resu
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import tempfile
@@ -65,13 +66,6 @@ def build(network: str, spec: str, width: float) -> torch.nn.Module:
     return trained_looking_batchnorm(model).eval()
 
 
-def _block(run, x, count):
-    def block():
-        for _ in range(count):
-            run(x)
-    return block
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -79,7 +73,7 @@ def main(argv=None) -> int:
     import leanconv
     from leanconv.bench import describe_environment, machine_slug, time_interleaved, write_results
     from leanconv.bench.runtimes import RuntimeJob, check_runtime_names, time_in_runtime, why_runtime_unavailable
-    from leanconv.bench.timing import Timing
+    from leanconv.bench.timing import Timing, calls_lasting
     from leanconv.export import export_onnx
 
     runtimes, skipped = [], {}
@@ -138,28 +132,25 @@ def main(argv=None) -> int:
                 cases.append((network, batch, spec, variants, x, x_cl, expected, macs, onnx_path))
             print(f"# built {network} {spec}", flush=True)
 
-    # Blocks: calls per sample so that a block lasts at least BLOCK_SECONDS.
+    # A sample: a block of consecutive calls lasting at least BLOCK_SECONDS.
     candidates = {}
     counts = {}
     for network, batch, spec, variants, x, x_cl, expected, macs, onnx_path in cases:
         for name, run in variants.items():
             key = f"{network}|{batch}|{spec}|{name}"
+            candidates[key] = functools.partial(run, x_cl)
             with torch.no_grad():
-                started = time.perf_counter()
-                run(x_cl)
-                seconds = time.perf_counter() - started
-            counts[key] = max(1, round(BLOCK_SECONDS / max(seconds, 1e-6)))
-            candidates[key] = _block(run, x_cl, counts[key])
+                counts[key] = calls_lasting(candidates[key], BLOCK_SECONDS)
 
     def pytorch_round(warmup):
         with torch.inference_mode():
             eager = {k: v for k, v in candidates.items() if not k.endswith("|compiled")}
-            timed = time_interleaved(eager, warmup=warmup, repeats=repeats)
+            timed = time_interleaved(eager, warmup=warmup, repeats=repeats, inner=counts)
         compiled = {k: v for k, v in candidates.items() if k.endswith("|compiled")}
         if compiled:
             with torch.no_grad():
-                timed.update(time_interleaved(compiled, warmup=warmup, repeats=repeats))
-        return {k: [s / counts[k] for s in t.rounds] for k, t in timed.items()}
+                timed.update(time_interleaved(compiled, warmup=warmup, repeats=repeats, inner=counts))
+        return {k: list(t.rounds) for k, t in timed.items()}
 
     samples: dict[str, list[float]] = {}
     versions, load_s = {}, {}

@@ -50,20 +50,13 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def _block(run, count):
-    def block():
-        for _ in range(count):
-            run()
-    return block
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    import time
 
     from leanconv.bench import describe_environment, machine_slug, time_interleaved, write_results
+    from leanconv.bench.timing import calls_lasting
     from leanconv.layers import bsconv_s_mid_channels
     from leanconv.ops import hetconv_direct, onednn, separable_direct
 
@@ -124,15 +117,9 @@ def main(argv=None) -> int:
                             print(f"correctness gate failed: {name} {channels}x{side} b{batch} {fmt}: {error:.3g}",
                                   file=sys.stderr)
                             return 1
-                    blocks = {}
-                    for name, run in variants.items():
-                        started = time.perf_counter()
-                        run()
-                        count = max(1, round(0.03 / max(time.perf_counter() - started, 1e-6)))
-                        blocks[name] = (_block(run, count), count)
-                    timed = time_interleaved({name: block for name, (block, _) in blocks.items()}, warmup=1,
-                                             repeats=repeats)
-                ms = {name: 1e3 * timed[name].median / blocks[name][1] for name in variants}
+                    counts = {name: calls_lasting(run, 0.03) for name, run in variants.items()}
+                    timed = time_interleaved(variants, warmup=1, repeats=repeats, inner=counts)
+                ms = {name: 1e3 * timed[name].median for name in variants}
                 macs_dense = batch * side * side * channels * channels * 9
                 macs_dsc = batch * side * side * (channels * (9 + inputs) + (channels * inputs if first else 0))
                 best_library = min(ms["library"], ms["onednn"])

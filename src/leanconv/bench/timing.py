@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Mapping
 
-__all__ = ["Timing", "time_interleaved", "per_round_ratio"]
+__all__ = ["Timing", "calls_lasting", "time_interleaved", "per_round_ratio"]
 
 
 def _quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -60,18 +60,27 @@ def per_round_ratio(numerator: list[float], denominator: list[float]) -> tuple[f
     return median_q[1], median_q[0], median_q[2]
 
 
+def calls_lasting(run: Callable[[], object], seconds: float, clock: Callable[[], float] = time.perf_counter) -> int:
+    """How many consecutive calls of ``run`` last about ``seconds`` (from one timed call; at
+    least 1): a candidate's ``inner`` for :func:`time_interleaved`."""
+    start = clock()
+    run()
+    return max(1, round(seconds / max(clock() - start, 1e-6)))
+
+
 def time_interleaved(
     candidates: Mapping[str, Callable[[], object]],
     *,
     warmup: int = 2,
     repeats: int = 7,
-    inner: int = 1,
+    inner: int | Mapping[str, int] = 1,
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Timing]:
     """Time each zero-argument callable: ``warmup`` untimed calls each, then
-    ``repeats`` rounds in which every candidate runs ``inner`` times in a row;
-    a sample is the mean of those ``inner`` calls."""
-    if repeats < 1 or inner < 1 or warmup < 0:
+    ``repeats`` rounds in which every candidate runs ``inner`` times in a row (one
+    count for all, or one per candidate's name); a sample is the mean of those calls."""
+    counts = {name: inner[name] if isinstance(inner, Mapping) else inner for name in candidates}
+    if repeats < 1 or warmup < 0 or any(count < 1 for count in counts.values()):
         raise ValueError(f"need repeats >= 1, inner >= 1, warmup >= 0; got {repeats}, {inner}, {warmup}")
     for run in candidates.values():
         for _ in range(warmup):
@@ -79,8 +88,9 @@ def time_interleaved(
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(repeats):
         for name, run in candidates.items():
+            count = counts[name]
             start = clock()
-            for _ in range(inner):
+            for _ in range(count):
                 run()
-            samples[name].append((clock() - start) / inner)
+            samples[name].append((clock() - start) / count)
     return {name: Timing.from_samples(values) for name, values in samples.items()}

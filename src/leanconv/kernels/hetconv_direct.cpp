@@ -263,19 +263,6 @@ leanconv_direct::Pointwise pointwise_operand(const torch::Tensor& w, const torch
   return p;
 }
 
-// Tiles per work item of a 1x1 over `pixels` pixels: a slice of the weights that stays in L2
-// (128 KiB), and at least two items per thread where there are few blocks of pixels.
-void group_tiles(leanconv_direct::Pointwise& p, int64_t pixels, const std::string& isa) {
-  const int64_t tile_bytes = p.K * p.FT * static_cast<int64_t>(sizeof(float));
-  p.tiles_per_group = std::max<int64_t>(1, std::min<int64_t>(p.T, (128 << 10) / std::max<int64_t>(tile_bytes, 1)));
-  const int64_t block_pixels = isa == "avx512" ? 12 : 6;  // kSeparablePixels of the ISA's kernel
-  const int64_t blocks = (pixels + block_pixels - 1) / block_pixels, wanted = 2 * at::get_num_threads();
-  if (blocks < wanted) {
-    const int64_t groups = std::min<int64_t>(p.T, (wanted + blocks - 1) / blocks);
-    p.tiles_per_group = std::min<int64_t>(p.tiles_per_group, (p.T + groups - 1) / groups);
-  }
-}
-
 }  // namespace
 
 // The direct separable kernels (separable_direct.h) on weights packed by
@@ -333,9 +320,6 @@ torch::Tensor separable_op(const torch::Tensor& input, const torch::Tensor& wdw,
   if (out.numel() == 0) return channels_last ? out : out.contiguous();
   const torch::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
   for (int d = 0; d < 4; ++d) { c.xs[d] = x.stride(d); c.os[d] = out.stride(d); }
-  const int64_t pointwise_pixels = pointwise_first ? c.B * c.H * c.W : c.B * c.Ho * c.Wo;
-  group_tiles(c.pointwise, pointwise_pixels, isa);
-  if (c.two_pointwise) group_tiles(c.first_pointwise, pointwise_pixels, isa);
   std::vector<float> zeros(std::max({c.M, c.Dv, c.Kv0}), 0.0f);
   const int64_t scratch_floats = pointwise_first ? c.B * c.H * c.W * c.Dv : 0;
   float* buffers = pointwise_first ? scratch(scratch_floats + c.B * c.H * c.W * c.Kv0) : nullptr;

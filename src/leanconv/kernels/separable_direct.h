@@ -36,11 +36,11 @@
 namespace leanconv_direct {
 
 // One pointwise (1x1) convolution of a call: packed weights (T, K, FT) over K inputs, the
-// bias (T * FT), N outputs, and how many of its tiles a work item takes.
+// bias (T * FT), N outputs. (How many of its tiles a work item takes, the kernel chooses.)
 struct Pointwise {
   const float* w;
   const float* bias;
-  int64_t K, N, T, FT, tiles_per_group;
+  int64_t K, N, T, FT;
 };
 
 struct SeparableCall {

@@ -113,16 +113,25 @@ void by_rows(int count, const Call& call) {
   }
 }
 
-// Items of `blocks` blocks x groups of p.tiles_per_group tiles of the 1x1 p, group-major (a
-// thread's run of items mostly shares one group's weights): body(block, tile_begin, tile_end).
+// Items of `blocks` blocks x groups of tiles of the 1x1 p, group-major (a thread's run of
+// items mostly shares one group's weights): body(block, tile_begin, tile_end). A group's
+// weights stay in L2 (128 KiB); where there are few blocks (batch 1, small maps), groups are
+// smaller, so that every thread gets at least two items.
 template <class Body>
 void for_tiles_and_blocks(const Pointwise& p, int64_t blocks, const Body& body) {
-  const int64_t groups = (p.T + p.tiles_per_group - 1) / p.tiles_per_group;
+  const int64_t tile_bytes = p.K * p.FT * static_cast<int64_t>(sizeof(float));
+  int64_t per_group = std::max<int64_t>(1, std::min<int64_t>(p.T, (128 << 10) / std::max<int64_t>(tile_bytes, 1)));
+  const int64_t wanted = 2 * at::get_num_threads();
+  if (blocks < wanted) {
+    const int64_t groups = std::min<int64_t>(p.T, (wanted + blocks - 1) / blocks);
+    per_group = std::min<int64_t>(per_group, (p.T + groups - 1) / groups);
+  }
+  const int64_t groups = (p.T + per_group - 1) / per_group;
   at::parallel_for(0, groups * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t group = item / blocks, block = item % blocks;
-      const int64_t tile_begin = group * p.tiles_per_group;
-      body(block, tile_begin, std::min<int64_t>(p.T, tile_begin + p.tiles_per_group));
+      const int64_t tile_begin = group * per_group;
+      body(block, tile_begin, std::min<int64_t>(p.T, tile_begin + per_group));
     }
   });
 }

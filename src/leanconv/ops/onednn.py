@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .registry import under_dispatch_mode
+from .registry import watched
 
 __all__ = ["ACTIVATIONS", "available", "why_not", "prepack", "conv2d", "conv2d_accumulate_", "reference"]
 
@@ -38,18 +38,13 @@ def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
-def _graph_capture() -> bool:
-    """A tracer, an exporter or graph capture is recording: only standard operators."""
-    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
-
-
 def why_not(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             residual: torch.Tensor | None) -> str | None:
     """Why oneDNN's prepacked call cannot take this call (then :func:`reference` runs), or
     None. The op has no autograd formula, so any call that records a graph, or that a
     tracer, exporter, graph capture or dispatch mode (FlopCounterMode) watches, takes the
     standard operators."""
-    if _graph_capture() or under_dispatch_mode():
+    if watched():
         return "a tracer, exporter or dispatch mode is watching (standard operators only)"
     if not available():
         return "this torch is built without oneDNN"

@@ -66,6 +66,14 @@ FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 under_dispatch_mode = torch._C._len_torch_dispatch_stack
 
 
+def watched() -> bool:
+    """A tracer, an exporter, graph capture or a torch dispatch mode is recording or watching
+    the call: the inference-only CPU paths (oneDNN's prepacked op, the direct separable
+    kernels) give way to standard operators then."""
+    return (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+            or bool(under_dispatch_mode()))
+
+
 @dataclass(frozen=True)
 class Plan:
     """How one call runs: decided once per input setting and kept by the layer.

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import hetconv_direct
-from .registry import under_dispatch_mode
+from .registry import watched
 
 __all__ = ["DIRECT_MAX_BATCH", "DIRECT_MAX_BATCH_NCHW", "DIRECT_MAX_PIXELS", "PackedSeparable", "pack", "pays", "run", "reference", "why_not"]
 
@@ -135,7 +135,7 @@ def pays(batch: int, out_height: int, out_width: int, channels_last: bool = True
 
 def why_not(x: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weight: torch.Tensor) -> str | None:
     """Why the kernel cannot take this eager inference call, or None."""
-    if torch.jit.is_tracing() or torch.compiler.is_compiling() or under_dispatch_mode():
+    if watched():
         return "a tracer, exporter, graph capture or dispatch mode is watching (standard operators only)"
     if x.device.type != "cpu" or x.dtype != torch.float32 or depthwise_weight.dtype != torch.float32:
         return f"the kernel runs float32 on the CPU (got {x.dtype} on {x.device})"
