@@ -3,7 +3,7 @@ transfer only; transfer + BatchNorm re-estimation only (no fit); the layer fits
 with the BatchNorm decision "auto" (the default), "always" and "never", other
 samples, the ReLU-aware refinement (all without block reconstruction); the
 layer fits followed by block reconstruction with blocks of two and of six
-(the default) replaced layers, and with fewer steps at a lower learning rate.
+(the default) replaced layers, with fewer and with more steps.
 
     python scripts/calibration_variants.py TEACHER_CKPT DATA_DIR results/cpu/calibration-variants-subset
 """
@@ -36,11 +36,10 @@ VARIANTS = {
     "fit-all-images": ("layer fits, every training image", 10**9, {**LAYERS}),
     "fit-relu1": ("layer fits, ReLU-aware refinement, 1 pass", None, {"relu_iterations": 1, **LAYERS}),
     "fit-relu3": ("layer fits, ReLU-aware refinement, 3 passes", None, {"relu_iterations": 3, **LAYERS}),
-    "blocks2-400": ("+ blocks of 2 layers, 400 steps, lr 1e-3", None, {"block_layers": 2, "block_steps": 400,
-                                                                       "block_lr": 1e-3}),
+    "blocks2-400": ("+ blocks of 2 layers, 400 steps", None, {"block_layers": 2, "block_steps": 400}),
     "blocks2": ("+ blocks of 2 layers", None, {"block_layers": 2}),
     "blocks6": ("+ blocks of 6 layers (default)", None, {}),
-    "blocks6-lr1e-3": ("+ blocks of 6 layers, lr 1e-3", None, {"block_lr": 1e-3}),
+    "blocks6-3000": ("+ blocks of 6 layers, 3,000 steps", None, {"block_steps": 3000}),
 }
 
 

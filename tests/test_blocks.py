@@ -125,7 +125,7 @@ def test_every_kind_after_any_activation_lowers_the_block_error(kind, activation
     torch.manual_seed(0)
     images = torch.randn(96, 3, 8, 8)
     teacher = _settled(UserNet(activation), images)
-    settings = {"block_steps": 150, "block_lr": 3e-3}
+    settings = {"block_steps": 150}
     student, report = leanconv.convert(teacher, kind, transfer_weights=True, calibration=images,
                                        calibration_settings=settings, return_report=True)
     assert [b.block for b in report.blocks] == ["first", "second"]
@@ -226,7 +226,7 @@ def test_a_block_with_two_inputs_is_reconstructed():
     images = torch.randn(32, 3, 8, 8)
     teacher = _settled(Net(), images)
     _, report = leanconv.convert(teacher, "hetconv:p=4", transfer_weights=True, calibration=images,
-                                 calibration_settings={"block_steps": 60, "block_lr": 3e-3}, return_report=True)
+                                 calibration_settings={"block_steps": 60}, return_report=True)
     assert report.blocks[0].kept and report.blocks[0].error_block < report.blocks[0].error_layers
 
 

@@ -31,14 +31,23 @@ teacher at 69.5% (``docs/compression.md``).
 **Reconstruction** (:func:`reconstruct`) of one block: its inputs in the student
 and its outputs in the teacher, on the calibration images (at most
 ``block_cache_mb`` of them), are cached; a seeded eighth of the images is held
-out. ``block_steps`` steps of Adam (learning rate ``block_lr``, cosine decay, mini-batches of
-``block_batch_size`` images) on the relative squared error of the block's output
-train every floating parameter of the block (the replaced layers, its
-BatchNorms' affine parameters, an unreplaced shortcut) except parameters that a
-module outside the block also uses; BatchNorms keep their running statistics
-(eval mode). The result is kept only if it lowers the held-out error. The
-report gives the held-out relative error with the transferred weights, after
-the per-layer fits and after the block's optimisation.
+out. ``block_steps`` steps of Adam (mini-batches of ``block_batch_size`` images)
+on the relative squared error of the block's output train every floating
+parameter of the block (the replaced layers, its BatchNorms' affine parameters,
+an unreplaced shortcut) except parameters that a module outside the block also
+uses; BatchNorms keep their running statistics (eval mode). Each tensor's step
+size is ``block_lr`` times its root-mean-square value (at least 1e-3), as
+Adafactor's relative step (Shazeer and Stern, https://arxiv.org/abs/1804.04235):
+a VGG's weights are 2-5x smaller than a ResNet-20's, and one absolute rate that
+suited the ResNet destroyed the VGG's fits. The rate rises linearly over the
+first tenth of the steps (Adam's first steps move every weight by about the step
+size, which undid the least-squares start), then decays as a cosine. The
+held-out error is measured ten times during the optimisation and the best
+parameters seen are kept (early stopping: a VGG block of 256-channel layers on
+4x4 maps fitted its 896 images to 0.012 while its held-out error rose), and only
+if they beat the per-layer fits. The report gives the held-out relative error
+with the transferred weights, after the per-layer fits and after the block's
+optimisation (the best of the ten: the held-out images chose it).
 """
 
 from __future__ import annotations
@@ -252,6 +261,17 @@ def block_error(student: nn.Module, block: Block, cache: BlockCache, index: torc
     return _relative_error(modules, cache, index, settings.batch_size)
 
 
+WARMUP = 0.1  # fraction of the steps over which the learning rate rises linearly from zero
+CHECKS = 10  # held-out evaluations during the optimisation: the best parameters seen are kept
+RMS_FLOOR = 1e-3  # a tensor's scale for its step size is at least this (Adafactor's epsilon_2)
+
+
+def _rate(step: int, steps: int) -> float:
+    """The learning rate's factor at ``step``: linear warm-up, then cosine decay to zero."""
+    warm = max(1, round(WARMUP * steps))
+    return min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
 def reconstruct(student: nn.Module, block: Block, cache: BlockCache, fit: BlockFit, fitting: torch.Tensor,
                 held_out: torch.Tensor, settings: CalibrationSettings, seed: int) -> None:
     """Optimise the block's parameters (see the module docstring) in place; fills ``fit``."""
@@ -268,16 +288,20 @@ def reconstruct(student: nn.Module, block: Block, cache: BlockCache, fit: BlockF
     saved = [p.detach().clone() for p in parameters]
     flags = [p.requires_grad for p in parameters]
     generator = torch.Generator().manual_seed(seed)
-    steps, lr = settings.block_steps, settings.block_lr
+    steps = settings.block_steps
     batch = min(settings.block_batch_size, len(fitting))
+    every = max(1, steps // CHECKS)
+    # each tensor's step size is block_lr times its scale (Adafactor's relative step)
+    sizes = [settings.block_lr * max(p.detach().double().square().mean().sqrt().item(), RMS_FLOOR) for p in parameters]
+    best_error, best = math.inf, None
     with torch.enable_grad():
         for p in parameters:
             p.requires_grad_(True)
-        optimizer = torch.optim.Adam(parameters, lr=lr)
+        optimizer = torch.optim.Adam([{"params": [p], "lr": size} for p, size in zip(parameters, sizes)])
         try:
             for step in range(steps):
-                for group in optimizer.param_groups:  # cosine decay to zero
-                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+                for group, size in zip(optimizer.param_groups, sizes):
+                    group["lr"] = size * _rate(step, steps)
                 chosen = fitting[torch.randint(len(fitting), (batch,), generator=generator)]
                 target = cache.targets[chosen]
                 out = _run(modules, [x[chosen] for x in cache.inputs], cache.kwargs)
@@ -285,10 +309,17 @@ def reconstruct(student: nn.Module, block: Block, cache: BlockCache, fit: BlockF
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if (step + 1) % every == 0 or step + 1 == steps:
+                    error = _relative_error(modules, cache, held_out, settings.batch_size)
+                    if error < best_error:
+                        best_error, best = error, [p.detach().clone() for p in parameters]
         finally:
             for p, flag in zip(parameters, flags):
                 p.requires_grad_(flag)
-    fit.error_block = _relative_error(modules, cache, held_out, settings.batch_size)
+    with torch.no_grad():
+        for p, value in zip(parameters, best):
+            p.copy_(value)
+    fit.error_block = best_error
     fit.error_block_fitting = _relative_error(modules, cache, fitting, settings.batch_size)
     fit.seconds = time.perf_counter() - start
     fit.method = f"{steps} Adam steps on {len(parameters)} parameter tensors"

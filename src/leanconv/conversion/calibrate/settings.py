@@ -23,10 +23,10 @@ class CalibrationSettings:
     # Layers followed by BatchNorm + ReLU: passes of the ReLU-aware refinement after the linear fit (0: none)
     relu_iterations: int = 0
     # Block reconstruction after the per-layer fits (see .blocks): Adam steps per block (0: none),
-    # its learning rate, images per step, most cached inputs and outputs per block (MiB), and most
-    # replaced layers in one block.
+    # its learning rate relative to each tensor's root-mean-square value, images per step, most
+    # cached inputs and outputs per block (MiB), and most replaced layers in one block.
     block_steps: int = 1500
-    block_lr: float = 5e-3
+    block_lr: float = 0.02
     block_batch_size: int = 32
     block_cache_mb: int = 1024
     block_layers: int = 6
