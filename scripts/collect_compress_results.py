@@ -20,12 +20,11 @@ from leanconv.bench.environment import describe_environment
 from leanconv.files import write_atomic
 
 NETWORKS = {"r20": ("ResNet-20", "teacher_r20"), "r56": ("ResNet-56", "teacher_r56"),
-            "vgg": ("VGG-16 w0.5", "teacher_vgg")}
+            "vgg": ("VGG-16 w0.5", "teacher_vgg"), "wrn": ("WRN-16-8", "teacher_wrn")}
 KINDS = {"p2": "HetConv P=2", "p4": "HetConv P=4", "p8": "HetConv P=8", "dsc": "DSC", "bsu": "BSConv-U",
          "bss": "BSConv-S", "gwpw": "GWC+PWC (g=4)"}
 STAGES = {"L": "layer fits only, no training", "B": "+ block reconstruction (default), no training",
-          "D": "B + 5 epochs distillation",
-          "oldD": "B + 5 epochs distillation at lr 0.01 x batch/128 (the default before issue 25)"}
+          "D": "B + 5 epochs distillation"}
 
 
 def _run(root: str, name: str) -> dict | None:
@@ -84,8 +83,8 @@ def main() -> None:
 
     lines = [
         "| network | kind | M MACs | M params | teacher | L: layer fits only | B: + blocks (default) | D: B + 5 epochs "
-        "| D at the old lr | block error, layer fits -> blocks | seconds L / B / D |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| block error, layer fits -> blocks | seconds L / B / D |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         teacher = row["teacher"]
@@ -97,13 +96,13 @@ def main() -> None:
         lines.append(
             f"| {row['network']} | {row['kind']} | {some['macs'] / 1e6:.1f} | {some['params'] / 1e6:.3f} | "
             f"{teacher_cell} | {top1(row['L'], teacher)} | "
-            f"{top1(row['B'], teacher)} | {top1(row['D'], teacher)} | {top1(row['oldD'], teacher)} | {error} | "
+            f"{top1(row['B'], teacher)} | {top1(row['D'], teacher)} | {error} | "
             f"{seconds(row['L'])} / {seconds(row['B'])} / {seconds(row['D'])} |")
     lines += ["", f"Top-1 on the subset's {some['n']} test images (points against the teacher in brackets). Host: "
               f"{host['cpu']}, ISA {host['isa']}, torch {host['torch']}, one thread per run, two to five runs sharing the two cores (times compare within a column only). "
               "Seconds: wall time of the command (L and B: loading, calibration on 1,024 training images, "
-              "evaluation; D: the 5 epochs of distillation resumed from B, at lr 0.05 = train's rule 0.1 x 64/128; "
-              "D at the old lr: the same at 0.005 = 0.01 x 64/128, the default before issue 25). Block error: mean over the blocks of "
+              "evaluation; D: the 5 epochs of distillation resumed from B, at lr 0.05 = train's rule 0.1 x 64/128). "
+              "Block error: mean over the blocks of "
               "the relative held-out output error against the teacher's block. MACs per 32x32 image "
               "(FLOPs = 2 x MACs).", *args.note]
     write_atomic(args.out + ".md", "\n".join(lines) + "\n")
