@@ -20,7 +20,7 @@ from leanconv.bench.environment import describe_environment
 from leanconv.files import write_atomic
 
 NETWORKS = {"r20": ("ResNet-20", "teacher_r20"), "r56": ("ResNet-56", "teacher_r56"),
-            "vgg": ("VGG-16 w0.5", "teacher_vgg"), "wrn": ("WRN-16-8", "teacher_wrn")}
+            "vgg": ("VGG-16 w0.5", "teacher_vgg"), "wrn": ("WRN-16-8", "teacher_wrn"), "r18": ("ResNet-18 at 224", "teacher_r18")}
 KINDS = {"p2": "HetConv P=2", "p4": "HetConv P=4", "p8": "HetConv P=8", "dsc": "DSC", "bsu": "BSConv-U",
          "bss": "BSConv-S", "gwpw": "GWC+PWC (g=4)"}
 STAGES = {"L": "layer fits only, no training", "B": "+ block reconstruction (default), no training",

@@ -1,14 +1,15 @@
 #!/bin/bash
 # Issue 25's measurement on the CIFAR-10 subset: dense teachers (ResNet-20 and
 # ResNet-56 at batch 64, VGG-16 width 0.5 with train's defaults; 30 epochs;
-# WRN-16-8 at batch 64, 6 epochs) and their students, each
+# WRN-16-8 at batch 64, 6 epochs; ResNet-18 on images upscaled to 224, 3 epochs)
+# and their students, each
 #   L: data-aware conversion with the per-layer fits only (--block-steps 0, --epochs 0),
 #   B: the default data-aware conversion (layer fits, then block reconstruction; --epochs 0),
 #   D: B then 5 epochs of distillation (B's run folder resumed with --epochs 5: the
 #      schedule is planned for 5 epochs from epoch 0, as a fresh --epochs 5 run would).
-# Three lanes (one thread each) run at once; each finished run is reused.
+# Four lanes (one thread each) run at once; each finished run is reused.
 #   bash scripts/compress_experiment.sh [OUT_DIR] [DATA_DIR]      (LANES="1 3": only those lanes)
-# then: python scripts/collect_compress_results.py OUT_DIR docs/compression.md
+# then: python scripts/collect_compress_results.py OUT_DIR results/cpu/compress-subset
 set -euo pipefail
 OUT=${1:-runs/compress-experiment}
 DATA=${2:-../shared/data/cifar10-subset}
@@ -56,5 +57,10 @@ lane3() {  # WRN-16-8 (1.55 G MACs an image, 60x ResNet-20's): 6 epochs for the 
   run teacher_wrn train --model wrn16_8_cifar --width 1 --epochs 6 --batch-size 64 --seed 0
   student teacher_wrn wrn p4 "" --block-steps 300
 }
-for lane in ${LANES:-1 2 3}; do "lane$lane" & done
+lane4() {  # ResNet-18 on the subset upscaled to 224x224 (1.8 G MACs an image): a 3-epoch teacher (one core:
+  # ~25 min), calibration on 512 images with 100 block steps; no distillation
+  run teacher_r18 train --model resnet18 --width 1 --image-size 224 --epochs 3 --batch-size 64 --seed 0
+  student teacher_r18 r18 p4 "" --calibration-images 512 --block-steps 100
+}
+for lane in ${LANES:-1 2 3 4}; do "lane$lane" & done
 wait

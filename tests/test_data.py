@@ -18,7 +18,7 @@ import torch
 
 from leanconv.data import (
     BatchLoader, ChecksumError, CifarFormatError, download, load_dataset, normalize, random_crop_flip, read_cifar,
-    sample_crop_flip,
+    resize, sample_crop_flip,
 )
 from leanconv.data.loader import plan_epoch
 
@@ -277,3 +277,23 @@ def test_eval_loader_covers_every_image_once_across_ranks():
         seen += [y for _, y in loader]
     assert sum(len(y) for y in seen) == 500
     assert torch.equal(torch.cat(seen).sort().values, data.labels.sort().values)
+
+
+def test_loader_resizes_after_crop_and_flip():
+    """image_size: every batch is the stored batch (same crops and flips) resized bilinearly;
+    a constant image stays constant, and sizes are checked by name."""
+    data = load_dataset("embedded", "test")
+    plain = BatchLoader(data, 32, shuffle=True, augment=True, seed=0, drop_last=True)
+    large = BatchLoader(data, 32, shuffle=True, augment=True, seed=0, drop_last=True, image_size=48)
+    small = BatchLoader(data, 32, image_size=16)
+    (x, y), (x48, y48) = next(iter(plain)), next(iter(large))
+    assert x48.shape == (32, 3, 48, 48) and torch.equal(y, y48)
+    reference = torch.nn.functional.interpolate(x, size=(48, 48), mode="bilinear", align_corners=False)
+    assert torch.allclose(x48, reference, atol=1e-6)
+    assert next(iter(small))[0].shape == (32, 3, 16, 16)
+    constant = torch.full((2, 3, 32, 32), 0.25)
+    assert torch.allclose(resize(constant, 224), torch.full((2, 3, 224, 224), 0.25))
+    assert resize(constant, 32) is constant
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match=f"image_size must be None or an integer >= 1, got {bad!r}"):
+            BatchLoader(data, 8, image_size=bad)

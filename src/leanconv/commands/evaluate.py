@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     classes = checkpoint["model_spec"]["num_classes"]
     if data.num_classes != classes:
         raise ValueError(f"{args.checkpoint} predicts {classes} classes but {source} has {data.num_classes}")
-    result = evaluate(model, BatchLoader(data, args.batch_size, device=device))
+    image_size = checkpoint["config"].get("image_size")  # the size it was trained at
+    result = evaluate(model, BatchLoader(data, args.batch_size, device=device, image_size=image_size))
     if args.json:
         print(json.dumps(result))
     else:

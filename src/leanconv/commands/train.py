@@ -81,6 +81,8 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, defaults: dict | None 
     add("--workers", "batches prepared ahead in a background thread", type=int)
     add("--ortho-alpha", "BSConv-S orthonormality penalty weight", type=float)
     add("--augment", "random crop + flip", type=_bool)
+    add("--image-size", "resize every image to SIZE x SIZE after crop and flip (bilinear), e.g. 224 for ImageNet "
+        "networks on CIFAR; none: as stored", type=int)
     add("--device", "auto, cpu, cuda or cuda:N")
     add("--round-channels", "round every channel width to a multiple of HetConv's p / GWPW's groups",
         type=_bool, nargs="?", const=True)

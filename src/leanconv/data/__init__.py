@@ -3,7 +3,7 @@ default), batched torch-only augmentation, and a deterministic, shardable
 batch loader whose order and augmentation depend only on (seed, epoch)."""
 
 from .augment import (
-    CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, normalize, random_crop_flip, sample_crop_flip,
+    CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, normalize, random_crop_flip, resize, sample_crop_flip,
 )
 from .cifar import CifarFormatError, read_cifar
 from .datasets import EMBEDDED, Dataset, build_embedded, load_dataset
@@ -13,5 +13,5 @@ from .download import OFFICIAL_ARCHIVES, ChecksumError, download, download_cifar
 __all__ = [
     "BatchLoader", "CIFAR100_MEAN", "CIFAR100_STD", "CIFAR10_MEAN", "CIFAR10_STD", "ChecksumError", "CifarFormatError",
     "Dataset", "EMBEDDED", "EpochPlan", "OFFICIAL_ARCHIVES", "build_embedded", "download", "download_cifar", "epoch_generator",
-    "load_dataset", "normalize", "plan_epoch", "random_crop_flip", "read_cifar", "sample_crop_flip",
+    "load_dataset", "normalize", "plan_epoch", "random_crop_flip", "read_cifar", "resize", "sample_crop_flip",
 ]

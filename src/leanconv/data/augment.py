@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD",
-    "sample_crop_flip", "random_crop_flip", "normalize",
+    "sample_crop_flip", "random_crop_flip", "normalize", "resize",
 ]
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -70,3 +70,13 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
     mean_t = torch.tensor(mean, dtype=dtype, device=images.device).view(1, -1, 1, 1)
     inv_std = 1.0 / torch.tensor(std, dtype=dtype, device=images.device).view(1, -1, 1, 1)
     return images.to(dtype).mul_(scale).sub_(mean_t).mul_(inv_std)
+
+
+def resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Float (B, C, H, W) ``images`` resized to (B, C, size, size) by bilinear interpolation
+    (antialiased when shrinking); unchanged when they have that size. CIFAR images upscaled
+    to 224 feed ImageNet-shaped networks (ResNet-18) at the input size they were designed for."""
+    if images.shape[-2:] == (size, size):
+        return images
+    shrinking = size < images.shape[-2] or size < images.shape[-1]
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=shrinking)

@@ -28,7 +28,7 @@ from typing import Iterator
 
 import torch
 
-from .augment import normalize, random_crop_flip, sample_crop_flip
+from .augment import normalize, random_crop_flip, resize, sample_crop_flip
 from .datasets import Dataset
 
 __all__ = ["BatchLoader", "EpochPlan", "plan_epoch", "epoch_generator"]
@@ -66,7 +66,8 @@ class BatchLoader:
     global batches, so every rank takes the same number of equal steps;
     ``drop_last=False`` (evaluation) covers every image exactly once across
     the ranks, the last batch smaller. ``workers > 0`` prepares that many
-    batches ahead in a background thread.
+    batches ahead in a background thread. ``image_size`` resizes every image
+    to that square size after the crop and flip (bilinear; None: as stored).
     """
 
     def __init__(
@@ -84,11 +85,16 @@ class BatchLoader:
         channels_last: bool = False,
         workers: int = 0,
         padding: int = 4,
+        image_size: int | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                       or image_size < 1):
+            raise ValueError(f"image_size must be None or an integer >= 1, got {image_size!r}")
+        self.image_size = image_size
         self.data = data
         self.batch_size = batch_size
         self.shuffle, self.augment, self.seed, self.drop_last = shuffle, augment, seed, drop_last
@@ -129,6 +135,8 @@ class BatchLoader:
         if self.augment:
             images = random_crop_flip(images, plan.offsets[where], plan.flips[where], self.padding)
         images = normalize(images, self.data.mean, self.data.std)
+        if self.image_size is not None:
+            images = resize(images, self.image_size)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, labels

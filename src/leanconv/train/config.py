@@ -53,6 +53,7 @@ class TrainConfig:
     workers: int = 0  # batches prepared ahead in a background thread
     ortho_alpha: float = 0.1  # BSConv-S orthonormality penalty weight (only if the model has BSConvS2d)
     augment: bool = True
+    image_size: int | None = None  # resize every image to this square size (after crop and flip); None: as stored
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     progress: bool = True
     # HetConv's "auto" backend may time the candidate backends and keep the fastest.
@@ -91,6 +92,8 @@ class TrainConfig:
         need(0 <= self.label_smoothing < 1, "label_smoothing", "in [0, 1)")
         need(self.ortho_alpha >= 0, "ortho_alpha", ">= 0")
         need(isinstance(self.workers, int) and self.workers >= 0, "workers", "an integer >= 0")
+        need(self.image_size is None or (isinstance(self.image_size, int) and not isinstance(self.image_size, bool)
+                                         and self.image_size >= 1), "image_size", "None or an integer >= 1")
         need(self.p is None or (isinstance(self.p, (int, float)) and not isinstance(self.p, bool) and self.p > 0),
              "p", "None or a number > 0 (HetConv: an integer >= 1)")
         need(isinstance(self.conv, str), "conv", "a conv spec string like 'hetconv:p=4'")

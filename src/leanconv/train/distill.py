@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import Dataset, load_dataset
-from ..data.augment import normalize
+from ..data.augment import normalize, resize
 from ..files import read_torch_file, write_atomic
 from ..models import create
 from ..models import names as model_names
@@ -142,7 +142,10 @@ def _load_weights(module: nn.Module, path: str, teacher: str) -> None:
 
 
 def load_teacher(config: DistillConfig, num_classes: int) -> tuple[nn.Module, dict, str, float | None]:
-    """(teacher in eval mode, the spec that rebuilds its network, its name, its width)."""
+    """(teacher in eval mode, the spec that rebuilds its network, its name, its width). A
+    checkpoint teacher trained on resized images (``image_size``) sets ``config.image_size``
+    when the config leaves it unset: the student is calibrated, trained and evaluated at the
+    size the teacher knows."""
     teacher = config.teacher
     if config.width != 1.0 and (os.path.isfile(teacher) or ":" in teacher):
         raise ValueError(f"width applies to zoo teachers only; teacher {teacher} fixes its own (got width "
@@ -156,6 +159,9 @@ def load_teacher(config: DistillConfig, num_classes: int) -> tuple[nn.Module, di
         module = build_model(spec)
         module.load_state_dict(checkpoint["model"])
         name, width = spec.get("name", teacher), spec.get("width")
+        trained_at = checkpoint.get("config", {}).get("image_size")
+        if config.image_size is None and trained_at is not None:
+            config.image_size = trained_at  # the student sees what the teacher was trained on
     elif ":" in teacher:
         from ..conversion import load_callable
 
@@ -178,12 +184,13 @@ def load_teacher(config: DistillConfig, num_classes: int) -> tuple[nn.Module, di
     return module.eval(), spec, name, width
 
 
-def calibration_images(data: Dataset, count: int, seed: int) -> torch.Tensor:
+def calibration_images(data: Dataset, count: int, seed: int, image_size: int | None = None) -> torch.Tensor:
     """``count`` training images drawn by ``seed``, preprocessed like training
-    batches (normalised, no augmentation)."""
+    batches (normalised, resized to ``image_size`` when given, no augmentation)."""
     generator = torch.Generator().manual_seed(seed)
     index = torch.randperm(len(data), generator=generator)[: min(count, len(data))]
-    return normalize(data.images[index], data.mean, data.std)
+    images = normalize(data.images[index], data.mean, data.std)
+    return images if image_size is None else resize(images, image_size)
 
 
 # ------------------------------------------------------------------ the setup
@@ -210,7 +217,8 @@ class DistillSetup(StudentSetup):
     def initial_state(self, model: nn.Module) -> dict:
         device = next(model.parameters()).device
         self.teacher.to(device)
-        images = calibration_images(self.train_data, self.config.calibration_images, self.config.seed)
+        images = calibration_images(self.train_data, self.config.calibration_images, self.config.seed,
+                                    self.config.image_size)
         extra = {}
         if len(images):
             extra = {"calibration": images, "calibration_settings": {
@@ -293,6 +301,8 @@ def distill(config: DistillConfig, *, resume: bool = False, train_data: Dataset 
     test_data = test_data or load_dataset(config.data, "test")
     teacher, base, name, width = load_teacher(config, train_data.num_classes)
     input_size = tuple(train_data.images.shape[1:])
+    if config.image_size is not None:
+        input_size = (input_size[0], config.image_size, config.image_size)
     is_main = int(os.environ.get("RANK", "0")) == 0
     setup = DistillSetup(config, teacher, base, name, width, train_data.num_classes, train_data, input_size,
                          log if is_main else (lambda _: None))

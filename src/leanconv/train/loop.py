@@ -329,7 +329,8 @@ def _setup(config, ctx, resume, train_data, test_data, log, setup) -> tuple[_Run
     train_data = train_data or load_dataset(config.data, "train")
     test_data = test_data or load_dataset(config.data, "test")
     per_rank = config.batch_size // ctx.world_size
-    common = dict(rank=ctx.rank, world_size=ctx.world_size, device=device, channels_last=config.channels_last)
+    common = dict(rank=ctx.rank, world_size=ctx.world_size, device=device, channels_last=config.channels_last,
+                  image_size=config.image_size)
     train_loader = BatchLoader(train_data, per_rank, shuffle=True, augment=config.augment, seed=config.seed,
                                drop_last=True, workers=config.workers, **common)
     test_loader = BatchLoader(test_data, max(per_rank, 256), **common)
