@@ -6,6 +6,7 @@ left alone, and blocks that cannot be cached named."""
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -134,6 +135,34 @@ def test_every_kind_after_any_activation_lowers_the_block_error(kind, activation
         assert block.images == 96 and block.held_out == 12
     assert report.to_dict()["blocks"][0]["error_block"] == report.blocks[0].error_block
     assert "blocks reconstructed after the layer fits (2)" in str(report)
+
+
+def test_the_step_follows_each_tensors_scale():
+    """Each tensor's step is block_lr times its RMS (as Adafactor's): a teacher whose
+    convolutions are 20x smaller, their BatchNorm statistics scaled to match (the same
+    function; a VGG's weights are 2-5x smaller than a ResNet-20's), gets the same block
+    errors, where one absolute step for every tensor would move its weights 20x as far."""
+    torch.manual_seed(0)
+    images = torch.randn(96, 3, 8, 8)
+    teacher = _settled(UserNet(), images)
+    for bn in teacher.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.eps = 1e-12  # the scaled variance must not meet eps
+    small = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for block in (small.first, small.second):
+            for conv, bn in ((block.conv1, block.bn1), (block.conv2, block.bn2)):
+                conv.weight.mul_(0.05)
+                bn.running_mean.mul_(0.05)
+                bn.running_var.mul_(0.05 ** 2)
+        torch.testing.assert_close(small(images), teacher(images), rtol=1e-4, atol=1e-4)
+    reports = [leanconv.convert(net, "hetconv:p=4", transfer_weights=True, calibration=images,
+                                calibration_settings={"block_steps": 150}, return_report=True)[1]
+               for net in (teacher, small)]
+    for block, scaled in zip(reports[0].blocks, reports[1].blocks):
+        assert block.kept and scaled.kept
+        assert scaled.error_layers == pytest.approx(block.error_layers, rel=1e-3)
+        assert scaled.error_block == pytest.approx(block.error_block, rel=0.02), (block, scaled)
 
 
 def test_reported_errors_are_the_blocks_output_errors():
