@@ -165,6 +165,48 @@ def test_the_step_follows_each_tensors_scale():
         assert scaled.error_block == pytest.approx(block.error_block, rel=0.02), (block, scaled)
 
 
+@pytest.mark.parametrize("block_layers", [1, 2, 6])
+def test_layer_fits_inside_a_block_start_from_its_cache(block_layers, monkeypatch):
+    """A layer inside a block is fitted from the block's cached inputs (the block's modules
+    run, not the network before it): the same fits, ReLU refinement, BatchNorm decisions and
+    block results as from the images, with fewer passes through the modules before the
+    block. Blocks of one convolution (its BatchNorm outside the block) and the user's
+    blocks both."""
+    from leanconv.conversion.calibrate import driver
+
+    torch.manual_seed(0)
+    images = torch.randn(48, 3, 8, 8)
+    teacher = _settled(UserNet(), images)
+    settings = {"block_steps": 10, "relu_iterations": 1, "block_layers": block_layers, "batch_size": 16}
+
+    def convert(cache_serves: bool):
+        if not cache_serves:
+            monkeypatch.setattr(driver, "block_feed", lambda *args: None)
+        stem_calls = []
+        handle = teacher.stem.register_forward_hook(lambda *args: stem_calls.append(1))
+        try:
+            student, report = leanconv.convert(teacher, "hetconv:p=4", transfer_weights=True, calibration=images,
+                                               calibration_settings=settings, return_report=True)
+        finally:
+            handle.remove()
+            monkeypatch.undo()
+        return student, report, len(stem_calls)
+
+    cached, reference = convert(True), convert(False)
+    for got, want in zip(cached[1].replaced, reference[1].replaced):
+        for name in ("error_transfer", "error_fit", "relu_error_refined", "bn_error_kept", "bn_error_reestimated"):
+            value, expected = getattr(got.calibration, name), getattr(want.calibration, name)
+            assert value == (expected if expected is None else pytest.approx(expected, rel=1e-5)), name
+        assert got.calibration.bn_reestimated == want.calibration.bn_reestimated
+    for got, want in zip(cached[1].blocks, reference[1].blocks):
+        assert got.error_block == pytest.approx(want.error_block, rel=1e-4) and got.kept == want.kept
+    torch.testing.assert_close(cached[0].state_dict(), reference[0].state_dict(), rtol=1e-4, atol=1e-5)
+    if block_layers == 1:  # a block of one convolution: its BatchNorm is outside, the images serve
+        assert cached[2] == reference[2]
+    else:  # the teacher's stem, before every block, ran fewer times
+        assert cached[2] < reference[2] * 0.8, (cached[2], reference[2])
+
+
 def test_reported_errors_are_the_blocks_output_errors():
     """The reported error is recomputed here from the block's output on the cached
     inputs (every image held out and fitted when there are fewer than 16)."""

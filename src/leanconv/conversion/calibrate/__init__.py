@@ -69,7 +69,11 @@ For every replaced layer ``i`` (in the order the network runs them):
    block on the inputs the converted network gives it (cached), and kept only
    where that lowers the error on held-out calibration images. The per-layer
    errors above are those after the layer fit, before this step; the report
-   gives each block's error after every step.
+   gives each block's error after every step. The layer fits of a block start
+   from the block's cache (the teacher's and the student's inputs of the block)
+   where it holds every calibration image: the block's modules run instead of
+   the whole network up to the layer, so a network's layer fits cost about one
+   pass through each block per layer, not one through every layer before it.
 
 The package: :mod:`.settings` (what is asked, what is reported), :mod:`.moments`
 (sampling and moments), :mod:`leanconv.graph` (which BatchNorm and ReLU follow a layer; fuse asks it too),

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from ...layers.protocol import batchnorm_affine
-from .moments import Moments, run_until
+from .moments import Feed, Moments, run_until
 
 __all__ = ["bn_decision", "reestimate_bn"]
 
@@ -56,14 +56,14 @@ def bn_decision(bn: nn.BatchNorm2d, weight: torch.Tensor, moments: Moments, poli
     return kept, reestimated, chosen
 
 
-def reestimate_bn(student: nn.Module, bn: nn.BatchNorm2d, batches, device, dtype) -> None:
+def reestimate_bn(feed: Feed, bn: nn.BatchNorm2d) -> None:
     """Set ``bn``'s running statistics to its inputs' mean and (unbiased)
-    variance over every pixel of the calibration images."""
+    variance over every pixel of the calibration images (the student's passes of ``feed``)."""
     total = torch.zeros(bn.num_features, dtype=torch.float64)
     square = torch.zeros(bn.num_features, dtype=torch.float64)
     count = 0
-    for images in batches:
-        for x in run_until(student, images.to(device=device, dtype=dtype), bn, 1, pre=True):
+    for batch in range(feed.batches):
+        for x in run_until(lambda: feed.student(batch), bn, 1, pre=True):
             x = x.double().transpose(0, 1).reshape(bn.num_features, -1).cpu()
             total += x.sum(1)
             square += x.square().sum(1)

@@ -60,10 +60,10 @@ import torch
 import torch.nn as nn
 
 from ...layers import LeanConvLayer
-from .moments import capture
+from .moments import Feed, capture
 from .settings import BlockFit, CalibrationSettings
 
-__all__ = ["Block", "BlockCache", "block_error", "cache_block", "find_blocks", "reconstruct", "split"]
+__all__ = ["Block", "BlockCache", "block_error", "block_feed", "cache_block", "find_blocks", "reconstruct", "split"]
 
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 NORMALISATIONS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
@@ -149,12 +149,19 @@ class BlockCache:
     """The block's inputs in the student and outputs in the teacher for the calibration
     images: ``inputs`` (one tensor per positional argument, batch first), ``kwargs``
     (constant keyword arguments) and ``targets``; empty with ``reason`` when the
-    block cannot be reconstructed."""
+    block cannot be reconstructed. When every calibration batch fits the budget with
+    them, also the teacher's inputs of the block (``teacher_inputs``, ``teacher_kwargs``)
+    and the batches' sizes: then the layer fits inside the block start from the cache
+    (:func:`block_feed`)."""
 
     def __init__(self) -> None:
         self.inputs: list[torch.Tensor] = []
         self.kwargs: dict = {}
         self.targets: torch.Tensor | None = None
+        self.teacher_inputs: list[torch.Tensor] | None = None
+        self.teacher_kwargs: dict = {}
+        self.batch_sizes: list[int] = []  # images of each cached calibration batch
+        self.calls = 0  # calls of the block's first module per forward pass
         self.images = 0
         self.reason = ""
 
@@ -168,13 +175,19 @@ def cache_block(teacher: nn.Module, student: nn.Module, block: Block, batches, d
     ``block_cache_mb`` MiB of them (whole calibration batches, in order)."""
     cache = BlockCache()
     first, last = student.get_submodule(block.members[0]), teacher.get_submodule(block.members[-1])
+    teacher_first = teacher.get_submodule(block.members[0])
     inputs: list[tuple] = []
     targets: list[torch.Tensor] = []
-    budget, used, calls = settings.block_cache_mb * 2 ** 20, 0, None
+    teacher_inputs: list[tuple] | None = []
+    budget, used, used_teacher, calls = settings.block_cache_mb * 2 ** 20, 0, 0, None
+
+    def size(tensors) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     for images in batches:
         images = images.to(device=device, dtype=dtype)
-        given = capture(student, images, first, True, calls)
-        produced = capture(teacher, images, last, False, calls)
+        given = capture(lambda: student(images), first, True, calls)
+        produced = capture(lambda: teacher(images), last, False, calls)
         calls = len(given)
         if not given or len(produced) != len(given):
             cache.reason = "not reconstructed: the block did not run on the calibration images" if not given else (
@@ -189,13 +202,43 @@ def cache_block(teacher: nn.Module, student: nn.Module, block: Block, batches, d
                 cache.kwargs = kwargs
             inputs.append(args)
             targets.append(output)
-            used += sum(a.numel() * a.element_size() for a in args) + output.numel() * output.element_size()
+            used += size(args) + size([output])
+        if teacher_inputs is not None and calls == 1:
+            [(args, kwargs)] = capture(lambda: teacher(images), teacher_first, True, 1)
+            teacher_inputs.append(args)
+            cache.teacher_kwargs = kwargs
+            used_teacher += size(args)
+        if teacher_inputs is not None and (calls != 1 or used + used_teacher > budget):
+            teacher_inputs, used_teacher = None, 0  # the block step's images come first
         cache.images += len(images)
+        cache.batch_sizes.append(len(images))
         if used >= budget:
             break
+    cache.calls = calls
     cache.inputs = [torch.cat(column) for column in zip(*inputs)]
     cache.targets = torch.cat(targets)
+    if teacher_inputs is not None:
+        cache.teacher_inputs = [torch.cat(column) for column in zip(*teacher_inputs)]
     return cache
+
+
+def block_feed(teacher: nn.Module, student: nn.Module, block: Block, cache: BlockCache,
+               batches: int) -> Feed | None:
+    """The block's modules run from the cached inputs, batch by batch (see
+    :class:`~leanconv.conversion.calibrate.moments.Feed`), or None when the cache does not
+    hold every one of the ``batches`` calibration batches with the teacher's inputs, or the
+    block runs more than once a pass."""
+    if cache.reason or cache.teacher_inputs is None or cache.calls != 1 or len(cache.batch_sizes) != batches:
+        return None
+    ends = torch.tensor(cache.batch_sizes).cumsum(0).tolist()
+    starts = [0, *ends[:-1]]
+
+    def on_cache(model: nn.Module, inputs: list[torch.Tensor], kwargs: dict):
+        modules = [model.get_submodule(name) for name in block.members]
+        return lambda b: _run(modules, [x[starts[b]:ends[b]] for x in inputs], kwargs)
+
+    return Feed(on_cache(teacher, cache.teacher_inputs, cache.teacher_kwargs),
+                on_cache(student, cache.inputs, cache.kwargs), batches)
 
 
 def _why_not_batched(args: tuple, kwargs: dict, output, batch: int) -> str:

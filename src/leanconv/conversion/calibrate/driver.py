@@ -11,8 +11,8 @@ from ...graph import followers as find_followers
 from ...layers import LeanConvLayer
 from ...ops.least_squares import augment
 from .batchnorm import bn_decision, reestimate_bn
-from .blocks import block_error, cache_block, find_blocks, reconstruct, split
-from .moments import Moments, as_batches, collect, samples as sampled_pairs
+from .blocks import block_error, block_feed, cache_block, find_blocks, reconstruct, split
+from .moments import Feed, Moments, as_batches, collect, image_feed, samples as sampled_pairs
 from .relu import refine_for_relu
 from .settings import BlockFit, CalibrationSettings, LayerFit
 
@@ -68,7 +68,10 @@ def calibrate(teacher: nn.Module, student: nn.Module, layers: list[tuple[nn.Conv
                                   example=batches[0].to(device=device, dtype=dtype))
         followers = {id(student.get_submodule(p.layer)): (p.follower, student.get_submodule(p.follower), p.relu_only)
                      for p in pairs}
-        fitter = _LayerFitter(teacher, student, batches, settings, followers, device, dtype)
+        images = image_feed(teacher, student, batches, device, dtype)
+        bns = [follower for _, follower, _ in followers.values()]
+        followers_calls = _calls(lambda: images.student(0), bns)  # per whole forward pass
+        fitter = _LayerFitter(settings, followers)
         blocks = []
         if settings.fit and settings.block_steps:
             blocks = find_blocks(student, [new for _, new, _ in layers], settings.block_layers)
@@ -81,7 +84,7 @@ def calibrate(teacher: nn.Module, student: nn.Module, layers: list[tuple[nn.Conv
                 continue
             block = block_of.get(index)
             if block is None:
-                fits[index] = fitter.fit(index, *layers[index])
+                fits[index] = fitter.fit(index, *layers[index], images)
                 continue
             record = BlockFit(block.name, [names.get(id(layers[i][1]), "") for i in block.layers])
             cache = cache_block(teacher, student, block, batches, device, dtype, settings)
@@ -92,8 +95,12 @@ def calibrate(teacher: nn.Module, student: nn.Module, layers: list[tuple[nn.Conv
                 fitting, held_out = split(cache, seed)
                 record.images, record.held_out = cache.images, len(held_out)
                 record.error_transfer = block_error(student, block, cache, held_out, settings)
+            cached = block_feed(teacher, student, block, cache, len(batches))
             for i in block.layers:
-                fits[i] = fitter.fit(i, *layers[i])
+                old, new, calls = layers[i]
+                follower = followers.get(id(new), (None, None))[1]
+                serves = cached is not None and _reaches(cached, old, new, calls, follower, followers_calls)
+                fits[i] = fitter.fit(i, old, new, calls, cached if serves else images)
             if not cache.reason:
                 record.error_layers = block_error(student, block, cache, held_out, settings)
                 reconstruct(student, block, cache, record, fitting, held_out, settings, seed)
@@ -105,26 +112,55 @@ def calibrate(teacher: nn.Module, student: nn.Module, layers: list[tuple[nn.Conv
             module.training = training
 
 
+def _reaches(cached: Feed, old: nn.Conv2d, new: nn.Module, calls: int, follower: nn.Module | None,
+             followers_calls: dict[int, int]) -> bool:
+    """Whether a block's cached passes run the layer, its teacher convolution and the BatchNorm
+    after it as often as a whole forward pass does (a module also called outside the block, or
+    a BatchNorm after the block, needs the images)."""
+    if not calls:
+        return False
+    wanted = [(cached.teacher, old, calls), (cached.student, new, calls)]
+    if follower is not None:
+        wanted.append((cached.student, follower, followers_calls[id(follower)]))
+    return all(_calls(lambda: run(0), [module])[id(module)] == count for run, module, count in wanted)
+
+
+def _calls(run, modules: list[nn.Module]) -> dict[int, int]:
+    """How many times each of ``modules`` runs in one call of ``run`` (by id)."""
+    counts = {id(module): 0 for module in modules}
+
+    def count(module, args, output):
+        counts[id(module)] += 1
+
+    handles = [module.register_forward_hook(count) for module in modules]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts
+
+
 class _LayerFitter:
     """The per-layer steps (fit, ReLU-aware refinement, BatchNorm) of one replaced layer."""
 
-    def __init__(self, teacher, student, batches, settings, followers, device, dtype) -> None:
-        self.teacher, self.student, self.batches, self.settings = teacher, student, batches, settings
-        self.followers, self.device, self.dtype = followers, device, dtype
+    def __init__(self, settings, followers) -> None:
+        self.settings, self.followers = settings, followers
 
-    def fit(self, index: int, old: nn.Conv2d, new: nn.Module, calls: int) -> LayerFit:
-        teacher, student, batches, settings = self.teacher, self.student, self.batches, self.settings
+    def fit(self, index: int, old: nn.Conv2d, new: nn.Module, calls: int, feed: Feed) -> LayerFit:
+        """Fit ``new`` on the passes of ``feed`` (the images, or its block's cache)."""
+        settings = self.settings
         kh, kw = old.kernel_size
         m, taps = old.in_channels, kh * kw
         follower = self.followers.get(id(new))
         reason = why_not_fitted(new, m * taps, settings) or (
             "" if calls else "not fitted: did not run on the calibration images")
-        moments = None if reason else collect(teacher, student, old, new, batches, calls, settings, index)
+        moments = None if reason else collect(feed, old, new, calls, settings, index)
         if moments is None:
             fit = LayerFit(reason or "not fitted: did not run on the calibration images")
             if follower is not None and calls:
                 fit.batchnorm, fit.bn_reestimated = follower[0], True
-                reestimate_bn(student, follower[1], batches, self.device, self.dtype)
+                reestimate_bn(feed, follower[1])
             return fit
         before = effective_weight(new)
         fit = LayerFit("", error_transfer=moments.relative_error(before), samples=moments.count)
@@ -140,7 +176,7 @@ class _LayerFitter:
         refined = follower is not None and follower[2] and fit.error_fit is not None and settings.relu_iterations
         if refined:
             def new_pass():
-                return sampled_pairs(teacher, student, old, new, batches, calls, settings, index)
+                return sampled_pairs(feed, old, new, calls, settings, index)
 
             weight, extra, fit.relu_error_linear, fit.relu_error_refined = refine_for_relu(
                 new_pass, new, follower[1], moments, weight, extra, settings, free_bias, fit_layer)

@@ -1,18 +1,20 @@
-"""The calibration data and its moments: image batches, forward passes stopped at a
-layer, the sampled input patches and teacher outputs, and their float64 moments
-(:mod:`leanconv.ops.least_squares` states them)."""
+"""The calibration data and its moments: image batches, where a layer's passes start
+(:class:`Feed`), forward passes stopped at a layer, the sampled input patches and
+teacher outputs, and their float64 moments (:mod:`leanconv.ops.least_squares` states
+them)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["Moments", "as_batches", "capture", "collect", "features_of", "patch_rows", "run_until", "samples"]
+__all__ = ["Feed", "Moments", "as_batches", "capture", "collect", "features_of", "image_feed", "patch_rows",
+           "run_until", "samples"]
 
 def as_batches(calibration, batch_size: int) -> list[torch.Tensor]:
     """``calibration`` (a (B, C, H, W) tensor, or an iterable of such tensors
@@ -40,13 +42,34 @@ def as_batches(calibration, batch_size: int) -> list[torch.Tensor]:
     return batches
 
 
+@dataclass
+class Feed:
+    """Where a layer's calibration passes start, batch by batch: ``teacher(b)`` and
+    ``student(b)`` run one forward pass on calibration batch ``b``, the whole networks
+    from the images (:func:`image_feed`) or, inside a block, the block's modules from
+    its cached inputs (:func:`leanconv.conversion.calibrate.blocks.block_feed`: a layer
+    deep in a ResNet-56 is reached through its block, not the 40 layers before it)."""
+
+    teacher: Callable[[int], object]
+    student: Callable[[int], object]
+    batches: int
+
+
+def image_feed(teacher: nn.Module, student: nn.Module, batches: list[torch.Tensor], device, dtype) -> Feed:
+    """Both networks run from the calibration images."""
+    def on_images(model: nn.Module) -> Callable[[int], object]:
+        return lambda b: model(batches[b].to(device=device, dtype=dtype))
+
+    return Feed(on_images(teacher), on_images(student), len(batches))
+
+
 class Stop(Exception):
     """Raised by a hook once a forward pass has given what it was run for."""
 
 
-def capture(model: nn.Module, images: torch.Tensor, module: nn.Module, pre: bool, calls: int | None) -> list:
-    """Run ``model`` on ``images`` until ``module`` has run ``calls`` times (None: the whole
-    forward pass); for each call, a copy of its (args, kwargs) (``pre``) or of its output."""
+def capture(run: Callable[[], object], module: nn.Module, pre: bool, calls: int | None) -> list:
+    """Call ``run`` (one forward pass) until ``module`` has run ``calls`` times (None: the
+    whole pass); for each call, a copy of its (args, kwargs) (``pre``) or of its output."""
     seen: list = []
 
     def copy(value):
@@ -63,7 +86,7 @@ def capture(model: nn.Module, images: torch.Tensor, module: nn.Module, pre: bool
     else:
         handle = module.register_forward_hook(lambda m, args, output: keep(copy(output)))
     try:
-        model(images)
+        run()
     except Stop:
         pass
     finally:
@@ -71,10 +94,10 @@ def capture(model: nn.Module, images: torch.Tensor, module: nn.Module, pre: bool
     return seen
 
 
-def run_until(model: nn.Module, images: torch.Tensor, module: nn.Module, calls: int, pre: bool) -> list:
-    """Run ``model`` until ``module`` has run ``calls`` times; its first inputs (``pre``)
+def run_until(run: Callable[[], object], module: nn.Module, calls: int, pre: bool) -> list:
+    """Call ``run`` until ``module`` has run ``calls`` times; its first inputs (``pre``)
     or outputs of those calls."""
-    seen = capture(model, images, module, pre, calls)
+    seen = capture(run, module, pre, calls)
     return [args[0] for args, _ in seen] if pre else seen
 
 
@@ -137,16 +160,15 @@ class Moments:
         return math.sqrt(max(self.squared_error(weight).sum().item(), 0.0) / total) if total > 0 else 0.0
 
 
-def samples(teacher, student, teacher_conv, new_layer, batches, calls, settings, layer_index):
+def samples(feed: Feed, teacher_conv, new_layer, calls, settings, layer_index):
     """Yield (patches (S, M*kh*kw), targets (S, N)) per batch and call: the
     student's input patches and the teacher's outputs at the sampled pixels.
     The same pixels on every pass (seeded by layer, batch and call)."""
     conv = teacher_conv
     device = conv.weight.device
-    for batch_index, images in enumerate(batches):
-        images = images.to(device=device, dtype=conv.weight.dtype)
-        targets = run_until(teacher, images, conv, calls, pre=False)
-        inputs = run_until(student, images, new_layer, calls, pre=True)
+    for batch_index in range(feed.batches):
+        targets = run_until(lambda: feed.teacher(batch_index), conv, calls, pre=False)
+        inputs = run_until(lambda: feed.student(batch_index), new_layer, calls, pre=True)
         for call, (x, y) in enumerate(zip(inputs, targets)):
             if x.dim() == 3:  # unbatched call
                 x, y = x[None], y[None]
@@ -159,9 +181,9 @@ def samples(teacher, student, teacher_conv, new_layer, batches, calls, settings,
             yield patch_rows(x, conv, positions), picked.permute(0, 2, 1).reshape(-1, y.shape[1])
 
 
-def collect(teacher, student, teacher_conv, new_layer, batches, calls, settings, layer_index) -> Moments | None:
+def collect(feed: Feed, teacher_conv, new_layer, calls, settings, layer_index) -> Moments | None:
     conv = teacher_conv
     moments = Moments.empty(conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1], conv.out_channels)
-    for patches, targets in samples(teacher, student, conv, new_layer, batches, calls, settings, layer_index):
+    for patches, targets in samples(feed, conv, new_layer, calls, settings, layer_index):
         moments.add(patches, targets)
     return moments if moments.count else None
