@@ -99,7 +99,7 @@ def main() -> None:
             f"{top1(row['B'], teacher)} | {top1(row['D'], teacher)} | {error} | "
             f"{seconds(row['L'])} / {seconds(row['B'])} / {seconds(row['D'])} |")
     lines += ["", f"Top-1 on the subset's {some['n']} test images (points against the teacher in brackets). Host: "
-              f"{host['cpu']}, ISA {host['isa']}, torch {host['torch']}, one thread per run, two to five runs sharing the two cores (times compare within a column only). "
+              f"{host['cpu']}, ISA {host['isa']}, torch {host['torch']}, one thread per run, three to five runs sharing the two cores (times compare within a column only). "
               "Seconds: wall time of the command (L and B: loading, calibration on 1,024 training images, "
               "evaluation; D: the 5 epochs of distillation resumed from B, at lr 0.05 = train's rule 0.1 x 64/128). "
               "Block error: mean over the blocks of "

@@ -203,12 +203,13 @@ def cache_block(teacher: nn.Module, student: nn.Module, block: Block, batches, d
             inputs.append(args)
             targets.append(output)
             used += size(args) + size([output])
-        if teacher_inputs is not None and calls == 1:
-            [(args, kwargs)] = capture(lambda: teacher(images), teacher_first, True, 1)
+        seen = capture(lambda: teacher(images), teacher_first, True, 1) if teacher_inputs is not None else []
+        if len(seen) == 1 and calls == 1:
+            (args, kwargs), = seen
             teacher_inputs.append(args)
             cache.teacher_kwargs = kwargs
             used_teacher += size(args)
-        if teacher_inputs is not None and (calls != 1 or used + used_teacher > budget):
+        if teacher_inputs is not None and (len(seen) != 1 or calls != 1 or used + used_teacher > budget):
             teacher_inputs, used_teacher = None, 0  # the block step's images come first
         cache.images += len(images)
         cache.batch_sizes.append(len(images))
