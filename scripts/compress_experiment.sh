@@ -47,10 +47,10 @@ lane1() {
   for kind in p2 p8 bss gwpw; do student teacher_r20 r20 $kind; done
 }
 lane2() {
-  run teacher_r56 train --model resnet56_cifar --width 1 --epochs 30 --batch-size 64 --seed 0
-  student teacher_r56 r56 p4 distil
   run teacher_vgg train --model vgg16_cifar --width 0.5 --epochs 30 --seed 0
   student teacher_vgg vgg p4 distil
+  run teacher_r56 train --model resnet56_cifar --width 1 --epochs 30 --batch-size 64 --seed 0
+  student teacher_r56 r56 p4 distil
 }
 lane3() {  # WRN-16-8 (1.55 G MACs an image, 60x ResNet-20's): 6 epochs for the teacher (one core: ~45 min)
   # and 300 block steps (1,500: about an hour of one core); no distillation (5 epochs: about 40 min)
