@@ -165,6 +165,23 @@ def test_the_step_follows_each_tensors_scale():
         assert scaled.error_block == pytest.approx(block.error_block, rel=0.02), (block, scaled)
 
 
+def test_a_diverging_optimisation_leaves_the_layer_fits():
+    """A learning rate so high that the loss overflows to NaN: no check is better than
+    the layer fits, so they stay, and the report says so with finite errors."""
+    torch.manual_seed(0)
+    images = torch.randn(64, 3, 8, 8)
+    teacher = _settled(UserNet(), images)
+    settings = {"block_steps": 20, "block_lr": 1e30}
+    fitted = leanconv.convert(teacher, "hetconv:p=4", transfer_weights=True, calibration=images,
+                              calibration_settings={"block_steps": 0})
+    student, report = leanconv.convert(teacher, "hetconv:p=4", transfer_weights=True, calibration=images,
+                                       calibration_settings=settings, return_report=True)
+    for block in report.blocks:
+        assert not block.kept and "not kept" in block.method
+        assert block.error_block == pytest.approx(block.error_layers)
+    torch.testing.assert_close(student(images), fitted(images))
+
+
 @pytest.mark.parametrize("block_layers", [1, 2, 6])
 def test_layer_fits_inside_a_block_start_from_its_cache(block_layers, monkeypatch):
     """A layer inside a block is fitted from the block's cached inputs (the block's modules

@@ -337,7 +337,7 @@ def reconstruct(student: nn.Module, block: Block, cache: BlockCache, fit: BlockF
     every = max(1, steps // CHECKS)
     # each tensor's step size is block_lr times its scale (Adafactor's relative step)
     sizes = [settings.block_lr * max(p.detach().double().square().mean().sqrt().item(), RMS_FLOOR) for p in parameters]
-    best_error, best = math.inf, None
+    best_error, best = math.inf, saved  # a loss that diverges (NaN) is never best: the fits stay
     with torch.enable_grad():
         for p in parameters:
             p.requires_grad_(True)
@@ -363,7 +363,8 @@ def reconstruct(student: nn.Module, block: Block, cache: BlockCache, fit: BlockF
     with torch.no_grad():
         for p, value in zip(parameters, best):
             p.copy_(value)
-    fit.error_block = best_error
+    fit.error_block = best_error if best is not saved else _relative_error(modules, cache, held_out,
+                                                                          settings.batch_size)
     fit.error_block_fitting = _relative_error(modules, cache, fitting, settings.batch_size)
     fit.seconds = time.perf_counter() - start
     fit.method = f"{steps} Adam steps on {len(parameters)} parameter tensors"
