@@ -3,8 +3,8 @@ and a Markdown table: per network and kind, the teacher's top-1 on the test spli
 the student's after the per-layer fits only (L), after the default data-aware
 conversion with block reconstruction (B) and after 5 epochs of distillation (D),
 the wall time of each command, the mean held-out block error after the layer fits
-and after the blocks' optimisation, MACs (multiply-accumulates per 32x32 image;
-FLOPs = 2 x MACs) and parameters.
+and after the blocks' optimisation, MACs (multiply-accumulates per image at the input
+size the network was trained at; FLOPs = 2 x MACs) and parameters.
 
     python scripts/collect_compress_results.py RUNS_DIR results/cpu/compress-subset
 """
@@ -69,7 +69,7 @@ def main() -> None:
                 rows.append({"network": net_label, "kind": kind_label, "teacher": teacher, **stages})
     payload = {"command": "bash scripts/compress_experiment.sh RUNS && python scripts/collect_compress_results.py "
                           "RUNS OUT", "host": host, "stages": STAGES, "rows": rows, "notes": args.note,
-               "mac_unit": "multiply-accumulates per 32x32 image (FLOPs = 2 x MACs)"}
+               "mac_unit": "multiply-accumulates per image at the input size it was trained at: 32x32, ResNet-18 224x224 (FLOPs = 2 x MACs)"}
     write_atomic(args.out + ".json", json.dumps(payload, indent=1) + "\n")
 
     def top1(run: dict | None, teacher: dict | None) -> str:
@@ -99,11 +99,11 @@ def main() -> None:
             f"{top1(row['B'], teacher)} | {top1(row['D'], teacher)} | {error} | "
             f"{seconds(row['L'])} / {seconds(row['B'])} / {seconds(row['D'])} |")
     lines += ["", f"Top-1 on the subset's {some['n']} test images (points against the teacher in brackets). Host: "
-              f"{host['cpu']}, ISA {host['isa']}, torch {host['torch']}, one thread per run, three to five runs sharing the two cores (times compare within a column only). "
-              "Seconds: wall time of the command (L and B: loading, calibration on 1,024 training images, "
+              f"{host['cpu']}, ISA {host['isa']}, torch {host['torch']}, one thread per run, runs sharing the cores (times compare within a column only). "
+              "Seconds: wall time of the command (L and B: loading, calibration on 1,024 training images unless the script says fewer, "
               "evaluation; D: the 5 epochs of distillation resumed from B, at lr 0.05 = train's rule 0.1 x 64/128). "
               "Block error: mean over the blocks of "
-              "the relative held-out output error against the teacher's block. MACs per 32x32 image "
+              "the relative held-out output error against the teacher's block. MACs per image at the size the network was trained at (32x32; ResNet-18 224x224) "
               "(FLOPs = 2 x MACs).", *args.note]
     write_atomic(args.out + ".md", "\n".join(lines) + "\n")
     print("\n".join(lines))

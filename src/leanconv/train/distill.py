@@ -59,7 +59,8 @@ class DistillConfig(TrainConfig):
     ``lr`` unset is training's rule, 0.1 x batch_size / 128: from a student
     calibrated with block reconstruction, 5 epochs of ResNet-20 HetConv P=4 on
     the CIFAR-10 subset reached 69.2% at that rate against 67.9% at 0.04 and
-    66.9% at 0.01 x batch_size / 128 (teacher 69.5%; docs/compression.md).
+    66.9% at 0.01 x batch_size / 128 (teacher 69.5%, measured at commit fa61867);
+    67.4% against 67.6% at 0.04 on a 70.8% teacher (docs/compression.md).
     ``leanconv distill --help`` shows the defaults."""
 
     MIN_EPOCHS = 0

@@ -25,8 +25,8 @@ unreplaced convolution, a linear layer) ends the block. A block is one module
 called on its inputs, or a run of ``nn.Sequential`` siblings each fed the
 previous one's output. Larger blocks let a later layer compensate an earlier
 one's error: on a CIFAR ResNet-20, HetConv P=4, blocks of six layers (a stage)
-reached 66.6% against 65.4% with blocks of two (the basic blocks), for a dense
-teacher at 69.5% (``docs/compression.md``).
+reached 65.1% against 63.3% with blocks of two (the basic blocks), for a dense
+teacher at 70.8% (``docs/compression.md``).
 
 **Reconstruction** (:func:`reconstruct`) of one block: its inputs in the student
 and its outputs in the teacher, on the calibration images (at most
