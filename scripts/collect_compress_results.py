@@ -20,7 +20,8 @@ from leanconv.bench.environment import describe_environment
 from leanconv.files import write_atomic
 
 NETWORKS = {"r20": ("ResNet-20", "teacher_r20"), "r56": ("ResNet-56", "teacher_r56"),
-            "vgg": ("VGG-16 w0.5", "teacher_vgg"), "wrn": ("WRN-16-8", "teacher_wrn"), "r18": ("ResNet-18 at 224", "teacher_r18")}
+            "vgg": ("VGG-16 w0.5", "teacher_vgg"), "wrn": ("WRN-16-8", "teacher_wrn"),
+            "r18": ("ResNet-18 at 224", "teacher_r18")}
 KINDS = {"p2": "HetConv P=2", "p4": "HetConv P=4", "p8": "HetConv P=8", "dsc": "DSC", "bsu": "BSConv-U",
          "bss": "BSConv-S", "gwpw": "GWC+PWC (g=4)"}
 STAGES = {"L": "layer fits only, no training", "B": "+ block reconstruction (default), no training",
@@ -69,7 +70,8 @@ def main() -> None:
                 rows.append({"network": net_label, "kind": kind_label, "teacher": teacher, **stages})
     payload = {"command": "bash scripts/compress_experiment.sh RUNS && python scripts/collect_compress_results.py "
                           "RUNS OUT", "host": host, "stages": STAGES, "rows": rows, "notes": args.note,
-               "mac_unit": "multiply-accumulates per image at the input size it was trained at: 32x32, ResNet-18 224x224 (FLOPs = 2 x MACs)"}
+               "mac_unit": "multiply-accumulates per image at the input size it was trained at: 32x32, "
+                           "ResNet-18 224x224 (FLOPs = 2 x MACs)"}
     write_atomic(args.out + ".json", json.dumps(payload, indent=1) + "\n")
 
     def top1(run: dict | None, teacher: dict | None) -> str:
@@ -99,11 +101,13 @@ def main() -> None:
             f"{top1(row['B'], teacher)} | {top1(row['D'], teacher)} | {error} | "
             f"{seconds(row['L'])} / {seconds(row['B'])} / {seconds(row['D'])} |")
     lines += ["", f"Top-1 on the subset's {some['n']} test images (points against the teacher in brackets). Host: "
-              f"{host['cpu']}, ISA {host['isa']}, torch {host['torch']}, one thread per run, runs sharing the cores (times compare within a column only). "
-              "Seconds: wall time of the command (L and B: loading, calibration on 1,024 training images unless the script says fewer, "
+              f"{host['cpu']}, ISA {host['isa']}, torch {host['torch']}, one thread per run, runs sharing the "
+              "cores (times compare within a column only). Seconds: wall time of the command (L and B: loading, "
+              "calibration on 1,024 training images unless the script says fewer, "
               "evaluation; D: the 5 epochs of distillation resumed from B, at lr 0.05 = train's rule 0.1 x 64/128). "
               "Block error: mean over the blocks of "
-              "the relative held-out output error against the teacher's block. MACs per image at the size the network was trained at (32x32; ResNet-18 224x224) "
+              "the relative held-out output error against the teacher's block. MACs per image at the size the "
+              "network was trained at (32x32; ResNet-18 224x224) "
               "(FLOPs = 2 x MACs).", *args.note]
     write_atomic(args.out + ".md", "\n".join(lines) + "\n")
     print("\n".join(lines))
